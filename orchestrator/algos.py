@@ -1,0 +1,253 @@
+"""The RL math: advantage estimators, losses, KL estimators and masking helpers.
+
+Pure functions on tensors; this module imports only torch. Shapes use
+b = batch of samples, t = response length. `mask` is 1 on response tokens, 0 on padding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+# ---------------------------------------------------------------- masking helpers
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over positions where mask is 1 (over all, or along `dim`). An empty mask gives 0."""
+    return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked positions; with shift_mean=False the mean is added back."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+# ---------------------------------------------------------------- advantage estimators
+# Outcome estimators take one scalar score per sample, `scores: (b,)`, and the prompt
+# index of each sample, `group_ids: (b,)`; they return token advantages `(b, t)`.
+
+
+def _group_stats(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample mean, std (unbiased) and size of the sample's group."""
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(counts), dtype=scores.dtype).index_add_(0, inverse, scores)
+    means = sums / counts
+    sq = torch.zeros(len(counts), dtype=scores.dtype).index_add_(0, inverse, (scores - means[inverse]) ** 2)
+    stds = torch.sqrt(sq / (counts - 1).clamp(min=1))
+    return means[inverse], stds[inverse], counts[inverse].to(scores.dtype)
+
+
+def grpo_advantages(
+    scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor, norm_by_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """GRPO (Shao et al. 2024, arXiv:2402.03300): A_i = (r_i - mean_g) / (std_g + eps).
+
+    With norm_by_std=False this is Dr. GRPO's A_i = r_i - mean_g (Liu et al. 2025, arXiv:2503.20783).
+    """
+    mean, std, _ = _group_stats(scores, group_ids)
+    adv = scores - mean
+    if norm_by_std:
+        adv = adv / (std + eps)
+    return adv[:, None] * mask
+
+
+def dr_grpo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return grpo_advantages(scores, group_ids, mask, norm_by_std=False)
+
+
+def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024, arXiv:2402.14740): A_i = r_i - mean_{j != i} r_j."""
+    mean, _, n = _group_stats(scores, group_ids)
+    baseline = (mean * n - scores) / (n - 1).clamp(min=1)
+    return (scores - baseline)[:, None] * mask
+
+
+def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = r_t + gamma * G_{t+1}, over (b, t), restarting at padding."""
+    returns = torch.zeros_like(token_rewards)
+    running = torch.zeros(token_rewards.shape[0], dtype=token_rewards.dtype)
+    for t in reversed(range(token_rewards.shape[1])):
+        running = token_rewards[:, t] + gamma * running * mask[:, t]
+        returns[:, t] = running
+    return returns * mask
+
+
+def reinforce_pp_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025, arXiv:2501.03262): discounted token returns, whitened over the whole batch.
+
+    token_rewards: (b, t), the score on the last response token plus any per-token KL penalty.
+    """
+    return masked_whiten(discounted_returns(token_rewards, mask, gamma), mask)
+
+
+def gae_advantages(
+    token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE (Schulman et al. 2016, arXiv:1506.02438). Returns (advantages, returns), both (b, t).
+
+    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t);  A_t = delta_t + gamma * lam * A_{t+1}.
+    Past the last response token V = 0 and A = 0. Advantages are whitened over the batch;
+    returns = A + V use the raw advantages.
+    """
+    values = values * mask
+    b, t_len = token_rewards.shape
+    adv = torch.zeros_like(token_rewards)
+    next_value = torch.zeros(b, dtype=values.dtype)
+    next_adv = torch.zeros(b, dtype=values.dtype)
+    for t in reversed(range(t_len)):
+        m = mask[:, t]
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = a * m
+        # Padding between tokens never happens in a right-padded response, but keep the carry clean.
+        next_value = torch.where(m > 0, values[:, t], next_value)
+        next_adv = torch.where(m > 0, a, next_adv)
+    returns = (adv + values) * mask
+    return masked_whiten(adv, mask), returns
+
+
+def token_level_rewards(
+    scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None, kl_coef: float = 0.0
+) -> torch.Tensor:
+    """Place each sample's score on its last response token and subtract kl_coef * kl on every token. (b,) -> (b, t)."""
+    rewards = torch.zeros_like(mask, dtype=scores.dtype)
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(scores)), last] = scores
+    if kl is not None and kl_coef:
+        rewards = rewards - kl_coef * kl
+    return rewards * mask
+
+
+# ---------------------------------------------------------------- KL estimators
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (http://joschu.net/blog/kl-approx.html).
+
+    k1 = log r', k2 = (log r')^2 / 2, k3 = r - 1 - log r, with log r' = logp - ref_logp and r = 1/r'.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    if kind == "k3":
+        neg = (-log_ratio).clamp(max=20.0)  # exp overflow guard; at 20 the estimate is ~5e8 anyway
+        return torch.exp(neg) - neg - 1
+    raise ValueError(f"unknown KL estimator {kind!r}; expected k1, k2 or k3")
+
+
+# ---------------------------------------------------------------- losses
+
+
+def aggregate_loss(
+    loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    norm_len: int | None = None,
+) -> torch.Tensor:
+    """Reduce a (b, t) per-token loss to a scalar.
+
+    token-mean:              sum(loss * mask) / num_tokens                       (DAPO)
+    seq-mean-token-mean:     sum_i mean_t(loss_i) / num_seqs                     (GRPO paper)
+    seq-mean-token-sum-norm: sum_i sum_t(loss_i) / norm_len / num_seqs          (Dr. GRPO)
+
+    num_tokens / num_seqs default to this batch's; pass the whole mini-batch's when the batch is
+    one of several gradient-accumulation micro-batches (or data-parallel shards), so the summed
+    gradients equal those of the full mini-batch. norm_len defaults to t.
+    """
+    num_seqs = num_seqs if num_seqs is not None else loss.shape[0]
+    if mode == "token-mean":
+        num_tokens = num_tokens if num_tokens is not None else mask.sum()
+        return masked_sum(loss, mask) / max(float(num_tokens), 1.0)
+    if mode == "seq-mean-token-mean":
+        return masked_mean(loss, mask, dim=1).sum() / num_seqs
+    if mode == "seq-mean-token-sum-norm":
+        return masked_sum(loss, mask, dim=1).sum() / (norm_len or loss.shape[1]) / num_seqs
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped surrogate (Schulman et al. 2017, arXiv:1707.06347), per token. All inputs (b, t).
+
+    L = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)); eps_high > eps_low is DAPO's clip-higher
+    (arXiv:2503.14476). With dual_clip = c > 1, for A < 0 the loss is further capped at -A c
+    (Ye et al. 2020, arXiv:1912.09729). Returns (loss (b, t), clipped (b, t) as 0/1 floats).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high)
+    loss = torch.maximum(loss_unclipped, loss_clipped)
+    clipped = (loss_clipped > loss_unclipped).float()
+    if dual_clip is not None:
+        capped = torch.minimum(loss, -advantages * dual_clip)
+        loss = torch.where(advantages < 0, capped, loss)
+    return loss * mask, clipped * mask
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float | None = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss, per token: 0.5 * max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old, +-c).
+
+    Returns (loss (b, t), clipped (b, t)).
+    """
+    unclipped = (values - returns) ** 2
+    if clip is None:
+        return 0.5 * unclipped * mask, torch.zeros_like(mask, dtype=values.dtype)
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    clipped_loss = (v_clipped - returns) ** 2
+    return 0.5 * torch.maximum(unclipped, clipped_loss) * mask, (clipped_loss > unclipped).float() * mask
+
+
+# ---------------------------------------------------------------- log-probs and entropy
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token]. logits (b, t, v), tokens (b, t) -> (b, t)."""
+    logits = logits.float()
+    return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H = logsumexp(z) - sum softmax(z) z. (b, t, v) -> (b, t)."""
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+# ---------------------------------------------------------------- registry
+
+OUTCOME_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {
+    "grpo": grpo_advantages,
+    "dr_grpo": dr_grpo_advantages,
+    "rloo": rloo_advantages,
+}

@@ -1,0 +1,48 @@
+"""The `rlhf` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(args: argparse.Namespace) -> int:
+    from orchestrator.run import run_job
+
+    return run_job(args.spec, resume=args.resume, progress=not args.no_progress)
+
+
+def _init_model(args: argparse.Namespace) -> int:
+    from orchestrator.tiny_model import init_model
+
+    out = init_model(args.dir, hidden_size=args.hidden_size, layers=args.layers, seed=args.seed)
+    print(f"wrote a tiny random-weight model and tokenizer to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="Distributed RLHF post-training on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="Run a job spec on an embedded Ray on this machine (or RAY_ADDRESS's cluster).")
+    p.add_argument("spec", help="Job spec, YAML or JSON.")
+    p.add_argument("--resume", action="store_true", help="Continue from the last checkpoint.")
+    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("init-model", help="Write a tiny random-weight causal LM and its tokenizer (no hub needed).")
+    p.add_argument("dir", help="Output directory.")
+    p.add_argument("--hidden-size", type=int, default=128, help="Hidden size (a multiple of 64; head_dim is 64).")
+    p.add_argument("--layers", type=int, default=2, help="Transformer layers.")
+    p.add_argument("--seed", type=int, default=0, help="Initialisation seed.")
+    p.set_defaults(func=_init_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

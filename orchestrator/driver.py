@@ -1,0 +1,264 @@
+"""The orchestrator: one per job. It places the roles on Ray and runs rollout -> score -> update -> sync.
+
+`Orchestrator.train_step` is the whole algorithm in one screen; each phase below it is one
+short method. Data moves between actors as one `Batch` of tensors through Ray's object store.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import ray
+import torch
+
+from orchestrator import algos, checkpoint
+from orchestrator.batch import Batch
+from orchestrator.data import PromptDataset, PromptSampler
+from orchestrator.placement import ActorGroup, active_roles, create_placement_group, plan, spawn_group
+from orchestrator.reporting import Reporter
+from orchestrator.spec import JobSpec
+from workers.critic import Critic
+from workers.reference import Reference
+from workers.reward import RewardWorker
+from workers.rollout import HFRollout
+from workers.trainer import PolicyTrainer
+
+
+def compute_advantages(batch: Batch, spec: JobSpec) -> Batch:
+    """Token advantages (and returns, for GAE) from scores, KL and values, by the spec's estimator."""
+    opt, est, mask = spec.optim, spec.algorithm.estimator, batch.response_mask
+    kl = algos.kl_estimate(batch.logprobs, batch.ref_logprobs, opt.kl_estimator) * mask if batch.ref_logprobs is not None else None
+    kl_coef = opt.kl_coef if opt.kl_in == "reward" else 0.0
+    if est in algos.OUTCOME_ESTIMATORS:
+        # A sequence-level KL penalty for outcome estimators: r_i - beta * sum_t kl_t.
+        scores = batch.scores - kl_coef * kl.sum(1) if kl is not None and kl_coef else batch.scores
+        kwargs = {"norm_by_std": spec.algorithm.norm_adv_by_std} if est == "grpo" else {}
+        return batch.replace(advantages=algos.OUTCOME_ESTIMATORS[est](scores, batch.group_ids, mask, **kwargs))
+    token_rewards = algos.token_level_rewards(batch.scores, mask, kl, kl_coef)
+    if est == "reinforce_pp":
+        return batch.replace(token_rewards=token_rewards, advantages=algos.reinforce_pp_advantages(token_rewards, mask, opt.gamma))
+    advantages, returns = algos.gae_advantages(token_rewards, batch.values, mask, opt.gamma, opt.lam)
+    return batch.replace(token_rewards=token_rewards, advantages=advantages, returns=returns)
+
+
+def rollout_metrics(batch: Batch, per_source: dict[str, torch.Tensor], spec: JobSpec, eos_token_id: int) -> dict[str, float]:
+    mask, scores = batch.response_mask, batch.scores
+    lengths = mask.sum(1)
+    groups = scores.view(-1, spec.rollout.n)
+    out = {
+        "reward/mean": scores.mean().item(),
+        "reward/std": scores.std().item() if len(scores) > 1 else 0.0,
+        "frac_reward_zero_std": (groups.std(1) < 1e-6).float().mean().item(),
+        "response_length/mean": lengths.mean().item(),
+        "response_length/max": lengths.max().item(),
+        "response_length/min": lengths.min().item(),
+        # Completions cut at max_new_tokens, without an EOS.
+        "response_length/clipped_frac": ((lengths >= spec.rollout.max_new_tokens) & (batch.responses[:, -1] != eos_token_id)).float().mean().item(),
+    }
+    for label, values in per_source.items():
+        finite = values[~values.isnan()]
+        out[f"rewards/{label}/mean"] = finite.mean().item() if len(finite) else float("nan")
+        out[f"rewards/{label}/std"] = finite.std().item() if len(finite) > 1 else 0.0
+    if batch.ref_logprobs is not None:
+        out["kl"] = algos.masked_mean(algos.kl_estimate(batch.logprobs, batch.ref_logprobs, spec.optim.kl_estimator), mask).item()
+    if batch.values is not None:
+        out["critic/values/mean"] = algos.masked_mean(batch.values, mask).item()
+    out["advantages/mean"] = algos.masked_mean(batch.advantages, mask).item()
+    return out
+
+
+class Orchestrator:
+    def __init__(self, spec: JobSpec, dataset: PromptDataset, reporter: Reporter, job_id: str, eos_token_id: int):
+        self.spec, self.dataset, self.reporter, self.job_id = spec, dataset, reporter, job_id
+        self.eos_token_id = eos_token_id
+        self.sampler = PromptSampler(len(dataset), spec.optim.prompts_per_step, spec.optim.seed, spec.data.shuffle)
+        self.total_steps = spec.optim.steps or spec.optim.epochs * self.sampler.steps_per_epoch
+        self.groups: dict[str, ActorGroup] = {}
+
+    # ------------------------------------------------------------ the loop
+    def fit(self, start_step: int = 0) -> dict[str, float]:
+        last: dict[str, float] = {}
+        every = self.spec.checkpoint.every
+        for step in range(start_step + 1, self.total_steps + 1):
+            last = self.train_step(step)
+            self.reporter.metrics(step, last)
+            if (every and step % every == 0) or step == self.total_steps:
+                self.save_checkpoint(step)
+        return last
+
+    def train_step(self, step: int) -> dict[str, float]:
+        timing: dict[str, float] = {}
+        start = time.perf_counter()
+        batch = self.generate(step, timing)
+        batch, per_source = self.score(batch, timing)
+        batch = self.advantages(batch, timing)
+        metrics = self.update(batch, step, timing)
+        self.sync_weights(timing)
+        timing["step"] = time.perf_counter() - start
+        metrics.update(rollout_metrics(batch, per_source, self.spec, self.eos_token_id))
+        return {**metrics, **self.throughput(batch, timing), **{f"timing/{k}": v for k, v in timing.items()}}
+
+    # ------------------------------------------------------------ phases
+    def generate(self, step: int, timing: dict) -> Batch:
+        t0 = time.perf_counter()
+        index = self.sampler.indices(step - 1)
+        prompts = [self.dataset.prompt_ids[i] for i in index]
+        extras = [self.dataset.extras[i] for i in index]
+        rollouts = self.groups["rollout"]
+        shards = _even_chunks(list(range(len(prompts))), len(rollouts))
+        refs = rollouts.call_each("generate", [([prompts[i] for i in s], [extras[i] for i in s], step) for s in shards])
+        results = ray.get(refs)
+        batch = _concat([b for b, _ in results])
+        timing["generate_compute"] = max(t for _, t in results)
+        timing["generate"] = time.perf_counter() - t0
+        return batch
+
+    def score(self, batch: Batch, timing: dict) -> tuple[Batch, dict[str, torch.Tensor]]:
+        """Reference log-probs, rewards and critic values of one rollout, computed concurrently."""
+        t0 = time.perf_counter()
+        batch_ref = ray.put(batch)
+        reward_ref = self.groups["reward"].call("score", batch_ref)[0]
+        ref_refs = self._sharded("reference", "compute_logprobs", batch) if "reference" in self.groups else None
+        critic_ref = self.groups["critic"].call("compute_values", batch_ref)[0] if "critic" in self.groups else None
+        scores, per_source, timing["reward"] = ray.get(reward_ref)
+        batch = batch.replace(scores=scores)
+        if ref_refs is not None:
+            results = ray.get(ref_refs)
+            batch = batch.replace(ref_logprobs=torch.cat([lp for lp, _ in results]))
+            timing["reference"] = max(t for _, t in results)
+        if critic_ref is not None:
+            values, timing["critic"] = ray.get(critic_ref)
+            batch = batch.replace(values=values)
+        timing["score"] = time.perf_counter() - t0
+        return batch, per_source
+
+    def advantages(self, batch: Batch, timing: dict) -> Batch:
+        t0 = time.perf_counter()
+        batch = compute_advantages(batch, self.spec)
+        timing["advantages"] = time.perf_counter() - t0
+        return batch
+
+    def update(self, batch: Batch, step: int, timing: dict) -> dict[str, float]:
+        """Policy update (and critic update, concurrently) over the step's samples."""
+        t0 = time.perf_counter()
+        opt = self.spec.optim
+        mini = opt.mini_batch_size or len(batch)
+        num_mini = len(batch) // mini
+        on_policy = num_mini == 1 and opt.ppo_epochs == 1
+        trainer_refs = self._sharded("trainer", "train_step", batch, step, num_mini, opt.micro_batch_size, on_policy)
+        critic_refs = self._sharded("critic", "train_step", batch, step, num_mini, opt.micro_batch_size) if "critic" in self.groups else []
+        results = ray.get(trainer_refs + critic_refs)
+        trainer_stats, critic_stats = results[0], (results[len(trainer_refs)] if critic_refs else {})
+        timing["update_compute"] = max(r.pop("timing/update_compute") for r in results[: len(trainer_refs)])
+        if critic_stats:
+            timing["critic_update_compute"] = critic_stats.pop("timing/critic_update_compute")
+        timing["update"] = time.perf_counter() - t0
+        return {**trainer_stats, **critic_stats, "lr": opt.lr}
+
+    def sync_weights(self, timing: dict | None = None) -> None:
+        """Trainer rank 0's weights to every rollout actor, through the object store."""
+        t0 = time.perf_counter()
+        weights = self.groups["trainer"].actors[0].state_dict.remote()
+        ray.get(self.groups["rollout"].call("load_weights", weights))
+        if timing is not None:
+            timing["weight_sync"] = time.perf_counter() - t0
+
+    def throughput(self, batch: Batch, timing: dict) -> dict[str, float]:
+        accounted = sum(timing.get(k, 0.0) for k in ("generate_compute", "advantages", "weight_sync"))
+        accounted += max(timing.get(k, 0.0) for k in ("reward", "reference", "critic"))
+        accounted += max(timing.get("update_compute", 0.0), timing.get("critic_update_compute", 0.0))
+        tokens = float(batch.attention_mask.sum())
+        return {
+            "timing/overhead": max(timing["step"] - accounted, 0.0),
+            "throughput/tokens_per_s": tokens / timing["step"],
+            "throughput/samples_per_s": len(batch) / timing["step"],
+        }
+
+    def _sharded(self, role: str, method: str, batch: Batch, *args: Any) -> list[ray.ObjectRef]:
+        group = self.groups[role]
+        if len(group) == 1:
+            return group.call(method, batch, *args)
+        return group.call_each(method, [(shard, *args) for shard in batch.split(len(group))])
+
+    # ------------------------------------------------------------ setup and checkpoints
+    def start(self) -> None:
+        spec, res = self.spec, self.spec.resources
+        layout = plan(spec)
+        self.reporter.event("placement", f"placing {', '.join(active_roles(spec))} in {len(layout.bundles)} bundles", bundles=layout.bundles)
+        pg = create_placement_group(layout, self.job_id)
+        m, opt = spec.model, spec.optim
+        common = dict(dtype=m.dtype, trust_remote_code=m.trust_remote_code, threads=res.torch_threads)
+        optim = opt.model_dump()
+        makers = {
+            "rollout": (HFRollout, lambda i: dict(model_path=m.path, n=spec.rollout.n, max_new_tokens=spec.rollout.max_new_tokens,
+                                                   temperature=spec.rollout.temperature, top_p=spec.rollout.top_p, seed=opt.seed + i,
+                                                   num_gpus=res.rollout.num_gpus, **common)),
+            "trainer": (PolicyTrainer, lambda i: dict(model_path=m.path, optim=optim, temperature=spec.rollout.temperature,
+                                                      seed=opt.seed, num_gpus=res.trainer.num_gpus, **common)),
+            "reward": (RewardWorker, lambda i: dict(sources=[{**s.model_dump(), "label": s.label} for s in spec.rewards],
+                                                    tokenizer_path=m.path, num_gpus=res.reward.num_gpus, **common)),
+            "reference": (Reference, lambda i: dict(model_path=m.path, temperature=spec.rollout.temperature,
+                                                    micro_batch_size=opt.micro_batch_size, num_gpus=res.reference.num_gpus, **common)),
+            "critic": (Critic, lambda i: dict(model_path=m.critic_path or m.path, optim=optim, seed=opt.seed,
+                                              num_gpus=res.critic.num_gpus, **common)),
+        }
+        for role in active_roles(spec):
+            cls, make_kwargs = makers[role]
+            self.groups[role] = spawn_group(cls, role, self.job_id, pg, layout, make_kwargs)
+        self._init_data_parallel("trainer")
+        if "critic" in self.groups:
+            self._init_data_parallel("critic")
+        names = [f"{self.job_id}/{r}-{i}" for r, g in self.groups.items() for i in range(len(g))]
+        self.reporter.event("actors_ready", f"{len(names)} actors up", actors=names)
+
+    def _init_data_parallel(self, role: str) -> None:
+        group = self.groups[role]
+        master = ray.get(group.actors[0].address.remote())
+        ray.get(group.call_each("init_distributed", [(master, rank, len(group)) for rank in range(len(group))]))
+
+    def save_checkpoint(self, step: int) -> None:
+        path = checkpoint.step_dir(self.spec.checkpoint_dir, step)
+        path.mkdir(parents=True, exist_ok=True)
+        refs = self.groups["trainer"].call("save", str(path))
+        if "critic" in self.groups:
+            refs += self.groups["critic"].call("save", str(path))
+        ray.get(refs)
+        checkpoint.finish(path, step, self.spec)
+        checkpoint.prune(self.spec.checkpoint_dir, self.spec.checkpoint.keep_last)
+        self.reporter.event("checkpoint", f"saved step {step} to {path}", step=step, path=str(path))
+
+    def load_checkpoint(self, path) -> int:
+        refs = self.groups["trainer"].call("load", str(path))
+        if "critic" in self.groups:
+            refs += self.groups["critic"].call("load", str(path))
+        ray.get(refs)
+        self.sync_weights()
+        return checkpoint.read_state(path)["step"]
+
+
+def _even_chunks(items: list, parts: int) -> list[list]:
+    size = math.ceil(len(items) / parts)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _concat(batches: list[Batch]) -> Batch:
+    if len(batches) == 1:
+        return batches[0]
+    # Each rollout actor pads to its own prompt width and response length: re-pad to the widest.
+    p = max(b.prompt_len for b in batches)
+    r = max(b.response_mask.shape[1] for b in batches)
+    parts, offset = [], 0
+    for b in batches:
+        lp, lr = p - b.prompt_len, r - b.response_mask.shape[1]
+        pad2 = lambda t, v=0: torch.nn.functional.pad(t, (lp, lr), value=v)
+        parts.append(dict(
+            input_ids=pad2(b.input_ids), attention_mask=pad2(b.attention_mask),
+            response_mask=torch.nn.functional.pad(b.response_mask, (0, lr)),
+            logprobs=torch.nn.functional.pad(b.logprobs, (0, lr)),
+            group_ids=b.group_ids + offset,
+        ))
+        offset += len(b.extras)
+    cat = {k: torch.cat([x[k] for x in parts]) for k in parts[0]}
+    return Batch(prompt_len=p, extras=[e for b in batches for e in b.extras], **cat)

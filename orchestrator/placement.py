@@ -1,0 +1,122 @@
+"""Placing the roles on Ray: one placement group per job, one named actor per role replica.
+
+Roles get separate bundles by default; with `resources.colocate`, replica i of rollout, trainer,
+reference and critic share bundle i (and its GPU, each taking a fraction). The reward actor
+always has its own bundle and one replica.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from orchestrator.spec import JobSpec, RoleResources
+
+COLOCATABLE = ("rollout", "trainer", "reference", "critic")
+
+
+def active_roles(spec: JobSpec) -> list[str]:
+    roles = ["rollout", "trainer", "reward"]
+    if spec.needs_reference:
+        roles.append("reference")
+    if spec.needs_critic:
+        roles.append("critic")
+    return roles
+
+
+def _bundle(res: RoleResources) -> dict[str, float]:
+    out = {"CPU": res.num_cpus}
+    if res.num_gpus:
+        out["GPU"] = res.num_gpus
+    return out
+
+
+@dataclass
+class Layout:
+    """Bundles of the placement group and, per role, the bundle index of each replica."""
+
+    bundles: list[dict[str, float]]
+    slots: dict[str, list[int]]
+    # Per role, the resources each actor asks for inside its bundle.
+    actor_resources: dict[str, dict[str, float]]
+
+
+def plan(spec: JobSpec) -> Layout:
+    res = spec.resources
+    roles = active_roles(spec)
+    bundles: list[dict[str, float]] = []
+    slots: dict[str, list[int]] = {}
+    actor_resources = {r: {"num_cpus": getattr(res, r).num_cpus, "num_gpus": getattr(res, r).num_gpus} for r in roles}
+    shared = [r for r in roles if r in COLOCATABLE] if res.colocate else []
+    if shared:
+        width = max(getattr(res, r).replicas for r in shared)
+        for i in range(width):
+            members = [r for r in shared if i < getattr(res, r).replicas]
+            gpus = max(getattr(res, r).num_gpus for r in members)
+            bundle = {"CPU": sum(getattr(res, r).num_cpus for r in members)}
+            if gpus:
+                bundle["GPU"] = gpus
+            bundles.append(bundle)
+            for r in members:
+                slots.setdefault(r, []).append(len(bundles) - 1)
+        for r in shared:
+            if actor_resources[r]["num_gpus"]:
+                # Colocated roles time-share the bundle's GPU.
+                actor_resources[r]["num_gpus"] = actor_resources[r]["num_gpus"] / len(shared)
+    for r in roles:
+        if r in shared:
+            continue
+        role_res = getattr(res, r)
+        replicas = 1 if r == "reward" else role_res.replicas
+        for _ in range(replicas):
+            bundles.append(_bundle(role_res))
+            slots.setdefault(r, []).append(len(bundles) - 1)
+    return Layout(bundles, slots, actor_resources)
+
+
+class ActorGroup:
+    """N actors of one role; `call` fans a method out to all and returns the object refs."""
+
+    def __init__(self, role: str, actors: list[Any]):
+        self.role, self.actors = role, actors
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def call_each(self, method: str, per_actor_args: list[tuple]) -> list[ray.ObjectRef]:
+        return [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_actor_args)]
+
+
+def create_placement_group(layout: Layout, job_id: str, timeout_s: float = 120) -> PlacementGroup:
+    pg = placement_group(layout.bundles, strategy="PACK", name=f"{job_id}/placement")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        total = {k: sum(b.get(k, 0) for b in layout.bundles) for k in ("CPU", "GPU")}
+        raise RuntimeError(
+            f"the job's placement group ({total['CPU']:g} CPUs, {total['GPU']:g} GPUs in {len(layout.bundles)} bundles) "
+            f"could not be scheduled within {timeout_s:.0f}s; cluster resources: {ray.cluster_resources()}"
+        )
+    return pg
+
+
+def spawn_group(cls: type, role: str, job_id: str, pg: PlacementGroup, layout: Layout, make_kwargs) -> ActorGroup:
+    """Start the role's actors, named `<job>/<role>-<i>`; make_kwargs(i) gives replica i's constructor kwargs."""
+    remote_cls = ray.remote(cls)
+    actors = []
+    for i, bundle_index in enumerate(layout.slots[role]):
+        actors.append(
+            remote_cls.options(
+                name=f"{job_id}/{role}-{i}",
+                max_concurrency=1,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index),
+                **layout.actor_resources[role],
+            ).remote(**make_kwargs(i))
+        )
+    return ActorGroup(role, actors)

@@ -1,0 +1,130 @@
+"""Where a job's status, events and per-step metrics go.
+
+Every reporter takes the same three calls. The run directory always gets `events.jsonl` and
+`metrics.jsonl`; other reporters (a progress bar, Redis for the control plane, Ray's metrics
+for the dashboard) are added beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Reporter(Protocol):
+    def event(self, type: str, message: str = "", **data: Any) -> None: ...
+
+    def metrics(self, step: int, values: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
+    # JSON has no NaN/inf; write them as null so every line stays parseable by any reader.
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+
+
+class FileReporter:
+    """Appends to `<run_dir>/events.jsonl` and `<run_dir>/metrics.jsonl`, one JSON object a line."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.events_path = self.dir / "events.jsonl"
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self._seq = sum(1 for _ in self.events_path.open()) if self.events_path.exists() else 0
+
+    def event(self, type: str, message: str = "", **data: Any) -> None:
+        self._seq += 1
+        record = {"seq": self._seq, "time": time.time(), "type": type, "message": message, **data}
+        with self.events_path.open("a") as f:
+            f.write(json.dumps(_json_safe(record), default=str) + "\n")
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(_json_safe({"step": step, "time": time.time(), **values})) + "\n")
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop metric lines past `after_step` (a resumed run writes them again)."""
+        if not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def close(self) -> None:
+        pass
+
+
+class ProgressReporter:
+    """A tqdm bar over the job's steps with live reward and KL."""
+
+    def __init__(self, total: int, initial: int = 0):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def event(self, type: str, message: str = "", **data: Any) -> None:
+        if type in ("warning", "error", "checkpoint"):
+            self.bar.write(f"[{type}] {message}")
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        shown = {"reward": values.get("reward/mean"), "kl": values.get("kl"), "len": values.get("response_length/mean")}
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None}, refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class RayMetricsReporter:
+    """Exports the latest value of a few headline metrics as Ray gauges, so they show in the Ray
+    dashboard's metrics view (and any Prometheus scraping Ray) tagged with the job."""
+
+    HEADLINE = ("reward/mean", "kl", "entropy", "policy_loss", "value_loss", "response_length/mean", "throughput/tokens_per_s", "timing/step")
+
+    def __init__(self, job_id: str):
+        from ray.util.metrics import Gauge
+
+        self.job_id = job_id
+        self.gauges = {
+            name: Gauge("rlhf_" + name.replace("/", "_"), description=f"Latest {name} of an RLHF job.", tag_keys=("job",))
+            for name in self.HEADLINE
+        }
+        self.step = Gauge("rlhf_step", description="Last finished training step.", tag_keys=("job",))
+
+    def event(self, type: str, message: str = "", **data: Any) -> None:
+        pass
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        tags = {"job": self.job_id}
+        self.step.set(step, tags=tags)
+        for name, gauge in self.gauges.items():
+            value = values.get(name)
+            if value is not None and math.isfinite(value):
+                gauge.set(value, tags=tags)
+
+    def close(self) -> None:
+        pass
+
+
+class MultiReporter:
+    def __init__(self, *reporters: Reporter):
+        self.reporters = [r for r in reporters if r is not None]
+
+    def add(self, reporter: Reporter) -> None:
+        self.reporters.append(reporter)
+
+    def event(self, type: str, message: str = "", **data: Any) -> None:
+        for r in self.reporters:
+            r.event(type, message, **data)
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        for r in self.reporters:
+            r.metrics(step, values)
+
+    def close(self) -> None:
+        for r in self.reporters:
+            r.close()

@@ -1,0 +1,213 @@
+"""The job entrypoint: `python -m orchestrator.run --spec job.yaml [--resume]`.
+
+This is what `ray job submit` runs on a cluster and what `rlhf train` runs on an embedded Ray.
+Bad input ends with one clear line on stderr, an `error` event in events.jsonl and a non-zero
+exit code (2 for bad input, 1 for a failure while training, 130 for a cancelled job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from orchestrator.data import DataError
+from orchestrator.spec import JobSpec, SpecError, load_spec, read_spec_file
+from workers.common import ModelLoadError
+from workers.reward import RewardError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+class Cancelled(Exception):
+    """The driver was asked to stop (SIGTERM from `ray job stop`, or Ctrl-C)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Cancelled(f"received signal {signum}")
+
+
+def guess_run_dir(spec_path: str | Path) -> Path:
+    """The run directory of a spec that may not validate: its output_dir or name if readable."""
+    try:
+        raw = read_spec_file(spec_path)
+    except SpecError:
+        raw = None
+    raw = raw if isinstance(raw, dict) else {}
+    if isinstance(raw.get("output_dir"), str):
+        return Path(raw["output_dir"])
+    name = raw.get("name") if isinstance(raw.get("name"), str) and raw.get("name", "").replace("-", "").replace("_", "").replace(".", "").isalnum() else "job"
+    return Path("runs") / name
+
+
+def job_id_for(spec: JobSpec) -> str:
+    return os.environ.get("RLHF_JOB_ID") or spec.name
+
+
+def describe_error(err: BaseException) -> tuple[str, str]:
+    """(error code, one-line message) for an exception, unwrapping Ray's wrappers to the user's error."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    if isinstance(err, RayTaskError) and getattr(err, "cause", None) is not None:
+        return describe_error(err.cause)
+    if isinstance(err, RayActorError):
+        text = str(err)
+        for cls in (ModelLoadError, RewardError, DataError):
+            marker = f"{cls.__name__}: "
+            if marker in text:
+                line = text[text.rindex(marker) + len(marker) :].splitlines()[0]
+                return _CODES[cls], line
+        return "actor_died", text.strip().splitlines()[0]
+    for cls, code in _CODES.items():
+        if isinstance(err, cls):
+            return code, str(err)
+    return "internal_error", f"{type(err).__name__}: {err}"
+
+
+_CODES = {SpecError: "invalid_spec", DataError: "invalid_data", ModelLoadError: "model_load_error", RewardError: "reward_error"}
+
+
+def preflight(spec: JobSpec):
+    """Everything that can be checked before any actor starts: tokenizer, model config, data, rewards."""
+    from transformers import AutoConfig
+
+    from orchestrator.data import load_prompts
+    from workers.common import load_tokenizer
+    from workers.reward import resolve_function
+
+    try:
+        AutoConfig.from_pretrained(spec.model.path, trust_remote_code=spec.model.trust_remote_code)
+    except Exception as err:
+        raise ModelLoadError(f"model.path={spec.model.path!r} does not load: {type(err).__name__}: {err}") from None
+    tokenizer = load_tokenizer(spec.model.path, spec.model.trust_remote_code)
+    d = spec.data
+    dataset = load_prompts(d.train_file, tokenizer, d.prompt_key, d.max_prompt_length, d.overlong_prompt)
+    for source in spec.rewards:
+        if source.function:
+            resolve_function(source.function)
+    return tokenizer, dataset
+
+
+def connect_ray(spec: JobSpec) -> None:
+    """Join the cluster when there is one (RAY_ADDRESS, set by `ray job submit`); else start Ray here."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    from orchestrator.placement import plan
+
+    wanted = sum(b.get("CPU", 0) for b in plan(spec).bundles)
+    cores = len(os.sched_getaffinity(0))
+    ray.init(address="local", num_cpus=max(cores, int(wanted + 0.999)), include_dashboard=False, log_to_driver=True)
+
+
+def reporters_from_env(job_id: str) -> list[Any]:
+    """Reporters configured by the launcher's environment (the control plane sets RLHF_REDIS_URL)."""
+    out: list[Any] = []
+    url = os.environ.get("RLHF_REDIS_URL")
+    if url:
+        from orchestrator.redis_reporter import RedisReporter
+
+        out.append(RedisReporter(url, job_id))
+    return out
+
+
+def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False, extra_reporters: list | None = None) -> int:
+    from orchestrator.reporting import FileReporter, MultiReporter
+
+    try:
+        spec = load_spec(spec_path)
+    except SpecError as err:
+        run_dir = guess_run_dir(spec_path)
+        reporter = MultiReporter(FileReporter(run_dir), *reporters_from_env(os.environ.get("RLHF_JOB_ID", run_dir.name)))
+        return _fail(reporter, err, EXIT_BAD_INPUT)
+
+    job_id = job_id_for(spec)
+    file_reporter = FileReporter(spec.run_dir)
+    reporter = MultiReporter(file_reporter, *reporters_from_env(job_id), *(extra_reporters or []))
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        reporter.event("status", "starting", status="starting", job_id=job_id)
+        try:
+            tokenizer, dataset = preflight(spec)
+        except Exception as err:
+            return _fail(reporter, err, EXIT_BAD_INPUT)
+        if dataset.dropped:
+            reporter.event("warning", f"dropped {dataset.dropped} prompts longer than data.max_prompt_length")
+        return _train(spec, job_id, dataset, tokenizer, reporter, file_reporter, resume, progress)
+    except Cancelled as err:
+        reporter.event("status", f"cancelled: {err}", status="cancelled")
+        return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        reporter.event("status", "cancelled: interrupted", status="cancelled")
+        return EXIT_CANCELLED
+    except Exception as err:
+        return _fail(reporter, err, EXIT_FAILED)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        reporter.close()
+
+
+def _train(spec, job_id, dataset, tokenizer, reporter, file_reporter, resume: bool, progress: bool) -> int:
+    import ray
+
+    from orchestrator import checkpoint
+    from orchestrator.driver import Orchestrator
+    from orchestrator.reporting import ProgressReporter, RayMetricsReporter
+
+    connect_ray(spec)
+    orch = Orchestrator(spec, dataset, reporter, job_id, tokenizer.eos_token_id)
+    reporter.add(RayMetricsReporter(job_id))
+    try:
+        orch.start()
+        start_step = 0
+        last = checkpoint.latest(spec.checkpoint_dir) if resume else None
+        if resume and last is None:
+            reporter.event("warning", f"--resume: no checkpoint in {spec.checkpoint_dir}; starting from step 0")
+        if last is not None:
+            start_step = orch.load_checkpoint(last)
+            file_reporter.truncate_metrics(start_step)
+            reporter.event("resumed", f"resumed from {last} at step {start_step}", step=start_step, path=str(last))
+        if progress:
+            reporter.add(ProgressReporter(orch.total_steps, start_step))
+        reporter.event("status", "running", status="running", total_steps=orch.total_steps, start_step=start_step)
+        orch.fit(start_step)
+        reporter.event("status", "succeeded", status="succeeded", step=orch.total_steps)
+        return EXIT_OK
+    finally:
+        for group in orch.groups.values():
+            for actor in group.actors:
+                ray.kill(actor)
+
+
+def _fail(reporter, err: BaseException, code: int) -> int:
+    kind, message = describe_error(err)
+    detail = "".join(traceback.format_exception(err)) if kind in ("internal_error", "actor_died") else None
+    reporter.event("error", message, code=kind, **({"traceback": detail} if detail else {}))
+    reporter.event("status", f"failed: {message}", status="failed", error={"code": kind, "message": message})
+    print(f"error: {message}", file=sys.stderr)
+    if detail and os.environ.get("RLHF_DEBUG"):
+        print(detail, file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.run", description="Run one post-training job (the Ray job entrypoint).")
+    parser.add_argument("--spec", required=True, help="Job spec, YAML or JSON.")
+    parser.add_argument("--resume", action="store_true", help="Continue from the last checkpoint in the spec's checkpoint dir.")
+    parser.add_argument("--progress", action="store_true", help="Show a progress bar.")
+    args = parser.parse_args(argv)
+    return run_job(args.spec, resume=args.resume, progress=args.progress)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

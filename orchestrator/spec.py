@@ -1,0 +1,273 @@
+"""The job spec: one pydantic model shared by `rlhf train`, `python -m orchestrator.run`
+(what `ray job submit` runs) and `POST /v1/jobs`.
+
+It is validated once and never mutated afterwards (`frozen=True`). Unknown fields are an
+error that names the field's path (`extra="forbid"`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+API_VERSION = "rlhf/v1"
+
+
+class SpecError(ValueError):
+    """A job spec that does not validate; the message names each field at fault."""
+
+    def __init__(self, message: str, errors: list[dict[str, Any]] | None = None):
+        super().__init__(message)
+        self.errors = errors or []
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AlgorithmSpec(_Strict):
+    name: Literal["grpo", "ppo"] = Field("grpo", description="Training algorithm: `grpo` (no critic) or `ppo` (with a critic).")
+    advantage_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] | None = Field(
+        None,
+        description="Advantage estimator. Defaults to `grpo` for GRPO and `gae` for PPO. "
+        "`gae` needs a critic, so it is only valid with `ppo`.",
+    )
+    norm_adv_by_std: bool = Field(
+        True, description="GRPO only: divide group-centred rewards by the group std (false gives Dr. GRPO's scaling)."
+    )
+
+    @property
+    def estimator(self) -> str:
+        return self.advantage_estimator or ("gae" if self.name == "ppo" else "grpo")
+
+    @model_validator(mode="after")
+    def _gae_needs_critic(self) -> "AlgorithmSpec":
+        if self.advantage_estimator == "gae" and self.name != "ppo":
+            raise ValueError("advantage_estimator 'gae' needs a critic: use algorithm.name 'ppo'")
+        return self
+
+
+class ModelSpec(_Strict):
+    path: str = Field(..., description="Local directory (`save_pretrained` layout) or hub id of the policy model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype of every role.")
+    trust_remote_code: bool = Field(False, description="Allow the model repository's own Python code to run.")
+    critic_path: str | None = Field(None, description="PPO: model for the critic's backbone (default: the policy's).")
+
+
+class DataSpec(_Strict):
+    train_file: str = Field(
+        ...,
+        description="Training prompts: a JSONL or Parquet file, or a directory written by `datasets.save_to_disk`. "
+        "Each row has a `prompt` (a string or a list of chat messages); other columns reach the reward functions.",
+    )
+    eval_file: str | None = Field(None, description="Optional held-out prompts, same format as `train_file`.")
+    prompt_key: str = Field("prompt", description="Column that holds the prompt.")
+    max_prompt_length: int = Field(128, gt=0, description="Longest prompt in tokens.")
+    overlong_prompt: Literal["truncate_left", "drop", "error"] = Field(
+        "truncate_left",
+        description="What to do with a prompt longer than `max_prompt_length`: keep its last tokens, drop the row, "
+        "or fail with the row's line number.",
+    )
+    shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded by `optim.seed`).")
+
+
+class RolloutSpec(_Strict):
+    backend: Literal["hf", "vllm"] = Field("hf", description="Generation engine: `hf` (transformers `generate`) or `vllm`.")
+    n: int = Field(4, ge=1, description="Completions sampled per prompt (the GRPO group size).")
+    max_new_tokens: int = Field(32, gt=0, description="Longest completion in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM only: GPUs per engine.")
+
+
+class RewardSource(_Strict):
+    function: str | None = Field(
+        None,
+        description="A built-in reward (`accuracy`, `regex_match`, `length_penalty`) or an import path "
+        "`pkg.module:fn` called as `fn(prompts, completions, **columns) -> list[float]`.",
+    )
+    model: str | None = Field(None, description="Path of a sequence-classification reward model (one logit).")
+    name: str | None = Field(None, description="Name in metrics (`rewards/<name>/mean`); defaults to the function's or model's name.")
+    weight: float = Field(1.0, description="Weight of this source in the summed reward.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the function.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RewardSource":
+        if (self.function is None) == (self.model is None):
+            raise ValueError("give exactly one of 'function' or 'model'")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.function:
+            return self.function.rsplit(":", 1)[-1]
+        return Path(self.model).name or "model"
+
+
+class OptimSpec(_Strict):
+    lr: float = Field(1e-6, gt=0, description="Policy learning rate (AdamW).")
+    critic_lr: float = Field(1e-5, gt=0, description="PPO: critic learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    steps: int | None = Field(None, gt=0, description="Training steps (one step = one batch of prompts). Set this or `epochs`.")
+    epochs: int | None = Field(None, gt=0, description="Passes over the training prompts, if `steps` is not set.")
+    prompts_per_step: int = Field(8, gt=0, description="Prompts per step; each gives `rollout.n` samples.")
+    mini_batch_size: int | None = Field(
+        None, gt=0, description="Samples per optimiser step (default: the whole step's samples, i.e. on-policy)."
+    )
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="Samples per forward/backward; gradients accumulate up to `mini_batch_size`."
+    )
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each step's samples.")
+    clip_eps_low: float = Field(0.2, ge=0, description="Lower clip of the policy ratio: 1 - eps_low.")
+    clip_eps_high: float = Field(0.2, ge=0, description="Upper clip of the policy ratio: 1 + eps_high (DAPO's clip-higher if > eps_low).")
+    dual_clip: float | None = Field(None, gt=1, description="Dual-clip constant c > 1 bounding the loss for negative advantages.")
+    kl_coef: float = Field(0.0, ge=0, description="KL penalty coefficient (0 = no reference model at all).")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (http://joschu.net/blog/kl-approx.html).")
+    kl_in: Literal["loss", "reward"] = Field("loss", description="Apply the KL penalty in the loss (GRPO) or in the token rewards (PPO).")
+    entropy_coef: float = Field(0.0, description="Entropy bonus coefficient.")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="How per-token losses become one number."
+    )
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm (null = no clipping).")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor (GAE, REINFORCE++).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    value_clip: float | None = Field(0.2, gt=0, description="PPO: clip range of the value update (null = unclipped).")
+    seed: int = Field(42, description="Seed of data order, sampling and initialisation.")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "OptimSpec":
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("set 'steps' or 'epochs', not both")
+        return self
+
+
+class RoleResources(_Strict):
+    replicas: int = Field(1, ge=1, description="Actors of this role (data-parallel ranks for the trainer).")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per actor in Ray's accounting.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
+
+
+class ResourcesSpec(_Strict):
+    rollout: RoleResources = Field(default_factory=RoleResources, description="Rollout (generation) actors.")
+    trainer: RoleResources = Field(default_factory=RoleResources, description="Policy trainer actors (data parallel).")
+    reference: RoleResources = Field(default_factory=RoleResources, description="Frozen reference model.")
+    reward: RoleResources = Field(default_factory=RoleResources, description="Reward actor.")
+    critic: RoleResources = Field(default_factory=RoleResources, description="PPO critic.")
+    colocate: bool = Field(
+        False,
+        description="Put rollout, trainer, reference and critic replica i into one placement bundle (sharing its GPU) "
+        "instead of separate ones.",
+    )
+    torch_threads: int | None = Field(
+        None,
+        gt=0,
+        description="Torch intra-op threads per actor. Default: all cores of the node, since the phases of a "
+        "step run one after another (Ray would otherwise pin a 0.5-CPU actor to one thread).",
+    )
+
+
+class CheckpointSpec(_Strict):
+    every: int = Field(0, ge=0, description="Save every k steps (0 = only at the end).")
+    dir: str | None = Field(None, description="Checkpoint directory (default: `<output_dir>/checkpoints`).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+
+
+class JobSpec(_Strict):
+    """A post-training job: what to train, on what, how, and where results go."""
+
+    api_version: Literal["rlhf/v1"] = Field(API_VERSION, description="Spec schema version.")
+    name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", description="Job name (actor names, run dir).")
+    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec, description="Algorithm and advantage estimator.")
+    model: ModelSpec = Field(..., description="Policy model.")
+    data: DataSpec = Field(..., description="Prompt data.")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Sampling.")
+    rewards: list[RewardSource] = Field(..., min_length=1, description="Weighted reward sources, summed.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimisation.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Placement of the roles.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
+    output_dir: str | None = Field(None, description="Run directory for metrics, events and checkpoints (default: `runs/<name>`).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JobSpec":
+        samples = self.optim.prompts_per_step * self.rollout.n
+        mb = self.optim.mini_batch_size or samples
+        if samples % mb:
+            raise ValueError(f"optim.mini_batch_size ({mb}) must divide the step's samples ({samples} = prompts_per_step * rollout.n)")
+        if mb % self.resources.trainer.replicas:
+            raise ValueError(f"optim.mini_batch_size ({mb}) must be divisible by resources.trainer.replicas")
+        micro = self.optim.micro_batch_size
+        if micro and (mb // self.resources.trainer.replicas) % micro:
+            raise ValueError("optim.micro_batch_size must divide the per-replica mini-batch")
+        if self.algorithm.estimator in ("grpo", "dr_grpo", "rloo") and self.rollout.n < 2:
+            raise ValueError(f"advantage_estimator '{self.algorithm.estimator}' compares samples of a prompt: rollout.n must be >= 2")
+        return self
+
+    # Derived values, never stored back into the spec.
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.optim.kl_coef > 0
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.algorithm.name == "ppo"
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.optim.prompts_per_step * self.rollout.n
+
+
+def format_validation_error(err: ValidationError, source: str = "spec") -> str:
+    lines = [f"invalid job spec ({source}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, source: str = "spec") -> JobSpec:
+    """Validate a dict into a JobSpec, raising SpecError whose message names each bad field."""
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid job spec ({source}): expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, source), err.errors(include_url=False)) from None
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """Read YAML or JSON into a dict, with the file and line in any syntax error."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except json.JSONDecodeError as err:
+        raise SpecError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SpecError(f"{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    return parse_spec(read_spec_file(path), source=str(path))

@@ -1,0 +1,109 @@
+"""What every role shares: loading a model, the response log-probs forward, threads and devices."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from orchestrator.algos import entropy_from_logits, logprobs_from_logits
+from orchestrator.batch import Batch
+
+def _quiet_transformers() -> None:
+    # Load reports and per-shard progress bars from every actor drown the job's own output.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+_quiet_transformers()
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded; the message names the path."""
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads; default to every core this process may use."""
+    n = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    return n
+
+
+def pick_device(num_gpus: float) -> torch.device:
+    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise ModelLoadError(f"cannot load tokenizer from model.path={path!r}: {type(err).__name__}: {err}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, auto_class: str = "AutoModelForCausalLM", dtype: str = "float32", trust_remote_code: bool = False, device: torch.device | str = "cpu", **kwargs):
+    import transformers
+
+    cls = getattr(transformers, auto_class)
+    try:
+        model = cls.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as err:
+        raise ModelLoadError(f"cannot load {auto_class} from {path!r}: {type(err).__name__}: {err}") from None
+    return model.to(device)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a padded prompt sees the same positions as an unpadded one."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logits(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """Logits that predict each response token, scaled by 1/temperature: (b, R, vocab)."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids(batch.attention_mask),
+        use_cache=False,
+    )
+    # The logit at position i predicts token i + 1.
+    logits = out.logits[:, batch.prompt_len - 1 : -1]
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def response_logprobs(model, batch: Batch, temperature: float = 1.0, with_entropy: bool = False):
+    """(log-probs (b, R), entropy (b, R) or None) of the response tokens under `model`."""
+    logits = response_logits(model, batch, temperature)
+    logprobs = logprobs_from_logits(logits, batch.responses)
+    entropy = entropy_from_logits(logits) if with_entropy else None
+    return logprobs, entropy
+
+
+@torch.no_grad()
+def batched_logprobs(model, batch: Batch, temperature: float, micro_batch_size: int | None) -> torch.Tensor:
+    size = micro_batch_size or len(batch)
+    parts = [response_logprobs(model, batch.select(slice(i, i + size)), temperature)[0] for i in range(0, len(batch), size)]
+    return torch.cat(parts)
+
+
+@contextmanager
+def timed(out: dict, key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        out[key] = out.get(key, 0.0) + time.perf_counter() - start
+
+
+def cpu_state_dict(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}

@@ -1,0 +1,94 @@
+"""The reward role: built-in functions, import-path functions and reward models, weighted and summed."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Any, Callable
+
+import torch
+
+from orchestrator.batch import Batch
+from workers.common import configure_threads, load_model, load_tokenizer, pick_device, position_ids
+from workers.rewards import BUILTIN
+
+
+class RewardError(RuntimeError):
+    """A reward source that cannot be loaded or that raised; the message names it."""
+
+
+def resolve_function(name: str) -> Callable[..., list[float]]:
+    """A built-in by name, or `pkg.module:fn` imported."""
+    if name in BUILTIN:
+        return BUILTIN[name]
+    if ":" not in name:
+        raise RewardError(f"unknown reward function {name!r}: use one of {sorted(BUILTIN)} or an import path 'pkg.module:fn'")
+    module, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise RewardError(f"cannot import reward function {name!r}: {type(err).__name__}: {err}") from None
+    if not callable(fn):
+        raise RewardError(f"reward function {name!r} is not callable")
+    return fn
+
+
+class RewardModel:
+    """A sequence-classification model whose single logit at the last real token is the reward."""
+
+    def __init__(self, path: str, dtype: str, trust_remote_code: bool, device: torch.device):
+        self.device = device
+        self.tokenizer = load_tokenizer(path, trust_remote_code)
+        self.model = load_model(path, "AutoModelForSequenceClassification", dtype, trust_remote_code, device, num_labels=1).eval()
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+        texts = [p + c for p, c in zip(prompts, completions)]
+        self.tokenizer.padding_side = "right"
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        logits = self.model(**enc, position_ids=position_ids(enc["attention_mask"])).logits
+        return logits[:, 0].float().cpu().tolist()
+
+
+class RewardWorker:
+    """Scores a Batch: decodes prompts and completions and calls every source.
+
+    `sources` are dicts of the job spec's RewardSource fields (label, function|model, weight, kwargs).
+    """
+
+    def __init__(self, sources: list[dict[str, Any]], tokenizer_path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                 num_gpus: float = 0, threads: int | None = None):
+        configure_threads(threads)
+        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
+        device = pick_device(num_gpus)
+        self.sources = []
+        for s in sources:
+            fn = resolve_function(s["function"]) if s.get("function") else RewardModel(s["model"], dtype, trust_remote_code, device)
+            self.sources.append((s["label"], fn, float(s.get("weight", 1.0)), dict(s.get("kwargs") or {})))
+
+    def score(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+        """(summed weighted scores (b,), each source's raw scores (b,), seconds spent)."""
+        start = time.perf_counter()
+        lengths = batch.response_mask.sum(1).long().tolist()
+        completions = self.tokenizer.batch_decode([r[:n] for r, n in zip(batch.responses.tolist(), lengths)], skip_special_tokens=True)
+        groups = batch.group_ids.tolist()
+        prompts = [batch.extras[g]["prompt_text"] for g in groups]
+        columns: dict[str, list[Any]] = {}
+        for key in batch.extras[0] if batch.extras else ():
+            if key != "prompt_text":
+                columns[key] = [batch.extras[g].get(key) for g in groups]
+        total = torch.zeros(len(batch))
+        per_source = {}
+        for label, fn, weight, kwargs in self.sources:
+            try:
+                values = fn(prompts, completions, **columns, **kwargs)
+            except Exception as err:
+                raise RewardError(f"reward function {label!r} raised {type(err).__name__}: {err}") from None
+            if len(values) != len(batch):
+                raise RewardError(f"reward function {label!r} returned {len(values)} values for {len(batch)} completions")
+            scores = torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float32)
+            per_source[label] = scores
+            total += weight * torch.nan_to_num(scores, nan=0.0)
+        return total, per_source, time.perf_counter() - start

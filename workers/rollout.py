@@ -1,0 +1,90 @@
+"""Rollout with the HF backend: batched `generate` with a KV cache, one call per step."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from orchestrator.algos import logprobs_from_logits
+from orchestrator.batch import Batch
+from workers.common import configure_threads, cpu_state_dict, load_model, load_tokenizer, pick_device
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def response_mask_until_eos(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 on every token up to and including the first EOS, 0 after. (b, R) -> (b, R) float."""
+    is_eos = (responses == eos_id).long()
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0
+    return (~after_eos).float()
+
+
+class HFRollout:
+    """Samples `n` completions per prompt with transformers' `generate`."""
+
+    def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, n: int = 4,
+                 max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                 num_gpus: float = 0, threads: int | None = None):
+        configure_threads(threads)
+        self.device = pick_device(num_gpus)
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        self.model = load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device).eval()
+        self.n, self.max_new_tokens, self.temperature, self.top_p, self.seed = n, max_new_tokens, temperature, top_p, seed
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], extras: list[dict[str, Any]], step: int, greedy: bool = False) -> tuple[Batch, float]:
+        """Returns the step's Batch (with behaviour log-probs) and the seconds spent."""
+        start = time.perf_counter()
+        # Sampling is seeded by (seed, step) alone, so a resumed job draws the same samples.
+        torch.manual_seed(self.seed * 1_000_003 + step)
+        tok = self.tokenizer
+        ids, mask = left_pad(prompt_ids, tok.pad_token_id)
+        n = 1 if greedy else self.n
+        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
+        out = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_new_tokens=self.max_new_tokens,
+            num_return_sequences=n,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+            **sampling,
+        )
+        prompt_len = ids.shape[1]
+        sequences = out.sequences.cpu()
+        responses = sequences[:, prompt_len:]
+        # Sampling log-probs come free from generate's raw logits: log softmax(z / T)[token].
+        logits = torch.stack(out.logits, dim=1).float().cpu()
+        logprobs = logprobs_from_logits(logits / (1.0 if greedy else self.temperature), responses)
+        response_mask = response_mask_until_eos(responses, tok.eos_token_id)
+        attention_mask = torch.cat([mask.repeat_interleave(n, 0), response_mask.long()], dim=1)
+        batch = Batch(
+            input_ids=torch.where(attention_mask.bool(), sequences, tok.pad_token_id),
+            attention_mask=attention_mask,
+            response_mask=response_mask,
+            group_ids=torch.arange(len(prompt_ids)).repeat_interleave(n),
+            prompt_len=prompt_len,
+            logprobs=logprobs * response_mask,
+            extras=list(extras),
+        )
+        return batch, time.perf_counter() - start
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> float:
+        start = time.perf_counter()
+        self.model.load_state_dict(state_dict, strict=True)
+        return time.perf_counter() - start
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return cpu_state_dict(self.model)
