@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=2, help="Transformer layers.")
     p.add_argument("--seed", type=int, default=0, help="Initialisation seed.")
     p.set_defaults(func=_init_model)
+
+    try:  # the control plane's commands (`serve`, `jobs ...`) need the api extra
+        from api.cli import register
+    except ImportError:
+        register = None
+    if register is not None:
+        register(sub)
     return parser
 
 

@@ -26,6 +26,14 @@ from workers.rollout import HFRollout
 from workers.trainer import PolicyTrainer
 
 
+def rollout_class(backend: str) -> type:
+    if backend == "vllm":
+        from workers.rollout_vllm import VLLMRollout  # imported only when asked for: vllm is an optional extra
+
+        return VLLMRollout
+    return HFRollout
+
+
 def compute_advantages(batch: Batch, spec: JobSpec) -> Batch:
     """Token advantages (and returns, for GAE) from scores, KL and values, by the spec's estimator."""
     opt, est, mask = spec.optim, spec.algorithm.estimator, batch.response_mask
@@ -192,7 +200,7 @@ class Orchestrator:
         common = dict(dtype=m.dtype, trust_remote_code=m.trust_remote_code, threads=res.torch_threads)
         optim = opt.model_dump()
         makers = {
-            "rollout": (HFRollout, lambda i: dict(model_path=m.path, n=spec.rollout.n, max_new_tokens=spec.rollout.max_new_tokens,
+            "rollout": (rollout_class(spec.rollout.backend), lambda i: dict(model_path=m.path, n=spec.rollout.n, max_new_tokens=spec.rollout.max_new_tokens,
                                                    temperature=spec.rollout.temperature, top_p=spec.rollout.top_p, seed=opt.seed + i,
                                                    num_gpus=res.rollout.num_gpus, **common)),
             "trainer": (PolicyTrainer, lambda i: dict(model_path=m.path, optim=optim, temperature=spec.rollout.temperature,
