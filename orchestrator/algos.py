@@ -48,9 +48,10 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 def _group_stats(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample mean, std (unbiased) and size of the sample's group."""
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    sums = torch.zeros(len(counts), dtype=scores.dtype).index_add_(0, inverse, scores)
+    zeros = torch.zeros(len(counts), dtype=scores.dtype, device=scores.device)
+    sums = zeros.index_add(0, inverse, scores)
     means = sums / counts
-    sq = torch.zeros(len(counts), dtype=scores.dtype).index_add_(0, inverse, (scores - means[inverse]) ** 2)
+    sq = zeros.index_add(0, inverse, (scores - means[inverse]) ** 2)
     stds = torch.sqrt(sq / (counts - 1).clamp(min=1))
     return means[inverse], stds[inverse], counts[inverse].to(scores.dtype)
 
@@ -83,9 +84,10 @@ def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.T
 def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """G_t = r_t + gamma * G_{t+1}, over (b, t), restarting at padding."""
     returns = torch.zeros_like(token_rewards)
-    running = torch.zeros(token_rewards.shape[0], dtype=token_rewards.dtype)
+    running = torch.zeros(token_rewards.shape[0], dtype=token_rewards.dtype, device=token_rewards.device)
     for t in reversed(range(token_rewards.shape[1])):
-        running = token_rewards[:, t] + gamma * running * mask[:, t]
+        # Masking the sum, not just the carry, keeps rewards on padding out of the response's returns.
+        running = (token_rewards[:, t] + gamma * running) * mask[:, t]
         returns[:, t] = running
     return returns * mask
 
@@ -110,8 +112,8 @@ def gae_advantages(
     values = values * mask
     b, t_len = token_rewards.shape
     adv = torch.zeros_like(token_rewards)
-    next_value = torch.zeros(b, dtype=values.dtype)
-    next_adv = torch.zeros(b, dtype=values.dtype)
+    next_value = torch.zeros(b, dtype=values.dtype, device=values.device)
+    next_adv = torch.zeros(b, dtype=values.dtype, device=values.device)
     for t in reversed(range(t_len)):
         m = mask[:, t]
         delta = token_rewards[:, t] + gamma * next_value - values[:, t]
@@ -211,6 +213,27 @@ def policy_loss(
         capped = torch.minimum(loss, -advantages * dual_clip)
         loss = torch.where(advantages < 0, capped, loss)
     return loss * mask, clipped * mask
+
+
+def truncated_importance_weights(
+    old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, cap: float = 2.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Truncated IS for the trainer/rollout-engine mismatch (Yao et al. 2025, "Your efficient RL
+    framework secretly brings you off-policy RL training"; TRL's vllm_importance_sampling_correction).
+
+    w_t = min(exp(old_t - rollout_t), C), detached. All inputs (b, t). Returns (w (b, t), per-token
+    sums over the mask: `ratio` of w before truncation, `truncated` count, `logp_diff` of
+    |old - rollout|) so callers can normalise by their own token count.
+    """
+    log_ratio = (old_logprobs - rollout_logprobs).detach()
+    ratio = torch.exp(log_ratio)
+    weights = torch.clamp(ratio, max=cap) * mask
+    sums = {
+        "ratio": masked_sum(ratio, mask),
+        "truncated": masked_sum((ratio > cap).float(), mask),
+        "logp_diff": masked_sum(log_ratio.abs(), mask),
+    }
+    return weights, sums
 
 
 def value_loss(

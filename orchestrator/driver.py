@@ -84,6 +84,7 @@ class Orchestrator:
         self.sampler = PromptSampler(len(dataset), spec.optim.prompts_per_step, spec.optim.seed, spec.data.shuffle)
         self.total_steps = spec.optim.steps or spec.optim.epochs * self.sampler.steps_per_epoch
         self.groups: dict[str, ActorGroup] = {}
+        self.placement_group = None
 
     # ------------------------------------------------------------ the loop
     def fit(self, start_step: int = 0) -> dict[str, float]:
@@ -195,7 +196,7 @@ class Orchestrator:
         spec, res = self.spec, self.spec.resources
         layout = plan(spec)
         self.reporter.event("placement", f"placing {', '.join(active_roles(spec))} in {len(layout.bundles)} bundles", bundles=layout.bundles)
-        pg = create_placement_group(layout, self.job_id)
+        pg = self.placement_group = create_placement_group(layout, self.job_id)
         m, opt = spec.model, spec.optim
         common = dict(dtype=m.dtype, trust_remote_code=m.trust_remote_code, threads=res.torch_threads)
         optim = opt.model_dump()
@@ -204,7 +205,8 @@ class Orchestrator:
                                                    temperature=spec.rollout.temperature, top_p=spec.rollout.top_p, seed=opt.seed + i,
                                                    num_gpus=res.rollout.num_gpus, **common)),
             "trainer": (PolicyTrainer, lambda i: dict(model_path=m.path, optim=optim, temperature=spec.rollout.temperature,
-                                                      seed=opt.seed, num_gpus=res.trainer.num_gpus, **common)),
+                                                      seed=opt.seed, num_gpus=res.trainer.num_gpus,
+                                                      importance_sampling=spec.rollout.importance_sampling.model_dump(), **common)),
             "reward": (RewardWorker, lambda i: dict(sources=[{**s.model_dump(), "label": s.label} for s in spec.rewards],
                                                     tokenizer_path=m.path, num_gpus=res.reward.num_gpus, **common)),
             "reference": (Reference, lambda i: dict(model_path=m.path, temperature=spec.rollout.temperature,
@@ -220,6 +222,18 @@ class Orchestrator:
             self._init_data_parallel("critic")
         names = [f"{self.job_id}/{r}-{i}" for r, g in self.groups.items() for i in range(len(g))]
         self.reporter.event("actors_ready", f"{len(names)} actors up", actors=names)
+
+    def shutdown(self) -> None:
+        """Kill the job's actors and free its placement group."""
+        from ray.util.placement_group import remove_placement_group
+
+        for group in self.groups.values():
+            for actor in group.actors:
+                ray.kill(actor)
+        self.groups = {}
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
 
     def _init_data_parallel(self, role: str) -> None:
         group = self.groups[role]

@@ -11,6 +11,7 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,20 @@ def guess_run_dir(spec_path: str | Path) -> Path:
         return Path(raw["output_dir"])
     name = raw.get("name") if isinstance(raw.get("name"), str) and raw.get("name", "").replace("-", "").replace("_", "").replace(".", "").isalnum() else "job"
     return Path("runs") / name
+
+
+def spec_from_env(arg: str | Path) -> str | Path:
+    """`--spec env:NAME` reads the spec (JSON) from an environment variable: how the control plane
+    hands a validated spec to a driver on a node that shares no filesystem with it."""
+    if not str(arg).startswith("env:"):
+        return arg
+    name = str(arg)[len("env:") :]
+    text = os.environ.get(name)
+    if text is None:
+        raise SpecError(f"--spec {arg}: environment variable {name} is not set")
+    path = Path(tempfile.mkdtemp(prefix="rlhf-spec-")) / "spec.json"
+    path.write_text(text)
+    return path
 
 
 def job_id_for(spec: JobSpec) -> str:
@@ -125,6 +140,7 @@ def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False,
     from orchestrator.reporting import FileReporter, MultiReporter
 
     try:
+        spec_path = spec_from_env(spec_path)
         spec = load_spec(spec_path)
     except SpecError as err:
         run_dir = guess_run_dir(spec_path)
@@ -158,8 +174,6 @@ def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False,
 
 
 def _train(spec, job_id, dataset, tokenizer, reporter, file_reporter, resume: bool, progress: bool) -> int:
-    import ray
-
     from orchestrator import checkpoint
     from orchestrator.driver import Orchestrator
     from orchestrator.reporting import ProgressReporter, RayMetricsReporter
@@ -184,9 +198,7 @@ def _train(spec, job_id, dataset, tokenizer, reporter, file_reporter, resume: bo
         reporter.event("status", "succeeded", status="succeeded", step=orch.total_steps)
         return EXIT_OK
     finally:
-        for group in orch.groups.values():
-            for actor in group.actors:
-                ray.kill(actor)
+        orch.shutdown()
 
 
 def _fail(reporter, err: BaseException, code: int) -> int:
@@ -202,7 +214,7 @@ def _fail(reporter, err: BaseException, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.run", description="Run one post-training job (the Ray job entrypoint).")
-    parser.add_argument("--spec", required=True, help="Job spec, YAML or JSON.")
+    parser.add_argument("--spec", required=True, help="Job spec, YAML or JSON (or `env:NAME`: JSON in that environment variable).")
     parser.add_argument("--resume", action="store_true", help="Continue from the last checkpoint in the spec's checkpoint dir.")
     parser.add_argument("--progress", action="store_true", help="Show a progress bar.")
     args = parser.parse_args(argv)

@@ -75,6 +75,11 @@ class DataSpec(_Strict):
     shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded by `optim.seed`).")
 
 
+class ImportanceSamplingSpec(_Strict):
+    enabled: bool = Field(False, description="Weight each token's policy loss by min(pi_trainer / pi_rollout, cap) (TIS).")
+    cap: float = Field(2.0, ge=1, description="Truncation C of the importance weight.")
+
+
 class RolloutSpec(_Strict):
     backend: Literal["hf", "vllm"] = Field("hf", description="Generation engine: `hf` (transformers `generate`) or `vllm`.")
     n: int = Field(4, ge=1, description="Completions sampled per prompt (the GRPO group size).")
@@ -82,6 +87,10 @@ class RolloutSpec(_Strict):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM only: GPUs per engine.")
+    importance_sampling: ImportanceSamplingSpec = Field(
+        default_factory=ImportanceSamplingSpec,
+        description="Truncated importance-sampling correction for the gap between the engine's and the trainer's log-probs.",
+    )
 
 
 class RewardSource(_Strict):

@@ -59,9 +59,11 @@ class DataParallelMixin:
 
 class PolicyTrainer(DataParallelMixin):
     def __init__(self, model_path: str, optim: dict[str, Any], dtype: str = "float32", trust_remote_code: bool = False,
-                 temperature: float = 1.0, seed: int = 0, num_gpus: float = 0, threads: int | None = None):
+                 temperature: float = 1.0, seed: int = 0, num_gpus: float = 0, threads: int | None = None,
+                 importance_sampling: dict[str, Any] | None = None):
         configure_threads(threads)
         torch.manual_seed(seed)
+        self.importance_sampling = importance_sampling or {"enabled": False}
         self.device = pick_device(num_gpus)
         self.model = load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device)
         self.model.train()
@@ -118,9 +120,15 @@ class PolicyTrainer(DataParallelMixin):
         logprobs, entropy = response_logprobs(self.model, mb, self.temperature, with_entropy=True)
         old_logprobs = logprobs.detach() if on_policy or mb.logprobs is None else mb.logprobs
         pg, clipped = algos.policy_loss(logprobs, old_logprobs, mb.advantages, mask, cfg["clip_eps_low"], cfg["clip_eps_high"], cfg["dual_clip"])
+        is_stats = {}
+        if self.importance_sampling["enabled"] and on_policy and mb.logprobs is not None:
+            # Off-policy steps already take the rollout log-probs as old_logprobs; this corrects the on-policy ratio of 1.
+            weights, sums = algos.truncated_importance_weights(old_logprobs, mb.logprobs, mask, self.importance_sampling["cap"])
+            pg = pg * weights
+            is_stats = {f"rollout_is/{k}": v.item() / max(num_tokens, 1) for k, v in sums.items()}
         agg = dict(mode=cfg["loss_agg"], num_tokens=num_tokens, num_seqs=num_seqs)
         loss = algos.aggregate_loss(pg, mask, **agg)
-        stats = {"policy_loss": loss.item()}
+        stats = {"policy_loss": loss.item(), **is_stats}
         if cfg["kl_coef"] > 0 and cfg["kl_in"] == "loss":
             kl = algos.kl_estimate(logprobs, mb.ref_logprobs, cfg["kl_estimator"])
             kl_loss = algos.aggregate_loss(kl, mask, **agg)

@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+
+from orchestrator.spec import JobSpec, SpecError, load_spec, parse_spec
+from tests.conftest import ROOT, tiny_spec
+
+
+def base() -> dict:
+    return tiny_spec(Path("m"), Path("d.jsonl"), Path("runs/t"))
+
+
+@pytest.mark.parametrize("name", ["grpo.yaml", "ppo.yaml"])
+def test_examples_validate(name):
+    spec = load_spec(ROOT / "examples" / name)
+    assert spec.api_version == "rlhf/v1"
+    assert spec.needs_critic == (spec.algorithm.name == "ppo")
+
+
+def test_defaults_derive_estimator_and_roles():
+    spec = parse_spec(base())
+    assert spec.algorithm.estimator == "grpo"
+    assert not spec.needs_reference  # kl_coef 0: no reference model at all
+    ppo = parse_spec({**base(), "algorithm": {"name": "ppo"}, "optim": {"kl_coef": 0.1}})
+    assert ppo.algorithm.estimator == "gae" and ppo.needs_reference
+
+
+def test_unknown_field_is_named():
+    with pytest.raises(SpecError) as e:
+        parse_spec({**base(), "optim": {"lr": 1e-3, "learning_rate": 1}})
+    assert "optim.learning_rate: unknown field" in str(e.value)
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(SpecError) as e:
+        parse_spec({**base(), "rollout": {"n": "many"}})
+    assert "rollout.n" in str(e.value) and "integer" in str(e.value)
+
+
+def test_nested_list_field_path():
+    with pytest.raises(SpecError) as e:
+        parse_spec({**base(), "rewards": [{"function": "accuracy"}, {"weight": 1}]})
+    assert "rewards.1" in str(e.value) and "exactly one of 'function' or 'model'" in str(e.value)
+
+
+def test_bad_api_version():
+    with pytest.raises(SpecError) as e:
+        parse_spec({**base(), "api_version": "rlhf/v0"})
+    assert "api_version" in str(e.value)
+
+
+def test_cross_field_rules():
+    with pytest.raises(SpecError, match="mini_batch_size"):
+        parse_spec({**base(), "optim": {"prompts_per_step": 4, "mini_batch_size": 5}})
+    with pytest.raises(SpecError, match="gae"):
+        parse_spec({**base(), "algorithm": {"name": "grpo", "advantage_estimator": "gae"}})
+    with pytest.raises(SpecError, match="rollout.n"):
+        parse_spec({**base(), "rollout": {"n": 1}})
+
+
+def test_spec_is_frozen():
+    spec = parse_spec(base())
+    with pytest.raises(Exception):
+        spec.optim.lr = 1.0
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    bad = tmp_path / "job.yaml"
+    bad.write_text("name: x\nmodel:\n  path: [unclosed\n")
+    with pytest.raises(SpecError, match=r"job.yaml:\d+: invalid YAML"):
+        load_spec(bad)
+
+
+def test_json_spec(tmp_path):
+    import json
+
+    f = tmp_path / "job.json"
+    f.write_text(json.dumps(base()))
+    assert isinstance(load_spec(f), JobSpec)
+
+
+def test_every_field_has_a_description():
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, f"{prefix}{name}.")
+
+    walk(JobSpec)

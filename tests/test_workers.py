@@ -1,0 +1,160 @@
+"""Each role as a plain class, without Ray."""
+
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from orchestrator.spec import OptimSpec
+from workers.critic import Critic
+from workers.reference import Reference
+from workers.reward import RewardError, RewardWorker
+from workers.rollout import HFRollout, response_mask_until_eos
+from workers.trainer import PolicyTrainer
+
+PROMPTS = [[16, 10, 17, 28], [18, 10, 19, 28, 20]]  # byte ids of "1+2=" and "3+4=5"
+EXTRAS = [{"prompt_text": "1+2=", "answer": 3}, {"prompt_text": "3+4=5", "answer": 7}]
+
+
+def optim(**kw) -> dict:
+    return OptimSpec(**{"lr": 1e-2, **kw}).model_dump()
+
+
+@pytest.fixture(scope="module")
+def rollout(tiny_model):
+    return HFRollout(str(tiny_model), n=3, max_new_tokens=6, temperature=1.0, seed=0, threads=2)
+
+
+@pytest.fixture(scope="module")
+def batch(rollout):
+    b, _ = rollout.generate(PROMPTS, EXTRAS, step=1)
+    return b
+
+
+def test_rollout_batch_contract(batch):
+    assert batch.input_ids.shape[0] == 6 and batch.prompt_len == 5
+    assert batch.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    assert batch.response_mask.shape == batch.logprobs.shape == (6, batch.input_ids.shape[1] - 5)
+    # Left padding: the shorter prompt's first position is padding.
+    assert batch.attention_mask[0, 0] == 0 and batch.attention_mask[3, 0] == 1
+    assert torch.all(batch.logprobs <= 0)
+
+
+def test_sampling_is_seeded_by_step(rollout):
+    a, _ = rollout.generate(PROMPTS, EXTRAS, step=5)
+    b, _ = rollout.generate(PROMPTS, EXTRAS, step=5)
+    c, _ = rollout.generate(PROMPTS, EXTRAS, step=6)
+    assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, c.input_ids)
+
+
+def test_response_mask_stops_after_eos():
+    mask = response_mask_until_eos(torch.tensor([[5, 0, 7, 0], [5, 6, 7, 8]]), eos_id=0)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_behaviour_logprobs_match_a_full_forward(tiny_model, batch):
+    # generate's incremental, KV-cached log-probs equal a fresh padded forward pass of the same weights.
+    ref = Reference(str(tiny_model), threads=2)
+    logprobs, _ = ref.compute_logprobs(batch)
+    torch.testing.assert_close(logprobs, batch.logprobs, atol=1e-4, rtol=0)
+
+
+def with_advantages(batch):
+    adv = torch.linspace(-1, 1, len(batch))[:, None] * batch.response_mask
+    return batch.replace(advantages=adv, scores=torch.zeros(len(batch)))
+
+
+def test_trainer_step_changes_parameters_and_sync_round_trips(tiny_model, batch, rollout):
+    trainer = PolicyTrainer(str(tiny_model), optim(), seed=0, threads=2)
+    before = trainer.state_dict()
+    stats = trainer.train_step(with_advantages(batch), step=1, num_mini_batches=1, micro_batch_size=None, on_policy=True)
+    after = trainer.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    rollout.load_weights(after)
+    synced = rollout.state_dict()
+    assert all(torch.equal(synced[k], after[k]) for k in after)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_gradient_accumulation_equals_full_batch(tiny_model, batch, agg):
+    b = with_advantages(batch)
+    full = PolicyTrainer(str(tiny_model), optim(loss_agg=agg, grad_clip=None), seed=0, threads=2)
+    accum = PolicyTrainer(str(tiny_model), optim(loss_agg=agg, grad_clip=None), seed=0, threads=2)
+    s_full = full.train_step(b, 1, num_mini_batches=1, micro_batch_size=None, on_policy=True)
+    s_acc = accum.train_step(b, 1, num_mini_batches=1, micro_batch_size=2, on_policy=True)
+    assert s_full["policy_loss"] == pytest.approx(s_acc["policy_loss"], abs=1e-6)
+    assert s_full["grad_norm"] == pytest.approx(s_acc["grad_norm"], rel=1e-4)
+    # Gradients, not parameters: Adam's first step is ~lr * sign(g) and amplifies rounding on g ~ 0.
+    for (name, p), q in zip(full.model.named_parameters(), accum.model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_off_policy_minibatches_use_behaviour_logprobs(tiny_model, batch):
+    trainer = PolicyTrainer(str(tiny_model), optim(ppo_epochs=2), seed=0, threads=2)
+    stats = trainer.train_step(with_advantages(batch), 1, num_mini_batches=3, micro_batch_size=None, on_policy=False)
+    # After the first of 6 optimiser steps the policy has moved: ratios leave 1 and some get clipped.
+    assert stats["clip_ratio"] > 0
+
+
+def test_reference_is_frozen(tiny_model):
+    ref = Reference(str(tiny_model), threads=2)
+    assert not any(p.requires_grad for p in ref.model.parameters())
+
+
+def test_critic_values_and_update(tiny_model, batch):
+    critic = Critic(str(tiny_model), optim(critic_lr=1e-2), threads=2)
+    values, _ = critic.compute_values(batch)
+    assert values.shape == batch.response_mask.shape
+    assert torch.all(values[batch.response_mask == 0] == 0)
+    returns = torch.ones_like(values) * batch.response_mask
+    b = batch.replace(values=values, returns=returns)
+    first = critic.train_step(b, 1, 1, None)["value_loss"]
+    for step in range(2, 6):
+        last = critic.train_step(b, step, 1, None)["value_loss"]
+    assert last < first
+
+
+def test_reward_builtins_and_import_path(tiny_model, batch, tmp_path, monkeypatch):
+    (tmp_path / "myrewards.py").write_text(textwrap.dedent("""
+        def starts_with_digit(prompts, completions, answer, **kw):
+            assert len(answer) == len(completions)
+            return [1.0 if c[:1].isdigit() else 0.0 for c in completions]
+        def broken(prompts, completions, **kw):
+            raise ValueError("bad reward")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sources = [
+        {"label": "accuracy", "function": "accuracy", "weight": 1.0},
+        {"label": "digit", "function": "myrewards:starts_with_digit", "weight": 0.5},
+        {"label": "len", "function": "length_penalty", "weight": 1.0, "kwargs": {"scale": 0.1}},
+    ]
+    worker = RewardWorker(sources, str(tiny_model))
+    total, per, _ = worker.score(batch)
+    assert set(per) == {"accuracy", "digit", "len"}
+    torch.testing.assert_close(total, per["accuracy"] + 0.5 * per["digit"] + per["len"])
+    with pytest.raises(RewardError, match="'broken' raised ValueError: bad reward"):
+        RewardWorker([{"label": "broken", "function": "myrewards:broken"}], str(tiny_model)).score(batch)
+    with pytest.raises(RewardError, match="cannot import reward function 'nope.mod:fn'"):
+        RewardWorker([{"label": "x", "function": "nope.mod:fn"}], str(tiny_model))
+
+
+def test_reward_model_source(tiny_model, batch, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm_dir = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=1).save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(rm_dir)
+    worker = RewardWorker([{"label": "rm", "model": str(rm_dir)}], str(tiny_model))
+    total, per, _ = worker.score(batch)
+    assert total.shape == (len(batch),) and torch.isfinite(total).all()
+    assert len(set(total.tolist())) > 1  # different completions, different scores
+
+
+def test_builtin_accuracy_reads_the_first_number():
+    from workers.rewards import accuracy, regex_match
+
+    assert accuracy([""] * 3, ["12", " 12 and 5", "x"], answer=[12, 12, 12]) == [1.0, 1.0, 0.0]
+    assert accuracy([""], ["7 then 12"], answer=[12], position="last") == [1.0]
+    assert regex_match([""] * 2, ["42", "42x"], pattern=r"-?\d+", full=True) == [1.0, 0.0]
