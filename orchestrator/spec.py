@@ -280,3 +280,41 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
 
 def load_spec(path: str | Path) -> JobSpec:
     return parse_spec(read_spec_file(path), source=str(path))
+
+
+def _type_name(ann: Any) -> str:
+    import typing
+
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) is Literal:
+        return " / ".join(f"`{a}`" for a in args)
+    if args and type(None) in args:  # Optional[X]
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " (optional)"
+    if args:
+        return str(ann).replace("typing.", "")
+    return getattr(ann, "__name__", str(ann))
+
+
+def reference_markdown() -> str:
+    """The spec reference as a Markdown table, generated from the schema (README's "Job spec" section)."""
+    rows = ["| field | type | default | description |", "| --- | --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            path = f"{prefix}{name}"
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, path + ".")
+                continue
+            item = getattr(ann, "__args__", (None,))[0]
+            if isinstance(item, type) and issubclass(item, BaseModel):  # list[RewardSource]
+                rows.append(f"| `{path}` | list | required | {field.description} |")
+                walk(item, path + "[].")
+                continue
+            type_name = _type_name(ann)
+            default = "required" if field.is_required() else f"`{json.dumps(field.get_default(call_default_factory=True), default=str)}`"
+            desc = (field.description or "").replace("|", "\\|")
+            rows.append(f"| `{path}` | {type_name} | {default} | {desc} |")
+
+    walk(JobSpec, "")
+    return "\n".join(rows)

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -31,14 +36,14 @@ def arith_file(tmp_path_factory) -> Path:
     return path
 
 
-def tiny_spec(model: Path, data: Path, out: Path, **overrides) -> dict:
-    """A job spec small enough for a test: a few steps of a few prompts."""
+def tiny_spec(model_dir: Path, data_file: Path, out: Path, **overrides) -> dict:
+    """A job spec small enough for a test: a few steps of a few prompts. Sections in overrides are merged."""
     spec = {
         "api_version": "rlhf/v1",
         "name": out.name,
         "algorithm": {"name": "grpo"},
-        "model": {"path": str(model)},
-        "data": {"train_file": str(data), "max_prompt_length": 16},
+        "model": {"path": str(model_dir)},
+        "data": {"train_file": str(data_file), "max_prompt_length": 16},
         "rollout": {"n": 4, "max_new_tokens": 4},
         "rewards": [{"function": "accuracy"}, {"function": "length_penalty", "weight": 0.1}],
         "optim": {"lr": 1e-3, "steps": 3, "prompts_per_step": 4, "seed": 0},
@@ -78,3 +83,82 @@ def run_entrypoint(spec_path: Path, *args: str, timeout: float = 300, env: dict 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------ a real Ray head, for job submission
+
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    last_err = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as err:  # noqa: BLE001 - keep polling until the deadline
+            last_err = err
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last_err})" if last_err else ""))
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """End a process we started in its own session, and its children, by process group."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        except ProcessLookupError:
+            pass
+    try:  # children left behind in the group (Ray workers)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class RayHead:
+    def __init__(self, address: str, dashboard: str):
+        self.address, self.dashboard = address, dashboard
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    gcs = free_port()
+    assert gcs != 6379
+    dash, client_port, agent, metrics = free_port(), free_port(), free_port(), free_port()
+    import httpx
+
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, **RAY_ENV}
+    cmd = [
+        "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+        "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent),
+        "--metrics-export-port", str(metrics), "--num-cpus", "4", "--temp-dir", temp, "--disable-usage-stats",
+    ]
+    log = open(Path(temp) / "ray-start.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{dash}"
+
+    def up():
+        if proc.poll() is not None:
+            raise RuntimeError(f"`ray start` exited with {proc.returncode}; see {log.name}")
+        return httpx.get(f"{dashboard}/api/version", timeout=2).status_code < 500
+
+    wait_until(up, 90, f"the Ray dashboard at {dashboard}", interval=1)
+    yield RayHead(f"127.0.0.1:{gcs}", dashboard)
+    stop_group(proc, timeout=10)
+    log.close()
+
+

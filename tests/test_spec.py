@@ -88,3 +88,11 @@ def test_every_field_has_a_description():
                 walk(ann, f"{prefix}{name}.")
 
     walk(JobSpec)
+
+
+def test_readme_spec_reference_is_current():
+    from orchestrator.spec import reference_markdown
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- spec-reference:start -->\n", 1)[1].split("\n<!-- spec-reference:end -->", 1)[0]
+    assert block == reference_markdown(), "README's job spec reference is stale: regenerate it"

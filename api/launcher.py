@@ -1,0 +1,105 @@
+"""Launches and stops jobs on Ray through its Job Submission API; the API never trains in-process.
+
+JobSubmissionClient is synchronous (requests), so every call runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from dataclasses import dataclass
+
+from api.settings import Settings
+
+ENTRYPOINT = "python -m orchestrator.run --spec env:RLHF_SPEC_JSON"
+
+
+class RayUnavailable(RuntimeError):
+    """The Ray dashboard / Job Submission API did not answer."""
+
+
+class RayJobMissing(LookupError):
+    """Ray has no job with this submission id."""
+
+
+@dataclass(frozen=True)
+class RayJobState:
+    status: str  # PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED
+    message: str
+    exit_code: int | None
+
+
+class RayLauncher:
+    TIMEOUT_S = 30.0
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._client = None
+        self._lock = threading.Lock()
+
+    def _get_client(self):
+        # Created lazily and again after a failure: the API starts even while Ray is down.
+        with self._lock:
+            if self._client is None:
+                from ray.job_submission import JobSubmissionClient
+
+                try:
+                    self._client = JobSubmissionClient(self.settings.ray_address)
+                except Exception as err:
+                    raise RayUnavailable(f"Ray Job Submission API at {self.settings.ray_address} is unreachable: {err}") from None
+            return self._client
+
+    async def _call(self, fn, *args, **kwargs):
+        def run():
+            client = self._get_client()
+            try:
+                return getattr(client, fn)(*args, **kwargs)
+            except RuntimeError as err:  # the SDK's way of passing on an HTTP error status
+                if "status code 404" in str(err):
+                    raise RayJobMissing(str(err)) from None
+                raise
+            except Exception as err:  # connection refused, timeouts, a rejected Ray auth token
+                with self._lock:
+                    self._client = None
+                raise RayUnavailable(f"Ray Job Submission API at {self.settings.ray_address} failed: {type(err).__name__}: {err}") from None
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(run), self.TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RayUnavailable(f"Ray Job Submission API at {self.settings.ray_address} did not answer {fn} in {self.TIMEOUT_S:.0f} s") from None
+
+    async def submit(self, job_id: str, tenant: str, name: str, spec: dict) -> str:
+        runtime_env: dict = {
+            "env_vars": {
+                "RLHF_REDIS_URL": self.settings.jobs_redis_url,
+                "RLHF_JOB_ID": job_id,
+                "RLHF_SPEC_JSON": json.dumps(spec),
+            }
+        }
+        if self.settings.ray_working_dir:
+            runtime_env["working_dir"] = self.settings.ray_working_dir
+        return await self._call(
+            "submit_job",
+            entrypoint=ENTRYPOINT,
+            submission_id=job_id,
+            runtime_env=runtime_env,
+            metadata={"tenant": tenant, "name": name, "rlhf_job_id": job_id},
+        )
+
+    async def stop(self, job_id: str) -> bool:
+        return await self._call("stop_job", job_id)
+
+    async def state(self, job_id: str) -> RayJobState:
+        info = await self._call("get_job_info", job_id)
+        return RayJobState(str(info.status.value), info.message or "", info.driver_exit_code)
+
+    async def logs(self, job_id: str) -> str:
+        return await self._call("get_job_logs", job_id)
+
+    async def ping(self) -> bool:
+        await self._call("get_version")
+        return True
+
+    def dashboard_url(self, job_id: str) -> str:
+        return f"{self.settings.dashboard_url}/#/jobs/{job_id}"

@@ -1,0 +1,80 @@
+"""The control plane's FastAPI app: `create_app()` assembles the routers; `rlhf serve` runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+
+from api import errors
+from api.auth import KeyRing
+from api.deps import current_tenant
+from api.launcher import RayLauncher
+from api.middleware import ApiMetrics, RequestContextMiddleware
+from api.reconciler import Reconciler
+from api.routers import checkpoints, events, health, jobs, logs
+from api.settings import Settings
+from api.store import JobStore
+
+DESCRIPTION = """Submit RLHF post-training jobs (GRPO, PPO) to a Ray cluster, follow their status,
+events and metrics (JSON pages or live server-sent events), list checkpoints, read logs, cancel.
+
+Every request but `/healthz` and `/readyz` needs `Authorization: Bearer <key>`; a tenant sees only
+its own jobs. Every error is `{"error": {"type", "code", "message", "param"}}`; every response has
+an `X-Request-ID` header."""
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI):
+    settings: Settings = app.state.settings
+    app.state.store = JobStore(settings.redis_url)
+    app.state.launcher = RayLauncher(settings)
+    task = asyncio.create_task(Reconciler(app.state.store, app.state.launcher, settings.reconcile_interval_s).run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await app.state.store.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="RLHF jobs API", version="1.0.0", description=DESCRIPTION, lifespan=lifespan,
+        openapi_url=None, docs_url=None, redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.keyring = KeyRing(settings.api_keys_file)  # fail at startup, not at the first request
+    app.state.metrics = ApiMetrics()
+    errors.install(app)
+    for module in (health, jobs, events, checkpoints, logs):
+        app.include_router(module.router)
+    _add_docs(app, settings.public_docs)
+    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
+    return app
+
+
+def _add_docs(app: FastAPI, public: bool) -> None:
+    guard = [] if public else [Depends(current_tenant)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=guard)
+    async def openapi():
+        return app.openapi()
+
+    if public:
+        @app.get("/docs", include_in_schema=False)
+        async def docs():
+            return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
+
+
+def serve(settings: Settings | None = None) -> None:
+    import uvicorn
+
+    settings = settings or Settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False)

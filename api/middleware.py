@@ -1,0 +1,66 @@
+"""Request ids and Prometheus request metrics, as plain ASGI middleware (no per-request task or
+body buffering, so SSE streams pass straight through)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.datastructures import MutableHeaders
+
+from api.errors import envelope
+
+log = logging.getLogger("api")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("rlhf_api_requests", "HTTP requests served.", ("method", "route", "status"), registry=self.registry)
+        self.latency = Histogram(
+            "rlhf_api_request_seconds", "Time to the end of the response (SSE: the stream's life).", ("method", "route"),
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60), registry=self.registry,
+        )
+        self.jobs = Gauge("rlhf_jobs", "Jobs by status, all tenants.", ("status",), registry=self.registry)
+
+
+class RequestContextMiddleware:
+    def __init__(self, app, metrics: ApiMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        incoming = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
+        rid = incoming if _SAFE_ID.match(incoming) else "req_" + uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        start = time.perf_counter()
+        status = 500
+        started = False
+
+        async def send_with_id(message):
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started, status = True, message["status"]
+                MutableHeaders(scope=message).append("X-Request-ID", rid)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error in %s %s (request %s)", scope["method"], scope["path"], rid)
+            if started:
+                raise
+            body = json.dumps(envelope(500, "internal_error", f"Internal error; quote request id {rid} when reporting it.")).encode()
+            await send({"type": "http.response.start", "status": 500, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"x-request-id", rid.encode())]})
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - start)

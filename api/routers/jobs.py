@@ -1,0 +1,170 @@
+"""/v1/jobs: submit, list, get, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from api.deps import CurrentTenant, LauncherDep, SettingsDep, StoreDep
+from api.errors import APIError, not_found
+from api.launcher import RayJobMissing, RayUnavailable
+from api.routers import error_responses
+from api.schemas import JobCreate, JobList, JobPublic, JobStatus
+from api.settings import Settings
+from orchestrator.redis_reporter import TERMINAL
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JobId = Annotated[str, Path(description="Job id (`job-...`).", max_length=128)]
+
+
+def job_public(rec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    return {
+        "id": rec["id"],
+        "object": "job",
+        "name": rec.get("name") or "",
+        "status": rec["status"],
+        "created_at": rec["created_at"],
+        "started_at": rec["started_at"],
+        "finished_at": rec["finished_at"],
+        "updated_at": rec["updated_at"],
+        "step": rec["step"] or 0,
+        "total_steps": rec["total_steps"],
+        "metrics": rec["metrics"],
+        "error": rec["error"] if rec["status"] == "failed" else None,
+        "metadata": rec["metadata"] or {},
+        "spec": rec["spec"] or {},
+        "ray_submission_id": rec.get("ray_submission_id") or rec["id"],
+        "dashboard_url": f"{settings.dashboard_url}/#/jobs/{rec.get('ray_submission_id') or rec['id']}",
+    }
+
+
+async def owned_job(store, job_id: str, tenant: str) -> dict[str, Any]:
+    """The tenant's job, or 404 (another tenant's job is indistinguishable from none)."""
+    rec = await store.get(job_id, tenant)
+    if rec is None:
+        raise not_found(job_id)
+    return rec
+
+
+def _body_hash(raw: bytes) -> str:
+    try:
+        canonical = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":"))
+    except ValueError:
+        canonical = raw.decode("utf-8", "replace")
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobPublic,
+    summary="Submit a job",
+    responses=error_responses(400, 401, 409, 422, 429, 503),
+)
+async def create_job(
+    body: Annotated[JobCreate, Body(openapi_examples={"grpo": {"summary": "Tiny GRPO job", "value": JobCreate.model_config["json_schema_extra"]["examples"][0]}})],
+    request: Request,
+    response: Response,
+    tenant: CurrentTenant,
+    store: StoreDep,
+    launcher: LauncherDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", min_length=1, max_length=255, description="Same key and body: the same job again; same key, another body: 409."),
+    ] = None,
+) -> dict[str, Any]:
+    """Validate the spec in full, record the job (`queued`) and submit it to Ray as a Ray job whose
+    submission id is the job id. Nothing runs in the API's process."""
+    spec, name = body.spec_dict(), body.name
+    job_id = "job-" + uuid.uuid4().hex[:24]
+    if idempotency_key:
+        body_hash = _body_hash(await request.body())
+        earlier = await store.claim_idempotency_key(tenant, idempotency_key, body_hash, job_id)
+        if earlier is not None:
+            return await _replay(store, settings, tenant, idempotency_key, body_hash, earlier, response)
+    try:
+        if await store.active_count(tenant) >= settings.max_active_jobs_per_tenant:
+            raise APIError(429, "too_many_active_jobs", f"Tenant has {settings.max_active_jobs_per_tenant} active jobs, the limit; wait for one to end or cancel one.")
+        rec = await store.create(job_id, tenant, name, spec, body.metadata, idempotency_key)
+        try:
+            await launcher.submit(job_id, tenant, name, spec)
+        except BaseException:
+            await store.delete(job_id)
+            raise
+    except RayUnavailable as err:
+        await _release(store, tenant, idempotency_key)
+        raise APIError(503, "ray_unavailable", f"Could not submit the job to Ray: {err}", None, {"Retry-After": "10"}) from None
+    except BaseException:
+        await _release(store, tenant, idempotency_key)
+        raise
+    return job_public(rec, settings)
+
+
+async def _release(store, tenant: str, key: str | None) -> None:
+    if key:
+        await store.release_idempotency_key(tenant, key)
+
+
+async def _replay(store, settings, tenant, key, body_hash, earlier, response) -> dict[str, Any]:
+    if earlier["body_hash"] != body_hash:
+        raise APIError(409, "idempotency_key_reused", f"Idempotency-Key {key!r} was used with another request body.", "Idempotency-Key")
+    # The first request may still be creating its job: wait briefly for the record.
+    for _ in range(100):
+        rec = await store.get(earlier["job_id"], tenant)
+        if rec is not None:
+            response.headers["Idempotent-Replayed"] = "true"
+            return job_public(rec, settings)
+        await asyncio.sleep(0.05)
+    raise APIError(409, "idempotency_key_in_use", f"A request with Idempotency-Key {key!r} is still in progress; retry shortly.", "Idempotency-Key")
+
+
+@router.get("", response_model=JobList, summary="List jobs", responses=error_responses(400, 401, 422))
+async def list_jobs(
+    tenant: CurrentTenant,
+    store: StoreDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Jobs per page.")] = 20,
+    after: Annotated[str | None, Query(max_length=128, description="Id of the last job of the previous page.")] = None,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
+) -> JSONResponse:
+    """The tenant's jobs, newest first."""
+    page = await store.list(tenant, limit, after, status)
+    if page is None:
+        raise APIError(400, "invalid_cursor", f"`after` is not one of your jobs: {after!r}.", "after")
+    records, has_more = page
+    data = [job_public(r, settings) for r in records]
+    # Built to JobList's schema already: skip re-validating it (the read paths are the hot ones;
+    # the schemathesis test checks these responses against the schema).
+    return JSONResponse({"object": "list", "data": data, "has_more": has_more, "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
+
+
+@router.get("/{job_id}", response_model=JobPublic, summary="Get a job", responses=error_responses(401, 404))
+async def get_job(job_id: JobId, tenant: CurrentTenant, store: StoreDep, settings: SettingsDep) -> JSONResponse:
+    return JSONResponse(job_public(await owned_job(store, job_id, tenant), settings))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, summary="Cancel a job", responses=error_responses(401, 404, 409, 503))
+async def cancel_job(job_id: JobId, tenant: CurrentTenant, store: StoreDep, launcher: LauncherDep, settings: SettingsDep) -> dict[str, Any]:
+    """Stop the Ray job. The job is `cancelling` until Ray confirms, then `cancelled`. A job that has
+    already ended is a 409: a terminal status never changes."""
+    rec = await owned_job(store, job_id, tenant)
+    if rec["status"] not in TERMINAL:
+        await store.transition(job_id, "cancelling", "cancelling: requested through the API")
+    rec = await owned_job(store, job_id, tenant)
+    if rec["status"] in TERMINAL:
+        raise APIError(409, "job_terminal", f"Job {job_id} already ended ({rec['status']}); a terminal status never changes.", "job_id")
+    try:
+        await launcher.stop(job_id)
+    except RayJobMissing:
+        await store.transition(job_id, "cancelled", "cancelled: Ray had no running job")
+    except RayUnavailable:
+        pass  # the reconciler stops it once Ray answers again
+    return job_public(await owned_job(store, job_id, tenant), settings)

@@ -1,0 +1,39 @@
+"""Settings of the control plane, read from the environment (prefix `RLHF_API_`) once at startup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RLHF_API_", frozen=True)
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding job records, events and metrics.")
+    driver_redis_url: str | None = Field(
+        None, description="Redis URL as the job drivers on the Ray cluster reach it (default: `redis_url`)."
+    )
+    ray_address: str = Field("http://127.0.0.1:8265", description="Ray dashboard / Job Submission API address.")
+    ray_dashboard_url: str | None = Field(
+        None, description="Dashboard URL shown to users in a job's `dashboard_url` (default: `ray_address`)."
+    )
+    ray_working_dir: str | None = Field(
+        None, description="Optional runtime_env working_dir uploaded with every job (default: the cluster's installed package)."
+    )
+    api_keys_file: Path = Field(Path("api_keys.yaml"), description="YAML/JSON file of hashed API keys and their tenants.")
+    host: str = Field("127.0.0.1", description="Bind address of `rlhf serve`.")
+    port: int = Field(8000, description="Port of `rlhf serve`.")
+    reconcile_interval_s: float = Field(2.0, gt=0, description="Seconds between reconciliations of active jobs with Ray.")
+    max_active_jobs_per_tenant: int = Field(32, ge=1, description="Jobs a tenant may have queued or running at once (then 429).")
+    public_docs: bool = Field(False, description="Serve /openapi.json and /docs without an API key.")
+    sse_ping_s: float = Field(15.0, gt=0, description="Seconds between keep-alive comments on an idle SSE stream.")
+
+    @property
+    def jobs_redis_url(self) -> str:
+        return self.driver_redis_url or self.redis_url
+
+    @property
+    def dashboard_url(self) -> str:
+        return (self.ray_dashboard_url or self.ray_address).rstrip("/")

@@ -1,0 +1,72 @@
+"""Generation throughput of the vLLM and HF rollout backends on the same prompts and models.
+
+    python benchmarks/rollout.py [--sizes 1M 10M] [--prompts 8] [--n 4] [--max-new-tokens 32]
+
+Each (size, backend) runs in a fresh process: one warm-up call, then the best of --repeats
+`generate` calls. Tokens/s counts response tokens (up to and including EOS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.weight_sync import SHAPES  # noqa: E402
+
+
+def measure(backend: str, size: str, args, out_queue) -> None:
+    import torch
+
+    from orchestrator.tiny_model import build_model, build_tokenizer
+    from orchestrator.driver import rollout_class
+
+    hidden, layers = SHAPES[size]
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = build_tokenizer()
+        model = build_model(len(tok), hidden, layers, 0, tok.eos_token_id, tok.pad_token_id)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        rollout = rollout_class(backend)(tmp, n=args.n, max_new_tokens=args.max_new_tokens, seed=0)
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 256, (int(torch.randint(8, 24, (1,), generator=g)),), generator=g).tolist() for _ in range(args.prompts)]
+        extras = [{} for _ in prompts]
+        rollout.generate(prompts, extras, step=0)
+        best = 0.0
+        for step in range(1, args.repeats + 1):
+            batch, seconds = rollout.generate(prompts, extras, step=step)
+            best = max(best, float(batch.response_mask.sum()) / seconds)
+    out_queue.put(best)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["1M", "10M"], choices=list(SHAPES))
+    parser.add_argument("--backends", nargs="+", default=["vllm", "hf"], choices=["vllm", "hf"])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    ctx = mp.get_context("spawn")
+    print(f"{args.prompts} prompts x {args.n} samples, up to {args.max_new_tokens} new tokens")
+    print(f"{'model':>6} " + " ".join(f"{b + ' tok/s':>12}" for b in args.backends))
+    for size in args.sizes:
+        rates = []
+        for backend in args.backends:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=measure, args=(backend, size, args, queue))
+            proc.start()
+            rates.append(queue.get())
+            proc.join()
+        print(f"{size:>6} " + " ".join(f"{r:>12.0f}" for r in rates), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""What runs on one GPU without Ray or vLLM: each role class on CUDA, and the weight round trips.
+
+Run by scripts/gpu_check.sh. Without CUDA it says so and runs the same checks on the CPU.
+Prints one table row per check and exits non-zero if any check failed.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from orchestrator import algos  # noqa: E402
+from orchestrator.tiny_model import init_model  # noqa: E402
+from workers.common import response_logprobs  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+NUM_GPUS = 1 if CUDA else 0
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]]
+N = 4
+LOGPROB_ATOL = 2e-3  # HF generate's logits vs one full forward, float32 (TF32 off)
+
+ROWS: list[tuple[str, str, str, float]] = []
+STATE: dict = {}
+
+
+def optim_config() -> dict:
+    try:
+        from orchestrator.spec import OptimSpec
+
+        return OptimSpec(lr=1e-3, steps=1).model_dump()
+    except ImportError:  # pydantic/yaml absent: the fields the trainer and critic read
+        return dict(lr=1e-3, critic_lr=1e-3, weight_decay=0.0, ppo_epochs=1, clip_eps_low=0.2, clip_eps_high=0.2,
+                    dual_clip=None, kl_coef=0.0, kl_estimator="k3", kl_in="loss", entropy_coef=0.0, loss_agg="token-mean",
+                    grad_clip=1.0, gamma=1.0, lam=0.95, value_clip=0.2, seed=0)
+
+
+def check(name: str):
+    def wrap(fn):
+        start = time.perf_counter()
+        try:
+            detail = fn() or "ok"
+            status = "SKIP" if detail.startswith("skipped") else "PASS"
+        except Exception as err:  # one failing check must not hide the others
+            traceback.print_exc()
+            detail, status = f"{type(err).__name__}: {err}"[:70], "FAIL"
+        ROWS.append((name, status, detail, time.perf_counter() - start))
+        return fn
+    return wrap
+
+
+def main() -> int:
+    device = torch.cuda.get_device_name(0) if CUDA else "cpu"
+    print(f"torch {torch.__version__}, " + (f"CUDA {torch.version.cuda} on {device}" if CUDA else "no CUDA: running the checks on the CPU"))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tmp = tempfile.mkdtemp(prefix="gpu_check-")
+    model_dir = str(init_model(Path(tmp) / "tiny"))
+
+    @check("HFRollout.generate")
+    def _():
+        from workers.rollout import HFRollout
+
+        STATE["rollout"] = r = HFRollout(model_dir, n=N, max_new_tokens=8, seed=0, num_gpus=NUM_GPUS)
+        batch, _ = r.generate(PROMPTS, [{} for _ in PROMPTS], step=1)
+        assert batch.input_ids.shape[0] == len(PROMPTS) * N and torch.isfinite(batch.logprobs).all()
+        g = torch.Generator().manual_seed(0)
+        scores = torch.rand(len(batch), generator=g)
+        STATE["batch"] = batch.replace(scores=scores, advantages=algos.grpo_advantages(scores, batch.group_ids, batch.response_mask))
+        return f"{batch.input_ids.shape[0]} samples on {r.device}"
+
+    @check("Reference.compute_logprobs")
+    def _():
+        from workers.reference import Reference
+
+        ref = Reference(model_dir, num_gpus=NUM_GPUS)
+        logprobs, _ = ref.compute_logprobs(STATE["batch"])
+        gap = ((logprobs - STATE["batch"].logprobs).abs() * STATE["batch"].response_mask).max().item()
+        assert gap < LOGPROB_ATOL, f"reference vs rollout log-probs differ by {gap:.1e}"
+        STATE["batch"] = STATE["batch"].replace(ref_logprobs=logprobs)
+        return f"max |ref - rollout| = {gap:.1e} on {ref.device}"
+
+    @check("PolicyTrainer.train_step")
+    def _():
+        from workers.trainer import PolicyTrainer
+
+        STATE["trainer"] = t = PolicyTrainer(model_dir, optim_config(), num_gpus=NUM_GPUS,
+                                             importance_sampling={"enabled": True, "cap": 2.0})
+        before = {k: v.clone() for k, v in t.state_dict().items()}
+        stats = t.train_step(STATE["batch"], 1, 1, 8, True)
+        after = t.state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in after), "parameters did not change"
+        assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()), stats
+        return f"loss {stats['policy_loss']:.3f}, IS ratio {stats['rollout_is/ratio']:.4f} on {t.device}"
+
+    @check("Critic values + train_step")
+    def _():
+        from workers.critic import Critic
+
+        c = Critic(model_dir, optim_config(), num_gpus=NUM_GPUS)
+        batch = STATE["batch"]
+        values, _ = c.compute_values(batch)
+        token_rewards = algos.token_level_rewards(batch.scores, batch.response_mask, None, 0.0)
+        adv, returns = algos.gae_advantages(token_rewards, values, batch.response_mask, 1.0, 0.95)
+        stats = c.train_step(batch.replace(values=values, returns=returns, advantages=adv), 1, 1, 8)
+        assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()), stats
+        return f"{len(stats)} stats finite on {c.device}"
+
+    @check("weights trainer -> rollout")
+    def _():
+        weights = STATE["trainer"].state_dict()
+        seconds = STATE["rollout"].load_weights(weights)
+        back = STATE["rollout"].state_dict()
+        assert all(torch.equal(back[k], weights[k]) for k in weights)
+        nbytes = sum(v.numel() * v.element_size() for v in weights.values())
+        return f"equal; {nbytes / 1e6:.1f} MB in {seconds * 1e3:.1f} ms"
+
+    @check("synced log-probs rollout = trainer")
+    def _():
+        batch, _ = STATE["rollout"].generate(PROMPTS, [{} for _ in PROMPTS], step=2)
+        t = STATE["trainer"]
+        with torch.no_grad():
+            ours, _ = response_logprobs(t.model, batch.to(t.device), 1.0)
+        gap = ((ours.cpu() - batch.logprobs).abs() * batch.response_mask).max().item()
+        assert gap < LOGPROB_ATOL, f"differ by {gap:.1e}"
+        return f"max gap {gap:.1e} (tol {LOGPROB_ATOL:.0e})"
+
+    @check("bucketed pack/unpack (NCCL layout)")
+    def _():
+        from workers.rollout_vllm import bucket_size, pack_bucket, plan_buckets, unpack_bucket
+
+        state = STATE["trainer"].model.state_dict()
+        buckets = plan_buckets(state.items(), bucket_bytes=1 << 20)
+        for metas in buckets:
+            flat = torch.empty(bucket_size(metas), dtype=torch.uint8, device=next(iter(state.values())).device)
+            for name, t in unpack_bucket(pack_bucket(metas, state, flat), metas):
+                assert torch.equal(t, state[name]), name
+        return f"{len(buckets)} buckets of <= 1 MiB"
+
+    @check("CUDA IPC round trip (colocated sync)")
+    def _():
+        if not CUDA:
+            return "skipped: needs CUDA"
+        import torch.multiprocessing as mp
+
+        from workers.rollout_vllm import cuda_ipc_payload
+
+        handles, buckets, flat = cuda_ipc_payload(STATE["trainer"].model)
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_ipc_child, args=(handles, buckets, queue))
+        proc.start()
+        checksum = queue.get(timeout=120)
+        proc.join(timeout=60)
+        want = sum(float(v.double().sum()) for v in STATE["trainer"].model.state_dict().values())
+        assert abs(checksum - want) < 1e-6 * max(1.0, abs(want)), (checksum, want)
+        return f"{flat.numel() / 1e6:.1f} MB shared, checksums agree"
+
+    print()
+    print(f"{'check':<38} {'result':<6} {'seconds':>8}  detail")
+    print("-" * 100)
+    for name, status, detail, seconds in ROWS:
+        print(f"{name:<38} {status:<6} {seconds:>8.2f}  {detail}")
+    return 0 if all(r[1] != "FAIL" for r in ROWS) else 1
+
+
+def _ipc_child(handles, buckets, queue) -> None:
+    """A second process (as the engine's worker would be) maps the trainer's buffer by its IPC handle."""
+    from workers.rollout_vllm import bucket_size, unpack_bucket
+
+    func, args = handles[str(torch.cuda.get_device_properties(0).uuid)]
+    args = list(args)
+    args[6] = 0
+    flat = func(*args)
+    total, base = 0.0, 0
+    for metas in buckets:
+        total += sum(float(t.double().sum()) for _, t in unpack_bucket(flat[base : base + bucket_size(metas)], metas))
+        base += bucket_size(metas)
+    queue.put(total)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Shared fixtures: a real redis-server, a real Ray head (`ray start --head` on loopback, non-default
+ports), a tiny model and data, API keys, and the API itself as a `rlhf serve` subprocess.
+
+Everything listens on 127.0.0.1 only; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from api.auth import add_key
+from tests.conftest import RAY_ENV, RayHead, free_port, stop_group, wait_until  # noqa: F401  (ray_head fixture comes from there)
+
+@pytest.fixture(scope="session")
+def workdir():
+    with tempfile.TemporaryDirectory(prefix="rlhf-api-") as d:
+        yield Path(d)
+
+
+@pytest.fixture(scope="session")
+def redis_url(workdir):
+    port = free_port()
+    data = workdir / "redis"
+    data.mkdir()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--appendonly", "yes", "--save", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    wait_until(client.ping, 15, f"redis-server on port {port}")
+    yield f"redis://127.0.0.1:{port}/0"
+    stop_group(proc)
+
+
+@pytest.fixture(scope="session")
+def tiny(workdir):
+    """A tiny model and 16 arithmetic prompts."""
+    from orchestrator.tiny_model import init_model
+
+    model = init_model(workdir / "model")
+    data = workdir / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": a + b}) + "\n" for a in range(4) for b in range(4)))
+    return {"model": str(model), "data": str(data)}
+
+
+def job_body(tiny, workdir, name: str, steps: int, **extra) -> dict:
+    return {
+        "api_version": "rlhf/v1",
+        "name": name,
+        "model": {"path": tiny["model"]},
+        "data": {"train_file": tiny["data"], "max_prompt_length": 16},
+        "rollout": {"backend": "hf", "n": 4, "max_new_tokens": 4},
+        "rewards": [{"function": "accuracy"}],
+        "optim": {"lr": 1e-4, "steps": steps, "prompts_per_step": 4},
+        "resources": {"torch_threads": 1},
+        "checkpoint": {"every": 2},
+        "output_dir": str(workdir / "runs" / name),
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def keys(workdir):
+    path = workdir / "keys.yaml"
+    return {"path": path, "alpha": add_key(path, "alpha"), "beta": add_key(path, "beta"), "pager": add_key(path, "pager")}
+
+
+class ApiServer:
+    """`rlhf serve` as a subprocess, restartable on the same port."""
+
+    def __init__(self, env: dict[str, str], port: int, log: Path):
+        self.env, self.port, self.log = env, port, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        out = open(self.log, "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "serve"], env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+        def up():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"`rlhf serve` exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+
+        wait_until(up, 30, f"the API at {self.url}")
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+
+    def client(self, key: str | None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+def api_env(redis_url: str, ray_head: RayHead, keys_path: Path, port: int, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ, **RAY_ENV,
+        "RLHF_API_REDIS_URL": redis_url, "RLHF_API_RAY_ADDRESS": ray_head.dashboard, "RLHF_API_API_KEYS_FILE": str(keys_path),
+        "RLHF_API_PORT": str(port), "RLHF_API_RECONCILE_INTERVAL_S": "0.5", **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def api(redis_url, ray_head, keys, workdir):
+    port = free_port()
+    server = ApiServer(api_env(redis_url, ray_head, keys["path"], port), port, workdir / "api.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def alpha(api, keys):
+    with api.client(keys["alpha"]) as c:
+        yield c
+
+
+@pytest.fixture()
+def beta(api, keys):
+    with api.client(keys["beta"]) as c:
+        yield c
+
+
+def run_async(coro):
+    return asyncio.run(coro)
+
+
+def make_record(redis_url: str, tenant: str, name: str = "rec", status: str | None = None) -> str:
+    """A job record written straight to the store (no Ray job): for listing and tenancy tests."""
+    import uuid
+
+    from api.store import JobStore
+
+    async def go():
+        store = JobStore(redis_url)
+        try:
+            job_id = "job-" + uuid.uuid4().hex[:24]
+            await store.create(job_id, tenant, name, {"name": name}, {"kind": "record"}, None)
+            if status:
+                await store.transition(job_id, status, status, **({"error": {"code": "x", "message": "boom"}} if status == "failed" else {}))
+            return job_id
+        finally:
+            await store.close()
+
+    return run_async(go())
+
+
+def wait_status(client: httpx.Client, job_id: str, statuses: set[str], timeout: float) -> dict:
+    def check():
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        return job if job["status"] in statuses else None
+
+    return wait_until(check, timeout, f"job {job_id} to reach {sorted(statuses)}", interval=0.5)

@@ -1,0 +1,124 @@
+"""Real jobs on the real Ray head, through the REST API: run to success over SSE, restart the API
+mid-job and cancel, and a driver killed from outside."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import psutil
+import pytest
+
+from api.client import parse_sse
+from tests.api.conftest import job_body, wait_status, wait_until
+from tests.api.test_auth import assert_envelope
+
+pytestmark = pytest.mark.slow
+
+
+def sse(client: httpx.Client, path: str, last_event_id: str | None = None, timeout: float = 180):
+    """All SSE items of a stream until it ends (or `timeout` passes: then the test fails)."""
+    headers = {"Accept": "text/event-stream", **({"Last-Event-ID": last_event_id} if last_event_id else {})}
+    items = []
+    with client.stream("GET", path, headers=headers, timeout=httpx.Timeout(10, read=timeout)) as r:
+        assert r.status_code == 200
+        for item in parse_sse(r.iter_lines()):
+            items.append(item)
+            if item.get("event") == "end":
+                break
+    return items
+
+
+def test_tiny_grpo_job_over_rest(alpha, tiny, workdir, api, keys):
+    r = alpha.post("/v1/jobs", json={**job_body(tiny, workdir, "e2e", 4), "metadata": {"suite": "e2e"}})
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+
+    items = sse(alpha, f"/v1/jobs/{job_id}/events")
+    assert items[-1] == {"event": "end", "data": json.dumps({"status": "succeeded"})}
+    events = [json.loads(i["data"]) for i in items[:-1]]
+    statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
+    assert statuses[0] == "queued" and statuses[-1] == "succeeded" and "running" in statuses
+    assert {"placement", "actors_ready", "checkpoint"} <= {e["type"] for e in events}
+
+    job = alpha.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["step"] == 4 and job["total_steps"] == 4
+    assert job["created_at"] <= job["started_at"] <= job["finished_at"]
+    assert job["metadata"] == {"suite": "e2e"} and job["error"] is None
+
+    metrics = alpha.get(f"/v1/jobs/{job_id}/metrics").json()["data"]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(math.isfinite(m["values"]["reward/mean"]) for m in metrics)
+    assert job["metrics"] == metrics[-1]["values"]
+
+    ckpts = alpha.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+    assert [c["step"] for c in ckpts] == [2, 4]
+    assert all(os.path.isdir(c["path"]) and c["bytes"] > 0 for c in ckpts)
+
+    logs = alpha.get(f"/v1/jobs/{job_id}/logs", params={"tail": 1000}).json()["logs"]
+    assert "orchestrator.run --spec env:RLHF_SPEC_JSON" in logs
+
+    # The CLI over the same API: `watch` of an ended job prints its status, exit code 0.
+    env = {**os.environ, "RLHF_API_URL": api.url, "RLHF_API_KEY": keys["alpha"]}
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "jobs", "watch", job_id], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and f"{job_id}: succeeded" in out.stdout, out.stderr
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "jobs", "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert job_id in out.stdout
+    text = alpha.get("/metrics").text
+    assert 'rlhf_jobs{status="succeeded"}' in text
+
+
+def test_restart_api_mid_job_then_cancel(alpha, tiny, workdir, api):
+    r = alpha.post("/v1/jobs", json=job_body(tiny, workdir, "long", 100000))
+    job_id = r.json()["id"]
+    wait_status(alpha, job_id, {"running"}, 150)
+    wait_until(lambda: len(alpha.get(f"/v1/jobs/{job_id}/metrics").json()["data"]) >= 2, 60, "two steps of metrics")
+    before = alpha.get(f"/v1/jobs/{job_id}/metrics", params={"limit": 1000}).json()["data"]
+
+    api.kill()  # SIGKILL: no shutdown hooks
+    api.start()
+
+    job = alpha.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "running"
+    after = alpha.get(f"/v1/jobs/{job_id}/metrics", params={"limit": 1000}).json()["data"]
+    assert after[: len(before)] == before  # the whole history is still there
+    # The live stream resumes where the client left off.
+    with alpha.stream("GET", f"/v1/jobs/{job_id}/metrics", headers={"Accept": "text/event-stream", "Last-Event-ID": before[-1]["id"]},
+                      timeout=httpx.Timeout(10, read=60)) as s:
+        first = next(i for i in parse_sse(s.iter_lines()) if i.get("id"))
+    assert json.loads(first["data"])["step"] == before[-1]["step"] + 1
+
+    cancelled = alpha.post(f"/v1/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] in ("cancelling", "cancelled")
+    items = sse(alpha, f"/v1/jobs/{job_id}/events", timeout=90)
+    assert json.loads(items[-1]["data"]) == {"status": "cancelled"}
+    job = alpha.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "cancelled" and job["finished_at"]
+    assert_envelope(alpha.post(f"/v1/jobs/{job_id}/cancel"), 409, "job_terminal")
+
+
+def driver_of(job_id: str):
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "orchestrator.run" in " ".join(p.info["cmdline"] or []) and p.environ().get("RLHF_JOB_ID") == job_id:
+                return p
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+def test_driver_killed_from_outside_ends_failed(alpha, tiny, workdir):
+    r = alpha.post("/v1/jobs", json=job_body(tiny, workdir, "victim", 100000))
+    job_id = r.json()["id"]
+    wait_status(alpha, job_id, {"starting", "running"}, 120)
+    proc = wait_until(lambda: driver_of(job_id), 60, f"the driver process of {job_id}")
+    os.kill(proc.pid, signal.SIGKILL)
+    job = wait_status(alpha, job_id, {"failed", "succeeded", "cancelled"}, 90)
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "driver_failed"
+    assert "exit code" in job["error"]["message"]
+    events = alpha.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+    assert events[-1]["data"]["status"] == "failed"

@@ -1,0 +1,144 @@
+"""Submitting (validation, idempotency), listing, getting and cancelling, and tenant isolation."""
+
+import pytest
+
+from tests.api.conftest import job_body, make_record, wait_status
+from tests.api.test_auth import assert_envelope
+
+
+@pytest.mark.parametrize(
+    "change,param",
+    [
+        (lambda b: b["optim"].update(lr=-1), "optim.lr"),
+        (lambda b: b["optim"].update(lrr=1), "optim.lrr"),
+        (lambda b: b.update(rewards=[]), "rewards"),
+        (lambda b: b.pop("model"), "model"),
+        (lambda b: b["rollout"].update(n="many"), "rollout.n"),
+        (lambda b: b.update(metadata={"k": 5}), "metadata.k"),
+    ],
+)
+def test_spec_error_is_422_naming_the_field(alpha, tiny, workdir, change, param):
+    body = job_body(tiny, workdir, "bad", 2)
+    change(body)
+    r = alpha.post("/v1/jobs", json=body)
+    err = assert_envelope(r, 422, "invalid_spec")
+    assert err["param"] == param
+    assert param in err["message"]
+
+
+def test_spec_error_from_a_cross_field_rule(alpha, tiny, workdir):
+    body = job_body(tiny, workdir, "bad", 2)
+    body["optim"]["mini_batch_size"] = 5
+    err = assert_envelope(alpha.post("/v1/jobs", json=body), 422, "invalid_spec")
+    assert "optim.mini_batch_size" in err["message"]
+
+
+def test_idempotency(alpha, beta, tiny, workdir):
+    # A model path that does not exist: the driver fails in preflight, cheaply, if it gets that far.
+    body = job_body(tiny, workdir, "idem", 2, model={"path": str(workdir / "no-model")})
+    first = alpha.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == 201, first.text
+    job = first.json()
+    assert job["status"] == "queued" and job["ray_submission_id"] == job["id"]
+    assert job["dashboard_url"].endswith(f"/#/jobs/{job['id']}")
+    again = alpha.post("/v1/jobs", json=dict(reversed(list(body.items()))), headers={"Idempotency-Key": "k-1"})
+    assert again.status_code == 201 and again.json()["id"] == job["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    other = alpha.post("/v1/jobs", json={**body, "name": "idem2"}, headers={"Idempotency-Key": "k-1"})
+    assert_envelope(other, 409, "idempotency_key_reused")["param"] == "Idempotency-Key"
+    # Keys are per tenant: the same key from another tenant makes another job.
+    theirs = beta.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k-1"})
+    assert theirs.status_code == 201 and theirs.json()["id"] != job["id"]
+    for c, j in ((alpha, job), (beta, theirs.json())):
+        c.post(f"/v1/jobs/{j['id']}/cancel")
+        done = wait_status(c, j["id"], {"cancelled", "failed"}, 60)
+        assert done["finished_at"] is not None
+
+
+def test_pagination_and_status_filter(api, keys, redis_url):
+    ids = [make_record(redis_url, "pager", f"p{i}") for i in range(7)]
+    make_record(redis_url, "pager", "done", status="succeeded")
+    with api.client(keys["pager"]) as c:
+        seen, after = [], None
+        for _ in range(10):
+            page = c.get("/v1/jobs", params={"limit": 3, "status": "queued", **({"after": after} if after else {})}).json()
+            seen += [j["id"] for j in page["data"]]
+            assert page["last_id"] == (page["data"][-1]["id"] if page["data"] else None)
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
+        assert seen == list(reversed(ids))  # newest first, each exactly once
+        all_jobs = c.get("/v1/jobs", params={"limit": 100}).json()
+        assert len(all_jobs["data"]) == 8 and not all_jobs["has_more"]
+        done = c.get("/v1/jobs", params={"status": "succeeded"}).json()["data"]
+        assert [j["name"] for j in done] == ["done"]
+        assert_envelope(c.get("/v1/jobs", params={"limit": 0}), 422, "invalid_parameter")["param"] == "limit"
+        assert_envelope(c.get("/v1/jobs", params={"status": "bogus"}), 422)["param"] == "status"
+        assert_envelope(c.get("/v1/jobs", params={"after": "job-unknown"}), 400, "invalid_cursor")
+
+
+def test_tenant_isolation_on_every_endpoint(alpha, beta, redis_url):
+    job_id = make_record(redis_url, "alpha", "mine")
+    assert alpha.get(f"/v1/jobs/{job_id}").status_code == 200
+    for method, path in [
+        ("GET", ""), ("POST", "/cancel"), ("GET", "/events"), ("GET", "/metrics"), ("GET", "/checkpoints"), ("GET", "/logs"),
+    ]:
+        r = beta.request(method, f"/v1/jobs/{job_id}{path}")
+        assert_envelope(r, 404, "job_not_found")
+    assert job_id not in [j["id"] for j in beta.get("/v1/jobs", params={"limit": 100}).json()["data"]]
+    assert_envelope(beta.get("/v1/jobs", params={"after": job_id}), 400, "invalid_cursor")
+    # The record is untouched by the other tenant's cancel.
+    assert alpha.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+
+
+def test_terminal_jobs_cannot_be_cancelled_or_changed(alpha, redis_url):
+    from api.store import JobStore
+    from tests.api.conftest import run_async
+
+    job_id = make_record(redis_url, "alpha", "ended", status="failed")
+    job = alpha.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"] == {"code": "x", "message": "boom"}
+    assert_envelope(alpha.post(f"/v1/jobs/{job_id}/cancel"), 409, "job_terminal")
+
+    async def try_change():
+        store = JobStore(redis_url)
+        try:
+            return await store.transition(job_id, "running", "late"), await store.transition(job_id, "succeeded", "late")
+        finally:
+            await store.close()
+
+    assert run_async(try_change()) == ((False, "failed"), (False, "failed"))
+    assert alpha.get(f"/v1/jobs/{job_id}").json()["status"] == "failed"
+    events = alpha.get(f"/v1/jobs/{job_id}/events").json()["data"]
+    assert [e["data"]["status"] for e in events] == ["queued", "failed"]
+
+
+def test_history_pagination_and_sse_of_an_ended_job(alpha, redis_url):
+    from orchestrator.redis_reporter import RedisReporter
+
+    job_id = make_record(redis_url, "alpha", "hist")
+    rep = RedisReporter(redis_url, job_id)
+    rep.event("status", "starting", status="starting")
+    rep.event("status", "running", status="running", total_steps=5)
+    for step in range(1, 6):
+        rep.metrics(step, {"reward/mean": step / 10, "kl": float("nan")})
+    rep.event("status", "succeeded", status="succeeded", step=5)
+    rep.close()
+    page1 = alpha.get(f"/v1/jobs/{job_id}/metrics", params={"limit": 2}).json()
+    assert [m["step"] for m in page1["data"]] == [1, 2] and page1["has_more"]
+    page2 = alpha.get(f"/v1/jobs/{job_id}/metrics", params={"limit": 10, "after": page1["last_id"]}).json()
+    assert [m["step"] for m in page2["data"]] == [3, 4, 5] and not page2["has_more"]
+    assert page2["data"][0]["values"] == {"reward/mean": 0.3, "kl": None}
+    job = alpha.get(f"/v1/jobs/{job_id}").json()
+    assert (job["status"], job["step"], job["total_steps"], job["metrics"]["reward/mean"]) == ("succeeded", 5, 5, 0.5)
+    # SSE from Last-Event-ID: the rest, then `end`.
+    with alpha.stream("GET", f"/v1/jobs/{job_id}/metrics", headers={"Accept": "text/event-stream", "Last-Event-ID": page1["last_id"]}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        from api.client import parse_sse
+
+        items = list(parse_sse(r.iter_lines()))
+    assert [i.get("event") for i in items][-1] == "end"
+    import json
+
+    assert [json.loads(i["data"])["step"] for i in items[:-1]] == [3, 4, 5]
+    assert_envelope(alpha.get(f"/v1/jobs/{job_id}/events", params={"after": "not-an-id"}), 422)

