@@ -78,6 +78,8 @@ def rollout_metrics(batch: Batch, per_source: dict[str, torch.Tensor], spec: Job
 
 
 class Orchestrator:
+    trainer_cls: type = PolicyTrainer
+
     def __init__(self, spec: JobSpec, dataset: PromptDataset, reporter: Reporter, job_id: str, eos_token_id: int):
         self.spec, self.dataset, self.reporter, self.job_id = spec, dataset, reporter, job_id
         self.eos_token_id = eos_token_id
@@ -85,6 +87,13 @@ class Orchestrator:
         self.total_steps = spec.optim.steps or spec.optim.epochs * self.sampler.steps_per_epoch
         self.groups: dict[str, ActorGroup] = {}
         self.placement_group = None
+        # Set by the pipeline when the job has a held-out set: (orchestrator, step) -> eval metrics.
+        self.evaluator = None
+        opt = spec.optim
+        self.num_mini_batches = spec.samples_per_step // (opt.mini_batch_size or spec.samples_per_step)
+        self.on_policy = self.num_mini_batches == 1 and opt.ppo_epochs == 1
+        # Behaviour log-probs feed off-policy ratios, KL and IS correction; an on-policy step without them skips them.
+        self.need_logprobs = not self.on_policy or spec.needs_reference or spec.rollout.importance_sampling.enabled
 
     # ------------------------------------------------------------ the loop
     def fit(self, start_step: int = 0) -> dict[str, float]:
@@ -92,6 +101,8 @@ class Orchestrator:
         every = self.spec.checkpoint.every
         for step in range(start_step + 1, self.total_steps + 1):
             last = self.train_step(step)
+            if self.evaluator is not None:
+                last.update(self.evaluator(self, step))
             self.reporter.metrics(step, last)
             if (every and step % every == 0) or step == self.total_steps:
                 self.save_checkpoint(step)
@@ -117,7 +128,7 @@ class Orchestrator:
         extras = [self.dataset.extras[i] for i in index]
         rollouts = self.groups["rollout"]
         shards = _even_chunks(list(range(len(prompts))), len(rollouts))
-        refs = rollouts.call_each("generate", [([prompts[i] for i in s], [extras[i] for i in s], step) for s in shards])
+        refs = rollouts.call_each("generate", [([prompts[i] for i in s], [extras[i] for i in s], step, False, self.need_logprobs) for s in shards])
         results = ray.get(refs)
         batch = _concat([b for b, _ in results])
         timing["generate_compute"] = max(t for _, t in results)
@@ -152,11 +163,8 @@ class Orchestrator:
     def update(self, batch: Batch, step: int, timing: dict) -> dict[str, float]:
         """Policy update (and critic update, concurrently) over the step's samples."""
         t0 = time.perf_counter()
-        opt = self.spec.optim
-        mini = opt.mini_batch_size or len(batch)
-        num_mini = len(batch) // mini
-        on_policy = num_mini == 1 and opt.ppo_epochs == 1
-        trainer_refs = self._sharded("trainer", "train_step", batch, step, num_mini, opt.micro_batch_size, on_policy)
+        opt, num_mini = self.spec.optim, self.num_mini_batches
+        trainer_refs = self._sharded("trainer", "train_step", batch, step, num_mini, opt.micro_batch_size, self.on_policy)
         critic_refs = self._sharded("critic", "train_step", batch, step, num_mini, opt.micro_batch_size) if "critic" in self.groups else []
         results = ray.get(trainer_refs + critic_refs)
         trainer_stats, critic_stats = results[0], (results[len(trainer_refs)] if critic_refs else {})
@@ -169,7 +177,7 @@ class Orchestrator:
     def sync_weights(self, timing: dict | None = None) -> None:
         """Trainer rank 0's weights to every rollout actor, through the object store."""
         t0 = time.perf_counter()
-        weights = self.groups["trainer"].actors[0].state_dict.remote()
+        weights = self.groups["trainer"].actors[0].weights_for_sync.remote()
         ray.get(self.groups["rollout"].call("load_weights", weights))
         if timing is not None:
             timing["weight_sync"] = time.perf_counter() - t0
@@ -204,7 +212,7 @@ class Orchestrator:
             "rollout": (rollout_class(spec.rollout.backend), lambda i: dict(model_path=m.path, n=spec.rollout.n, max_new_tokens=spec.rollout.max_new_tokens,
                                                    temperature=spec.rollout.temperature, top_p=spec.rollout.top_p, seed=opt.seed + i,
                                                    num_gpus=res.rollout.num_gpus, **common)),
-            "trainer": (PolicyTrainer, lambda i: dict(model_path=m.path, optim=optim, temperature=spec.rollout.temperature,
+            "trainer": (self.trainer_cls, lambda i: dict(model_path=m.path, optim=optim, temperature=spec.rollout.temperature,
                                                       seed=opt.seed, num_gpus=res.trainer.num_gpus,
                                                       importance_sampling=spec.rollout.importance_sampling.model_dump(), **common)),
             "reward": (RewardWorker, lambda i: dict(sources=[{**s.model_dump(), "label": s.label} for s in spec.rewards],
@@ -278,9 +286,9 @@ def _concat(batches: list[Batch]) -> Batch:
         parts.append(dict(
             input_ids=pad2(b.input_ids), attention_mask=pad2(b.attention_mask),
             response_mask=torch.nn.functional.pad(b.response_mask, (0, lr)),
-            logprobs=torch.nn.functional.pad(b.logprobs, (0, lr)),
+            logprobs=torch.nn.functional.pad(b.logprobs, (0, lr)) if b.logprobs is not None else None,
             group_ids=b.group_ids + offset,
         ))
         offset += len(b.extras)
-    cat = {k: torch.cat([x[k] for x in parts]) for k in parts[0]}
+    cat = {k: torch.cat([x[k] for x in parts]) if parts[0][k] is not None else None for k in parts[0]}
     return Batch(prompt_len=p, extras=[e for b in batches for e in b.extras], **cat)

@@ -18,8 +18,15 @@ from orchestrator.spec import JobSpec, RoleResources
 
 COLOCATABLE = ("rollout", "trainer", "reference", "critic")
 
+# OpenMP threads that finish a parallel region spin before sleeping; with every actor using all
+# cores, an idle actor's spinning threads would steal the cores of the phase that runs next.
+ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+
 
 def active_roles(spec: JobSpec) -> list[str]:
+    if spec.algorithm.name == "sft":
+        # SFT trains on the trainer alone; greedy generation and rewards serve only its evaluation.
+        return ["trainer", "rollout", "reward"] if spec.data.eval_file else ["trainer"]
     roles = ["rollout", "trainer", "reward"]
     if spec.needs_reference:
         roles.append("reference")
@@ -116,6 +123,7 @@ def spawn_group(cls: type, role: str, job_id: str, pg: PlacementGroup, layout: L
                 name=f"{job_id}/{role}-{i}",
                 max_concurrency=1,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index),
+                runtime_env={"env_vars": ACTOR_ENV},
                 **layout.actor_resources[role],
             ).remote(**make_kwargs(i))
         )

@@ -23,7 +23,7 @@ class Critic(DataParallelMixin):
         # A causal LM checkpoint loads into *ForTokenClassification with a fresh 1-output head.
         self.model = load_model(model_path, "AutoModelForTokenClassification", dtype, trust_remote_code, self.device, num_labels=1)
         self.cfg = optim
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim["critic_lr"], weight_decay=optim["weight_decay"])
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim["critic_lr"], weight_decay=optim["weight_decay"], foreach=True)
 
     def _values(self, batch: Batch) -> torch.Tensor:
         out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids(batch.attention_mask))

@@ -9,7 +9,7 @@ import torch
 
 from orchestrator.algos import logprobs_from_logits
 from orchestrator.batch import Batch
-from workers.common import configure_threads, cpu_state_dict, load_model, load_tokenizer, pick_device
+from workers.common import configure_threads, cpu_state_dict, from_transport, load_model, load_tokenizer, pick_device
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +42,13 @@ class HFRollout:
         self.n, self.max_new_tokens, self.temperature, self.top_p, self.seed = n, max_new_tokens, temperature, top_p, seed
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], extras: list[dict[str, Any]], step: int, greedy: bool = False) -> tuple[Batch, float]:
-        """Returns the step's Batch (with behaviour log-probs) and the seconds spent."""
+    def generate(self, prompt_ids: list[list[int]], extras: list[dict[str, Any]], step: int, greedy: bool = False,
+                 with_logprobs: bool = True) -> tuple[Batch, float]:
+        """Returns the step's Batch (with behaviour log-probs unless with_logprobs=False) and the seconds spent.
+
+        An on-policy update with no KL needs no behaviour log-probs: skipping them saves keeping every
+        step's full-vocabulary logits.
+        """
         start = time.perf_counter()
         # Sampling is seeded by (seed, step) alone, so a resumed job draws the same samples.
         torch.manual_seed(self.seed * 1_000_003 + step)
@@ -59,16 +64,18 @@ class HFRollout:
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
             return_dict_in_generate=True,
-            output_logits=True,
+            output_logits=with_logprobs,
             **sampling,
         )
         prompt_len = ids.shape[1]
         sequences = out.sequences.cpu()
         responses = sequences[:, prompt_len:]
-        # Sampling log-probs come free from generate's raw logits: log softmax(z / T)[token].
-        logits = torch.stack(out.logits, dim=1).float().cpu()
-        logprobs = logprobs_from_logits(logits / (1.0 if greedy else self.temperature), responses)
         response_mask = response_mask_until_eos(responses, tok.eos_token_id)
+        logprobs = None
+        if with_logprobs:
+            # Sampling log-probs come free from generate's raw logits: log softmax(z / T)[token].
+            logits = torch.stack(out.logits, dim=1).float().cpu()
+            logprobs = logprobs_from_logits(logits / (1.0 if greedy else self.temperature), responses) * response_mask
         attention_mask = torch.cat([mask.repeat_interleave(n, 0), response_mask.long()], dim=1)
         batch = Batch(
             input_ids=torch.where(attention_mask.bool(), sequences, tok.pad_token_id),
@@ -76,14 +83,15 @@ class HFRollout:
             response_mask=response_mask,
             group_ids=torch.arange(len(prompt_ids)).repeat_interleave(n),
             prompt_len=prompt_len,
-            logprobs=logprobs * response_mask,
+            logprobs=logprobs,
             extras=list(extras),
         )
         return batch, time.perf_counter() - start
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> float:
+    def load_weights(self, state_dict: dict[str, Any]) -> float:
+        """Copy the trainer's weights in (a state dict, or its `to_transport` form)."""
         start = time.perf_counter()
-        self.model.load_state_dict(state_dict, strict=True)
+        self.model.load_state_dict(from_transport(state_dict), strict=True)
         return time.perf_counter() - start
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 import torch
 
 from orchestrator.batch import Batch
-from workers.common import configure_threads, load_tokenizer
+from workers.common import configure_threads, from_transport, load_tokenizer
 from workers.rollout import left_pad, response_mask_until_eos
 
 EXTENSION = "workers.rollout_vllm.WeightSyncExtension"
@@ -322,8 +322,12 @@ class VLLMRollout:
         self.asleep: set[str] = set()  # the memory tags released by `sleep`
 
     # ------------------------------------------------------------ generation
-    def generate(self, prompt_ids: list[list[int]], extras: list[dict[str, Any]], step: int, greedy: bool = False) -> tuple[Batch, float]:
-        """Returns the step's Batch (with vLLM's sampling log-probs) and the seconds spent."""
+    def generate(self, prompt_ids: list[list[int]], extras: list[dict[str, Any]], step: int, greedy: bool = False,
+                 with_logprobs: bool = True) -> tuple[Batch, float]:
+        """Returns the step's Batch (with vLLM's sampling log-probs) and the seconds spent.
+
+        vLLM returns the sampled tokens' log-probs at no cost, so with_logprobs=False changes nothing here.
+        """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -390,7 +394,7 @@ class VLLMRollout:
         """Load the trainer's state dict (HF names) into the running engine; returns the seconds spent."""
         start = time.perf_counter()
         self._wake_weights()
-        named = list(state_dict.items())
+        named = list(from_transport(state_dict).items())
         if self.in_process:
             counts = self.llm.collective_rpc("rlhf_load", args=(named,))
         else:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from orchestrator import algos
 from orchestrator.batch import Batch
-from workers.common import configure_threads, cpu_state_dict, load_model, pick_device, response_logprobs
+from workers.common import configure_threads, cpu_state_dict, load_model, pick_device, response_logprobs, to_transport
 
 
 def free_port() -> int:
@@ -69,7 +69,8 @@ class PolicyTrainer(DataParallelMixin):
         self.model.train()
         self.cfg = optim
         self.temperature = temperature
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim["lr"], weight_decay=optim["weight_decay"])
+        # foreach: one fused update over all tensors instead of a Python loop (13% of a tiny model's step).
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim["lr"], weight_decay=optim["weight_decay"], foreach=True)
 
     # ------------------------------------------------------------ one step
     def train_step(self, batch: Batch, step: int, num_mini_batches: int, micro_batch_size: int | None, on_policy: bool) -> dict[str, float]:
@@ -117,7 +118,7 @@ class PolicyTrainer(DataParallelMixin):
 
     def _loss(self, mb: Batch, on_policy: bool, num_tokens: float, num_seqs: float) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, mask = self.cfg, mb.response_mask
-        logprobs, entropy = response_logprobs(self.model, mb, self.temperature, with_entropy=True)
+        logprobs, entropy = response_logprobs(self.model, mb, self.temperature, with_entropy=True, entropy_grad=bool(cfg["entropy_coef"]))
         old_logprobs = logprobs.detach() if on_policy or mb.logprobs is None else mb.logprobs
         pg, clipped = algos.policy_loss(logprobs, old_logprobs, mb.advantages, mask, cfg["clip_eps_low"], cfg["clip_eps_high"], cfg["dual_clip"])
         is_stats = {}
@@ -151,6 +152,10 @@ class PolicyTrainer(DataParallelMixin):
     # ------------------------------------------------------------ weights and checkpoints
     def state_dict(self) -> dict[str, torch.Tensor]:
         return cpu_state_dict(self.model)
+
+    def weights_for_sync(self) -> dict[str, Any]:
+        """The weights in the object store's zero-copy form (see `to_transport`)."""
+        return to_transport(self.model.state_dict())
 
     def save(self, path: str) -> None:
         """Rank 0 writes the model (HF layout, loadable by any role) and the optimiser state."""
