@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# As in the job's actors (orchestrator/placement.py): spinning OpenMP waits distort timings on a shared machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from benchmarks.weight_sync import SHAPES  # noqa: E402
 

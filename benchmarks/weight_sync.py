@@ -6,8 +6,8 @@ For each model size (a Qwen2 of the shape `orchestrator.tiny_model` builds) it s
 `VLLMRollout` (in a fresh process, so engines do not share state) and prints, per sync:
 
 - copy:   `dst.copy_(src)` over every tensor of the state dict, into preallocated tensors;
-- put:    `ray.put(state_dict)`, the trainer's half of the CPU path (into the object store's
-          shared memory; the rollout actor's `ray.get` maps it without a copy);
+- put:    `ray.put(to_transport(state_dict))`, the trainer's half of the CPU path (one copy into
+          the object store's shared memory; the rollout actor's `ray.get` maps it without a copy);
 - load:   `VLLMRollout.load_weights(state_dict)`, the rollout's half (into the engine's kernels);
 - sync:   put + load, what a step pays. Rates are state-dict bytes / seconds, best of --repeats.
 """
@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# As in the job's actors (orchestrator/placement.py): spinning OpenMP waits distort timings on a shared machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # (hidden size, layers) of models with about 1M, 10M and 100M parameters (head_dim 64).
 SHAPES = {"1M": (128, 4), "10M": (256, 12), "30M": (512, 9), "100M": (768, 13)}
@@ -68,7 +70,10 @@ def measure(size: str, repeats: int, use_ray: bool, out_queue) -> None:
             import ray
 
             ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-            put_s = best(lambda: ray.put(state), repeats)
+            from workers.common import to_transport
+
+            # What the driver's sync does on the trainer's side: numpy views into the object store.
+            put_s = best(lambda: ray.put(to_transport(state)), repeats)
             ray.shutdown()
         assert all(torch.equal(rollout.state_dict()[k], v) for k, v in state.items())
     out_queue.put(dict(size=size, params=params, bytes=nbytes, copy_s=copy_s, put_s=put_s, load_s=load_s))
