@@ -20,6 +20,24 @@ def _init_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from orchestrator.plot import plot_run
+
+    try:
+        out = plot_run(args.run_dir, args.out)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from orchestrator.demo import run_demo
+
+    return run_demo(args.out, seed=args.seed, quick=args.quick)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="Distributed RLHF post-training on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=2, help="Transformer layers.")
     p.add_argument("--seed", type=int, default=0, help="Initialisation seed.")
     p.set_defaults(func=_init_model)
+
+    p = sub.add_parser("plot", help="Plot reward, KL, eval accuracy and response length against step (finished or running job).")
+    p.add_argument("run_dir", help="The job's run directory (holds metrics.jsonl).")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png).")
+    p.set_defaults(func=_plot)
+
+    p = sub.add_parser("demo", help="Arithmetic demo: build a tiny model, SFT then GRPO, print held-out accuracy after each.")
+    p.add_argument("--out", default="runs/arith-demo", help="Run directory (model, data, metrics, checkpoints, plot).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the model, the data and training.")
+    p.add_argument("--quick", action="store_true", help="A few steps per stage: checks the wiring, shows no learning.")
+    p.set_defaults(func=_demo)
 
     try:  # the control plane's commands (`serve`, `jobs ...`) need the api extra
         from api.cli import register

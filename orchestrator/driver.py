@@ -138,7 +138,8 @@ class Orchestrator:
     def score(self, batch: Batch, timing: dict) -> tuple[Batch, dict[str, torch.Tensor]]:
         """Reference log-probs, rewards and critic values of one rollout, computed concurrently."""
         t0 = time.perf_counter()
-        batch_ref = ray.put(batch)
+        # Several consumers share one copy in the object store; a lone reward call takes the batch inline.
+        batch_ref = ray.put(batch) if ("reference" in self.groups or "critic" in self.groups) else batch
         reward_ref = self.groups["reward"].call("score", batch_ref)[0]
         ref_refs = self._sharded("reference", "compute_logprobs", batch) if "reference" in self.groups else None
         critic_ref = self.groups["critic"].call("compute_values", batch_ref)[0] if "critic" in self.groups else None
@@ -208,10 +209,12 @@ class Orchestrator:
         m, opt = spec.model, spec.optim
         common = dict(dtype=m.dtype, trust_remote_code=m.trust_remote_code, threads=res.torch_threads)
         optim = opt.model_dump()
+        # Engine options only the vLLM backend takes: tensor parallelism and sleep/wake when colocated.
+        vllm_options = dict(tensor_parallel_size=spec.rollout.tensor_parallel_size, colocate=res.colocate) if spec.rollout.backend == "vllm" else {}
         makers = {
             "rollout": (rollout_class(spec.rollout.backend), lambda i: dict(model_path=m.path, n=spec.rollout.n, max_new_tokens=spec.rollout.max_new_tokens,
                                                    temperature=spec.rollout.temperature, top_p=spec.rollout.top_p, seed=opt.seed + i,
-                                                   num_gpus=res.rollout.num_gpus, **common)),
+                                                   num_gpus=res.rollout.num_gpus, **common, **vllm_options)),
             "trainer": (self.trainer_cls, lambda i: dict(model_path=m.path, optim=optim, temperature=spec.rollout.temperature,
                                                       seed=opt.seed, num_gpus=res.trainer.num_gpus,
                                                       importance_sampling=spec.rollout.importance_sampling.model_dump(), **common)),

@@ -100,7 +100,12 @@ def preflight(spec: JobSpec):
         raise ModelLoadError(f"model.path={spec.model.path!r} does not load: {type(err).__name__}: {err}") from None
     tokenizer = load_tokenizer(spec.model.path, spec.model.trust_remote_code)
     d = spec.data
-    dataset = load_prompts(d.train_file, tokenizer, d.prompt_key, d.max_prompt_length, d.overlong_prompt)
+    if spec.algorithm.name == "sft":
+        from orchestrator.sft import load_sft
+
+        dataset = load_sft(d.train_file, tokenizer, d)
+    else:
+        dataset = load_prompts(d.train_file, tokenizer, d.prompt_key, d.max_prompt_length, d.overlong_prompt)
     for source in spec.rewards:
         if source.function:
             resolve_function(source.function)
@@ -137,6 +142,7 @@ def reporters_from_env(job_id: str) -> list[Any]:
 
 
 def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False, extra_reporters: list | None = None) -> int:
+    from orchestrator.pipeline import plan_stages, run_stages
     from orchestrator.reporting import FileReporter, MultiReporter
 
     try:
@@ -154,12 +160,11 @@ def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False,
     try:
         reporter.event("status", "starting", status="starting", job_id=job_id)
         try:
-            tokenizer, dataset = preflight(spec)
+            tokenizer, stages = plan_stages(spec)
         except Exception as err:
             return _fail(reporter, err, EXIT_BAD_INPUT)
-        if dataset.dropped:
-            reporter.event("warning", f"dropped {dataset.dropped} prompts longer than data.max_prompt_length")
-        return _train(spec, job_id, dataset, tokenizer, reporter, file_reporter, resume, progress)
+        run_stages(stages, tokenizer, job_id, reporter, file_reporter, resume, progress)
+        return EXIT_OK
     except Cancelled as err:
         reporter.event("status", f"cancelled: {err}", status="cancelled")
         return EXIT_CANCELLED
@@ -171,34 +176,6 @@ def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False,
     finally:
         signal.signal(signal.SIGTERM, previous)
         reporter.close()
-
-
-def _train(spec, job_id, dataset, tokenizer, reporter, file_reporter, resume: bool, progress: bool) -> int:
-    from orchestrator import checkpoint
-    from orchestrator.driver import Orchestrator
-    from orchestrator.reporting import ProgressReporter, RayMetricsReporter
-
-    connect_ray(spec)
-    orch = Orchestrator(spec, dataset, reporter, job_id, tokenizer.eos_token_id)
-    reporter.add(RayMetricsReporter(job_id))
-    try:
-        orch.start()
-        start_step = 0
-        last = checkpoint.latest(spec.checkpoint_dir) if resume else None
-        if resume and last is None:
-            reporter.event("warning", f"--resume: no checkpoint in {spec.checkpoint_dir}; starting from step 0")
-        if last is not None:
-            start_step = orch.load_checkpoint(last)
-            file_reporter.truncate_metrics(start_step)
-            reporter.event("resumed", f"resumed from {last} at step {start_step}", step=start_step, path=str(last))
-        if progress:
-            reporter.add(ProgressReporter(orch.total_steps, start_step))
-        reporter.event("status", "running", status="running", total_steps=orch.total_steps, start_step=start_step)
-        orch.fit(start_step)
-        reporter.event("status", "succeeded", status="succeeded", step=orch.total_steps)
-        return EXIT_OK
-    finally:
-        orch.shutdown()
 
 
 def _fail(reporter, err: BaseException, code: int) -> int:

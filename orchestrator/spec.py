@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 API_VERSION = "rlhf/v1"
 
@@ -30,7 +30,11 @@ class _Strict(BaseModel):
 
 
 class AlgorithmSpec(_Strict):
-    name: Literal["grpo", "ppo"] = Field("grpo", description="Training algorithm: `grpo` (no critic) or `ppo` (with a critic).")
+    name: Literal["grpo", "ppo", "sft"] = Field(
+        "grpo",
+        description="Training algorithm: `grpo` (no critic), `ppo` (with a critic) or `sft` (supervised fine-tuning "
+        "on completions; no rollout, reward or reference actors except to evaluate).",
+    )
     advantage_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] | None = Field(
         None,
         description="Advantage estimator. Defaults to `grpo` for GRPO and `gae` for PPO. "
@@ -62,10 +66,16 @@ class DataSpec(_Strict):
     train_file: str = Field(
         ...,
         description="Training prompts: a JSONL or Parquet file, or a directory written by `datasets.save_to_disk`. "
-        "Each row has a `prompt` (a string or a list of chat messages); other columns reach the reward functions.",
+        "Each row has a `prompt` (a string or a list of chat messages); other columns reach the reward functions. "
+        "SFT rows also have a `completion`, or instead a chat `messages` list.",
     )
     eval_file: str | None = Field(None, description="Optional held-out prompts, same format as `train_file`.")
     prompt_key: str = Field("prompt", description="Column that holds the prompt.")
+    completion_key: str = Field("completion", description="SFT: column that holds the target completion (a string or assistant messages).")
+    messages_key: str = Field(
+        "messages", description="SFT: column that holds a whole chat (used instead of prompt/completion when present); loss on assistant turns only."
+    )
+    max_completion_length: int = Field(256, gt=0, description="SFT: longest completion in tokens (EOS included); longer ones are cut.")
     max_prompt_length: int = Field(128, gt=0, description="Longest prompt in tokens.")
     overlong_prompt: Literal["truncate_left", "drop", "error"] = Field(
         "truncate_left",
@@ -187,6 +197,47 @@ class CheckpointSpec(_Strict):
     keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
 
 
+class EvalSpec(_Strict):
+    every: int = Field(0, ge=0, description="Evaluate on `data.eval_file` every k steps (0 = only at the end of each stage).")
+    max_samples: int | None = Field(None, gt=0, description="Evaluate on the first N held-out prompts (default: all of them).")
+
+
+def _partial(model: type[BaseModel]) -> type[BaseModel]:
+    """The same fields with the same constraints, all optional and unset: one section of a stage's override.
+
+    Field errors in an override name their path (`stages.1.optim.lr`); cross-field rules are checked
+    on the merged spec."""
+    fields: dict[str, Any] = {}
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, _Strict):
+            ann = _partial(ann)
+        elif f.metadata:
+            ann = Annotated[ann, *f.metadata]
+        fields[name] = (ann | None, Field(None, description=f.description))
+    return create_model(f"{model.__name__}Override", __base__=_Strict, **fields)
+
+
+class StageSpec(_Strict):
+    """One stage of a pipeline: overrides applied on top of the job's top-level sections."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$", description="Stage name, tagged on its events and metrics (`sft`, `grpo`).")
+    algorithm: _partial(AlgorithmSpec) | None = Field(None, description="Overrides of `algorithm` for this stage.")
+    data: _partial(DataSpec) | None = Field(None, description="Overrides of `data` for this stage.")
+    rollout: _partial(RolloutSpec) | None = Field(None, description="Overrides of `rollout` for this stage.")
+    rewards: list[RewardSource] | None = Field(None, description="This stage's reward sources (replace the job's).")
+    optim: _partial(OptimSpec) | None = Field(None, description="Overrides of `optim` for this stage.")
+    eval: _partial(EvalSpec) | None = Field(None, description="Overrides of `eval` for this stage.")
+    checkpoint: _partial(CheckpointSpec) | None = Field(None, description="Overrides of `checkpoint` for this stage.")
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 class JobSpec(_Strict):
     """A post-training job: what to train, on what, how, and where results go."""
 
@@ -200,10 +251,20 @@ class JobSpec(_Strict):
     optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimisation.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Placement of the roles.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Held-out evaluation: greedy completions of `data.eval_file` scored by the rewards.")
+    stages: list[StageSpec] | None = Field(
+        None,
+        description="A pipeline: stages run in order as one job, each starting from the previous stage's final "
+        "checkpoint and overriding the top-level sections (e.g. `sft` then `grpo`). Absent: one stage, the spec itself.",
+    )
     output_dir: str | None = Field(None, description="Run directory for metrics, events and checkpoints (default: `runs/<name>`).")
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
+        if self.algorithm.name == "sft":
+            if self.optim.prompts_per_step % self.resources.trainer.replicas:
+                raise ValueError("optim.prompts_per_step (the SFT batch) must be divisible by resources.trainer.replicas")
+            return self
         samples = self.optim.prompts_per_step * self.rollout.n
         mb = self.optim.mini_batch_size or samples
         if samples % mb:
@@ -217,6 +278,38 @@ class JobSpec(_Strict):
             raise ValueError(f"advantage_estimator '{self.algorithm.estimator}' compares samples of a prompt: rollout.n must be >= 2")
         return self
 
+    @model_validator(mode="after")
+    def _stages_valid(self) -> "JobSpec":
+        if self.stages is not None:
+            names = [s.name for s in self.stages]
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"stages need at least one stage and distinct names, got {names}")
+            self.stage_specs()
+        return self
+
+    def stage_specs(self) -> list[tuple[str | None, "JobSpec"]]:
+        """(stage name, the stage's own spec) for each stage; a spec without stages is one unnamed stage.
+
+        Every stage shares the job's name, run directory and checkpoint directory; the model path of
+        stage i > 0 is set when it starts (stage i-1's final checkpoint)."""
+        if self.stages is None:
+            return [(None, self)]
+        base = self.model_dump(exclude={"stages"})
+        out = []
+        for i, stage in enumerate(self.stages):
+            # A section given as null overrides nothing.
+            override = {k: v for k, v in stage.model_dump(exclude_unset=True, exclude={"name"}).items() if v is not None}
+            optim = override.get("optim", {})
+            if "steps" in optim or "epochs" in optim:  # a stage's budget replaces the job's, in either unit
+                override["optim"] = {"steps": None, "epochs": None, **optim}
+            try:
+                out.append((stage.name, JobSpec.model_validate(_merge(base, override))))
+            except ValidationError as err:
+                problems = "; ".join(".".join(str(p) for p in e["loc"]) + ": " * bool(e["loc"]) + e["msg"].removeprefix("Value error, ")
+                                     for e in err.errors())
+                raise ValueError(f"stages.{i} ({stage.name}): {problems}") from None
+        return out
+
     # Derived values, never stored back into the spec.
     @property
     def run_dir(self) -> Path:
@@ -228,7 +321,7 @@ class JobSpec(_Strict):
 
     @property
     def needs_reference(self) -> bool:
-        return self.optim.kl_coef > 0
+        return self.optim.kl_coef > 0 and self.algorithm.name != "sft"
 
     @property
     def needs_critic(self) -> bool:
@@ -242,11 +335,9 @@ class JobSpec(_Strict):
 def format_validation_error(err: ValidationError, source: str = "spec") -> str:
     lines = [f"invalid job spec ({source}):"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
-        lines.append(f"  {path}: {msg}")
+        path = ".".join(str(p) for p in e["loc"])
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {path}: {msg}" if path else f"  {msg}")
     return "\n".join(lines)
 
 
@@ -307,8 +398,11 @@ def reference_markdown() -> str:
                 walk(ann, path + ".")
                 continue
             item = getattr(ann, "__args__", (None,))[0]
-            if isinstance(item, type) and issubclass(item, BaseModel):  # list[RewardSource]
-                rows.append(f"| `{path}` | list | required | {field.description} |")
+            is_list = getattr(ann, "__origin__", None) is list or getattr(item, "__origin__", None) is list
+            if getattr(item, "__origin__", None) is list:  # list[StageSpec] | None
+                item = item.__args__[0]
+            if is_list and isinstance(item, type) and issubclass(item, BaseModel):  # list[RewardSource]
+                rows.append(f"| `{path}` | list | {'required' if field.is_required() else '`null`'} | {field.description} |")
                 walk(item, path + "[].")
                 continue
             type_name = _type_name(ann)

@@ -1,0 +1,46 @@
+"""Held-out evaluation: greedy completions of `data.eval_file`, scored by the job's own rewards.
+
+Reported as `eval/<reward>/mean` (e.g. `eval/accuracy/mean` for the verifiable reward), plus the
+weighted sum `eval/reward/mean` and `eval/response_length/mean`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from orchestrator.data import PromptDataset
+from orchestrator.driver import _concat, _even_chunks
+
+
+class Evaluator:
+    """Evaluates every `every` steps of a stage (0 = never mid-stage) and at its last step."""
+
+    def __init__(self, dataset: PromptDataset, every: int, first_step: int = 1):
+        self.dataset, self.every, self.first_step = dataset, every, first_step
+
+    def __call__(self, orch, step: int) -> dict[str, float]:
+        stage_step = step - self.first_step + 1
+        if step == orch.total_steps or (self.every and stage_step % self.every == 0):
+            return evaluate(orch, self.dataset)
+        return {}
+
+
+def evaluate(orch, dataset: PromptDataset) -> dict[str, float]:
+    """Greedy generation on the rollout actors, scored by the reward actor; the policy is the trainer's
+    current one (an SFT stage syncs it first: it does not sync after every step)."""
+    start = time.perf_counter()
+    if orch.spec.algorithm.name == "sft":
+        orch.sync_weights()
+    rollouts = orch.groups["rollout"]
+    shards = _even_chunks(list(range(len(dataset))), len(rollouts))
+    # (prompts, extras, step, greedy, with_logprobs): scoring needs no behaviour log-probs.
+    args = [([dataset.prompt_ids[i] for i in s], [dataset.extras[i] for i in s], 0, True, False) for s in shards]
+    batch = _concat([b for b, _ in ray.get(rollouts.call_each("generate", args))])
+    scores, per_source, _ = ray.get(orch.groups["reward"].call("score", batch)[0])
+    out = {f"eval/{label}/mean": values.nan_to_num(0.0).mean().item() for label, values in per_source.items()}
+    out["eval/reward/mean"] = scores.mean().item()
+    out["eval/response_length/mean"] = batch.response_mask.sum(1).mean().item()
+    out["timing/eval"] = time.perf_counter() - start
+    return out

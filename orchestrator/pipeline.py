@@ -1,0 +1,177 @@
+"""Running a job's stages: `sft` then `grpo` (or any list), as one job with one history.
+
+Each stage is an ordinary single-algorithm run of the driver. Steps are numbered across the whole
+job, so metrics, checkpoints (`step_000120/`) and resume see one sequence; stage i+1 starts from
+stage i's final checkpoint (its `policy/` directory, a complete HF model with its tokenizer).
+A spec without `stages` is one unnamed stage and runs exactly as before.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator import checkpoint
+from orchestrator.data import PromptDataset, PromptSampler, load_prompts
+from orchestrator.reporting import FileReporter, MultiReporter
+from orchestrator.spec import JobSpec
+
+@dataclass(frozen=True)
+class Stage:
+    name: str | None  # None: the job has no stages
+    index: int
+    spec: JobSpec
+    dataset: Any  # PromptDataset (RL) or SFTDataset
+    eval_set: PromptDataset | None
+    first_step: int  # global step numbers of the stage: first_step .. last_step
+    last_step: int
+
+
+def plan_stages(spec: JobSpec) -> tuple[Any, list[Stage]]:
+    """(tokenizer, stages): every stage's data, eval data and rewards checked before any actor starts.
+
+    Later stages are checked against the first stage's model, which their checkpoints descend from."""
+    from orchestrator.run import preflight
+
+    tokenizer, stages, offset = None, [], 0
+    for index, (name, stage_spec) in enumerate(spec.stage_specs()):
+        checked = stage_spec if index == 0 else _with_model(stage_spec, stages[0].spec.model.path)
+        tok, dataset = preflight(checked)
+        tokenizer = tokenizer or tok
+        d = stage_spec.data
+        eval_set = None
+        if d.eval_file:
+            eval_set = load_prompts(d.eval_file, tokenizer, d.prompt_key, d.max_prompt_length, d.overlong_prompt)
+            n = stage_spec.eval.max_samples or len(eval_set)
+            eval_set = PromptDataset(eval_set.prompt_ids[:n], eval_set.extras[:n], eval_set.dropped)
+        sampler = PromptSampler(len(dataset), stage_spec.optim.prompts_per_step, stage_spec.optim.seed)
+        steps = stage_spec.optim.steps or stage_spec.optim.epochs * sampler.steps_per_epoch
+        stages.append(Stage(name, index, stage_spec, dataset, eval_set, offset + 1, offset + steps))
+        offset += steps
+    return tokenizer, stages
+
+
+def run_stages(stages: list[Stage], tokenizer, job_id: str, reporter: MultiReporter, file_reporter: FileReporter,
+               resume: bool, progress: bool) -> None:
+    from orchestrator.reporting import ProgressReporter, RayMetricsReporter
+    from orchestrator.run import connect_ray
+
+    spec = stages[0].spec
+    for stage in stages:
+        if stage.dataset.dropped:
+            limit = "data.max_prompt_length or data.max_completion_length" if stage.spec.algorithm.name == "sft" else "data.max_prompt_length"
+            _tagged(reporter, stage).event("warning", f"dropped {stage.dataset.dropped} prompts longer than {limit}")
+    connect_ray(max((s.spec for s in stages), key=_cpus))
+    reporter.add(RayMetricsReporter(job_id))
+    start_step, latest = 0, checkpoint.latest(spec.checkpoint_dir) if resume else None
+    if resume and latest is None:
+        reporter.event("warning", f"--resume: no checkpoint in {spec.checkpoint_dir}; starting from step 0")
+    if latest is not None:
+        start_step = checkpoint.read_state(latest)["step"]
+        file_reporter.truncate_metrics(start_step)
+        reporter.event("resumed", f"resumed from {latest} at step {start_step}", step=start_step, path=str(latest))
+    total = stages[-1].last_step
+    if progress:
+        reporter.add(ProgressReporter(total, start_step))
+    names = {"stages": [s.name for s in stages]} if stages[0].name else {}
+    reporter.event("status", "running", status="running", total_steps=total, start_step=start_step, **names)
+    model_path = spec.model.path
+    for stage in stages:
+        if start_step < stage.last_step:
+            resume_from = latest if start_step >= stage.first_step else None
+            run_stage(stage, model_path, tokenizer, job_id, _tagged(reporter, stage), resume_from)
+        model_path = _handoff(stage, latest)
+    reporter.event("status", "succeeded", status="succeeded", step=total)
+
+
+def run_stage(stage: Stage, model_path: str, tokenizer, job_id: str, reporter, resume_from=None) -> None:
+    """One stage on its own actors, from `model_path` (or resumed from a checkpoint inside the stage)."""
+    from orchestrator.driver import Orchestrator
+    from orchestrator.evaluation import Evaluator
+    from orchestrator.sft import SFTOrchestrator
+
+    spec = _with_model(stage.spec, model_path)
+    if spec.algorithm.name == "sft":
+        orch = SFTOrchestrator(spec, stage.dataset, reporter, job_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    else:
+        orch = Orchestrator(spec, stage.dataset, reporter, job_id, tokenizer.eos_token_id)
+    orch.total_steps = stage.last_step  # steps are numbered across the job
+    if stage.eval_set is not None:
+        orch.evaluator = Evaluator(stage.eval_set, spec.eval.every, stage.first_step)
+    try:
+        orch.start()
+        start = stage.first_step - 1
+        if resume_from is not None:
+            start = orch.load_checkpoint(resume_from)
+        if stage.name:
+            reporter.event("stage", f"stage {stage.name} ({spec.algorithm.name}) runs steps {start + 1}..{stage.last_step} from {model_path}",
+                           algorithm=spec.algorithm.name, model_path=model_path, first_step=stage.first_step, last_step=stage.last_step)
+        orch.fit(start)
+    finally:
+        names = [f"{job_id}/{role}-{i}" for role, group in orch.groups.items() for i in range(len(group))]
+        orch.shutdown()
+        _wait_released(names)
+
+
+def _handoff(stage: Stage, latest) -> str:
+    """The model the next stage starts from: this stage's final checkpoint (or, if a resumed job has
+    pruned it, the newest checkpoint, whose weights the next stage loads anyway)."""
+    final = checkpoint.step_dir(stage.spec.checkpoint_dir, stage.last_step)
+    if not (final / "state.json").exists() and latest is not None:
+        final = latest
+    return str(final / "policy")
+
+
+def _with_model(spec: JobSpec, path: str) -> JobSpec:
+    if spec.model.path == path:
+        return spec
+    return spec.model_copy(update={"model": spec.model.model_copy(update={"path": path})})
+
+
+def _cpus(spec: JobSpec) -> float:
+    from orchestrator.placement import plan
+
+    return sum(b.get("CPU", 0) for b in plan(spec).bundles)
+
+
+def _wait_released(names: list[str], timeout_s: float = 30) -> None:
+    """Named actors free their names only once dead; the next stage reuses the names."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = []
+        for name in names:
+            try:
+                ray.get_actor(name)
+                alive.append(name)
+            except ValueError:
+                pass
+        if not alive:
+            return
+        names = alive
+        time.sleep(0.2)
+
+
+def _tagged(reporter: MultiReporter, stage: Stage):
+    return StageReporter(reporter, stage.name, stage.index) if stage.name else reporter
+
+
+class StageReporter:
+    """Tags a stage's events with `stage`, and its metric lines with `stage` (metrics.jsonl) and the
+    numeric `stage_index` (every sink: the control plane's metric values are numbers)."""
+
+    def __init__(self, inner: MultiReporter, name: str, index: int):
+        self.inner, self.name, self.index = inner, name, index
+
+    def event(self, type: str, message: str = "", **data: Any) -> None:
+        self.inner.event(type, message, stage=self.name, **data)
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        values = {"stage_index": float(self.index), **values}
+        for r in self.inner.reporters:
+            r.metrics(step, {"stage": self.name, **values} if isinstance(r, FileReporter) else values)
+
+    def close(self) -> None:
+        pass

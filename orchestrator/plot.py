@@ -1,0 +1,88 @@
+"""`rlhf plot RUN_DIR`: reward, KL, held-out accuracy and response length against step, as a PNG.
+
+Reads only `<run_dir>/metrics.jsonl`, so it works on a finished job and on one still running.
+Stages of a pipeline are marked by vertical lines and named at the top.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PANELS = (
+    ("reward", ("reward/mean",)),
+    ("KL to reference", ("kl",)),
+    ("held-out eval", ("eval/*/mean",)),
+    ("response length (tokens)", ("response_length/mean",)),
+)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"no metrics in {run_dir}: {path} does not exist")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written by a running job
+            continue
+    return rows
+
+
+def _series(rows: list[dict], pattern: str) -> dict[str, tuple[list[int], list[float]]]:
+    """name -> (steps, values) for each metric matching `pattern` (one `*` allowed)."""
+    head, star, tail = pattern.partition("*")
+    names = sorted({k for r in rows for k in r if (k.startswith(head) and k.endswith(tail) if star else k == pattern)})
+    if star:
+        # The eval panel shows each reward's accuracy; the weighted sum only when it is all there is.
+        names = [n for n in names if n != "eval/response_length/mean"]
+        names = [n for n in names if n != "eval/reward/mean" or len(names) == 1]
+    out = {}
+    for name in names:
+        points = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
+        if points:
+            out[name] = ([s for s, _ in points], [v for _, v in points])
+    return out
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the PNG (default `<run_dir>/metrics.png`) and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    out = Path(out) if out else run_dir / "metrics.png"
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    for ax, (title, patterns) in zip(axes.flat, PANELS):
+        for pattern in patterns:
+            for name, (steps, values) in _series(rows, pattern).items():
+                ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=name)
+        _mark_stages(ax, rows)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    fig.suptitle(f"{run_dir.name}: {len(rows)} steps")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _mark_stages(ax, rows: list[dict]) -> None:
+    previous = None
+    for r in rows:
+        stage = r.get("stage")
+        if stage is not None and stage != previous:
+            ax.axvline(r["step"] - 0.5, color="grey", linestyle="--", linewidth=0.8)
+            ax.annotate(stage, (r["step"], 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                        textcoords="offset points", fontsize=8, color="grey")
+        previous = stage

@@ -1,0 +1,118 @@
+"""SFT, stage pipelines, held-out evaluation and plots: spec validation here; one real SFT -> GRPO
+job on a local Ray (a few steps per stage) in the slow test."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from orchestrator.spec import SpecError, parse_spec
+from tests.conftest import read_jsonl, run_entrypoint, tiny_spec, write_spec
+
+
+def pipeline_spec(model, train, test, out, **overrides) -> dict:
+    spec = tiny_spec(model, train, out, **overrides)
+    spec["data"] = {**spec["data"], "eval_file": str(test)}
+    spec["eval"] = {"every": 2, "max_samples": 8}
+    spec["stages"] = [
+        {"name": "sft", "algorithm": {"name": "sft"}, "optim": {"lr": 3e-3, "steps": 3}},
+        {"name": "grpo", "algorithm": {"name": "grpo"}, "optim": {"lr": 1e-3, "steps": 2}},
+    ]
+    return spec
+
+
+@pytest.fixture(scope="module")
+def sft_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft")
+    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b), "answer": a + b} for a in range(8) for b in range(8)]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:48]))
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[48:]))
+    return d / "train.jsonl", d / "test.jsonl"
+
+
+def test_a_plain_spec_is_one_unnamed_stage(tiny_model, arith_file, tmp_path):
+    spec = parse_spec(tiny_spec(tiny_model, arith_file, tmp_path / "run"))
+    assert spec.stages is None and spec.stage_specs() == [(None, spec)]
+
+
+def test_stages_override_the_top_level_sections(tiny_model, sft_files, tmp_path):
+    spec = parse_spec(pipeline_spec(tiny_model, *sft_files, tmp_path / "run"))
+    (n1, sft), (n2, grpo) = spec.stage_specs()
+    assert (n1, sft.algorithm.name, sft.optim.lr, sft.optim.steps) == ("sft", "sft", 3e-3, 3)
+    assert (n2, grpo.algorithm.name, grpo.optim.lr, grpo.optim.steps) == ("grpo", "grpo", 1e-3, 2)
+    assert grpo.rollout.n == 4 and grpo.data.eval_file == str(sft_files[1])  # inherited
+    assert sft.run_dir == grpo.run_dir == spec.run_dir
+
+
+@pytest.mark.parametrize("stage, where", [
+    ({"name": "b", "optim": {"lr": -1}}, "stages.1.optim.lr"),
+    ({"name": "b", "optim": {"learning_rate": 1}}, "stages.1.optim.learning_rate: unknown field"),
+    ({"name": "b", "algorithm": {"name": "dpo"}}, "stages.1.algorithm.name"),
+    ({"name": "b", "rollout": {"n": 1}}, "stages.1 (b): advantage_estimator 'grpo'"),
+    ({"name": "a"}, "distinct names"),
+])
+def test_a_bad_stage_names_its_field(tiny_model, sft_files, tmp_path, stage, where):
+    spec = pipeline_spec(tiny_model, *sft_files, tmp_path / "run")
+    spec["stages"] = [{"name": "a", "algorithm": {"name": "sft"}}, stage]
+    with pytest.raises(SpecError, match=where.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
+        parse_spec(spec)
+
+
+def test_sft_loss_is_on_completion_tokens_only(tiny_model, tmp_path):
+    from orchestrator.sft import load_sft, sft_batch
+    from workers.common import load_tokenizer
+
+    data = tmp_path / "sft.jsonl"
+    chat = [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "3+3="}, {"role": "assistant", "content": "6"}]
+    data.write_text(json.dumps({"prompt": "1+2=", "completion": "3"}) + "\n" + json.dumps({"messages": chat}) + "\n")
+    tok = load_tokenizer(str(tiny_model))
+    spec = parse_spec({"model": {"path": str(tiny_model)}, "data": {"train_file": str(data)}, "rewards": [{"function": "accuracy"}]})
+    ds = load_sft(data, tok, spec.data)
+    batch = sft_batch(ds, [0, 1], tok.pad_token_id)
+    trained = [tok.decode(r[m.bool()]) for r, m in zip(batch.responses, batch.response_mask)]
+    assert trained[0] == "3<|endoftext|>"
+    assert trained[1] == "4<|im_end|>\n6<|im_end|>\n<|endoftext|>"  # both assistant turns, no user turn
+    assert tok.decode(batch.input_ids[1][batch.attention_mask[1].bool()]).startswith("<|im_start|>user\n2+2=")
+
+
+@pytest.mark.slow
+def test_sft_then_grpo_pipeline(tiny_model, sft_files, tmp_path):
+    from orchestrator.plot import plot_run
+
+    out = tmp_path / "run"
+    spec_path = write_spec(tmp_path / "job.yaml", pipeline_spec(tiny_model, *sft_files, out))
+    result = run_entrypoint(spec_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # One history: global steps 1..5, each line tagged with its stage.
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [(m["step"], m["stage"]) for m in metrics] == [(1, "sft"), (2, "sft"), (3, "sft"), (4, "grpo"), (5, "grpo")]
+    assert all(math.isfinite(m["loss"]) for m in metrics[:3]) and all("reward/mean" in m for m in metrics[3:])
+    # Eval every 2 steps of a stage and at each stage's end, under the job's verifiable reward.
+    evaluated = [m["step"] for m in metrics if "eval/accuracy/mean" in m]
+    assert evaluated == [2, 3, 5]
+    assert all(0.0 <= m["eval/accuracy/mean"] <= 1.0 for m in metrics if m["step"] in evaluated)
+
+    # Hand-off: the GRPO stage starts from the SFT stage's final checkpoint, a complete HF model.
+    events = read_jsonl(out / "events.jsonl")
+    stage_events = [e for e in events if e["type"] == "stage"]
+    assert [e["stage"] for e in stage_events] == ["sft", "grpo"]
+    handoff = out / "checkpoints" / "step_000003" / "policy"
+    assert stage_events[1]["model_path"] == str(handoff)
+    assert all(e.get("stage") in ("sft", "grpo") for e in events if e["type"] == "checkpoint")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoTokenizer.from_pretrained(handoff)
+    sft_weights = AutoModelForCausalLM.from_pretrained(handoff).state_dict()
+    first = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step_000005" / "policy").state_dict()
+    assert any(not torch.equal(first[k], sft_weights[k]) for k in first), "SFT did not change the policy"
+    assert any(not torch.equal(sft_weights[k], final[k]) for k in first), "GRPO did not change the policy"
+    assert [e["status"] for e in events if e["type"] == "status"] == ["starting", "running", "succeeded"]
+
+    png = plot_run(out)
+    assert png == out / "metrics.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
