@@ -38,7 +38,7 @@ def test_tiny_grpo_job_over_rest(alpha, tiny, workdir, api, keys):
     job_id = r.json()["id"]
 
     items = sse(alpha, f"/v1/jobs/{job_id}/events")
-    assert items[-1] == {"event": "end", "data": json.dumps({"status": "succeeded"})}
+    assert items[-1] == {"event": "end", "data": json.dumps({"status": "succeeded"})}, [i.get("data", "")[:500] for i in items[-4:]]
     events = [json.loads(i["data"]) for i in items[:-1]]
     statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
     assert statuses[0] == "queued" and statuses[-1] == "succeeded" and "running" in statuses
