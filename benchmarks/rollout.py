@@ -25,15 +25,12 @@ from benchmarks.weight_sync import SHAPES  # noqa: E402
 def measure(backend: str, size: str, args, out_queue) -> None:
     import torch
 
-    from orchestrator.tiny_model import build_model, build_tokenizer
     from orchestrator.driver import rollout_class
+    from orchestrator.tiny_model import init_model
 
     hidden, layers = SHAPES[size]
     with tempfile.TemporaryDirectory() as tmp:
-        tok = build_tokenizer()
-        model = build_model(len(tok), hidden, layers, 0, tok.eos_token_id, tok.pad_token_id)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        init_model(tmp, hidden_size=hidden, layers=layers, seed=0)
         rollout = rollout_class(backend)(tmp, n=args.n, max_new_tokens=args.max_new_tokens, seed=0)
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, 256, (int(torch.randint(8, 24, (1,), generator=g)),), generator=g).tolist() for _ in range(args.prompts)]
