@@ -1,22 +1,27 @@
-"""Time one weight sync into a running vLLM engine, next to a plain copy of the same bytes.
+"""Time one weight sync from a trainer actor into a running vLLM engine, next to a plain copy of the same bytes.
 
-    python benchmarks/weight_sync.py [--sizes 1M 10M 100M] [--no-ray]
+    python benchmarks/weight_sync.py [--sizes 1M 10M 100M] [--repeats 5] [--json out.json]
 
-For each model size (a Qwen2 of the shape `orchestrator.tiny_model` builds) it starts one
-`VLLMRollout` (in a fresh process, so engines do not share state) and prints, per sync:
+For each model size (a Qwen2 of the shape `orchestrator.tiny_model` builds) it starts, on a local
+Ray, one `PolicyTrainer` actor and one `VLLMRollout` actor (the job's own classes), and times what
+`Orchestrator.sync_weights` does, from the driver, best of --repeats:
 
-- copy:   `dst.copy_(src)` over every tensor of the state dict, into preallocated tensors;
-- put:    `ray.put(to_transport(state_dict))`, the trainer's half of the CPU path (one copy into
-          the object store's shared memory; the rollout actor's `ray.get` maps it without a copy);
-- load:   `VLLMRollout.load_weights(state_dict)`, the rollout's half (into the engine's kernels);
-- sync:   put + load, what a step pays. Rates are state-dict bytes / seconds, best of --repeats.
+- copy:          `dst.copy_(src)` over every tensor of the state dict in one process, into
+                 preallocated tensors: the limit (the rate of memory itself);
+- shared memory: the CPU default (`rollout.weight_sync: auto` on one node): the engine computes
+                 from a /dev/shm file; the trainer copies its tensors into it and the engine drops
+                 its prefix cache, both in one round trip;
+- object store:  `rollout.weight_sync: object_store`: the trainer puts its state dict into Ray's
+                 object store (one copy), the engine maps it and loads it (a second copy).
+
+Rates are state-dict bytes / seconds. After each path the engine's weights are compared with the
+trainer's, tensor by tensor.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -26,6 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # As in the job's actors (orchestrator/placement.py): spinning OpenMP waits distort timings on a shared machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 # (hidden size, layers) of models with about 1M, 10M and 100M parameters (head_dim 64).
 SHAPES = {"1M": (128, 4), "10M": (256, 12), "30M": (512, 9), "100M": (768, 13)}
@@ -40,69 +48,81 @@ def best(fn, repeats: int) -> float:
     return min(times)
 
 
-def measure(size: str, repeats: int, use_ray: bool, out_queue) -> None:
+def measure(size: str, repeats: int) -> dict:
+    import ray
     import torch
 
-    from orchestrator.tiny_model import build_model, build_tokenizer
+    from orchestrator.driver import share_memory
+    from orchestrator.placement import ACTOR_ENV
+    from orchestrator.tiny_model import init_model
     from workers.rollout_vllm import VLLMRollout
+    from workers.trainer import PolicyTrainer
 
     hidden, layers = SHAPES[size]
     with tempfile.TemporaryDirectory() as tmp:
-        tok = build_tokenizer()
-        model = build_model(len(tok), hidden, layers, 0, tok.eos_token_id, tok.pad_token_id)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        params = sum(p.numel() for p in model.parameters())
-        state = {k: v.detach().clone() + 0.01 for k, v in model.state_dict().items()}
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        init_model(tmp, hidden_size=hidden, layers=layers, seed=0)
+        optim = dict(lr=1e-3, weight_decay=0.0)
+        env = {"env_vars": ACTOR_ENV}
+        trainer = ray.remote(PolicyTrainer).options(num_cpus=0, runtime_env=env).remote(tmp, optim)
+        rollout = ray.remote(VLLMRollout).options(num_cpus=0, runtime_env=env).remote(tmp, n=1, max_new_tokens=4)
+        state = ray.get(trainer.state_dict.remote())
         unique = {t.data_ptr(): t for t in state.values()}
         nbytes = sum(t.numel() * t.element_size() for t in unique.values())
-        rollout = VLLMRollout(tmp, n=1, max_new_tokens=4, threads=None)
-        dst = {k: torch.empty_like(v) for k, v in state.items()}
-        rollout.load_weights(state)  # first touch of every page
-        # Interleaved, so both see the same load on a shared machine.
-        copy_s = load_s = float("inf")
+        params = sum(t.numel() for t in unique.values())
+        dst = {k: torch.empty_like(v) for k, v in unique.items()}
+
+        def copy():
+            for k, v in unique.items():
+                dst[k].copy_(v)
+
+        def via_object_store():
+            ray.get(rollout.load_weights.remote(trainer.weights_for_sync.remote()))
+
+        def via_shared_memory():
+            ray.get([trainer.write_shared_weights.remote(), rollout.weights_updated.remote()])
+
+        def same_weights() -> bool:
+            synced = ray.get(rollout.state_dict.remote())
+            return all(torch.equal(synced[k], v) for k, v in state.items())
+
+        copy(), via_object_store()  # first touch of every page
+        object_store_s = best(via_object_store, repeats)
+        assert same_weights(), "object store sync: engine weights differ from the trainer's"
+        failed = share_memory(trainer, [rollout], f"bench-{size}")
+        if failed:
+            raise SystemExit(f"shared memory sync is not possible here: {failed}")
+        via_shared_memory()
+        # Interleaved with the copy, so both see the same load on a shared machine.
+        copy_s = shm_s = float("inf")
         for _ in range(repeats):
-            copy_s = min(copy_s, best(lambda: [dst[k].copy_(v) for k, v in state.items()], 1))
-            load_s = min(load_s, best(lambda: rollout.load_weights(state), 1))
-        put_s = float("nan")
-        if use_ray:
-            import ray
-
-            ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-            from workers.common import to_transport
-
-            # What the driver's sync does on the trainer's side: numpy views into the object store.
-            put_s = best(lambda: ray.put(to_transport(state)), repeats)
-            ray.shutdown()
-        assert all(torch.equal(rollout.state_dict()[k], v) for k, v in state.items())
-    out_queue.put(dict(size=size, params=params, bytes=nbytes, copy_s=copy_s, put_s=put_s, load_s=load_s))
+            copy_s = min(copy_s, best(copy, 1))
+            shm_s = min(shm_s, best(via_shared_memory, 1))
+        assert same_weights(), "shared memory sync: engine weights differ from the trainer's"
+        for actor in (trainer, rollout):
+            ray.kill(actor)
+    return dict(size=size, params=params, bytes=nbytes, copy_s=copy_s, shared_memory_s=shm_s, object_store_s=object_store_s)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["1M", "10M", "100M"], choices=list(SHAPES))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-ray", action="store_true", help="skip the object-store half")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    ctx = mp.get_context("spawn")
+    import ray
+
+    ray.init(include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     rows = []
-    header = f"{'model':>6} {'params':>11} {'MB':>8} {'copy GB/s':>10} {'put GB/s':>9} {'load GB/s':>10} {'sync s':>8} {'sync GB/s':>10} {'sync/copy':>9}"
-    print(header)
+    print(f"{'model':>6} {'params':>11} {'MB':>7} {'copy s':>8} {'copy GB/s':>9} | {'shared memory s':>15} {'GB/s':>5} {'/copy':>5} "
+          f"| {'object store s':>14} {'GB/s':>5} {'/copy':>5}")
     for size in args.sizes:
-        queue = ctx.Queue()
-        proc = ctx.Process(target=measure, args=(size, args.repeats, not args.no_ray, queue))
-        proc.start()
-        r = queue.get()
-        proc.join()
-        sync_s = r["load_s"] + (0.0 if args.no_ray else r["put_s"])
-        r.update(sync_s=sync_s, copy_rate=r["bytes"] / r["copy_s"], sync_rate=r["bytes"] / sync_s)
+        r = measure(size, args.repeats)
         rows.append(r)
-        gb = lambda s: r["bytes"] / s / 1e9 if s == s else float("nan")  # noqa: E731
-        print(f"{size:>6} {r['params']:>11,} {r['bytes'] / 1e6:>8.1f} {gb(r['copy_s']):>10.2f} {gb(r['put_s']):>9.2f} "
-              f"{gb(r['load_s']):>10.2f} {sync_s:>8.3f} {gb(sync_s):>10.2f} {r['sync_rate'] / r['copy_rate']:>8.0%}", flush=True)
+        gb = lambda s: r["bytes"] / s / 1e9  # noqa: E731
+        print(f"{size:>6} {r['params']:>11,} {r['bytes'] / 1e6:>7.1f} {r['copy_s']:>8.4f} {gb(r['copy_s']):>9.2f} | "
+              f"{r['shared_memory_s']:>15.4f} {gb(r['shared_memory_s']):>5.2f} {r['copy_s'] / r['shared_memory_s']:>5.0%} | "
+              f"{r['object_store_s']:>14.4f} {gb(r['object_store_s']):>5.2f} {r['copy_s'] / r['object_store_s']:>5.0%}", flush=True)
+    ray.shutdown()
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -7,7 +7,9 @@ short method. Data moves between actors as one `Batch` of tensors through Ray's 
 from __future__ import annotations
 
 import math
+import os
 import time
+import uuid
 from typing import Any
 
 import ray
@@ -94,6 +96,7 @@ class Orchestrator:
         self.on_policy = self.num_mini_batches == 1 and opt.ppo_epochs == 1
         # Behaviour log-probs feed off-policy ratios, KL and IS correction; an on-policy step without them skips them.
         self.need_logprobs = not self.on_policy or spec.needs_reference or spec.rollout.importance_sampling.enabled
+        self.weight_sync = "object_store"  # until `setup_weight_sync` picks the path
 
     # ------------------------------------------------------------ the loop
     def fit(self, start_step: int = 0) -> dict[str, float]:
@@ -176,12 +179,59 @@ class Orchestrator:
         return {**trainer_stats, **critic_stats, "lr": opt.lr}
 
     def sync_weights(self, timing: dict | None = None) -> None:
-        """Trainer rank 0's weights to every rollout actor, through the object store."""
+        """Trainer rank 0's weights to every rollout actor, by the path `setup_weight_sync` chose."""
         t0 = time.perf_counter()
-        weights = self.groups["trainer"].actors[0].weights_for_sync.remote()
-        ray.get(self.groups["rollout"].call("load_weights", weights))
+        trainers, rollouts = self.groups["trainer"], self.groups["rollout"]
+        if self.weight_sync == "shared_memory":
+            # The prefix caches are dropped while the trainer writes: no request runs during a sync.
+            ray.get([trainers.actors[0].write_shared_weights.remote(), *rollouts.call("weights_updated")])
+        elif self.weight_sync == "nccl":
+            buckets = self._nccl_buckets
+            ray.get([trainers.actors[0].send_weights_nccl.remote(), *rollouts.call("receive_weights_nccl", buckets)])
+        elif self.weight_sync == "cuda_ipc":
+            # Rollout i shares a GPU with trainer rank i, whose weights equal rank 0's after every update.
+            ray.get(rollouts.call_each("receive_weights_ipc", ray.get(trainers.call("ipc_weights"))))
+            ray.get(trainers.call("release_ipc_weights"))
+        else:
+            weights = trainers.actors[0].weights_for_sync.remote()
+            ray.get(rollouts.call("load_weights", weights))
         if timing is not None:
             timing["weight_sync"] = time.perf_counter() - t0
+
+    def setup_weight_sync(self) -> None:
+        """Pick how weights travel (`rollout.weight_sync`) and prepare it; reported as a `weight_sync` event."""
+        spec, res = self.spec, self.spec.resources
+        wanted = spec.rollout.weight_sync
+        on_gpu = res.trainer.num_gpus > 0 and res.rollout.num_gpus > 0
+        method, why = wanted, "set in the spec"
+        if wanted == "auto":  # (the spec has already refused impossible explicit choices)
+            if on_gpu and spec.rollout.backend == "vllm" and not res.colocate:
+                method, why = "nccl", "vLLM engines on their own GPUs"
+            elif on_gpu and spec.rollout.backend == "vllm" and res.trainer.replicas == res.rollout.replicas:
+                method, why = "cuda_ipc", "each vLLM engine shares its GPU with a trainer rank"
+            elif res.trainer.num_gpus == 0 and res.rollout.num_gpus == 0:
+                method, why = "shared_memory", "trainer and rollouts on the CPU"
+            else:
+                method, why = "object_store", "the rollouts are not vLLM engines on GPUs"
+        if method == "shared_memory":
+            failed = share_memory(self.groups["trainer"].actors[0], self.groups["rollout"].actors, self.job_id)
+            if failed:
+                if wanted == "shared_memory":
+                    raise RuntimeError(f"rollout.weight_sync: shared_memory is not possible: {failed}")
+                method, why = "object_store", failed
+        elif method == "nccl":
+            self._init_nccl()
+        self.weight_sync = method
+        self.reporter.event("weight_sync", f"weights sync by {method} ({why})", method=method, reason=why)
+
+    def _init_nccl(self) -> None:
+        trainer, rollouts = self.groups["trainer"].actors[0], self.groups["rollout"]
+        host, port = ray.get(trainer.address.remote())
+        tp = self.spec.rollout.tensor_parallel_size
+        world = 1 + tp * len(rollouts)
+        ray.get([trainer.init_weight_sender.remote(host, port, world),
+                 *rollouts.call_each("init_weight_group", [(host, port, 1 + i * tp, world) for i in range(len(rollouts))])])
+        self._nccl_buckets = ray.get(trainer.weight_buckets.remote())
 
     def throughput(self, batch: Batch, timing: dict) -> dict[str, float]:
         accounted = sum(timing.get(k, 0.0) for k in ("generate_compute", "advantages", "weight_sync"))
@@ -231,6 +281,7 @@ class Orchestrator:
         self._init_data_parallel("trainer")
         if "critic" in self.groups:
             self._init_data_parallel("critic")
+        self.setup_weight_sync()
         names = [f"{self.job_id}/{r}-{i}" for r, g in self.groups.items() for i in range(len(g))]
         self.reporter.event("actors_ready", f"{len(names)} actors up", actors=names)
 
@@ -270,6 +321,28 @@ class Orchestrator:
         self.sync_weights()
         return checkpoint.read_state(path)["step"]
 
+
+
+def share_memory(trainer, rollouts: list, tag: str) -> str | None:
+    """Make every rollout actor compute from one /dev/shm file that the trainer actor writes
+    (workers/shared_weights.py); returns why not, if not."""
+    here = lambda self_: ray.get_runtime_context().get_node_id()  # noqa: E731
+    if len(set(ray.get([a.__ray_call__.remote(here) for a in [trainer, *rollouts]]))) > 1:
+        return "the trainer and the rollouts are on different nodes"
+    path = f"/dev/shm/rlhf-weights-{tag.replace('/', '-')}-{uuid.uuid4().hex[:8]}"
+    try:
+        first = ray.get(rollouts[0].share_weights.remote(path, True))
+        if isinstance(first, str):
+            return first
+        size, regions = first
+        for other in ray.get([a.share_weights.remote(path, False) for a in rollouts[1:]]):
+            if isinstance(other, str):
+                raise RuntimeError(f"rollout replicas disagree on shared weights: {other}")
+        ray.get(trainer.attach_shared_weights.remote(path, size, regions))  # maps the file, then unlinks it
+    finally:
+        unlink = lambda self_, p: os.path.exists(p) and os.unlink(p)  # noqa: E731
+        ray.get(trainer.__ray_call__.remote(unlink, path))
+    return None
 
 def _even_chunks(items: list, parts: int) -> list[list]:
     size = math.ceil(len(items) / parts)

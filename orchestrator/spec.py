@@ -97,6 +97,12 @@ class RolloutSpec(_Strict):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM only: GPUs per engine.")
+    weight_sync: Literal["auto", "object_store", "shared_memory", "nccl", "cuda_ipc"] = Field(
+        "auto",
+        description="How the trainer's weights reach the rollouts after each update. `auto`: `shared_memory` "
+        "(one /dev/shm file the engines compute from) when the trainer and every rollout are on one node's CPU, "
+        "`cuda_ipc` (vLLM, colocated on GPUs), `nccl` (vLLM on GPUs), else `object_store` (Ray's, any placement).",
+    )
     importance_sampling: ImportanceSamplingSpec = Field(
         default_factory=ImportanceSamplingSpec,
         description="Truncated importance-sampling correction for the gap between the engine's and the trainer's log-probs.",
@@ -261,6 +267,14 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
+        res, sync = self.resources, self.rollout.weight_sync
+        if sync in ("nccl", "cuda_ipc") and not (self.rollout.backend == "vllm" and res.trainer.num_gpus > 0 and res.rollout.num_gpus > 0):
+            raise ValueError(f"rollout.weight_sync {sync} needs rollout.backend vllm and GPUs for the trainer and the rollouts")
+        if sync == "cuda_ipc" and not (res.colocate and res.trainer.replicas == res.rollout.replicas):
+            raise ValueError("rollout.weight_sync cuda_ipc needs resources.colocate and as many trainer as rollout replicas "
+                             "(each engine shares a GPU with one trainer rank)")
+        if sync == "shared_memory" and (res.trainer.num_gpus > 0 or res.rollout.num_gpus > 0):
+            raise ValueError("rollout.weight_sync shared_memory is for CPU trainers and rollouts (set num_gpus 0)")
         if self.algorithm.name == "sft":
             if self.optim.prompts_per_step % self.resources.trainer.replicas:
                 raise ValueError("optim.prompts_per_step (the SFT batch) must be divisible by resources.trainer.replicas")

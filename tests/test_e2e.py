@@ -3,6 +3,7 @@
 import math
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 import ray
@@ -69,6 +70,19 @@ def test_grpo_end_to_end(ray_session, tiny_model, arith_file, tmp_path):
                 "timing/generate", "timing/update", "timing/weight_sync", "timing/step"):
         assert key in metrics[-1], key
     assert "kl" not in metrics[-1]  # kl_coef 0: no reference model, no KL
+    sync = [e for e in read_jsonl(orch.spec.run_dir / "events.jsonl") if e["type"] == "weight_sync"]
+    assert [e["method"] for e in sync] == ["shared_memory"], "a CPU job on one node should sync through shared memory"
+    assert not list(Path("/dev/shm").glob(f"rlhf-weights-{orch.job_id}-*")), "the shared weights file was left behind"
+
+
+def test_grpo_through_the_object_store(ray_session, tiny_model, arith_file, tmp_path):
+    orch = start(tiny_spec(tiny_model, arith_file, tmp_path / "os", optim={"steps": 2}, rollout={"weight_sync": "object_store"}))
+    try:
+        check_run(orch, tiny_model, {"rollout", "trainer", "reward"})
+    finally:
+        orch.shutdown()
+    sync = [e for e in read_jsonl(orch.spec.run_dir / "events.jsonl") if e["type"] == "weight_sync"]
+    assert [(e["method"], e["reason"]) for e in sync] == [("object_store", "set in the spec")]
 
 
 def test_ppo_end_to_end(ray_session, tiny_model, arith_file, tmp_path):

@@ -96,3 +96,22 @@ def test_readme_spec_reference_is_current():
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- spec-reference:start -->\n", 1)[1].split("\n<!-- spec-reference:end -->", 1)[0]
     assert block == reference_markdown(), "README's job spec reference is stale: regenerate it"
+
+
+@pytest.mark.parametrize("rollout, resources, message", [
+    ({"weight_sync": "nccl"}, {}, "rollout.weight_sync nccl needs rollout.backend vllm and GPUs"),
+    ({"weight_sync": "cuda_ipc", "backend": "vllm"}, {"trainer": {"num_gpus": 1}, "rollout": {"num_gpus": 1}},
+     "cuda_ipc needs resources.colocate"),
+    ({"weight_sync": "shared_memory"}, {"rollout": {"num_gpus": 1}}, "shared_memory is for CPU trainers and rollouts"),
+])
+def test_impossible_weight_sync_is_refused(rollout, resources, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec({**base(), "rollout": {"n": 4, **rollout}, "resources": resources})
+
+
+def test_weight_sync_accepts_the_paths_that_fit():
+    gpus = {"trainer": {"num_gpus": 1}, "rollout": {"num_gpus": 1}}
+    assert parse_spec({**base(), "rollout": {"n": 4, "backend": "vllm", "weight_sync": "nccl"}, "resources": gpus}).rollout.weight_sync == "nccl"
+    assert parse_spec({**base(), "rollout": {"n": 4, "backend": "vllm", "weight_sync": "cuda_ipc"},
+                       "resources": {**gpus, "colocate": True}}).rollout.weight_sync == "cuda_ipc"
+    assert parse_spec(base()).rollout.weight_sync == "auto"

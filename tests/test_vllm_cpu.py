@@ -97,6 +97,27 @@ def test_greedy_generations_agree_with_hf(engine, trained, tiny_model):
     assert torch.allclose(ours.logprobs, theirs.logprobs, atol=LOGPROB_ATOL)
 
 
+def test_shared_memory_sync_into_the_engine(engine, trained, tiny_model, tmp_path):
+    # The engine computes from one shared file; a trainer-side write is the whole sync.
+    from workers.shared_weights import SharedWeightWriter
+
+    size, regions = engine.share_weights(str(tmp_path / "weights"), create=True)
+    hf = HFRollout(str(tiny_model), max_new_tokens=6)
+    assert set(regions) == set(hf.state_dict())
+    engine.load_weights(hf.state_dict())  # back to the checkpoint's weights, through the engine's own loader
+    assert not torch.equal(engine.state_dict()["model.norm.weight"], trained["model.norm.weight"])
+    writer = SharedWeightWriter(str(tmp_path / "weights"), size, regions, trained)
+    writer.write(trained)
+    engine.weights_updated()
+    synced = engine.state_dict()
+    for name, t in trained.items():
+        assert torch.equal(synced[name], t), f"{name} differs after a shared-memory sync"
+    hf.load_weights(trained)
+    ours, _ = engine.generate(PROMPTS, [{}, {}, {}], step=1, greedy=True)
+    theirs, _ = hf.generate(PROMPTS, [{}, {}, {}], step=1, greedy=True)
+    assert ours.input_ids.tolist() == theirs.input_ids.tolist()
+
+
 @pytest.mark.slow
 def test_grpo_end_to_end_with_vllm(tiny_model, arith_file, tmp_path, ray_session):
     from tests.conftest import tiny_spec

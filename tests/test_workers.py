@@ -2,6 +2,7 @@
 
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +76,45 @@ def test_trainer_step_changes_parameters_and_sync_round_trips(tiny_model, batch,
     rollout.load_weights(after)
     synced = rollout.state_dict()
     assert all(torch.equal(synced[k], after[k]) for k in after)
+
+
+def test_shared_memory_sync_writes_into_what_the_rollouts_compute_from(tiny_model, batch, tmp_path):
+    # Two rollout replicas map one file; the trainer writes once and both generate with the new weights.
+    path = str(tmp_path / "weights")
+    first, second = HFRollout(str(tiny_model), threads=2), HFRollout(str(tiny_model), threads=2)
+    size, regions = first.share_weights(path, create=True)
+    assert second.share_weights(path, create=False) == (size, regions)
+    trainer = PolicyTrainer(str(tiny_model), optim(), seed=0, threads=2)
+    assert set(regions) == set(trainer.state_dict())
+    # Tied embeddings: one region for the embedding and the LM head.
+    assert regions["lm_head.weight"] == regions["model.embed_tokens.weight"]
+    trainer.attach_shared_weights(path, size, regions)
+    assert not Path(path).exists(), "the file should be unlinked once the trainer has mapped it"
+    trainer.train_step(with_advantages(batch), step=1, num_mini_batches=1, micro_batch_size=None, on_policy=True)
+    after = trainer.state_dict()
+    assert any(not torch.equal(first.state_dict()[k], after[k]) for k in after), "the step should change the weights"
+    assert trainer.write_shared_weights() > 0
+    for replica in (first, second):
+        synced = replica.state_dict()
+        assert all(torch.equal(synced[k], after[k]) for k in after)
+    # Generation reads the shared weights: the same draw as a rollout loaded the ordinary way.
+    plain = HFRollout(str(tiny_model), threads=2)
+    plain.load_weights(after)
+    assert torch.equal(first.generate(PROMPTS, EXTRAS, step=3)[0].input_ids, plain.generate(PROMPTS, EXTRAS, step=3)[0].input_ids)
+
+
+def test_shared_memory_sync_refuses_a_different_model(tiny_model, tmp_path):
+    from workers.shared_weights import Region, SharedWeightWriter
+
+    trainer = PolicyTrainer(str(tiny_model), optim(), seed=0, threads=2)
+    state = trainer.state_dict()
+    path = str(tmp_path / "weights")
+    size, regions = HFRollout(str(tiny_model), threads=2).share_weights(path, create=True)
+    wrong = dict(regions, **{"model.norm.weight": Region(0, "float32", (3,))})
+    with pytest.raises(RuntimeError, match=r"model.norm.weight: trainer has torch.float32 \(\d+,\), rollout float32 \(3,\)"):
+        SharedWeightWriter(path, size, wrong, state)
+    with pytest.raises(RuntimeError, match="lack"):
+        SharedWeightWriter(path, size, {k: v for k, v in regions.items() if k != "model.norm.weight"}, state)
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])

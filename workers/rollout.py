@@ -10,6 +10,7 @@ import torch
 from orchestrator.algos import logprobs_from_logits
 from orchestrator.batch import Batch
 from workers.common import configure_threads, cpu_state_dict, from_transport, load_model, load_tokenizer, pick_device
+from workers.shared_weights import Region, share_parameters
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +94,19 @@ class HFRollout:
         start = time.perf_counter()
         self.model.load_state_dict(from_transport(state_dict), strict=True)
         return time.perf_counter() - start
+
+    def share_weights(self, path: str, create: bool) -> tuple[int, dict[str, Region]] | str:
+        """Move the parameters into the shared file at `path` (see workers/shared_weights.py); returns
+        (size, regions by state-dict name), or why this rollout cannot."""
+        if self.device.type != "cpu":
+            return "the rollout model is on a GPU"
+        params = list(self.model.named_parameters())
+        size, regions = share_parameters(params, path, create)
+        by_storage = {p.data_ptr(): regions[name] for name, p in params}
+        return size, {k: by_storage[t.data_ptr()] for k, t in self.model.state_dict().items() if t.data_ptr() in by_storage}
+
+    def weights_updated(self) -> None:
+        """The trainer wrote new weights into the shared file: nothing is cached from the old ones."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return cpu_state_dict(self.model)

@@ -31,6 +31,7 @@ import torch
 from orchestrator.batch import Batch
 from workers.common import configure_threads, from_transport, load_tokenizer
 from workers.rollout import left_pad, response_mask_until_eos
+from workers.shared_weights import Region, share_parameters
 
 EXTENSION = "workers.rollout_vllm.WeightSyncExtension"
 DEFAULT_BUCKET_BYTES = 256 << 20
@@ -194,6 +195,16 @@ class WeightSyncExtension:
         count = self._load(views)
         torch.cuda.synchronize()
         return count
+
+    def rlhf_share(self, path: str, create: bool) -> tuple[int, dict[str, Region]] | str:
+        """Move the parameters into the shared file at `path`; returns (size, regions by vLLM name),
+        or why this engine cannot compute from shared memory."""
+        model = self.model_runner.model
+        if self.model_runner.device.type != "cpu":
+            return "the engine is not on the CPU"
+        if _has_prepacked_weights(model):
+            return "the engine's kernels compute from prepacked copies of the weights"
+        return share_parameters(list(model.named_parameters()), path, create)
 
     def rlhf_weights(self) -> dict[str, torch.Tensor]:
         """The weights the engine computes with, by vLLM parameter name, on the CPU (for checks).
@@ -417,6 +428,22 @@ class VLLMRollout:
             if os.path.exists(path):
                 os.unlink(path)
 
+    def share_weights(self, path: str, create: bool) -> tuple[int, dict[str, Region]] | str:
+        """Make the engine compute from the shared file at `path` (see workers/shared_weights.py);
+        returns (size, regions by HF name), or why this engine cannot."""
+        if not self.in_process:
+            return "the engine's workers run in other processes"
+        self._wake_weights()
+        shared = self.llm.collective_rpc("rlhf_share", args=(path, create))[0]
+        if isinstance(shared, str):
+            return shared
+        size, regions = shared
+        return size, hf_regions(regions, self.llm.llm_engine.model_config.hf_config)
+
+    def weights_updated(self) -> None:
+        """The trainer wrote new weights into the shared file (while no request runs)."""
+        self.llm.reset_prefix_cache()
+
     def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
         """GPU: join trainer rank 0's NCCL group; this engine's workers take ranks rank_offset.. ."""
         self.llm.collective_rpc("rlhf_init_group", args=(host, port, rank_offset, world_size))
@@ -452,23 +479,37 @@ class VLLMRollout:
         return hf_state_dict(self.engine_weights(), self.llm.llm_engine.model_config.hf_config)
 
 
-def hf_state_dict(weights: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-    """vLLM weights in HF names and shapes: unfused q/k/v and gate/up, the vocabulary unpadded."""
+def hf_parts(name: str, rows: int, config) -> list[tuple[str, int, int]]:
+    """The HF tensors a vLLM parameter holds, as (HF name, first row, end row) along dim 0.
+
+    vLLM fuses q/k/v and gate/up by stacking rows, and pads the vocabulary (to a multiple of 64).
+    """
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     q = config.num_attention_heads * head_dim
     kv = getattr(config, "num_key_value_heads", config.num_attention_heads) * head_dim
-    out = {}
-    for name, t in weights.items():
-        if ".qkv_proj." in name:
-            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), t.split([q, kv, kv])):
-                out[name.replace("qkv_proj", part)] = chunk.contiguous()
-        elif ".gate_up_proj." in name:
-            for part, chunk in zip(("gate_proj", "up_proj"), t.chunk(2)):
-                out[name.replace("gate_up_proj", part)] = chunk.contiguous()
-        elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
-            out[name] = t[: config.vocab_size]  # vLLM pads the vocabulary to a multiple of 64
-        else:
-            out[name] = t
+    if ".qkv_proj." in name:
+        return [(name.replace("qkv_proj", "q_proj"), 0, q), (name.replace("qkv_proj", "k_proj"), q, q + kv),
+                (name.replace("qkv_proj", "v_proj"), q + kv, q + 2 * kv)]
+    if ".gate_up_proj." in name:
+        return [(name.replace("gate_up_proj", "gate_proj"), 0, rows // 2), (name.replace("gate_up_proj", "up_proj"), rows // 2, rows)]
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        return [(name, 0, config.vocab_size)]
+    return [(name, 0, rows)]
+
+
+def _with_tied_head(out: dict, config) -> dict:
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in out:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
+
+
+def hf_state_dict(weights: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """vLLM weights in HF names and shapes: unfused q/k/v and gate/up, the vocabulary unpadded."""
+    out = {hf: t[a:b].contiguous() for name, t in weights.items() for hf, a, b in hf_parts(name, t.shape[0], config)}
+    return _with_tied_head(out, config)
+
+
+def hf_regions(regions: dict[str, Region], config) -> dict[str, Region]:
+    """Where each HF tensor lies in the shared file, from the regions of vLLM's parameters."""
+    out = {hf: r.rows(a, b) for name, r in regions.items() for hf, a, b in hf_parts(name, r.shape[0], config)}
+    return _with_tied_head(out, config)

@@ -3,6 +3,7 @@ across replicas with torch.distributed (gloo on CPU, NCCL on GPU)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from orchestrator import algos
 from orchestrator.batch import Batch
 from workers.common import configure_threads, cpu_state_dict, load_model, pick_device, response_logprobs, to_transport
+from workers.shared_weights import Region, SharedWeightWriter
 
 
 def free_port() -> int:
@@ -156,6 +158,42 @@ class PolicyTrainer(DataParallelMixin):
     def weights_for_sync(self) -> dict[str, Any]:
         """The weights in the object store's zero-copy form (see `to_transport`)."""
         return to_transport(self.model.state_dict())
+
+    # ------------------------------------------------------------ weight sync, the trainer's end
+    def attach_shared_weights(self, path: str, size: int, regions: dict[str, Region]) -> None:
+        """Map the rollouts' shared weights file (CPU, same node), then unlink it: every process has it mapped."""
+        try:
+            self._shared = SharedWeightWriter(path, size, regions, self.model.state_dict())
+        finally:
+            if os.path.exists(path):
+                os.unlink(path)
+
+    def write_shared_weights(self) -> float:
+        """One sync: copy the weights into the memory the rollouts compute from; returns the seconds spent."""
+        return self._shared.write(self.model.state_dict())
+
+    def init_weight_sender(self, host: str, port: int, world_size: int) -> None:
+        """GPU, vLLM: open the NCCL group with every engine worker (this is rank 0)."""
+        from workers.rollout_vllm import NcclWeightSender
+
+        self._sender = NcclWeightSender(host, port, world_size, self.device)
+        self._buckets = NcclWeightSender.plan(self.model)
+
+    def weight_buckets(self) -> list:
+        return self._buckets
+
+    def send_weights_nccl(self) -> None:
+        self._sender.send(self.model, self._buckets)
+
+    def ipc_weights(self) -> tuple[dict[str, Any], list]:
+        """GPU, colocated vLLM: the weights as one CUDA buffer shared by IPC, kept until `release_ipc_weights`."""
+        from workers.rollout_vllm import cuda_ipc_payload
+
+        handles, buckets, self._ipc_buffer = cuda_ipc_payload(self.model)
+        return handles, buckets
+
+    def release_ipc_weights(self) -> None:
+        self._ipc_buffer = None
 
     def save(self, path: str) -> None:
         """Rank 0 writes the model (HF layout, loadable by any role) and the optimiser state."""
