@@ -120,13 +120,18 @@ def test_shared_memory_sync_into_the_engine(engine, trained, tiny_model, tmp_pat
 
 @pytest.mark.slow
 def test_grpo_end_to_end_with_vllm(tiny_model, arith_file, tmp_path, ray_session):
-    from tests.conftest import tiny_spec
+    from tests.conftest import read_jsonl, tiny_spec
     from tests.test_e2e import check_run, start
 
     spec = tiny_spec(tiny_model, arith_file, tmp_path / "grpo-vllm",
                      rollout={"backend": "vllm", "importance_sampling": {"enabled": True, "cap": 2.0}},
                      optim={"steps": 2})
     orch = start(spec)
-    metrics = check_run(orch, tiny_model, {"rollout", "trainer", "reward"})
+    try:
+        metrics = check_run(orch, tiny_model, {"rollout", "trainer", "reward"})
+    finally:
+        orch.shutdown()
+    # The engine computed from the shared-memory file the trainer wrote (check_run compared the weights).
+    assert [e["method"] for e in read_jsonl(orch.spec.run_dir / "events.jsonl") if e["type"] == "weight_sync"] == ["shared_memory"]
     for m in metrics:
         assert m["rollout_is/logp_diff"] < LOGPROB_ATOL and m["rollout_is/truncated"] == 0

@@ -103,6 +103,15 @@ def test_shared_memory_sync_writes_into_what_the_rollouts_compute_from(tiny_mode
     assert torch.equal(first.generate(PROMPTS, EXTRAS, step=3)[0].input_ids, plain.generate(PROMPTS, EXTRAS, step=3)[0].input_ids)
 
 
+def test_shared_memory_sync_declines_a_full_tmpfs(tiny_model, tmp_path, monkeypatch):
+    # Docker's default /dev/shm is 64 MiB: writing past a full tmpfs would kill the process, so the rollout declines.
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(64 << 20, 64 << 20, 1000))
+    reason = HFRollout(str(tiny_model), threads=2).share_weights(str(tmp_path / "weights"), create=True)
+    assert isinstance(reason, str) and "0 MiB free" in reason and not (tmp_path / "weights").exists()
+
+
 def test_shared_memory_sync_refuses_a_different_model(tiny_model, tmp_path):
     from workers.shared_weights import Region, SharedWeightWriter
 

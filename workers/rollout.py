@@ -10,7 +10,7 @@ import torch
 from orchestrator.algos import logprobs_from_logits
 from orchestrator.batch import Batch
 from workers.common import configure_threads, cpu_state_dict, from_transport, load_model, load_tokenizer, pick_device
-from workers.shared_weights import Region, share_parameters
+from workers.shared_weights import NoRoomForWeights, Region, share_parameters
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +101,10 @@ class HFRollout:
         if self.device.type != "cpu":
             return "the rollout model is on a GPU"
         params = list(self.model.named_parameters())
-        size, regions = share_parameters(params, path, create)
+        try:
+            size, regions = share_parameters(params, path, create)
+        except NoRoomForWeights as e:
+            return str(e)
         by_storage = {p.data_ptr(): regions[name] for name, p in params}
         return size, {k: by_storage[t.data_ptr()] for k, t in self.model.state_dict().items() if t.data_ptr() in by_storage}
 

@@ -31,7 +31,7 @@ import torch
 from orchestrator.batch import Batch
 from workers.common import configure_threads, from_transport, load_tokenizer
 from workers.rollout import left_pad, response_mask_until_eos
-from workers.shared_weights import Region, share_parameters
+from workers.shared_weights import NoRoomForWeights, Region, share_parameters
 
 EXTENSION = "workers.rollout_vllm.WeightSyncExtension"
 DEFAULT_BUCKET_BYTES = 256 << 20
@@ -204,7 +204,10 @@ class WeightSyncExtension:
             return "the engine is not on the CPU"
         if _has_prepacked_weights(model):
             return "the engine's kernels compute from prepacked copies of the weights"
-        return share_parameters(list(model.named_parameters()), path, create)
+        try:
+            return share_parameters(list(model.named_parameters()), path, create)
+        except NoRoomForWeights as e:
+            return str(e)
 
     def rlhf_weights(self) -> dict[str, torch.Tensor]:
         """The weights the engine computes with, by vLLM parameter name, on the CPU (for checks).

@@ -14,6 +14,7 @@ and nothing is left in /dev/shm when the job ends or is killed.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Iterable
@@ -39,6 +40,10 @@ class Region:
         """The sub-region of rows [start, stop) along dim 0 (contiguous, so a region again)."""
         row = self.nbytes // self.shape[0] if self.shape[0] else 0
         return Region(self.offset + start * row, self.dtype, (stop - start, *self.shape[1:]))
+
+
+class NoRoomForWeights(RuntimeError):
+    """The shared-memory filesystem has no room for the weights."""
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -75,6 +80,10 @@ def share_parameters(params: list[tuple[str, torch.nn.Parameter]], path: str, cr
     process's parameters at it, with no copy.
     """
     size, regions = layout((n, p.data) for n, p in params)
+    free = shutil.disk_usage(os.path.dirname(path) or ".").free
+    if create and free < size:
+        # A tmpfs that is too small (Docker gives /dev/shm 64 MiB by default) would SIGBUS on the first write past its end.
+        raise NoRoomForWeights(f"{os.path.dirname(path)} has {free / 2**20:.0f} MiB free, the weights need {size / 2**20:.0f} MiB")
     if not create and os.path.getsize(path) != size:
         raise RuntimeError(f"shared weights file {path} has {os.path.getsize(path)} bytes, expected {size}: different models?")
     flat = map_file(path, size)
