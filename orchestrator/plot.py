@@ -13,8 +13,11 @@ PANELS = (
     ("reward", ("reward/mean",)),
     ("KL to reference", ("kl",)),
     ("held-out eval", ("eval/*/mean",)),
+    ("SFT loss", ("loss",)),
+    ("entropy (nats/token)", ("entropy",)),
     ("response length (tokens)", ("response_length/mean",)),
 )
+SMOOTH_ABOVE = 60  # points: longer series are drawn faint, under their running mean
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -56,11 +59,16 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     out = Path(out) if out else run_dir / "metrics.png"
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7), sharex=True)
     for ax, (title, patterns) in zip(axes.flat, PANELS):
         for pattern in patterns:
             for name, (steps, values) in _series(rows, pattern).items():
-                ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=name)
+                if len(steps) <= SMOOTH_ABOVE:
+                    ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=name)
+                    continue
+                window = max(len(steps) // 40, 5)
+                line = ax.plot(steps, values, alpha=0.25, linewidth=0.8)[0]
+                ax.plot(steps, running_mean(values, window), color=line.get_color(), label=f"{name} (mean of {window})")
         _mark_stages(ax, rows)
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -74,6 +82,15 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+    return out
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of the last `window` values at each point (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
     return out
 
 

@@ -65,13 +65,18 @@ class ProgressReporter:
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+        self.eval: float | None = None  # the latest held-out score, shown until the next one
 
     def event(self, type: str, message: str = "", **data: Any) -> None:
-        if type in ("warning", "error", "checkpoint"):
+        if type in ("warning", "error", "checkpoint", "stage", "weight_sync"):
             self.bar.write(f"[{type}] {message}")
+        if type == "stage" and data.get("stage"):
+            self.bar.set_description(str(data["stage"]))
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
-        shown = {"reward": values.get("reward/mean"), "kl": values.get("kl"), "len": values.get("response_length/mean")}
+        self.eval = values.get("eval/reward/mean", self.eval)
+        shown = {"loss": values.get("loss"), "reward": values.get("reward/mean"), "kl": values.get("kl"),
+                 "len": values.get("response_length/mean"), "eval": self.eval}
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None}, refresh=False)
         self.bar.update(step - self.bar.n)
 

@@ -116,3 +116,35 @@ def test_sft_then_grpo_pipeline(tiny_model, sft_files, tmp_path):
 
     png = plot_run(out)
     assert png == out / "metrics.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_arithmetic_teacher_slips_only_on_carries():
+    from orchestrator.demo import _make_data
+
+    make = _make_data()
+    # By hand: 49+24 carries (9+4=13); forgetting it gives 63. 33-29 borrows (3<9); forgetting it gives 14.
+    assert make.needs_carry(49, "+", 24) and make.slipped(49, "+", 24) == 63
+    assert make.needs_carry(33, "-", 29) and make.slipped(33, "-", 29) == 14
+    assert not make.needs_carry(21, "+", 13) and not make.needs_carry(27, "-", 15)
+    clean, sloppy = make.problems(0, 49), make.problems(0, 49, teacher_slip=0.6)
+    # Same problems in the same order (so the same train/test split); answers always right.
+    assert [r["prompt"] for r in clean] == [r["prompt"] for r in sloppy]
+    assert all(r["completion"] == str(r["answer"]) for r in clean)
+    assert all(a["answer"] == b["answer"] for a, b in zip(clean, sloppy))
+    wrong = [r for r in sloppy if r["completion"] != str(r["answer"])]
+    carries = [r for r in sloppy if make.needs_carry(*make.operands(r["prompt"]))]
+    assert all(make.needs_carry(*make.operands(r["prompt"])) for r in wrong)
+    assert 0.5 < len(wrong) / len(carries) < 0.7
+
+
+
+def test_progress_bar_shows_the_stage_its_loss_and_the_last_eval():
+    from orchestrator.reporting import ProgressReporter
+
+    bar = ProgressReporter(total=10)
+    bar.event("stage", "stage sft (sft) runs steps 1..5", stage="sft")
+    bar.metrics(1, {"loss": 0.5, "eval/reward/mean": 0.25})
+    bar.metrics(2, {"loss": 0.4})
+    assert bar.bar.desc.startswith("sft") and bar.bar.n == 2
+    assert "loss=0.400" in bar.bar.postfix and "eval=0.250" in bar.bar.postfix  # the eval stays until the next one
+    bar.close()
