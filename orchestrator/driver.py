@@ -118,7 +118,8 @@ class Orchestrator:
         batch, per_source = self.score(batch, timing)
         batch = self.advantages(batch, timing)
         metrics = self.update(batch, step, timing)
-        self.sync_weights(timing)
+        if self.weight_sync != "shared_memory":  # (shared memory: the update's last act wrote the weights)
+            self.sync_weights(timing)
         timing["step"] = time.perf_counter() - start
         metrics.update(rollout_metrics(batch, per_source, self.spec, self.eos_token_id))
         return {**metrics, **self.throughput(batch, timing), **{f"timing/{k}": v for k, v in timing.items()}}
@@ -168,11 +169,14 @@ class Orchestrator:
         """Policy update (and critic update, concurrently) over the step's samples."""
         t0 = time.perf_counter()
         opt, num_mini = self.spec.optim, self.num_mini_batches
-        trainer_refs = self._sharded("trainer", "train_step", batch, step, num_mini, opt.micro_batch_size, self.on_policy)
+        publish = self.weight_sync == "shared_memory"
+        trainer_refs = self._sharded("trainer", "train_step", batch, step, num_mini, opt.micro_batch_size, self.on_policy, publish)
         critic_refs = self._sharded("critic", "train_step", batch, step, num_mini, opt.micro_batch_size) if "critic" in self.groups else []
         results = ray.get(trainer_refs + critic_refs)
         trainer_stats, critic_stats = results[0], (results[len(trainer_refs)] if critic_refs else {})
         timing["update_compute"] = max(r.pop("timing/update_compute") for r in results[: len(trainer_refs)])
+        if publish:
+            timing["weight_sync"] = trainer_stats.pop("timing/weight_sync")
         if critic_stats:
             timing["critic_update_compute"] = critic_stats.pop("timing/critic_update_compute")
         timing["update"] = time.perf_counter() - t0
@@ -183,8 +187,8 @@ class Orchestrator:
         t0 = time.perf_counter()
         trainers, rollouts = self.groups["trainer"], self.groups["rollout"]
         if self.weight_sync == "shared_memory":
-            # The prefix caches are dropped while the trainer writes: no request runs during a sync.
-            ray.get([trainers.actors[0].write_shared_weights.remote(), *rollouts.call("weights_updated")])
+            # The engines see the file's write count move and drop their prefix caches at the next generate.
+            ray.get(trainers.actors[0].write_shared_weights.remote())
         elif self.weight_sync == "nccl":
             buckets = self._nccl_buckets
             ray.get([trainers.actors[0].send_weights_nccl.remote(), *rollouts.call("receive_weights_nccl", buckets)])

@@ -108,7 +108,6 @@ def test_shared_memory_sync_into_the_engine(engine, trained, tiny_model, tmp_pat
     assert not torch.equal(engine.state_dict()["model.norm.weight"], trained["model.norm.weight"])
     writer = SharedWeightWriter(str(tmp_path / "weights"), size, regions, trained)
     writer.write(trained)
-    engine.weights_updated()
     synced = engine.state_dict()
     for name, t in trained.items():
         assert torch.equal(synced[name], t), f"{name} differs after a shared-memory sync"
@@ -116,6 +115,8 @@ def test_shared_memory_sync_into_the_engine(engine, trained, tiny_model, tmp_pat
     ours, _ = engine.generate(PROMPTS, [{}, {}, {}], step=1, greedy=True)
     theirs, _ = hf.generate(PROMPTS, [{}, {}, {}], step=1, greedy=True)
     assert ours.input_ids.tolist() == theirs.input_ids.tolist()
+    # The write was counted, and the engine saw the count move (and dropped its prefix cache) when it generated.
+    assert int(engine._version) == engine._seen == 1
 
 
 @pytest.mark.slow

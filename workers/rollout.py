@@ -108,8 +108,5 @@ class HFRollout:
         by_storage = {p.data_ptr(): regions[name] for name, p in params}
         return size, {k: by_storage[t.data_ptr()] for k, t in self.model.state_dict().items() if t.data_ptr() in by_storage}
 
-    def weights_updated(self) -> None:
-        """The trainer wrote new weights into the shared file: nothing is cached from the old ones."""
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return cpu_state_dict(self.model)

@@ -31,7 +31,7 @@ import torch
 from orchestrator.batch import Batch
 from workers.common import configure_threads, from_transport, load_tokenizer
 from workers.rollout import left_pad, response_mask_until_eos
-from workers.shared_weights import NoRoomForWeights, Region, share_parameters
+from workers.shared_weights import NoRoomForWeights, Region, map_file, share_parameters, version
 
 EXTENSION = "workers.rollout_vllm.WeightSyncExtension"
 DEFAULT_BUCKET_BYTES = 256 << 20
@@ -334,6 +334,7 @@ class VLLMRollout:
         )
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and tensor_parallel_size == 1
         self.asleep: set[str] = set()  # the memory tags released by `sleep`
+        self._version: torch.Tensor | None = None  # the shared weights file's write count (see share_weights)
 
     # ------------------------------------------------------------ generation
     def generate(self, prompt_ids: list[list[int]], extras: list[dict[str, Any]], step: int, greedy: bool = False,
@@ -349,6 +350,7 @@ class VLLMRollout:
         if "weights" in self.asleep:
             raise RuntimeError("the colocated engine discarded its weights when it slept: sync weights before generating")
         self.wake_up(["kv_cache"])
+        self._drop_stale_cache()
         n = 1 if greedy else self.n
         params = [
             SamplingParams(n=n, max_tokens=self.max_new_tokens, temperature=0.0 if greedy else self.temperature,
@@ -441,11 +443,15 @@ class VLLMRollout:
         if isinstance(shared, str):
             return shared
         size, regions = shared
+        self._version = version(map_file(path, size))
+        self._seen = int(self._version)
         return size, hf_regions(regions, self.llm.llm_engine.model_config.hf_config)
 
-    def weights_updated(self) -> None:
-        """The trainer wrote new weights into the shared file (while no request runs)."""
-        self.llm.reset_prefix_cache()
+    def _drop_stale_cache(self) -> None:
+        """With shared weights: the trainer wrote new ones since the last generation, so cached prefixes are stale."""
+        if self._version is not None and int(self._version) != self._seen:
+            self._seen = int(self._version)
+            self.llm.reset_prefix_cache()
 
     def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
         """GPU: join trainer rank 0's NCCL group; this engine's workers take ranks rank_offset.. ."""

@@ -7,6 +7,8 @@ kernels read, with no serialisation, no object store and no second copy on the e
 Every rollout replica on the node maps the same file, so a sync costs one copy however many
 engines there are.
 
+Its first bytes count the writes: an engine that finds the count moved since its last generation
+drops what it cached from the old weights (vLLM's prefix cache), so a sync needs no call to it.
 The file is unlinked as soon as the trainer has mapped it: the mappings keep the memory alive,
 and nothing is left in /dev/shm when the job ends or is killed.
 """
@@ -22,6 +24,7 @@ from typing import Iterable
 import torch
 
 ALIGN = 64  # bytes: every region starts aligned for any dtype and for vector loads
+HEADER = 64  # bytes before the first region; starts with the int64 count of writes (the weights' version)
 
 
 @dataclass(frozen=True)
@@ -59,12 +62,12 @@ def view(flat: torch.Tensor, region: Region) -> torch.Tensor:
 
 def layout(tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[int, dict[str, Region]]:
     """Regions, back to back and aligned, for (name, tensor) pairs; returns (file size, regions)."""
-    regions, used = {}, 0
+    regions, used = {}, HEADER
     for name, t in tensors:
         start = -(-used // ALIGN) * ALIGN
         regions[name] = Region(start, str(t.dtype).removeprefix("torch."), tuple(t.shape))
         used = start + regions[name].nbytes
-    return max(used, 1), regions
+    return used, regions
 
 
 def map_file(path: str, size: int) -> torch.Tensor:
@@ -72,12 +75,17 @@ def map_file(path: str, size: int) -> torch.Tensor:
     return torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
 
 
+def version(flat: torch.Tensor) -> torch.Tensor:
+    """The file's write counter, as a one-element int64 view: a reader that saw another value has stale caches."""
+    return flat[:8].view(torch.int64)
+
+
 def share_parameters(params: list[tuple[str, torch.nn.Parameter]], path: str, create: bool) -> tuple[int, dict[str, Region]]:
     """Rebind each parameter's storage to a region of the shared file at `path`.
 
     create=True lays the file out and copies the parameters in; create=False maps a file that a
     replica with the same parameters created (its layout must be the same) and points this
-    process's parameters at it, with no copy.
+    process's parameters at it, with no copy. Returns (file size, regions by parameter name).
     """
     size, regions = layout((n, p.data) for n, p in params)
     free = shutil.disk_usage(os.path.dirname(path) or ".").free
@@ -119,7 +127,9 @@ class SharedWeightWriter:
 
     @torch.no_grad()
     def write(self, state_dict: dict[str, torch.Tensor]) -> float:
+        """Copy every tensor in, then count the write; returns the seconds spent."""
         start = time.perf_counter()
         for name, dst in self.pairs:
             dst.copy_(state_dict[name])
+        version(self.flat).add_(1)
         return time.perf_counter() - start

@@ -60,6 +60,7 @@ class DataParallelMixin:
 
 
 class PolicyTrainer(DataParallelMixin):
+    _shared: SharedWeightWriter | None = None  # rank 0, with shared-memory weight sync
     def __init__(self, model_path: str, optim: dict[str, Any], dtype: str = "float32", trust_remote_code: bool = False,
                  temperature: float = 1.0, seed: int = 0, num_gpus: float = 0, threads: int | None = None,
                  importance_sampling: dict[str, Any] | None = None):
@@ -75,12 +76,14 @@ class PolicyTrainer(DataParallelMixin):
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim["lr"], weight_decay=optim["weight_decay"], foreach=True)
 
     # ------------------------------------------------------------ one step
-    def train_step(self, batch: Batch, step: int, num_mini_batches: int, micro_batch_size: int | None, on_policy: bool) -> dict[str, float]:
+    def train_step(self, batch: Batch, step: int, num_mini_batches: int, micro_batch_size: int | None, on_policy: bool,
+                   publish: bool = False) -> dict[str, float]:
         """PPO-style update over this replica's shard of the step's samples.
 
         The shard is cut into `num_mini_batches` optimiser steps, each accumulated over micro-batches,
         for `ppo_epochs` passes. With `on_policy` (one optimiser step) the old log-probs are the
-        current ones detached, so the ratio is 1 and no old-log-prob pass is needed.
+        current ones detached, so the ratio is 1 and no old-log-prob pass is needed. With `publish`
+        (shared-memory weight sync), rank 0 then writes the new weights where the rollouts read them.
         """
         start = time.perf_counter()
         batch = batch.to(self.device)
@@ -92,6 +95,8 @@ class PolicyTrainer(DataParallelMixin):
                 self._optimizer_step(batch.select(mb_index), micro_batch_size, on_policy, stats)
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         out["timing/update_compute"] = time.perf_counter() - start
+        if publish and self._shared is not None:
+            out["timing/weight_sync"] = self.write_shared_weights()
         return out
 
     def _optimizer_step(self, mb: Batch, micro_batch_size: int | None, on_policy: bool, stats: dict) -> None:
