@@ -118,15 +118,14 @@ def main() -> None:
 
     ray.init(include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     rows = []
-    print(f"{'model':>6} {'params':>11} {'MB':>7} {'copy s':>8} {'GB/s':>5} | {'shm in step s':>13} {'/copy':>5} {'shm call s':>10} {'/copy':>5} "
-          f"| {'object store s':>14} {'/copy':>5}")
+    paths = [("shared_memory_in_step_s", "shm in step"), ("shared_memory_call_s", "shm call"), ("object_store_s", "object store")]
+    print(f"{'model':>6} {'params':>11} {'MB':>7} {'copy s':>8} {'GB/s':>5}" + "".join(f" | {label + ' s':>15} {'GB/s':>5} {'/copy':>5}" for _, label in paths))
     for size in args.sizes:
         r = measure(size, args.repeats)
         rows.append(r)
-        ratio = lambda key: r["copy_s"] / r[key]  # noqa: E731  (a rate ratio: same bytes)
-        print(f"{size:>6} {r['params']:>11,} {r['bytes'] / 1e6:>7.1f} {r['copy_s']:>8.4f} {r['bytes'] / r['copy_s'] / 1e9:>5.2f} | "
-              f"{r['shared_memory_in_step_s']:>13.4f} {ratio('shared_memory_in_step_s'):>5.0%} {r['shared_memory_call_s']:>10.4f} "
-              f"{ratio('shared_memory_call_s'):>5.0%} | {r['object_store_s']:>14.4f} {ratio('object_store_s'):>5.0%}", flush=True)
+        gb = lambda key: r["bytes"] / r[key] / 1e9  # noqa: E731
+        print(f"{size:>6} {r['params']:>11,} {r['bytes'] / 1e6:>7.1f} {r['copy_s']:>8.4f} {gb('copy_s'):>5.2f}"
+              + "".join(f" | {r[key]:>15.4f} {gb(key):>5.2f} {r['copy_s'] / r[key]:>5.0%}" for key, _ in paths), flush=True)
     ray.shutdown()
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
