@@ -326,7 +326,6 @@ class Orchestrator:
         return checkpoint.read_state(path)["step"]
 
 
-
 def share_memory(trainer, rollouts: list, tag: str) -> str | None:
     """Make every rollout actor compute from one /dev/shm file that the trainer actor writes
     (workers/shared_weights.py); returns why not, if not."""
@@ -342,11 +341,15 @@ def share_memory(trainer, rollouts: list, tag: str) -> str | None:
         for other in ray.get([a.share_weights.remote(path, False) for a in rollouts[1:]]):
             if isinstance(other, str):
                 raise RuntimeError(f"rollout replicas disagree on shared weights: {other}")
-        ray.get(trainer.attach_shared_weights.remote(path, size, regions))  # maps the file, then unlinks it
+        try:
+            ray.get(trainer.attach_shared_weights.remote(path, size, regions))  # maps the file, then unlinks it
+        except ray.exceptions.RayTaskError as e:  # e.g. a model whose HF names vLLM fuses differently
+            return f"the trainer's tensors do not map onto the engine's: {getattr(e, 'cause', e)}"
     finally:
         unlink = lambda self_, p: os.path.exists(p) and os.unlink(p)  # noqa: E731
         ray.get(trainer.__ray_call__.remote(unlink, path))
     return None
+
 
 def _even_chunks(items: list, parts: int) -> list[list]:
     size = math.ceil(len(items) / parts)

@@ -106,3 +106,22 @@ def test_data_parallel_trainers_stay_identical(ray_session, tiny_model, arith_fi
         assert all(torch.equal(w0[k], w1[k]) for k in w0), "gloo all-reduce left the replicas apart"
     finally:
         orch.shutdown()
+
+
+def test_shared_memory_declines_a_trainer_whose_tensors_do_not_fit(ray_session, tiny_model, tmp_path):
+    # A rollout of another shape: the trainer's tensors do not map onto its file, so the job would
+    # fall back to the object store (with this reason in its weight_sync event) and leave no file behind.
+    from orchestrator.driver import share_memory
+    from orchestrator.tiny_model import init_model
+    from workers.rollout import HFRollout
+    from workers.trainer import PolicyTrainer
+
+    other = init_model(tmp_path / "other", hidden_size=64, layers=2)
+    trainer = ray.remote(PolicyTrainer).options(num_cpus=0).remote(str(tiny_model), {"lr": 1e-3, "weight_decay": 0.0})
+    rollout = ray.remote(HFRollout).options(num_cpus=0).remote(str(other))
+    try:
+        reason = share_memory(trainer, [rollout], "mismatch-test")
+    finally:
+        ray.kill(trainer), ray.kill(rollout)
+    assert reason.startswith("the trainer's tensors do not map onto the engine's") and "trainer has torch.float32 (260, 128)" in reason
+    assert not list(Path("/dev/shm").glob("rlhf-weights-mismatch-test-*"))
