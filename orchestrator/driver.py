@@ -204,6 +204,8 @@ class Orchestrator:
 
     def setup_weight_sync(self) -> None:
         """Pick how weights travel (`rollout.weight_sync`) and prepare it; reported as a `weight_sync` event."""
+        if "rollout" not in self.groups:  # an SFT stage that does not evaluate has no rollouts to sync
+            return
         spec, res = self.spec, self.spec.resources
         wanted = spec.rollout.weight_sync
         on_gpu = res.trainer.num_gpus > 0 and res.rollout.num_gpus > 0

@@ -17,6 +17,7 @@ from orchestrator.data import PromptDataset, PromptSampler, load_prompts
 from orchestrator.reporting import FileReporter, MultiReporter
 from orchestrator.spec import JobSpec
 
+
 @dataclass(frozen=True)
 class Stage:
     name: str | None  # None: the job has no stages

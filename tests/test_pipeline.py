@@ -148,3 +148,17 @@ def test_progress_bar_shows_the_stage_its_loss_and_the_last_eval():
     assert bar.bar.desc.startswith("sft") and bar.bar.n == 2
     assert "loss=0.400" in bar.bar.postfix and "eval=0.250" in bar.bar.postfix  # the eval stays until the next one
     bar.close()
+
+
+@pytest.mark.slow
+def test_sft_alone_without_eval_runs_on_the_trainer_only(tiny_model, sft_files, tmp_path):
+    # No eval file: no rollout or reward actors, and so no weights to sync.
+    out = tmp_path / "sft-only"
+    spec = tiny_spec(tiny_model, sft_files[0], out, algorithm={"name": "sft"}, optim={"lr": 3e-3, "steps": 2})
+    result = run_entrypoint(write_spec(tmp_path / "job.yaml", spec))
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = read_jsonl(out / "events.jsonl")
+    assert [e["status"] for e in events if e["type"] == "status"] == ["starting", "running", "succeeded"]
+    assert [len(e["actors"]) for e in events if e["type"] == "actors_ready"] == [1]
+    assert not [e for e in events if e["type"] == "weight_sync"]
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]

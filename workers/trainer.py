@@ -61,6 +61,7 @@ class DataParallelMixin:
 
 class PolicyTrainer(DataParallelMixin):
     _shared: SharedWeightWriter | None = None  # rank 0, with shared-memory weight sync
+
     def __init__(self, model_path: str, optim: dict[str, Any], dtype: str = "float32", trust_remote_code: bool = False,
                  temperature: float = 1.0, seed: int = 0, num_gpus: float = 0, threads: int | None = None,
                  importance_sampling: dict[str, Any] | None = None):

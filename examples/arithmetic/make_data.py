@@ -70,4 +70,6 @@ if __name__ == "__main__":
     p.add_argument("--max-operand", type=int, default=49)
     p.add_argument("--teacher-slip", type=float, default=0.0, help="chance that a demonstration forgets a needed carry or borrow")
     a = p.parse_args()
+    if not 0.0 <= a.teacher_slip <= 1.0:
+        p.error(f"--teacher-slip is a probability, got {a.teacher_slip}")
     write(Path(a.out), a.train, a.test, a.seed, a.max_operand, a.teacher_slip)
