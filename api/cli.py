@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -90,7 +89,7 @@ def _run(fn):
 
 
 def _submit(args) -> int:
-    from orchestrator.spec import SpecError, read_spec_file
+    from orchestrator.core.spec import SpecError, read_spec_file
 
     try:
         spec = read_spec_file(args.spec)

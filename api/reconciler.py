@@ -12,7 +12,7 @@ import time
 
 from api.launcher import RayJobMissing, RayJobState, RayLauncher, RayUnavailable
 from api.store import JobStore
-from orchestrator.redis_reporter import TERMINAL
+from orchestrator.core.records import TERMINAL
 
 log = logging.getLogger("api.reconciler")
 

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from orchestrator.spec import JobSpec
+from orchestrator.core.spec import JobSpec
 
 JobStatus = Literal["queued", "starting", "running", "cancelling", "succeeded", "failed", "cancelled"]
 

@@ -1,4 +1,4 @@
-"""Job records, events and metrics in Redis (the layout is in orchestrator/redis_reporter.py,
+"""Job records, events and metrics in Redis (the layout is in orchestrator/core/records.py,
 shared with the driver's reporter)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from orchestrator.redis_reporter import (
+from orchestrator.core.records import (
     ACTIVE_KEY,
     COUNTS_KEY,
     PREFIX,

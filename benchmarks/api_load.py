@@ -67,7 +67,7 @@ async def seed(redis_url: str, tenant: str, n: int) -> list[str]:
     """n finished jobs with a full spec, a metrics history and latest metrics."""
     from api.store import JobStore
     from orchestrator.redis_reporter import RedisReporter
-    from orchestrator.spec import parse_spec
+    from orchestrator.core.spec import parse_spec
 
     spec = parse_spec(
         {"name": "bench", "model": {"path": "/models/tiny"}, "data": {"train_file": "/data/train.jsonl"}, "rewards": [{"function": "accuracy"}],

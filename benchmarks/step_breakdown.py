@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.spec import JobSpec, parse_spec, read_spec_file  # noqa: E402
+from orchestrator.core.spec import JobSpec, parse_spec, read_spec_file  # noqa: E402
 
 # (row label, metric keys summed): the compute phases, in the order a step runs them.
 PHASES = [
@@ -90,7 +90,7 @@ def run_ours(spec: JobSpec, warmup: int) -> list[dict[str, float]]:
 
     tokenizer, dataset = preflight(spec)
     connect_ray(spec)
-    orch = Orchestrator(spec, dataset, _NullReporter(), f"bench-{os.getpid()}", tokenizer.eos_token_id)
+    orch = Orchestrator(spec, dataset, _NullReporter(), f"bench-{os.getpid()}", tokenizer.eos_token_id, tokenizer.pad_token_id)
     out = []
     try:
         orch.start()

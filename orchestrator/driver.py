@@ -6,51 +6,25 @@ short method. Data moves between actors as one `Batch` of tensors through Ray's 
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import uuid
-from typing import Any
 
 import ray
 import torch
 
-from orchestrator import algos, checkpoint
-from orchestrator.batch import Batch
-from orchestrator.data import PromptDataset, PromptSampler
-from orchestrator.placement import ActorGroup, active_roles, create_placement_group, plan, spawn_group
+from orchestrator.core import algos, checkpoint
+from orchestrator.core.advantages import compute_advantages
+from orchestrator.core.batch import Batch, concat
+from orchestrator.core.data import PromptDataset, PromptSampler
+from orchestrator.core.spec import JobSpec
+from orchestrator.placement import ActorGroup, create_placement_group, plan, spawn_group
+from orchestrator.registry import rollout_class, trainer_class
 from orchestrator.reporting import Reporter
-from orchestrator.spec import JobSpec
+from workers.common import load_tokenizer
 from workers.critic import Critic
 from workers.reference import Reference
 from workers.reward import RewardWorker
-from workers.rollout import HFRollout
-from workers.trainer import PolicyTrainer
-
-
-def rollout_class(backend: str) -> type:
-    if backend == "vllm":
-        from workers.rollout_vllm import VLLMRollout  # imported only when asked for: vllm is an optional extra
-
-        return VLLMRollout
-    return HFRollout
-
-
-def compute_advantages(batch: Batch, spec: JobSpec) -> Batch:
-    """Token advantages (and returns, for GAE) from scores, KL and values, by the spec's estimator."""
-    opt, est, mask = spec.optim, spec.algorithm.estimator, batch.response_mask
-    kl = algos.kl_estimate(batch.logprobs, batch.ref_logprobs, opt.kl_estimator) * mask if batch.ref_logprobs is not None else None
-    kl_coef = opt.kl_coef if opt.kl_in == "reward" else 0.0
-    if est in algos.OUTCOME_ESTIMATORS:
-        # A sequence-level KL penalty for outcome estimators: r_i - beta * sum_t kl_t.
-        scores = batch.scores - kl_coef * kl.sum(1) if kl is not None and kl_coef else batch.scores
-        kwargs = {"norm_by_std": spec.algorithm.norm_adv_by_std} if est == "grpo" else {}
-        return batch.replace(advantages=algos.OUTCOME_ESTIMATORS[est](scores, batch.group_ids, mask, **kwargs))
-    token_rewards = algos.token_level_rewards(batch.scores, mask, kl, kl_coef)
-    if est == "reinforce_pp":
-        return batch.replace(token_rewards=token_rewards, advantages=algos.reinforce_pp_advantages(token_rewards, mask, opt.gamma))
-    advantages, returns = algos.gae_advantages(token_rewards, batch.values, mask, opt.gamma, opt.lam)
-    return batch.replace(token_rewards=token_rewards, advantages=advantages, returns=returns)
 
 
 def rollout_metrics(batch: Batch, per_source: dict[str, torch.Tensor], spec: JobSpec, eos_token_id: int) -> dict[str, float]:
@@ -80,11 +54,12 @@ def rollout_metrics(batch: Batch, per_source: dict[str, torch.Tensor], spec: Job
 
 
 class Orchestrator:
-    trainer_cls: type = PolicyTrainer
+    # Whether the rollouts get the new weights after every step (an SFT stage syncs only to evaluate).
+    syncs_every_step = True
 
-    def __init__(self, spec: JobSpec, dataset: PromptDataset, reporter: Reporter, job_id: str, eos_token_id: int):
+    def __init__(self, spec: JobSpec, dataset: PromptDataset, reporter: Reporter, job_id: str, eos_token_id: int, pad_token_id: int):
         self.spec, self.dataset, self.reporter, self.job_id = spec, dataset, reporter, job_id
-        self.eos_token_id = eos_token_id
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.sampler = PromptSampler(len(dataset), spec.optim.prompts_per_step, spec.optim.seed, spec.data.shuffle)
         self.total_steps = spec.optim.steps or spec.optim.epochs * self.sampler.steps_per_epoch
         self.groups: dict[str, ActorGroup] = {}
@@ -130,11 +105,8 @@ class Orchestrator:
         index = self.sampler.indices(step - 1)
         prompts = [self.dataset.prompt_ids[i] for i in index]
         extras = [self.dataset.extras[i] for i in index]
-        rollouts = self.groups["rollout"]
-        shards = _even_chunks(list(range(len(prompts))), len(rollouts))
-        refs = rollouts.call_each("generate", [([prompts[i] for i in s], [extras[i] for i in s], step, False, self.need_logprobs) for s in shards])
-        results = ray.get(refs)
-        batch = _concat([b for b, _ in results])
+        results = ray.get(self.groups["rollout"].call_on_rows("generate", [prompts, extras], step, False, self.need_logprobs))
+        batch = concat([b for b, _ in results])
         timing["generate_compute"] = max(t for _, t in results)
         timing["generate"] = time.perf_counter() - t0
         return batch
@@ -145,17 +117,18 @@ class Orchestrator:
         # Several consumers share one copy in the object store; a lone reward call takes the batch inline.
         batch_ref = ray.put(batch) if ("reference" in self.groups or "critic" in self.groups) else batch
         reward_ref = self.groups["reward"].call("score", batch_ref)[0]
-        ref_refs = self._sharded("reference", "compute_logprobs", batch) if "reference" in self.groups else None
-        critic_ref = self.groups["critic"].call("compute_values", batch_ref)[0] if "critic" in self.groups else None
+        ref_refs = self.groups["reference"].call_sharded("compute_logprobs", batch) if "reference" in self.groups else None
+        critic_refs = self.groups["critic"].call_sharded("compute_values", batch, whole=batch_ref) if "critic" in self.groups else None
         scores, per_source, timing["reward"] = ray.get(reward_ref)
         batch = batch.replace(scores=scores)
         if ref_refs is not None:
             results = ray.get(ref_refs)
             batch = batch.replace(ref_logprobs=torch.cat([lp for lp, _ in results]))
             timing["reference"] = max(t for _, t in results)
-        if critic_ref is not None:
-            values, timing["critic"] = ray.get(critic_ref)
-            batch = batch.replace(values=values)
+        if critic_refs is not None:
+            results = ray.get(critic_refs)
+            batch = batch.replace(values=torch.cat([v for v, _ in results]))
+            timing["critic"] = max(t for _, t in results)
         timing["score"] = time.perf_counter() - t0
         return batch, per_source
 
@@ -170,8 +143,8 @@ class Orchestrator:
         t0 = time.perf_counter()
         opt, num_mini = self.spec.optim, self.num_mini_batches
         publish = self.weight_sync == "shared_memory"
-        trainer_refs = self._sharded("trainer", "train_step", batch, step, num_mini, opt.micro_batch_size, self.on_policy, publish)
-        critic_refs = self._sharded("critic", "train_step", batch, step, num_mini, opt.micro_batch_size) if "critic" in self.groups else []
+        trainer_refs = self.groups["trainer"].call_sharded("train_step", batch, step, num_mini, opt.micro_batch_size, self.on_policy, publish)
+        critic_refs = self.groups["critic"].call_sharded("train_step", batch, step, num_mini, opt.micro_batch_size) if "critic" in self.groups else []
         results = ray.get(trainer_refs + critic_refs)
         trainer_stats, critic_stats = results[0], (results[len(trainer_refs)] if critic_refs else {})
         timing["update_compute"] = max(r.pop("timing/update_compute") for r in results[: len(trainer_refs)])
@@ -250,38 +223,28 @@ class Orchestrator:
             "throughput/samples_per_s": len(batch) / timing["step"],
         }
 
-    def _sharded(self, role: str, method: str, batch: Batch, *args: Any) -> list[ray.ObjectRef]:
-        group = self.groups[role]
-        if len(group) == 1:
-            return group.call(method, batch, *args)
-        return group.call_each(method, [(shard, *args) for shard in batch.split(len(group))])
-
     # ------------------------------------------------------------ setup and checkpoints
     def start(self) -> None:
         spec, res = self.spec, self.spec.resources
         layout = plan(spec)
-        self.reporter.event("placement", f"placing {', '.join(active_roles(spec))} in {len(layout.bundles)} bundles", bundles=layout.bundles)
+        self.reporter.event("placement", f"placing {', '.join(spec.roles)} in {len(layout.bundles)} bundles", bundles=layout.bundles)
         pg = self.placement_group = create_placement_group(layout, self.job_id)
         m, opt = spec.model, spec.optim
         common = dict(dtype=m.dtype, trust_remote_code=m.trust_remote_code, threads=res.torch_threads)
-        optim = opt.model_dump()
         # Engine options only the vLLM backend takes: tensor parallelism and sleep/wake when colocated.
         vllm_options = dict(tensor_parallel_size=spec.rollout.tensor_parallel_size, colocate=res.colocate) if spec.rollout.backend == "vllm" else {}
         makers = {
             "rollout": (rollout_class(spec.rollout.backend), lambda i: dict(model_path=m.path, n=spec.rollout.n, max_new_tokens=spec.rollout.max_new_tokens,
                                                    temperature=spec.rollout.temperature, top_p=spec.rollout.top_p, seed=opt.seed + i,
                                                    num_gpus=res.rollout.num_gpus, **common, **vllm_options)),
-            "trainer": (self.trainer_cls, lambda i: dict(model_path=m.path, optim=optim, temperature=spec.rollout.temperature,
-                                                      seed=opt.seed, num_gpus=res.trainer.num_gpus,
-                                                      importance_sampling=spec.rollout.importance_sampling.model_dump(), **common)),
-            "reward": (RewardWorker, lambda i: dict(sources=[{**s.model_dump(), "label": s.label} for s in spec.rewards],
-                                                    tokenizer_path=m.path, num_gpus=res.reward.num_gpus, **common)),
+            "trainer": (trainer_class(spec.algorithm.name), lambda i: dict(model_path=m.path, optim=opt, rollout=spec.rollout,
+                                                                          num_gpus=res.trainer.num_gpus, **common)),
+            "reward": (RewardWorker, lambda i: dict(sources=list(spec.rewards), tokenizer_path=m.path, num_gpus=res.reward.num_gpus, **common)),
             "reference": (Reference, lambda i: dict(model_path=m.path, temperature=spec.rollout.temperature,
                                                     micro_batch_size=opt.micro_batch_size, num_gpus=res.reference.num_gpus, **common)),
-            "critic": (Critic, lambda i: dict(model_path=m.critic_path or m.path, optim=optim, seed=opt.seed,
-                                              num_gpus=res.critic.num_gpus, **common)),
+            "critic": (Critic, lambda i: dict(model_path=m.critic_path or m.path, optim=opt, num_gpus=res.critic.num_gpus, **common)),
         }
-        for role in active_roles(spec):
+        for role in spec.roles:
             cls, make_kwargs = makers[role]
             self.groups[role] = spawn_group(cls, role, self.job_id, pg, layout, make_kwargs)
         self._init_data_parallel("trainer")
@@ -315,6 +278,9 @@ class Orchestrator:
         if "critic" in self.groups:
             refs += self.groups["critic"].call("save", str(path))
         ray.get(refs)
+        if (path / "policy").is_dir() and not (path / "policy" / "tokenizer_config.json").exists():
+            # With its tokenizer, `policy/` is a complete model: the next stage's model.path, or anyone's.
+            load_tokenizer(self.spec.model.path, self.spec.model.trust_remote_code).save_pretrained(path / "policy")
         checkpoint.finish(path, step, self.spec)
         checkpoint.prune(self.spec.checkpoint_dir, self.spec.checkpoint.keep_last)
         self.reporter.event("checkpoint", f"saved step {step} to {path}", step=step, path=str(path))
@@ -351,29 +317,3 @@ def share_memory(trainer, rollouts: list, tag: str) -> str | None:
         unlink = lambda self_, p: os.path.exists(p) and os.unlink(p)  # noqa: E731
         ray.get(trainer.__ray_call__.remote(unlink, path))
     return None
-
-
-def _even_chunks(items: list, parts: int) -> list[list]:
-    size = math.ceil(len(items) / parts)
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _concat(batches: list[Batch]) -> Batch:
-    if len(batches) == 1:
-        return batches[0]
-    # Each rollout actor pads to its own prompt width and response length: re-pad to the widest.
-    p = max(b.prompt_len for b in batches)
-    r = max(b.response_mask.shape[1] for b in batches)
-    parts, offset = [], 0
-    for b in batches:
-        lp, lr = p - b.prompt_len, r - b.response_mask.shape[1]
-        pad2 = lambda t, v=0: torch.nn.functional.pad(t, (lp, lr), value=v)
-        parts.append(dict(
-            input_ids=pad2(b.input_ids), attention_mask=pad2(b.attention_mask),
-            response_mask=torch.nn.functional.pad(b.response_mask, (0, lr)),
-            logprobs=torch.nn.functional.pad(b.logprobs, (0, lr)) if b.logprobs is not None else None,
-            group_ids=b.group_ids + offset,
-        ))
-        offset += len(b.extras)
-    cat = {k: torch.cat([x[k] for x in parts]) if parts[0][k] is not None else None for k in parts[0]}
-    return Batch(prompt_len=p, extras=[e for b in batches for e in b.extras], **cat)

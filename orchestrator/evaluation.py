@@ -10,8 +10,8 @@ import time
 
 import ray
 
-from orchestrator.data import PromptDataset
-from orchestrator.driver import _concat, _even_chunks
+from orchestrator.core.batch import concat
+from orchestrator.core.data import PromptDataset
 
 
 class Evaluator:
@@ -31,13 +31,11 @@ def evaluate(orch, dataset: PromptDataset) -> dict[str, float]:
     """Greedy generation on the rollout actors, scored by the reward actor; the policy is the trainer's
     current one (an SFT stage syncs it first: it does not sync after every step)."""
     start = time.perf_counter()
-    if orch.spec.algorithm.name == "sft":
+    if not orch.syncs_every_step:
         orch.sync_weights()
     rollouts = orch.groups["rollout"]
-    shards = _even_chunks(list(range(len(dataset))), len(rollouts))
     # (prompts, extras, step, greedy, with_logprobs): scoring needs no behaviour log-probs.
-    args = [([dataset.prompt_ids[i] for i in s], [dataset.extras[i] for i in s], 0, True, False) for s in shards]
-    batch = _concat([b for b, _ in ray.get(rollouts.call_each("generate", args))])
+    batch = concat([b for b, _ in ray.get(rollouts.generate(dataset.prompt_ids, dataset.extras, 0, True, False))])
     scores, per_source, _ = ray.get(orch.groups["reward"].call("score", batch)[0])
     out = {f"eval/{label}/mean": values.nan_to_num(0.0).mean().item() for label, values in per_source.items()}
     out["eval/reward/mean"] = scores.mean().item()

@@ -12,10 +12,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator import checkpoint
-from orchestrator.data import PromptDataset, PromptSampler, load_prompts
+from orchestrator.core import checkpoint
+from orchestrator.core.data import PromptDataset, PromptSampler, load_prompts
+from orchestrator.core.spec import JobSpec
+from orchestrator.registry import driver_class
 from orchestrator.reporting import FileReporter, MultiReporter
-from orchestrator.spec import JobSpec
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,7 @@ def run_stages(stages: list[Stage], tokenizer, job_id: str, reporter: MultiRepor
     spec = stages[0].spec
     for stage in stages:
         if stage.dataset.dropped:
-            limit = "data.max_prompt_length or data.max_completion_length" if stage.spec.algorithm.name == "sft" else "data.max_prompt_length"
-            _tagged(reporter, stage).event("warning", f"dropped {stage.dataset.dropped} prompts longer than {limit}")
+            _tagged(reporter, stage).event("warning", f"dropped {stage.dataset.dropped} prompts longer than {stage.dataset.length_limits}")
     connect_ray(max((s.spec for s in stages), key=_cpus))
     reporter.add(RayMetricsReporter(job_id))
     start_step, latest = 0, checkpoint.latest(spec.checkpoint_dir) if resume else None
@@ -88,15 +88,10 @@ def run_stages(stages: list[Stage], tokenizer, job_id: str, reporter: MultiRepor
 
 def run_stage(stage: Stage, model_path: str, tokenizer, job_id: str, reporter, resume_from=None) -> None:
     """One stage on its own actors, from `model_path` (or resumed from a checkpoint inside the stage)."""
-    from orchestrator.driver import Orchestrator
     from orchestrator.evaluation import Evaluator
-    from orchestrator.sft import SFTOrchestrator
 
     spec = _with_model(stage.spec, model_path)
-    if spec.algorithm.name == "sft":
-        orch = SFTOrchestrator(spec, stage.dataset, reporter, job_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    else:
-        orch = Orchestrator(spec, stage.dataset, reporter, job_id, tokenizer.eos_token_id)
+    orch = driver_class(spec.algorithm.name)(spec, stage.dataset, reporter, job_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     orch.total_steps = stage.last_step  # steps are numbered across the job
     if stage.eval_set is not None:
         orch.evaluator = Evaluator(stage.eval_set, spec.eval.every, stage.first_step)

@@ -14,25 +14,14 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestrator.spec import JobSpec, RoleResources
+from orchestrator.core.batch import Batch, even_bounds
+from orchestrator.core.spec import JobSpec, RoleResources
 
 COLOCATABLE = ("rollout", "trainer", "reference", "critic")
 
 # OpenMP threads that finish a parallel region spin before sleeping; with every actor using all
 # cores, an idle actor's spinning threads would steal the cores of the phase that runs next.
 ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def active_roles(spec: JobSpec) -> list[str]:
-    if spec.algorithm.name == "sft":
-        # SFT trains on the trainer alone; greedy generation and rewards serve only its evaluation.
-        return ["trainer", "rollout", "reward"] if spec.data.eval_file else ["trainer"]
-    roles = ["rollout", "trainer", "reward"]
-    if spec.needs_reference:
-        roles.append("reference")
-    if spec.needs_critic:
-        roles.append("critic")
-    return roles
 
 
 def _bundle(res: RoleResources) -> dict[str, float]:
@@ -54,7 +43,7 @@ class Layout:
 
 def plan(spec: JobSpec) -> Layout:
     res = spec.resources
-    roles = active_roles(spec)
+    roles = spec.roles
     bundles: list[dict[str, float]] = []
     slots: dict[str, list[int]] = {}
     actor_resources = {r: {"num_cpus": getattr(res, r).num_cpus, "num_gpus": getattr(res, r).num_gpus} for r in roles}
@@ -99,6 +88,18 @@ class ActorGroup:
 
     def call_each(self, method: str, per_actor_args: list[tuple]) -> list[ray.ObjectRef]:
         return [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_actor_args)]
+
+    def call_sharded(self, method: str, batch: Batch, *args: Any, whole: Any = None) -> list[ray.ObjectRef]:
+        """Each actor gets one consecutive shard of `batch` (sizes differ by at most one; an actor left
+        without rows gets no call); a lone actor gets `whole` (the batch already in the object store) if given."""
+        if len(self) == 1:
+            return self.call(method, batch if whole is None else whole, *args)
+        return [getattr(a, method).remote(shard, *args) for a, shard in zip(self.actors, batch.split(len(self))) if len(shard)]
+
+    def call_on_rows(self, method: str, columns: list[list], *args: Any) -> list[ray.ObjectRef]:
+        """Each actor gets one consecutive, even slice of every column (same rule as `call_sharded`)."""
+        bounds = even_bounds(len(columns[0]), len(self))
+        return [getattr(a, method).remote(*(c[s:e] for c in columns), *args) for a, (s, e) in zip(self.actors, bounds) if e > s]
 
 
 def create_placement_group(layout: Layout, job_id: str, timeout_s: float = 120) -> PlacementGroup:

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from orchestrator.core.records import json_safe
+
 
 class Reporter(Protocol):
     def event(self, type: str, message: str = "", **data: Any) -> None: ...
@@ -20,11 +22,6 @@ class Reporter(Protocol):
     def metrics(self, step: int, values: dict[str, float]) -> None: ...
 
     def close(self) -> None: ...
-
-
-def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
-    # JSON has no NaN/inf; write them as null so every line stays parseable by any reader.
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
 
 class FileReporter:
@@ -41,11 +38,11 @@ class FileReporter:
         self._seq += 1
         record = {"seq": self._seq, "time": time.time(), "type": type, "message": message, **data}
         with self.events_path.open("a") as f:
-            f.write(json.dumps(_json_safe(record), default=str) + "\n")
+            f.write(json.dumps(json_safe(record), default=str) + "\n")
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps(_json_safe({"step": step, "time": time.time(), **values})) + "\n")
+            f.write(json.dumps(json_safe({"step": step, "time": time.time(), **values})) + "\n")
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric lines past `after_step` (a resumed run writes them again)."""

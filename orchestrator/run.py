@@ -16,8 +16,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from orchestrator.data import DataError
-from orchestrator.spec import JobSpec, SpecError, load_spec, read_spec_file
+from orchestrator.core.data import DataError
+from orchestrator.core.spec import JobSpec, SpecError, load_spec, read_spec_file
 from workers.common import ModelLoadError
 from workers.reward import RewardError
 
@@ -90,7 +90,7 @@ def preflight(spec: JobSpec):
     """Everything that can be checked before any actor starts: tokenizer, model config, data, rewards."""
     from transformers import AutoConfig
 
-    from orchestrator.data import load_prompts
+    from orchestrator.core.data import load_dataset
     from workers.common import load_tokenizer
     from workers.reward import resolve_function
 
@@ -99,13 +99,7 @@ def preflight(spec: JobSpec):
     except Exception as err:
         raise ModelLoadError(f"model.path={spec.model.path!r} does not load: {type(err).__name__}: {err}") from None
     tokenizer = load_tokenizer(spec.model.path, spec.model.trust_remote_code)
-    d = spec.data
-    if spec.algorithm.name == "sft":
-        from orchestrator.sft import load_sft
-
-        dataset = load_sft(d.train_file, tokenizer, d)
-    else:
-        dataset = load_prompts(d.train_file, tokenizer, d.prompt_key, d.max_prompt_length, d.overlong_prompt)
+    dataset = load_dataset(spec.algo.data, spec.data.train_file, tokenizer, spec.data)
     for source in spec.rewards:
         if source.function:
             resolve_function(source.function)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from orchestrator import algos  # noqa: E402
+from orchestrator.core import algos  # noqa: E402
 from orchestrator.tiny_model import init_model  # noqa: E402
 from workers.common import response_logprobs  # noqa: E402
 
@@ -30,15 +30,21 @@ ROWS: list[tuple[str, str, str, float]] = []
 STATE: dict = {}
 
 
-def optim_config() -> dict:
+def configs(**rollout) -> tuple:
+    """(OptimSpec, RolloutSpec) for the trainer and critic; without pydantic on the box, namespaces
+    with the same fields and defaults (the workers only read attributes)."""
     try:
-        from orchestrator.spec import OptimSpec
+        from orchestrator.core.spec import OptimSpec, RolloutSpec
 
-        return OptimSpec(lr=1e-3, steps=1).model_dump()
-    except ImportError:  # pydantic/yaml absent: the fields the trainer and critic read
-        return dict(lr=1e-3, critic_lr=1e-3, weight_decay=0.0, ppo_epochs=1, clip_eps_low=0.2, clip_eps_high=0.2,
-                    dual_clip=None, kl_coef=0.0, kl_estimator="k3", kl_in="loss", entropy_coef=0.0, loss_agg="token-mean",
-                    grad_clip=1.0, gamma=1.0, lam=0.95, value_clip=0.2, seed=0)
+        return OptimSpec(lr=1e-3, steps=1), RolloutSpec(**rollout)
+    except ImportError:
+        from types import SimpleNamespace as NS
+
+        optim = NS(lr=1e-3, critic_lr=1e-3, weight_decay=0.0, ppo_epochs=1, clip_eps_low=0.2, clip_eps_high=0.2,
+                   dual_clip=None, kl_coef=0.0, kl_estimator="k3", kl_in="loss", entropy_coef=0.0, loss_agg="token-mean",
+                   grad_clip=1.0, gamma=1.0, lam=0.95, value_clip=0.2, seed=42)
+        tis = NS(**{"enabled": False, "cap": 2.0, **rollout.get("importance_sampling", {})})
+        return optim, NS(temperature=1.0, max_new_tokens=32, importance_sampling=tis)
 
 
 def check(name: str):
@@ -89,8 +95,8 @@ def main() -> int:
     def _():
         from workers.trainer import PolicyTrainer
 
-        STATE["trainer"] = t = PolicyTrainer(model_dir, optim_config(), num_gpus=NUM_GPUS,
-                                             importance_sampling={"enabled": True, "cap": 2.0})
+        optim, rollout = configs(importance_sampling={"enabled": True, "cap": 2.0})
+        STATE["trainer"] = t = PolicyTrainer(model_dir, optim, rollout, num_gpus=NUM_GPUS)
         before = {k: v.clone() for k, v in t.state_dict().items()}
         stats = t.train_step(STATE["batch"], 1, 1, 8, True)
         after = t.state_dict()
@@ -102,7 +108,7 @@ def main() -> int:
     def _():
         from workers.critic import Critic
 
-        c = Critic(model_dir, optim_config(), num_gpus=NUM_GPUS)
+        c = Critic(model_dir, configs()[0], num_gpus=NUM_GPUS)
         batch = STATE["batch"]
         values, _ = c.compute_values(batch)
         token_rewards = algos.token_level_rewards(batch.scores, batch.response_mask, None, 0.0)

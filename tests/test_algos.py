@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from orchestrator import algos
+from orchestrator.core import algos
 
 F64 = torch.float64
 # Loop references are exact up to float64 rounding.

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from orchestrator.data import DataError, PromptSampler, load_prompts
+from orchestrator.core.data import DataError, PromptSampler, load_prompts
 from workers.common import load_tokenizer
 
 

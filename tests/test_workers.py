@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.spec import OptimSpec
+from orchestrator.core.spec import OptimSpec, RewardSource, RolloutSpec
 from workers.critic import Critic
 from workers.reference import Reference
 from workers.reward import RewardError, RewardWorker
@@ -18,8 +18,8 @@ PROMPTS = [[16, 10, 17, 28], [18, 10, 19, 28, 20]]  # byte ids of "1+2=" and "3+
 EXTRAS = [{"prompt_text": "1+2=", "answer": 3}, {"prompt_text": "3+4=5", "answer": 7}]
 
 
-def optim(**kw) -> dict:
-    return OptimSpec(**{"lr": 1e-2, **kw}).model_dump()
+def optim(**kw) -> OptimSpec:
+    return OptimSpec(**{"lr": 1e-2, "seed": 0, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def with_advantages(batch):
 
 
 def test_trainer_step_changes_parameters_and_sync_round_trips(tiny_model, batch, rollout):
-    trainer = PolicyTrainer(str(tiny_model), optim(), seed=0, threads=2)
+    trainer = PolicyTrainer(str(tiny_model), optim(), RolloutSpec(), threads=2)
     before = trainer.state_dict()
     stats = trainer.train_step(with_advantages(batch), step=1, num_mini_batches=1, micro_batch_size=None, on_policy=True)
     after = trainer.state_dict()
@@ -84,7 +84,7 @@ def test_shared_memory_sync_writes_into_what_the_rollouts_compute_from(tiny_mode
     first, second = HFRollout(str(tiny_model), threads=2), HFRollout(str(tiny_model), threads=2)
     size, regions = first.share_weights(path, create=True)
     assert second.share_weights(path, create=False) == (size, regions)
-    trainer = PolicyTrainer(str(tiny_model), optim(), seed=0, threads=2)
+    trainer = PolicyTrainer(str(tiny_model), optim(), RolloutSpec(), threads=2)
     assert set(regions) == set(trainer.state_dict())
     # Tied embeddings: one region for the embedding and the LM head.
     assert regions["lm_head.weight"] == regions["model.embed_tokens.weight"]
@@ -115,7 +115,7 @@ def test_shared_memory_sync_declines_a_full_tmpfs(tiny_model, tmp_path, monkeypa
 def test_shared_memory_sync_refuses_a_different_model(tiny_model, tmp_path):
     from workers.shared_weights import Region, SharedWeightWriter
 
-    trainer = PolicyTrainer(str(tiny_model), optim(), seed=0, threads=2)
+    trainer = PolicyTrainer(str(tiny_model), optim(), RolloutSpec(), threads=2)
     state = trainer.state_dict()
     path = str(tmp_path / "weights")
     size, regions = HFRollout(str(tiny_model), threads=2).share_weights(path, create=True)
@@ -129,8 +129,8 @@ def test_shared_memory_sync_refuses_a_different_model(tiny_model, tmp_path):
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_gradient_accumulation_equals_full_batch(tiny_model, batch, agg):
     b = with_advantages(batch)
-    full = PolicyTrainer(str(tiny_model), optim(loss_agg=agg, grad_clip=None), seed=0, threads=2)
-    accum = PolicyTrainer(str(tiny_model), optim(loss_agg=agg, grad_clip=None), seed=0, threads=2)
+    full = PolicyTrainer(str(tiny_model), optim(loss_agg=agg, grad_clip=None), RolloutSpec(), threads=2)
+    accum = PolicyTrainer(str(tiny_model), optim(loss_agg=agg, grad_clip=None), RolloutSpec(), threads=2)
     s_full = full.train_step(b, 1, num_mini_batches=1, micro_batch_size=None, on_policy=True)
     s_acc = accum.train_step(b, 1, num_mini_batches=1, micro_batch_size=2, on_policy=True)
     assert s_full["policy_loss"] == pytest.approx(s_acc["policy_loss"], abs=1e-6)
@@ -141,7 +141,7 @@ def test_gradient_accumulation_equals_full_batch(tiny_model, batch, agg):
 
 
 def test_off_policy_minibatches_use_behaviour_logprobs(tiny_model, batch):
-    trainer = PolicyTrainer(str(tiny_model), optim(ppo_epochs=2), seed=0, threads=2)
+    trainer = PolicyTrainer(str(tiny_model), optim(ppo_epochs=2), RolloutSpec(), threads=2)
     stats = trainer.train_step(with_advantages(batch), 1, num_mini_batches=3, micro_batch_size=None, on_policy=False)
     # After the first of 6 optimiser steps the policy has moved: ratios leave 1 and some get clipped.
     assert stats["clip_ratio"] > 0
@@ -175,18 +175,18 @@ def test_reward_builtins_and_import_path(tiny_model, batch, tmp_path, monkeypatc
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     sources = [
-        {"label": "accuracy", "function": "accuracy", "weight": 1.0},
-        {"label": "digit", "function": "myrewards:starts_with_digit", "weight": 0.5},
-        {"label": "len", "function": "length_penalty", "weight": 1.0, "kwargs": {"scale": 0.1}},
+        RewardSource(function="accuracy"),
+        RewardSource(function="myrewards:starts_with_digit", name="digit", weight=0.5),
+        RewardSource(function="length_penalty", name="len", kwargs={"scale": 0.1}),
     ]
     worker = RewardWorker(sources, str(tiny_model))
     total, per, _ = worker.score(batch)
     assert set(per) == {"accuracy", "digit", "len"}
     torch.testing.assert_close(total, per["accuracy"] + 0.5 * per["digit"] + per["len"])
     with pytest.raises(RewardError, match="'broken' raised ValueError: bad reward"):
-        RewardWorker([{"label": "broken", "function": "myrewards:broken"}], str(tiny_model)).score(batch)
+        RewardWorker([RewardSource(function="myrewards:broken")], str(tiny_model)).score(batch)
     with pytest.raises(RewardError, match="cannot import reward function 'nope.mod:fn'"):
-        RewardWorker([{"label": "x", "function": "nope.mod:fn"}], str(tiny_model))
+        RewardWorker([RewardSource(function="nope.mod:fn", name="x")], str(tiny_model))
 
 
 def test_reward_model_source(tiny_model, batch, tmp_path):
@@ -195,7 +195,7 @@ def test_reward_model_source(tiny_model, batch, tmp_path):
     rm_dir = tmp_path / "rm"
     AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=1).save_pretrained(rm_dir)
     AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(rm_dir)
-    worker = RewardWorker([{"label": "rm", "model": str(rm_dir)}], str(tiny_model))
+    worker = RewardWorker([RewardSource(model=str(rm_dir), name="rm")], str(tiny_model))
     total, per, _ = worker.score(batch)
     assert total.shape == (len(batch),) and torch.isfinite(total).all()
     assert len(set(total.tolist())) > 1  # different completions, different scores

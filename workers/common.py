@@ -9,8 +9,9 @@ from typing import Any, Iterator
 
 import torch
 
-from orchestrator.algos import entropy_from_logits, logprobs_from_logits
-from orchestrator.batch import Batch
+from orchestrator.core.algos import entropy_from_logits, logprobs_from_logits
+from orchestrator.core.batch import Batch
+
 
 def _quiet_transformers() -> None:
     # Load reports and per-shard progress bars from every actor drown the job's own output.

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from orchestrator.batch import Batch
+from orchestrator.core.batch import Batch
 from workers.common import batched_logprobs, configure_threads, load_model, pick_device
 
 

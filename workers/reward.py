@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import importlib
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from orchestrator.batch import Batch
-from workers.common import configure_threads, load_model, load_tokenizer, pick_device, position_ids
+from orchestrator.core.batch import Batch
+from workers.common import (
+    configure_threads,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    position_ids,
+)
 from workers.rewards import BUILTIN
+
+if TYPE_CHECKING:
+    from orchestrator.core.spec import RewardSource
 
 
 class RewardError(RuntimeError):
@@ -55,18 +64,18 @@ class RewardModel:
 class RewardWorker:
     """Scores a Batch: decodes prompts and completions and calls every source.
 
-    `sources` are dicts of the job spec's RewardSource fields (label, function|model, weight, kwargs).
+    `sources` are the job spec's reward sources, weighted and summed.
     """
 
-    def __init__(self, sources: list[dict[str, Any]], tokenizer_path: str, dtype: str = "float32", trust_remote_code: bool = False,
+    def __init__(self, sources: list[RewardSource], tokenizer_path: str, dtype: str = "float32", trust_remote_code: bool = False,
                  num_gpus: float = 0, threads: int | None = None):
         configure_threads(threads)
         self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
         device = pick_device(num_gpus)
         self.sources = []
         for s in sources:
-            fn = resolve_function(s["function"]) if s.get("function") else RewardModel(s["model"], dtype, trust_remote_code, device)
-            self.sources.append((s["label"], fn, float(s.get("weight", 1.0)), dict(s.get("kwargs") or {})))
+            fn = resolve_function(s.function) if s.function else RewardModel(s.model, dtype, trust_remote_code, device)
+            self.sources.append((s.label, fn, s.weight, dict(s.kwargs)))
 
     def score(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
         """(summed weighted scores (b,), each source's raw scores (b,), seconds spent)."""

@@ -7,27 +7,23 @@ from typing import Any
 
 import torch
 
-from orchestrator.algos import logprobs_from_logits
-from orchestrator.batch import Batch
-from workers.common import configure_threads, cpu_state_dict, from_transport, load_model, load_tokenizer, pick_device
+from orchestrator.core.algos import logprobs_from_logits
+from orchestrator.core.batch import (
+    Batch,
+    build_batch,
+    left_pad,
+    response_mask_until_eos,
+)
+from orchestrator.core.seeds import step_seed
+from workers.common import (
+    configure_threads,
+    cpu_state_dict,
+    from_transport,
+    load_model,
+    load_tokenizer,
+    pick_device,
+)
 from workers.shared_weights import NoRoomForWeights, Region, share_parameters
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    return ids, mask
-
-
-def response_mask_until_eos(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 on every token up to and including the first EOS, 0 after. (b, R) -> (b, R) float."""
-    is_eos = (responses == eos_id).long()
-    after_eos = (is_eos.cumsum(1) - is_eos) > 0
-    return (~after_eos).float()
 
 
 class HFRollout:
@@ -52,7 +48,7 @@ class HFRollout:
         """
         start = time.perf_counter()
         # Sampling is seeded by (seed, step) alone, so a resumed job draws the same samples.
-        torch.manual_seed(self.seed * 1_000_003 + step)
+        torch.manual_seed(step_seed(self.seed, step))
         tok = self.tokenizer
         ids, mask = left_pad(prompt_ids, tok.pad_token_id)
         n = 1 if greedy else self.n
@@ -68,25 +64,14 @@ class HFRollout:
             output_logits=with_logprobs,
             **sampling,
         )
-        prompt_len = ids.shape[1]
-        sequences = out.sequences.cpu()
-        responses = sequences[:, prompt_len:]
+        responses = out.sequences[:, ids.shape[1] :].cpu()
         response_mask = response_mask_until_eos(responses, tok.eos_token_id)
         logprobs = None
         if with_logprobs:
             # Sampling log-probs come free from generate's raw logits: log softmax(z / T)[token].
             logits = torch.stack(out.logits, dim=1).float().cpu()
-            logprobs = logprobs_from_logits(logits / (1.0 if greedy else self.temperature), responses) * response_mask
-        attention_mask = torch.cat([mask.repeat_interleave(n, 0), response_mask.long()], dim=1)
-        batch = Batch(
-            input_ids=torch.where(attention_mask.bool(), sequences, tok.pad_token_id),
-            attention_mask=attention_mask,
-            response_mask=response_mask,
-            group_ids=torch.arange(len(prompt_ids)).repeat_interleave(n),
-            prompt_len=prompt_len,
-            logprobs=logprobs,
-            extras=list(extras),
-        )
+            logprobs = logprobs_from_logits(logits / (1.0 if greedy else self.temperature), responses)
+        batch = build_batch(prompt_ids, responses, response_mask, tok.pad_token_id, n, logprobs=logprobs, extras=extras)
         return batch, time.perf_counter() - start
 
     def load_weights(self, state_dict: dict[str, Any]) -> float:

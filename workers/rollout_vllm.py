@@ -28,10 +28,21 @@ from typing import Any, Iterable
 
 import torch
 
-from orchestrator.batch import Batch
+from orchestrator.core.batch import (
+    Batch,
+    build_batch,
+    response_mask_until_eos,
+    right_pad,
+)
+from orchestrator.core.seeds import request_seed
 from workers.common import configure_threads, from_transport, load_tokenizer
-from workers.rollout import left_pad, response_mask_until_eos
-from workers.shared_weights import NoRoomForWeights, Region, map_file, share_parameters, version
+from workers.shared_weights import (
+    NoRoomForWeights,
+    Region,
+    map_file,
+    share_parameters,
+    version,
+)
 
 EXTENSION = "workers.rollout_vllm.WeightSyncExtension"
 DEFAULT_BUCKET_BYTES = 256 << 20
@@ -121,7 +132,10 @@ class WeightSyncExtension:
     def _reload(self, batches: Iterable[list[tuple[str, torch.Tensor]]]) -> int:
         """Load (name, tensor) pairs in HF names through vLLM's layerwise reload; returns the count."""
         from vllm.config import set_current_vllm_config
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
 
         model, count = self.model_runner.model, 0
         with set_current_vllm_config(self.vllm_config), torch.no_grad():
@@ -283,12 +297,6 @@ def cuda_ipc_payload(model: torch.nn.Module, bucket_bytes: int = 1 << 62) -> tup
 # ---------------------------------------------------------------- the rollout role
 
 
-def _request_seed(seed: int, step: int, index: int) -> int:
-    # One seed per prompt: vLLM seeds each request's generator alone, so equal seeds would give
-    # every prompt the same random stream.
-    return ((seed * 1_000_003 + step) * 65_537 + index) % (2**31 - 1)
-
-
 class VLLMRollout:
     """Samples `n` completions per prompt with a vLLM engine hosted in this actor."""
 
@@ -355,7 +363,7 @@ class VLLMRollout:
         params = [
             SamplingParams(n=n, max_tokens=self.max_new_tokens, temperature=0.0 if greedy else self.temperature,
                            top_p=1.0 if greedy else self.top_p, logprobs=0, detokenize=False,
-                           seed=None if greedy else _request_seed(self.seed, step, i))
+                           seed=None if greedy else request_seed(self.seed, step, i))
             for i in range(len(prompt_ids))
         ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
@@ -367,26 +375,11 @@ class VLLMRollout:
 
     def _to_batch(self, prompt_ids: list[list[int]], extras: list[dict[str, Any]], samples: list, n: int) -> Batch:
         tok = self.tokenizer
-        ids, mask = left_pad(prompt_ids, tok.pad_token_id)
-        width = max(len(c.token_ids) for c in samples)
-        responses = torch.full((len(samples), width), tok.pad_token_id, dtype=torch.long)
-        logprobs = torch.zeros((len(samples), width))
-        for i, c in enumerate(samples):
-            responses[i, : len(c.token_ids)] = torch.tensor(c.token_ids)
-            # logprobs=0 asks for the sampled token's log-prob only: one entry per position.
-            logprobs[i, : len(c.token_ids)] = torch.tensor([pos[t].logprob for pos, t in zip(c.logprobs, c.token_ids)])
+        responses, _ = right_pad([list(c.token_ids) for c in samples], tok.pad_token_id)
+        # logprobs=0 asks for the sampled token's log-prob only: one entry per position.
+        logprobs, _ = right_pad([[pos[t].logprob for pos, t in zip(c.logprobs, c.token_ids)] for c in samples], 0, dtype=torch.float)
         response_mask = response_mask_until_eos(responses, tok.eos_token_id)
-        attention_mask = torch.cat([mask.repeat_interleave(n, 0), response_mask.long()], dim=1)
-        sequences = torch.cat([ids.repeat_interleave(n, 0), responses], dim=1)
-        return Batch(
-            input_ids=torch.where(attention_mask.bool(), sequences, tok.pad_token_id),
-            attention_mask=attention_mask,
-            response_mask=response_mask,
-            group_ids=torch.arange(len(prompt_ids)).repeat_interleave(n),
-            prompt_len=ids.shape[1],
-            logprobs=logprobs * response_mask,
-            extras=list(extras),
-        )
+        return build_batch(prompt_ids, responses, response_mask, tok.pad_token_id, n, logprobs=logprobs, extras=extras)
 
     # ------------------------------------------------------------ colocated mode (CUDA only)
     def sleep(self) -> None:

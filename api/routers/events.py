@@ -14,7 +14,7 @@ from api.routers import error_responses
 from api.routers.jobs import JobId, owned_job
 from api.schemas import EventList, MetricList
 from api.store import JobStore
-from orchestrator.redis_reporter import TERMINAL
+from orchestrator.core.records import TERMINAL
 
 router = APIRouter(prefix="/v1/jobs", tags=["events and metrics"])
 

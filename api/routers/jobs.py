@@ -17,7 +17,7 @@ from api.launcher import RayJobMissing, RayUnavailable
 from api.routers import error_responses
 from api.schemas import JobCreate, JobList, JobPublic, JobStatus
 from api.settings import Settings
-from orchestrator.redis_reporter import TERMINAL
+from orchestrator.core.records import TERMINAL
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from orchestrator.spec import JobSpec
+from orchestrator.core.spec import JobSpec
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -20,11 +20,7 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def finish(path: Path, step: int, spec: JobSpec) -> None:
-    if (path / "policy").is_dir() and not (path / "policy" / "tokenizer_config.json").exists():
-        # With its tokenizer, `policy/` is a complete model: the next stage's model.path, or anyone's.
-        from workers.common import load_tokenizer
-
-        load_tokenizer(spec.model.path, spec.model.trust_remote_code).save_pretrained(path / "policy")
+    """Mark the checkpoint complete (`policy/` must already hold the model and its tokenizer)."""
     state = {"step": step, "time": time.time(), "seed": spec.optim.seed, "spec": spec.model_dump(mode="json")}
     tmp = path / "state.json.tmp"
     tmp.write_text(json.dumps(state, indent=1))

@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
+
+from orchestrator.core.algorithms import ALGORITHMS, ROLLOUT_BACKENDS, Algorithm
 
 API_VERSION = "rlhf/v1"
 
@@ -30,10 +39,9 @@ class _Strict(BaseModel):
 
 
 class AlgorithmSpec(_Strict):
-    name: Literal["grpo", "ppo", "sft"] = Field(
+    name: Literal[tuple(ALGORITHMS)] = Field(  # type: ignore[valid-type]
         "grpo",
-        description="Training algorithm: `grpo` (no critic), `ppo` (with a critic) or `sft` (supervised fine-tuning "
-        "on completions; no rollout, reward or reference actors except to evaluate).",
+        description="Training algorithm: " + ", ".join(f"`{a.name}` ({a.description})" for a in ALGORITHMS.values()) + ".",
     )
     advantage_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] | None = Field(
         None,
@@ -46,11 +54,11 @@ class AlgorithmSpec(_Strict):
 
     @property
     def estimator(self) -> str:
-        return self.advantage_estimator or ("gae" if self.name == "ppo" else "grpo")
+        return self.advantage_estimator or ALGORITHMS[self.name].default_estimator or "grpo"
 
     @model_validator(mode="after")
     def _gae_needs_critic(self) -> "AlgorithmSpec":
-        if self.advantage_estimator == "gae" and self.name != "ppo":
+        if self.advantage_estimator == "gae" and not ALGORITHMS[self.name].critic:
             raise ValueError("advantage_estimator 'gae' needs a critic: use algorithm.name 'ppo'")
         return self
 
@@ -91,7 +99,9 @@ class ImportanceSamplingSpec(_Strict):
 
 
 class RolloutSpec(_Strict):
-    backend: Literal["hf", "vllm"] = Field("hf", description="Generation engine: `hf` (transformers `generate`) or `vllm`.")
+    backend: Literal[tuple(ROLLOUT_BACKENDS)] = Field(  # type: ignore[valid-type]
+        "hf", description="Generation engine: `hf` (transformers `generate`) or `vllm`."
+    )
     n: int = Field(4, ge=1, description="Completions sampled per prompt (the GRPO group size).")
     max_new_tokens: int = Field(32, gt=0, description="Longest completion in tokens.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
@@ -219,7 +229,7 @@ def _partial(model: type[BaseModel]) -> type[BaseModel]:
         if isinstance(ann, type) and issubclass(ann, _Strict):
             ann = _partial(ann)
         elif f.metadata:
-            ann = Annotated[ann, *f.metadata]
+            ann = Annotated.__class_getitem__((ann, *f.metadata))  # (Annotated[ann, *meta] needs Python 3.11)
         fields[name] = (ann | None, Field(None, description=f.description))
     return create_model(f"{model.__name__}Override", __base__=_Strict, **fields)
 
@@ -275,7 +285,7 @@ class JobSpec(_Strict):
                              "(each engine shares a GPU with one trainer rank)")
         if sync == "shared_memory" and (res.trainer.num_gpus > 0 or res.rollout.num_gpus > 0):
             raise ValueError("rollout.weight_sync shared_memory is for CPU trainers and rollouts (set num_gpus 0)")
-        if self.algorithm.name == "sft":
+        if not self.algo.rollouts:
             if self.optim.prompts_per_step % self.resources.trainer.replicas:
                 raise ValueError("optim.prompts_per_step (the SFT batch) must be divisible by resources.trainer.replicas")
             return self
@@ -288,6 +298,8 @@ class JobSpec(_Strict):
         micro = self.optim.micro_batch_size
         if micro and (mb // self.resources.trainer.replicas) % micro:
             raise ValueError("optim.micro_batch_size must divide the per-replica mini-batch")
+        if self.algo.critic and mb % self.resources.critic.replicas:
+            raise ValueError(f"optim.mini_batch_size ({mb}) must be divisible by resources.critic.replicas")
         if self.algorithm.estimator in ("grpo", "dr_grpo", "rloo") and self.rollout.n < 2:
             raise ValueError(f"advantage_estimator '{self.algorithm.estimator}' compares samples of a prompt: rollout.n must be >= 2")
         return self
@@ -334,12 +346,21 @@ class JobSpec(_Strict):
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
 
     @property
+    def algo(self) -> Algorithm:
+        return ALGORITHMS[self.algorithm.name]
+
+    @property
+    def roles(self) -> list[str]:
+        """The roles this (single-stage) spec starts, in placement order."""
+        return self.algo.roles(self.optim.kl_coef, evaluates=self.data.eval_file is not None)
+
+    @property
     def needs_reference(self) -> bool:
-        return self.optim.kl_coef > 0 and self.algorithm.name != "sft"
+        return "reference" in self.roles
 
     @property
     def needs_critic(self) -> bool:
-        return self.algorithm.name == "ppo"
+        return self.algo.critic
 
     @property
     def samples_per_step(self) -> int:

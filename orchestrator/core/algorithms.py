@@ -1,0 +1,56 @@
+"""The table of training algorithms: what each one needs, read by the spec, placement and the driver.
+
+Adding an algorithm is one new module (its driver class, and its trainer class if the policy
+trainer's update does not fit) and one line in `ALGORITHMS`. Classes are named by import path,
+`module:Class`, so this floor imports nothing of the project; `orchestrator.registry` resolves them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    data: str  # the rows it reads: "prompts" (RL) or "sft" (prompt + completion); see core/data.py LOADERS
+    rollouts: bool  # samples completions from the policy every step (rollout -> score -> update -> sync)
+    critic: bool  # trains a value model beside the policy
+    default_estimator: str | None  # advantage estimator when the spec names none
+    driver: str  # import path of the driver class that runs one stage of it
+    trainer: str  # import path of the policy trainer's worker class
+    description: str = ""
+
+    def roles(self, kl_coef: float, evaluates: bool) -> list[str]:
+        """The roles a stage of this algorithm starts, in placement order."""
+        if not self.rollouts:
+            # The trainer alone takes the steps; greedy generation and rewards serve only evaluation.
+            return ["trainer", "rollout", "reward"] if evaluates else ["trainer"]
+        roles = ["rollout", "trainer", "reward"]
+        if kl_coef > 0:
+            roles.append("reference")
+        if self.critic:
+            roles.append("critic")
+        return roles
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a
+    for a in (
+        Algorithm("grpo", "prompts", rollouts=True, critic=False, default_estimator="grpo",
+                  driver="orchestrator.driver:Orchestrator", trainer="workers.trainer:PolicyTrainer",
+                  description="group-relative advantages, no critic"),
+        Algorithm("ppo", "prompts", rollouts=True, critic=True, default_estimator="gae",
+                  driver="orchestrator.driver:Orchestrator", trainer="workers.trainer:PolicyTrainer",
+                  description="with a critic"),
+        Algorithm("sft", "sft", rollouts=False, critic=False, default_estimator=None,
+                  driver="orchestrator.sft:SFTOrchestrator", trainer="workers.sft:SFTTrainer",
+                  description="supervised fine-tuning on completions; no rollout, reward or reference actors except to evaluate"),
+    )
+}
+
+# Rollout backends, the same way: `rollout.backend` -> the worker class (see workers/rollout.py's RolloutBackend).
+ROLLOUT_BACKENDS: dict[str, str] = {
+    "hf": "workers.rollout:HFRollout",
+    "vllm": "workers.rollout_vllm:VLLMRollout",  # vllm is an optional extra: imported only when named
+}

@@ -1,0 +1,103 @@
+"""What every trained role shares: data parallelism across its replicas (torch.distributed: gloo on
+CPU, NCCL on GPU), the PPO-style mini-batch schedule, and one optimiser step accumulated over
+micro-batches."""
+
+from __future__ import annotations
+
+import socket
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.core.batch import Batch
+from orchestrator.core.seeds import step_seed
+
+# (micro-batch, tokens in the whole mini-batch, sequences in the whole mini-batch) -> (loss, stats)
+LossFn = Callable[[Batch, float, float], tuple[torch.Tensor, dict[str, float]]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mini_batches(batch: Batch, num_mini_batches: int, epochs: int, seed: int, step: int, offset: int = 0) -> Iterator[Batch]:
+    """The step's samples as `epochs` passes of `num_mini_batches` optimiser steps, shuffled
+    (seeded by (seed, step)) when there is more than one."""
+    g = torch.Generator().manual_seed(step_seed(seed, step, offset))
+    for _ in range(epochs):
+        order = torch.randperm(len(batch), generator=g) if num_mini_batches > 1 else torch.arange(len(batch))
+        for index in order.chunk(num_mini_batches):
+            yield batch.select(index)
+
+
+class DataParallel:
+    """A trained role: `self.model`, `self.optimizer`, `self.device` and `self.grad_clip` are set
+    by the subclass; replicas join one process group and sum gradients across it."""
+
+    rank, world_size = 0, 1
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    grad_clip: float | None = None
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 listens; call on rank 0 before `init_distributed` on every rank."""
+        host = "127.0.0.1"
+        try:  # under Ray, the node's address; alone, loopback
+            import ray
+
+            if ray.is_initialized():
+                host = ray.util.get_node_ip_address()
+        except ImportError:
+            pass
+        return host, free_port()
+
+    def init_distributed(self, master: tuple[str, int], rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        if world_size == 1:
+            return
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=rank, world_size=world_size)
+
+    def _all_reduce_sum(self, tensors: list[torch.Tensor]) -> None:
+        if self.world_size > 1:
+            for t in tensors:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+    def _global_count(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        self._all_reduce_sum([t])
+        return float(t.item())
+
+    def optimizer_step(self, mb: Batch, micro_batch_size: int | None, loss_fn: LossFn) -> dict[str, float]:
+        """One optimiser step on this replica's share of a mini-batch, accumulated over micro-batches.
+
+        Losses are normalised by the whole mini-batch's token and sequence counts (across micro-batches
+        and replicas), so the summed gradients equal the gradient of the full mini-batch's loss. Each
+        micro-batch's stat is its share of the mini-batch value: summed over micro-batches and replicas,
+        the returned stats are the mini-batch's values; `grad_norm` is the norm before clipping.
+        """
+        num_tokens = self._global_count(float(mb.response_mask.sum()))
+        num_seqs = self._global_count(float(len(mb)))
+        size = micro_batch_size or len(mb)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for i in range(0, len(mb), size):
+            loss, stats = loss_fn(mb.select(slice(i, i + size)), num_tokens, num_seqs)
+            loss.backward()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device)
+        self._all_reduce_sum(grads + [totals])
+        grad_norm = self._clip(grads)
+        self.optimizer.step()
+        return {**dict(zip(sums, totals.tolist())), "grad_norm": grad_norm}
+
+    def _clip(self, grads: list[torch.Tensor]) -> float:
+        if self.grad_clip is None:
+            return float(torch.norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip))
