@@ -86,7 +86,7 @@ def run_ours(spec: JobSpec, warmup: int) -> list[dict[str, float]]:
     import ray
 
     from orchestrator.driver import Orchestrator
-    from orchestrator.run import connect_ray, preflight
+    from orchestrator.pipeline import connect_ray, preflight
 
     tokenizer, dataset = preflight(spec)
     connect_ray(spec)

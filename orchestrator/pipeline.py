@@ -8,6 +8,7 @@ A spec without `stages` is one unnamed stage and runs exactly as before.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from orchestrator.core.data import PromptDataset, PromptSampler, load_prompts
 from orchestrator.core.spec import JobSpec
 from orchestrator.registry import driver_class
 from orchestrator.reporting import FileReporter, MultiReporter
+from workers.common import ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,6 @@ def plan_stages(spec: JobSpec) -> tuple[Any, list[Stage]]:
     """(tokenizer, stages): every stage's data, eval data and rewards checked before any actor starts.
 
     Later stages are checked against the first stage's model, which their checkpoints descend from."""
-    from orchestrator.run import preflight
-
     tokenizer, stages, offset = None, [], 0
     for index, (name, stage_spec) in enumerate(spec.stage_specs()):
         checked = stage_spec if index == 0 else _with_model(stage_spec, stages[0].spec.model.path)
@@ -54,10 +54,45 @@ def plan_stages(spec: JobSpec) -> tuple[Any, list[Stage]]:
     return tokenizer, stages
 
 
+def preflight(spec: JobSpec):
+    """Everything that can be checked before any actor starts: tokenizer, model config, data, rewards."""
+    from transformers import AutoConfig
+
+    from orchestrator.core.data import load_dataset
+    from workers.common import load_tokenizer
+    from workers.reward import resolve_function
+
+    try:
+        AutoConfig.from_pretrained(spec.model.path, trust_remote_code=spec.model.trust_remote_code)
+    except Exception as err:
+        raise ModelLoadError(f"model.path={spec.model.path!r} does not load: {type(err).__name__}: {err}") from None
+    tokenizer = load_tokenizer(spec.model.path, spec.model.trust_remote_code)
+    dataset = load_dataset(spec.algo.data, spec.data.train_file, tokenizer, spec.data)
+    for source in spec.rewards:
+        if source.function:
+            resolve_function(source.function)
+    return tokenizer, dataset
+
+
+def connect_ray(spec: JobSpec) -> None:
+    """Join the cluster when there is one (RAY_ADDRESS, set by `ray job submit`); else start Ray here."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    wanted = _cpus(spec)
+    cores = len(os.sched_getaffinity(0))
+    ray.init(address="local", num_cpus=max(cores, int(wanted + 0.999)), include_dashboard=False, log_to_driver=True)
+
+
 def run_stages(stages: list[Stage], tokenizer, job_id: str, reporter: MultiReporter, file_reporter: FileReporter,
                resume: bool, progress: bool) -> None:
     from orchestrator.reporting import ProgressReporter, RayMetricsReporter
-    from orchestrator.run import connect_ray
 
     spec = stages[0].spec
     for stage in stages:

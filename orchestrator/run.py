@@ -86,44 +86,6 @@ def describe_error(err: BaseException) -> tuple[str, str]:
 _CODES = {SpecError: "invalid_spec", DataError: "invalid_data", ModelLoadError: "model_load_error", RewardError: "reward_error"}
 
 
-def preflight(spec: JobSpec):
-    """Everything that can be checked before any actor starts: tokenizer, model config, data, rewards."""
-    from transformers import AutoConfig
-
-    from orchestrator.core.data import load_dataset
-    from workers.common import load_tokenizer
-    from workers.reward import resolve_function
-
-    try:
-        AutoConfig.from_pretrained(spec.model.path, trust_remote_code=spec.model.trust_remote_code)
-    except Exception as err:
-        raise ModelLoadError(f"model.path={spec.model.path!r} does not load: {type(err).__name__}: {err}") from None
-    tokenizer = load_tokenizer(spec.model.path, spec.model.trust_remote_code)
-    dataset = load_dataset(spec.algo.data, spec.data.train_file, tokenizer, spec.data)
-    for source in spec.rewards:
-        if source.function:
-            resolve_function(source.function)
-    return tokenizer, dataset
-
-
-def connect_ray(spec: JobSpec) -> None:
-    """Join the cluster when there is one (RAY_ADDRESS, set by `ray job submit`); else start Ray here."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return
-    from orchestrator.placement import plan
-
-    wanted = sum(b.get("CPU", 0) for b in plan(spec).bundles)
-    cores = len(os.sched_getaffinity(0))
-    ray.init(address="local", num_cpus=max(cores, int(wanted + 0.999)), include_dashboard=False, log_to_driver=True)
-
-
 def reporters_from_env(job_id: str) -> list[Any]:
     """Reporters configured by the launcher's environment (the control plane sets RLHF_REDIS_URL)."""
     out: list[Any] = []

@@ -9,10 +9,10 @@ import pytest
 import ray
 import torch
 
-from orchestrator.driver import Orchestrator
-from orchestrator.reporting import FileReporter
-from orchestrator.run import preflight
 from orchestrator.core.spec import parse_spec
+from orchestrator.driver import Orchestrator
+from orchestrator.pipeline import preflight
+from orchestrator.reporting import FileReporter
 from tests.conftest import read_jsonl, tiny_spec
 
 pytestmark = pytest.mark.slow
