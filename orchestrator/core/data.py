@@ -220,11 +220,15 @@ def sft_batch(dataset: SFTDataset, index: list[int], pad_id: int) -> Batch:
                        extras=[dataset.extras[i] for i in index])
 
 
+LOADERS = {
+    "prompts": lambda path, tokenizer, data: load_prompts(path, tokenizer, data.prompt_key, data.max_prompt_length, data.overlong_prompt),
+    "sft": load_sft,
+}
+
+
 def load_dataset(kind: str, path: str | Path, tokenizer, data) -> PromptDataset | SFTDataset:
-    """The rows an algorithm reads (`Algorithm.data`: "prompts" or "sft"), from the job's DataSpec `data`."""
-    if kind == "sft":
-        return load_sft(path, tokenizer, data)
-    return load_prompts(path, tokenizer, data.prompt_key, data.max_prompt_length, data.overlong_prompt)
+    """The rows an algorithm reads (`Algorithm.data`, a key of LOADERS), from the job's DataSpec `data`."""
+    return LOADERS[kind](path, tokenizer, data)
 
 
 class PromptSampler:
