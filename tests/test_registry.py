@@ -13,12 +13,12 @@ from orchestrator.registry import driver_class, resolve, rollout_class, trainer_
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_every_algorithm_resolves(name):
     from orchestrator.driver import Orchestrator
-    from workers.trainer import PolicyTrainer
+    from workers.training import DataParallel
 
     algo = ALGORITHMS[name]
     assert algo.name == name and algo.data in LOADERS
     assert issubclass(driver_class(name), Orchestrator)
-    assert issubclass(trainer_class(name), PolicyTrainer)
+    assert issubclass(trainer_class(name), DataParallel)
 
 
 @pytest.mark.parametrize("backend", sorted(ROLLOUT_BACKENDS))
