@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from api.launcher import RayJobMissing, RayJobState, RayLauncher, RayUnavailable
 from api.store import JobStore
@@ -21,9 +23,55 @@ MISSING_GRACE_S = 60.0
 
 
 def ray_failure_message(state: RayJobState) -> str:
-    first = (state.message or "the Ray job failed").strip().splitlines()[0]
+    lines = (state.message or "").strip().splitlines()
+    first = lines[0] if lines else "the Ray job failed"  # a blank message too, not only an empty one
     first = first.split(", last available logs")[0].rstrip(".: ")
     return f"driver ended without reporting: {first}"
+
+
+@dataclass(frozen=True)
+class Transition:
+    """Move the record to `status`, with this event message (and, for a failure, the error)."""
+
+    status: str
+    message: str
+    error: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class StopRayJob:
+    """Ask Ray again to stop the job: the stop sent at cancel time may not have reached it."""
+
+
+Decision = Transition | StopRayJob | None
+
+
+def decide(rec: dict[str, Any], ray: RayJobState | RayUnavailable | RayJobMissing, now: float) -> Decision:
+    """What one round does for one job, from its record and Ray's answer (its state, or the error
+    asking raised); None: nothing this round. Pure: the caller does the I/O."""
+    status = rec["status"]
+    if status in TERMINAL:
+        return None
+    if isinstance(ray, RayUnavailable):
+        return None  # nothing is known; try again next round
+    if isinstance(ray, RayJobMissing):
+        if now - (rec["created_at"] or 0) > MISSING_GRACE_S:
+            message = f"Ray has no job {rec['id']} (was the Ray cluster replaced?)"
+            return Transition("failed", "failed: lost by Ray", {"code": "ray_job_lost", "message": message})
+        return None
+    ray_status = ray.status
+    if ray_status == "RUNNING" and status == "queued":
+        return Transition("starting", "starting: the Ray job's driver is running")
+    if ray_status == "SUCCEEDED":
+        return Transition("succeeded", "succeeded (reported by Ray)")
+    if ray_status == "STOPPED" or (ray_status == "FAILED" and status == "cancelling"):
+        return Transition("cancelled", "cancelled: the Ray job was stopped")
+    if status == "cancelling" and ray_status in ("PENDING", "RUNNING"):
+        return StopRayJob()
+    if ray_status == "FAILED":
+        message = ray_failure_message(ray)
+        return Transition("failed", f"failed: {message}", {"code": "driver_failed", "message": message})
+    return None
 
 
 class Reconciler:
@@ -49,29 +97,16 @@ class Reconciler:
         async with self._sem:
             rec = await self.store.get(job_id)
             if rec is None or rec["status"] in TERMINAL:
-                return
+                return  # (decide would do nothing either: this saves asking Ray)
             try:
-                state = await self.launcher.state(job_id)
-            except RayUnavailable:
-                return  # nothing is known; try again next round
-            except RayJobMissing:
-                if time.time() - (rec["created_at"] or 0) > MISSING_GRACE_S:
-                    await self.store.transition(
-                        job_id, "failed", "failed: lost by Ray", error={"code": "ray_job_lost", "message": f"Ray has no job {job_id} (was the Ray cluster replaced?)"}
-                    )
-                return
-            await self.apply(job_id, rec["status"], state)
+                ray: RayJobState | RayUnavailable | RayJobMissing = await self.launcher.state(job_id)
+            except (RayUnavailable, RayJobMissing) as err:
+                ray = err
+            await self.act(job_id, decide(rec, ray, time.time()))
 
-    async def apply(self, job_id: str, status: str, state: RayJobState) -> None:
-        ray_status = state.status
-        if ray_status == "RUNNING" and status == "queued":
-            await self.store.transition(job_id, "starting", "starting: the Ray job's driver is running")
-        elif ray_status == "SUCCEEDED":
-            await self.store.transition(job_id, "succeeded", "succeeded (reported by Ray)")
-        elif ray_status == "STOPPED" or (ray_status == "FAILED" and status == "cancelling"):
-            await self.store.transition(job_id, "cancelled", "cancelled: the Ray job was stopped")
-        elif status == "cancelling" and ray_status in ("PENDING", "RUNNING"):
-            await self.launcher.stop(job_id)  # the stop at cancel time may not have reached Ray
-        elif ray_status == "FAILED":
-            message = ray_failure_message(state)
-            await self.store.transition(job_id, "failed", f"failed: {message}", error={"code": "driver_failed", "message": message})
+    async def act(self, job_id: str, decision: Decision) -> None:
+        if isinstance(decision, StopRayJob):
+            await self.launcher.stop(job_id)
+        elif isinstance(decision, Transition):
+            error = {"error": decision.error} if decision.error is not None else {}
+            await self.store.transition(job_id, decision.status, decision.message, **error)

@@ -251,19 +251,18 @@ def test_rloo_is_scaled_dr_grpo():
 
 
 def test_outcome_registry():
-    assert algos.OUTCOME_ESTIMATORS == {
-        "grpo": algos.grpo_advantages,
-        "dr_grpo": algos.dr_grpo_advantages,
-        "rloo": algos.rloo_advantages,
+    # Each name gives its own estimator's hand-worked values (see the by-hand tests above); the
+    # three differ on this batch, so a swapped or missing entry shows.
+    a, b, c = 2 / math.sqrt(3), -1 / math.sqrt(3), 1 / math.sqrt(2)
+    expected = {
+        "grpo": [a, c, b, b, -c],
+        "dr_grpo": [2 / 3, 1.0, -1 / 3, -1 / 3, -1.0],
+        "rloo": [1.0, 2.0, -0.5, -0.5, -2.0],
     }
-    scores, ids = t64(SCORES), torch.tensor(IDS)
-    for name, fn in algos.OUTCOME_ESTIMATORS.items():
-        adv = fn(scores, ids, OUT_MASK)
-        assert adv.shape == OUT_MASK.shape, name
-        assert (adv[OUT_MASK == 0] == 0).all(), name
-    # The three disagree on this batch, so a swapped registry entry would show.
-    outs = [fn(scores, ids, OUT_MASK) for fn in algos.OUTCOME_ESTIMATORS.values()]
-    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
+    assert set(algos.OUTCOME_ESTIMATORS) == set(expected)
+    for name, values in expected.items():
+        adv = algos.OUTCOME_ESTIMATORS[name](t64(SCORES), torch.tensor(IDS), OUT_MASK)
+        assert_close(adv, t64(values)[:, None] * OUT_MASK, **GRPO, msg=name)
 
 
 # ---------------------------------------------------------------- token-level estimators

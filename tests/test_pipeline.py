@@ -103,7 +103,8 @@ def test_sft_then_grpo_pipeline(tiny_model, sft_files, tmp_path):
     assert [e["stage"] for e in stage_events] == ["sft", "grpo"]
     handoff = out / "checkpoints" / "step_000003" / "policy"
     assert stage_events[1]["model_path"] == str(handoff)
-    assert all(e.get("stage") in ("sft", "grpo") for e in events if e["type"] == "checkpoint")
+    # checkpoint.every is 0: one checkpoint at the end of each stage, tagged with that stage.
+    assert [(e["step"], e["stage"]) for e in events if e["type"] == "checkpoint"] == [(3, "sft"), (5, "grpo")]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     AutoTokenizer.from_pretrained(handoff)

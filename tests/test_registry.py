@@ -47,7 +47,7 @@ def test_roles_follow_the_table():
 def test_the_spec_takes_its_names_from_the_table(monkeypatch):
     spec = {"model": {"path": "m"}, "data": {"train_file": "t.jsonl"}, "rewards": [{"function": "accuracy"}]}
     with pytest.raises(SpecError, match="algorithm.name"):
-        parse_spec({**spec, "algorithm": {"name": "dpo"}})
+        parse_spec({**spec, "algorithm": {"name": "no-such-algorithm"}})
     # A row of the table is all the spec needs to know an algorithm: its estimator default and roles follow.
     row = Algorithm("grpo", "prompts", rollouts=True, critic=True, default_estimator="gae",
                     driver="orchestrator.driver:Orchestrator", trainer="workers.trainer:PolicyTrainer")

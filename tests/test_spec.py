@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from orchestrator.core.spec import JobSpec, SpecError, load_spec, parse_spec
 from tests.conftest import ROOT, tiny_spec
@@ -10,11 +11,14 @@ def base() -> dict:
     return tiny_spec(Path("m"), Path("d.jsonl"), Path("runs/t"))
 
 
-@pytest.mark.parametrize("name", ["grpo.yaml", "ppo.yaml"])
-def test_examples_validate(name):
+@pytest.mark.parametrize(("name", "estimator", "roles"), [
+    ("grpo.yaml", "grpo", ["rollout", "trainer", "reward"]),
+    ("ppo.yaml", "gae", ["rollout", "trainer", "reward", "reference", "critic"]),  # kl_coef 0.05: a reference
+])
+def test_examples_validate(name, estimator, roles):
     spec = load_spec(ROOT / "examples" / name)
     assert spec.api_version == "rlhf/v1"
-    assert spec.needs_critic == (spec.algorithm.name == "ppo")
+    assert (spec.algorithm.estimator, spec.roles) == (estimator, roles)
 
 
 def test_defaults_derive_estimator_and_roles():
@@ -60,8 +64,9 @@ def test_cross_field_rules():
 
 def test_spec_is_frozen():
     spec = parse_spec(base())
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="Instance is frozen"):
         spec.optim.lr = 1.0
+    assert spec.optim.lr == 1e-3
 
 
 def test_yaml_syntax_error_names_line(tmp_path):

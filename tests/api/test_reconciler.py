@@ -1,0 +1,110 @@
+"""The reconciler's decisions (`api.reconciler.decide`): a job record and Ray's answer in, what to
+do out. Pure values: no Ray, no Redis."""
+
+import pytest
+
+from api.launcher import RayJobMissing, RayJobState, RayUnavailable
+from api.reconciler import MISSING_GRACE_S, StopRayJob, Transition, decide
+
+NOW = 1_000_000.0
+RAY_STATUSES = ("PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED")
+LIVE = ("queued", "starting", "running", "cancelling")
+
+
+def record(status: str, created_at: float | None = NOW - 5) -> dict:
+    return {"id": "job-abc", "status": status, "created_at": created_at}
+
+
+def ray(status: str, message: str = "") -> RayJobState:
+    return RayJobState(status, message, None)
+
+
+STARTING = Transition("starting", "starting: the Ray job's driver is running")
+SUCCEEDED = Transition("succeeded", "succeeded (reported by Ray)")
+CANCELLED = Transition("cancelled", "cancelled: the Ray job was stopped")
+DRIVER_FAILED = Transition(
+    "failed", "failed: driver ended without reporting: Job entrypoint command failed with exit code 1",
+    {"code": "driver_failed", "message": "driver ended without reporting: Job entrypoint command failed with exit code 1"},
+)
+EXIT_1 = "Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):\nTraceback ..."
+
+# Every (record status, Ray status) pair of a live job, by hand.
+TABLE = {
+    ("queued", "PENDING"): None,
+    ("queued", "RUNNING"): STARTING,
+    ("queued", "STOPPED"): CANCELLED,
+    ("queued", "SUCCEEDED"): SUCCEEDED,
+    ("queued", "FAILED"): DRIVER_FAILED,
+    ("starting", "PENDING"): None,
+    ("starting", "RUNNING"): None,  # the driver reports `running` itself
+    ("starting", "STOPPED"): CANCELLED,
+    ("starting", "SUCCEEDED"): SUCCEEDED,
+    ("starting", "FAILED"): DRIVER_FAILED,
+    ("running", "PENDING"): None,
+    ("running", "RUNNING"): None,
+    ("running", "STOPPED"): CANCELLED,
+    ("running", "SUCCEEDED"): SUCCEEDED,
+    ("running", "FAILED"): DRIVER_FAILED,
+    # A cancel whose stop Ray has not acted on yet: stop again.
+    ("cancelling", "PENDING"): StopRayJob(),
+    ("cancelling", "RUNNING"): StopRayJob(),
+    ("cancelling", "STOPPED"): CANCELLED,
+    ("cancelling", "SUCCEEDED"): SUCCEEDED,
+    # The driver died of the stop (SIGTERM, then SIGKILL): that is the cancel, not a failure.
+    ("cancelling", "FAILED"): CANCELLED,
+}
+
+
+def test_table_covers_every_live_pair():
+    assert set(TABLE) == {(s, r) for s in LIVE for r in RAY_STATUSES}
+
+
+@pytest.mark.parametrize(("status", "ray_status"), sorted(TABLE))
+def test_live_job_with_ray_state(status, ray_status):
+    assert decide(record(status), ray(ray_status, EXIT_1), NOW) == TABLE[(status, ray_status)]
+
+
+@pytest.mark.parametrize("status", ["succeeded", "failed", "cancelled"])
+@pytest.mark.parametrize("answer", [ray("FAILED", EXIT_1), ray("STOPPED"), ray("RUNNING"), RayJobMissing("x"), RayUnavailable("x")])
+def test_terminal_record_never_changes(status, answer):
+    assert decide(record(status, created_at=0.0), answer, NOW) is None
+
+
+@pytest.mark.parametrize("status", LIVE)
+def test_ray_unavailable_decides_nothing(status):
+    # Even for a job long past the grace period: an unreachable Ray says nothing about the job.
+    assert decide(record(status, created_at=NOW - 10 * MISSING_GRACE_S), RayUnavailable("connection refused"), NOW) is None
+
+
+@pytest.mark.parametrize("status", LIVE)
+def test_job_missing_from_ray_is_lost_only_after_the_grace_period(status):
+    missing = RayJobMissing("no such job")
+    lost = Transition("failed", "failed: lost by Ray",
+                      {"code": "ray_job_lost", "message": "Ray has no job job-abc (was the Ray cluster replaced?)"})
+    assert decide(record(status, created_at=NOW - 1), missing, NOW) is None  # just submitted: Ray may not list it yet
+    assert decide(record(status, created_at=NOW - MISSING_GRACE_S), missing, NOW) is None  # exactly at the limit
+    assert decide(record(status, created_at=NOW - MISSING_GRACE_S - 0.5), missing, NOW) == lost
+
+
+def test_job_missing_without_a_creation_time_counts_from_zero():
+    assert decide(record("queued", created_at=None), RayJobMissing("x"), NOW).status == "failed"
+    assert decide(record("queued", created_at=None), RayJobMissing("x"), MISSING_GRACE_S) is None
+
+
+@pytest.mark.parametrize(("message", "reported"), [
+    (EXIT_1, "Job entrypoint command failed with exit code 1"),
+    ("", "the Ray job failed"),
+    ("   ", "the Ray job failed"),
+    ("Job supervisor actor died.\nmore detail", "Job supervisor actor died"),
+    ("Unexpected error: node lost: ", "Unexpected error: node lost"),
+])
+def test_driver_failure_message_is_the_first_line_of_rays(message, reported):
+    decision = decide(record("running"), ray("FAILED", message), NOW)
+    assert decision == Transition("failed", f"failed: driver ended without reporting: {reported}",
+                                  {"code": "driver_failed", "message": f"driver ended without reporting: {reported}"})
+
+
+def test_unknown_ray_status_decides_nothing():
+    # Ray may add statuses; an unknown one must not end a job.
+    assert all(decide(record(s), ray("SOMETHING_NEW"), NOW) is None for s in ("queued", "starting", "running"))
+    assert decide(record("cancelling"), ray("SOMETHING_NEW"), NOW) is None
