@@ -54,18 +54,19 @@ def measure(size: str, repeats: int) -> dict:
     import ray
     import torch
 
-    from orchestrator.driver import share_memory
+    from orchestrator.core.spec import OptimSpec, RolloutSpec
     from orchestrator.placement import ACTOR_ENV
     from orchestrator.tiny_model import init_model
+    from orchestrator.weight_sync import share_memory
     from workers.rollout_vllm import VLLMRollout
     from workers.trainer import PolicyTrainer
 
     hidden, layers = SHAPES[size]
     with tempfile.TemporaryDirectory() as tmp:
         init_model(tmp, hidden_size=hidden, layers=layers, seed=0)
-        optim = dict(lr=1e-3, weight_decay=0.0)
+        optim = OptimSpec(lr=1e-3, weight_decay=0.0)
         env = {"env_vars": ACTOR_ENV}
-        trainer = ray.remote(PolicyTrainer).options(num_cpus=0, runtime_env=env).remote(tmp, optim)
+        trainer = ray.remote(PolicyTrainer).options(num_cpus=0, runtime_env=env).remote(tmp, optim, RolloutSpec())
         rollout = ray.remote(VLLMRollout).options(num_cpus=0, runtime_env=env).remote(tmp, n=1, max_new_tokens=4)
         state = ray.get(trainer.state_dict.remote())
         unique = {t.data_ptr(): t for t in state.values()}

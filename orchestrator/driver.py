@@ -6,13 +6,12 @@ short method. Data moves between actors as one `Batch` of tensors through Ray's 
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 
 import ray
 import torch
 
+from orchestrator import weight_sync
 from orchestrator.core import algos, checkpoint
 from orchestrator.core.advantages import compute_advantages
 from orchestrator.core.batch import Batch, concat
@@ -71,7 +70,7 @@ class Orchestrator:
         self.on_policy = self.num_mini_batches == 1 and opt.ppo_epochs == 1
         # Behaviour log-probs feed off-policy ratios, KL and IS correction; an on-policy step without them skips them.
         self.need_logprobs = not self.on_policy or spec.needs_reference or spec.rollout.importance_sampling.enabled
-        self.weight_sync = "object_store"  # until `setup_weight_sync` picks the path
+        self.weight_sync: weight_sync.WeightSync | None = None  # the path `setup_weight_sync` prepares
 
     # ------------------------------------------------------------ the loop
     def fit(self, start_step: int = 0) -> dict[str, float]:
@@ -93,7 +92,7 @@ class Orchestrator:
         batch, per_source = self.score(batch, timing)
         batch = self.advantages(batch, timing)
         metrics = self.update(batch, step, timing)
-        if self.weight_sync != "shared_memory":  # (shared memory: the update's last act wrote the weights)
+        if not self.weights_in_update:
             self.sync_weights(timing)
         timing["step"] = time.perf_counter() - start
         metrics.update(rollout_metrics(batch, per_source, self.spec, self.eos_token_id))
@@ -142,7 +141,7 @@ class Orchestrator:
         """Policy update (and critic update, concurrently) over the step's samples."""
         t0 = time.perf_counter()
         opt, num_mini = self.spec.optim, self.num_mini_batches
-        publish = self.weight_sync == "shared_memory"
+        publish = self.weights_in_update
         trainer_refs = self.groups["trainer"].call_sharded("train_step", batch, step, num_mini, opt.micro_batch_size, self.on_policy, publish)
         critic_refs = self.groups["critic"].call_sharded("train_step", batch, step, num_mini, opt.micro_batch_size) if "critic" in self.groups else []
         results = ray.get(trainer_refs + critic_refs)
@@ -155,62 +154,25 @@ class Orchestrator:
         timing["update"] = time.perf_counter() - t0
         return {**trainer_stats, **critic_stats, "lr": opt.lr}
 
+    @property
+    def weights_in_update(self) -> bool:
+        """Whether the trainer writes the rollouts' weights as the last act of its update call (shared memory)."""
+        return self.weight_sync is not None and self.weight_sync.in_update
+
     def sync_weights(self, timing: dict | None = None) -> None:
         """Trainer rank 0's weights to every rollout actor, by the path `setup_weight_sync` chose."""
         t0 = time.perf_counter()
-        trainers, rollouts = self.groups["trainer"], self.groups["rollout"]
-        if self.weight_sync == "shared_memory":
-            # The engines see the file's write count move and drop their prefix caches at the next generate.
-            ray.get(trainers.actors[0].write_shared_weights.remote())
-        elif self.weight_sync == "nccl":
-            buckets = self._nccl_buckets
-            ray.get([trainers.actors[0].send_weights_nccl.remote(), *rollouts.call("receive_weights_nccl", buckets)])
-        elif self.weight_sync == "cuda_ipc":
-            # Rollout i shares a GPU with trainer rank i, whose weights equal rank 0's after every update.
-            ray.get(rollouts.call_each("receive_weights_ipc", ray.get(trainers.call("ipc_weights"))))
-            ray.get(trainers.call("release_ipc_weights"))
-        else:
-            weights = trainers.actors[0].weights_for_sync.remote()
-            ray.get(rollouts.call("load_weights", weights))
+        self.weight_sync.sync()
         if timing is not None:
             timing["weight_sync"] = time.perf_counter() - t0
 
     def setup_weight_sync(self) -> None:
-        """Pick how weights travel (`rollout.weight_sync`) and prepare it; reported as a `weight_sync` event."""
+        """Pick how weights travel (`rollout.weight_sync`, see orchestrator/weight_sync.py) and prepare it;
+        reported as a `weight_sync` event."""
         if "rollout" not in self.groups:  # an SFT stage that does not evaluate has no rollouts to sync
             return
-        spec, res = self.spec, self.spec.resources
-        wanted = spec.rollout.weight_sync
-        on_gpu = res.trainer.num_gpus > 0 and res.rollout.num_gpus > 0
-        method, why = wanted, "set in the spec"
-        if wanted == "auto":  # (the spec has already refused impossible explicit choices)
-            if on_gpu and spec.rollout.backend == "vllm" and not res.colocate:
-                method, why = "nccl", "vLLM engines on their own GPUs"
-            elif on_gpu and spec.rollout.backend == "vllm" and res.trainer.replicas == res.rollout.replicas:
-                method, why = "cuda_ipc", "each vLLM engine shares its GPU with a trainer rank"
-            elif res.trainer.num_gpus == 0 and res.rollout.num_gpus == 0:
-                method, why = "shared_memory", "trainer and rollouts on the CPU"
-            else:
-                method, why = "object_store", "the rollouts are not vLLM engines on GPUs"
-        if method == "shared_memory":
-            failed = share_memory(self.groups["trainer"].actors[0], self.groups["rollout"].actors, self.job_id)
-            if failed:
-                if wanted == "shared_memory":
-                    raise RuntimeError(f"rollout.weight_sync: shared_memory is not possible: {failed}")
-                method, why = "object_store", failed
-        elif method == "nccl":
-            self._init_nccl()
-        self.weight_sync = method
-        self.reporter.event("weight_sync", f"weights sync by {method} ({why})", method=method, reason=why)
-
-    def _init_nccl(self) -> None:
-        trainer, rollouts = self.groups["trainer"].actors[0], self.groups["rollout"]
-        host, port = ray.get(trainer.address.remote())
-        tp = self.spec.rollout.tensor_parallel_size
-        world = 1 + tp * len(rollouts)
-        ray.get([trainer.init_weight_sender.remote(host, port, world),
-                 *rollouts.call_each("init_weight_group", [(host, port, 1 + i * tp, world) for i in range(len(rollouts))])])
-        self._nccl_buckets = ray.get(trainer.weight_buckets.remote())
+        path = self.weight_sync = weight_sync.setup(self.spec, self.groups["trainer"], self.groups["rollout"], self.job_id)
+        self.reporter.event("weight_sync", f"weights sync by {path.method} ({path.reason})", method=path.method, reason=path.reason)
 
     def throughput(self, batch: Batch, timing: dict) -> dict[str, float]:
         accounted = sum(timing.get(k, 0.0) for k in ("generate_compute", "advantages", "weight_sync"))
@@ -292,28 +254,3 @@ class Orchestrator:
         ray.get(refs)
         self.sync_weights()
         return checkpoint.read_state(path)["step"]
-
-
-def share_memory(trainer, rollouts: list, tag: str) -> str | None:
-    """Make every rollout actor compute from one /dev/shm file that the trainer actor writes
-    (workers/shared_weights.py); returns why not, if not."""
-    here = lambda self_: ray.get_runtime_context().get_node_id()  # noqa: E731
-    if len(set(ray.get([a.__ray_call__.remote(here) for a in [trainer, *rollouts]]))) > 1:
-        return "the trainer and the rollouts are on different nodes"
-    path = f"/dev/shm/rlhf-weights-{tag.replace('/', '-')}-{uuid.uuid4().hex[:8]}"
-    try:
-        first = ray.get(rollouts[0].share_weights.remote(path, True))
-        if isinstance(first, str):
-            return first
-        size, regions = first
-        for other in ray.get([a.share_weights.remote(path, False) for a in rollouts[1:]]):
-            if isinstance(other, str):
-                raise RuntimeError(f"rollout replicas disagree on shared weights: {other}")
-        try:
-            ray.get(trainer.attach_shared_weights.remote(path, size, regions))  # maps the file, then unlinks it
-        except ray.exceptions.RayTaskError as e:  # e.g. a model whose HF names vLLM fuses differently
-            return f"the trainer's tensors do not map onto the engine's: {getattr(e, 'cause', e)}"
-    finally:
-        unlink = lambda self_, p: os.path.exists(p) and os.unlink(p)  # noqa: E731
-        ray.get(trainer.__ray_call__.remote(unlink, path))
-    return None

@@ -35,7 +35,7 @@ def evaluate(orch, dataset: PromptDataset) -> dict[str, float]:
         orch.sync_weights()
     rollouts = orch.groups["rollout"]
     # (prompts, extras, step, greedy, with_logprobs): scoring needs no behaviour log-probs.
-    batch = concat([b for b, _ in ray.get(rollouts.generate(dataset.prompt_ids, dataset.extras, 0, True, False))])
+    batch = concat([b for b, _ in ray.get(rollouts.call_on_rows("generate", [dataset.prompt_ids, dataset.extras], 0, True, False))])
     scores, per_source, _ = ray.get(orch.groups["reward"].call("score", batch)[0])
     out = {f"eval/{label}/mean": values.nan_to_num(0.0).mean().item() for label, values in per_source.items()}
     out["eval/reward/mean"] = scores.mean().item()

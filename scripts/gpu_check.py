@@ -138,7 +138,7 @@ def main() -> int:
 
     @check("bucketed pack/unpack (NCCL layout)")
     def _():
-        from workers.rollout_vllm import bucket_size, pack_bucket, plan_buckets, unpack_bucket
+        from workers.weight_transport import bucket_size, pack_bucket, plan_buckets, unpack_bucket
 
         state = STATE["trainer"].model.state_dict()
         buckets = plan_buckets(state.items(), bucket_bytes=1 << 20)
@@ -154,7 +154,7 @@ def main() -> int:
             return "skipped: needs CUDA"
         import torch.multiprocessing as mp
 
-        from workers.rollout_vllm import cuda_ipc_payload
+        from workers.weight_transport import cuda_ipc_payload
 
         handles, buckets, flat = cuda_ipc_payload(STATE["trainer"].model)
         ctx = mp.get_context("spawn")
@@ -177,7 +177,7 @@ def main() -> int:
 
 def _ipc_child(handles, buckets, queue) -> None:
     """A second process (as the engine's worker would be) maps the trainer's buffer by its IPC handle."""
-    from workers.rollout_vllm import bucket_size, unpack_bucket
+    from workers.weight_transport import bucket_size, unpack_bucket
 
     func, args = handles[str(torch.cuda.get_device_properties(0).uuid)]
     args = list(args)

@@ -1,7 +1,7 @@
 """Each role as a plain class, without Ray."""
 
-import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -93,7 +93,9 @@ def test_shared_memory_sync_writes_into_what_the_rollouts_compute_from(tiny_mode
     trainer.train_step(with_advantages(batch), step=1, num_mini_batches=1, micro_batch_size=None, on_policy=True)
     after = trainer.state_dict()
     assert any(not torch.equal(first.state_dict()[k], after[k]) for k in after), "the step should change the weights"
-    assert trainer.write_shared_weights() > 0
+    start = time.perf_counter()
+    seconds = trainer.write_shared_weights()
+    assert 0 < seconds <= time.perf_counter() - start  # the write's own duration, in seconds
     for replica in (first, second):
         synced = replica.state_dict()
         assert all(torch.equal(synced[k], after[k]) for k in after)
@@ -113,7 +115,7 @@ def test_shared_memory_sync_declines_a_full_tmpfs(tiny_model, tmp_path, monkeypa
 
 
 def test_shared_memory_sync_refuses_a_different_model(tiny_model, tmp_path):
-    from workers.shared_weights import Region, SharedWeightWriter
+    from workers.weight_transport import Region, SharedWeightWriter
 
     trainer = PolicyTrainer(str(tiny_model), optim(), RolloutSpec(), threads=2)
     state = trainer.state_dict()
@@ -124,6 +126,21 @@ def test_shared_memory_sync_refuses_a_different_model(tiny_model, tmp_path):
         SharedWeightWriter(path, size, wrong, state)
     with pytest.raises(RuntimeError, match="lack"):
         SharedWeightWriter(path, size, {k: v for k, v in regions.items() if k != "model.norm.weight"}, state)
+
+
+def test_dr_grpo_divides_by_the_completion_limit_not_the_longest_response(tiny_model, batch):
+    """Dr. GRPO's seq-mean-token-sum-norm: sum_i sum_t loss_it / L / num_seqs with L the maximum
+    completion length (rollout.max_new_tokens), whatever the longest response of the step is."""
+    limit = 16
+    assert batch.response_mask.shape[1] < limit
+    adv = (torch.arange(len(batch), dtype=torch.float32)[:, None] + 1) / len(batch) * batch.response_mask
+    b = batch.replace(advantages=adv, scores=torch.zeros(len(batch)))
+    trainer = PolicyTrainer(str(tiny_model), optim(loss_agg="seq-mean-token-sum-norm"), RolloutSpec(max_new_tokens=limit), threads=2)
+    stats = trainer.train_step(b, 1, num_mini_batches=1, micro_batch_size=None, on_policy=True)
+    # On-policy the ratio is 1, so each token's loss is -A_t.
+    expected = -(adv * b.response_mask).sum().item() / limit / len(b)
+    assert stats["policy_loss"] == pytest.approx(expected, rel=1e-5)
+    assert stats["policy_loss"] != pytest.approx(-(adv * b.response_mask).sum().item() / b.response_mask.shape[1] / len(b), rel=1e-3)
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
@@ -115,42 +115,3 @@ def timed(out: dict, key: str) -> Iterator[None]:
 
 def cpu_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def to_transport(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """A state dict as numpy arrays, which Ray's object store moves without pickling their bytes:
-    one copy into shared memory here, zero-copy views on the receiving side. Tied tensors
-    (embeddings and LM head) travel once; bfloat16 travels as int16 bits."""
-    arrays, seen = {}, {}
-    for name, t in state_dict.items():
-        t = t.detach()
-        key = (t.data_ptr(), t.dtype, tuple(t.shape))
-        if key in seen:
-            arrays[name] = ("alias", seen[key])
-            continue
-        seen[key] = name
-        t = t.cpu().contiguous()
-        arrays[name] = (str(t.dtype).removeprefix("torch."), t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy())
-    return arrays
-
-
-def from_transport(arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Inverse of to_transport; a plain state dict of tensors passes through unchanged."""
-    import warnings
-
-    out: dict[str, torch.Tensor] = {}
-    for name, value in arrays.items():
-        if isinstance(value, torch.Tensor):
-            out[name] = value
-        elif value[0] != "alias":
-            dtype, array = value
-            with warnings.catch_warnings():
-                # The object store's arrays are read-only views; load_state_dict only reads them.
-                warnings.simplefilter("ignore", UserWarning)
-                t = torch.frombuffer(memoryview(array).cast("B"), dtype=torch.uint8) if array.size else torch.empty(0, dtype=torch.uint8)
-            target = getattr(torch, dtype)
-            out[name] = (t.view(torch.int16).view(torch.bfloat16) if target == torch.bfloat16 else t.view(target)).view(array.shape)
-    for name, value in arrays.items():
-        if not isinstance(value, torch.Tensor) and value[0] == "alias":
-            out[name] = out[value[1]]
-    return out

@@ -1,9 +1,10 @@
-"""Rollout with the HF backend: batched `generate` with a KV cache, one call per step."""
+"""The rollout role: the interface every backend offers (`RolloutBackend`), and the HF backend,
+batched `generate` with a KV cache, one call per step."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -18,15 +19,50 @@ from orchestrator.core.seeds import step_seed
 from workers.common import (
     configure_threads,
     cpu_state_dict,
-    from_transport,
     load_model,
     load_tokenizer,
     pick_device,
 )
-from workers.shared_weights import NoRoomForWeights, Region, share_parameters
+from workers.weight_transport import (
+    NoRoomForWeights,
+    OnNode,
+    Region,
+    from_transport,
+    share_parameters,
+)
 
 
-class HFRollout:
+@runtime_checkable
+class RolloutBackend(Protocol):
+    """What the driver calls on a rollout actor, whichever engine it hosts (`HFRollout`, `VLLMRollout`).
+
+    Backends that run on GPUs may add the paths that only GPUs have (the driver calls them only
+    when it chose that path, see orchestrator/weight_sync.py):
+
+    - `init_weight_group(host, port, rank_offset, world_size) -> None`: join trainer rank 0's NCCL
+      group, this engine's workers taking ranks `rank_offset` onwards;
+    - `receive_weights_nccl(buckets) -> seconds`: take one broadcast sync (buckets: `TensorMeta` lists);
+    - `receive_weights_ipc(handles, buckets) -> seconds`: load a colocated trainer's CUDA IPC buffer.
+    """
+
+    def generate(self, prompt_ids: list[list[int]], extras: list[dict[str, Any]], step: int, greedy: bool = False,
+                 with_logprobs: bool = True) -> tuple[Batch, float]:
+        """`n` completions per prompt (1 when greedy) as one Batch, and the seconds spent; sampling is seeded by (seed, step)."""
+
+    def load_weights(self, state_dict: dict[str, Any]) -> float:
+        """Load the trainer's state dict (or its `to_transport` form); returns the seconds spent."""
+
+    def share_weights(self, path: str, create: bool) -> tuple[int, dict[str, Region]] | str:
+        """Compute from the shared file at `path` from now on; returns (file size, regions by HF name), or why not."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights generation uses, in the trainer's (HF) names, on the CPU."""
+
+    def node_id(self) -> str | None:
+        """The Ray node this actor runs on."""
+
+
+class HFRollout(OnNode):
     """Samples `n` completions per prompt with transformers' `generate`."""
 
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, n: int = 4,
@@ -81,7 +117,7 @@ class HFRollout:
         return time.perf_counter() - start
 
     def share_weights(self, path: str, create: bool) -> tuple[int, dict[str, Region]] | str:
-        """Move the parameters into the shared file at `path` (see workers/shared_weights.py); returns
+        """Move the parameters into the shared file at `path` (see workers/weight_transport.py); returns
         (size, regions by state-dict name), or why this rollout cannot."""
         if self.device.type != "cpu":
             return "the rollout model is on a GPU"

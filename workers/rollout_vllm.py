@@ -9,7 +9,9 @@ Same interface and `Batch` as `HFRollout`. Weight sync keeps the engine running:
 - GPU: trainer rank 0 and the engines' workers form an NCCL group (vLLM's
   `StatelessProcessGroup` + `PyNcclCommunicator`, outside torch.distributed's global state);
   rank 0 broadcasts the parameters in fixed-size buckets (`NcclWeightSender`). A colocated
-  trainer instead hands CUDA IPC handles of its buckets to the engine on the same GPU.
+  trainer instead hands CUDA IPC handles of its buckets to the engine on the same GPU. The
+  trainer's ends and the bucket layout live in workers/weight_transport.py; this module holds the
+  engine's ends, inside vLLM's worker (`WeightSyncExtension`).
 
 Every path loads through vLLM's layerwise reload (`initialize_layerwise_reload` ...
 `finalize_layerwise_reload`), which re-runs each layer's post-load processing: vLLM's CPU
@@ -23,7 +25,6 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -35,63 +36,24 @@ from orchestrator.core.batch import (
     right_pad,
 )
 from orchestrator.core.seeds import request_seed
-from workers.common import configure_threads, from_transport, load_tokenizer
-from workers.shared_weights import (
+from workers.common import configure_threads, load_tokenizer
+from workers.weight_transport import (
+    DEFAULT_BUCKET_BYTES,
     NoRoomForWeights,
+    OnNode,
     Region,
+    TensorMeta,
+    bucket_size,
+    from_transport,
     map_file,
+    pack_bucket,
+    plan_buckets,
     share_parameters,
+    unpack_bucket,
     version,
 )
 
 EXTENSION = "workers.rollout_vllm.WeightSyncExtension"
-DEFAULT_BUCKET_BYTES = 256 << 20
-
-
-# ---------------------------------------------------------------- buckets
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    name: str
-    dtype: str  # torch dtype name, e.g. "float32"
-    shape: tuple[int, ...]
-    offset: int  # bytes into the bucket
-    nbytes: int
-
-
-def plan_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[list[TensorMeta]]:
-    """Group tensors, in order, into buckets of at most `bucket_bytes` (a bigger tensor gets its own).
-
-    Offsets are 64-byte aligned so every view of a bucket is aligned for any dtype.
-    """
-    buckets: list[list[TensorMeta]] = [[]]
-    used = 0
-    for name, t in named:
-        nbytes = t.numel() * t.element_size()
-        start = -(-used // 64) * 64
-        if buckets[-1] and start + nbytes > bucket_bytes:
-            buckets.append([])
-            start = 0
-        buckets[-1].append(TensorMeta(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), start, nbytes))
-        used = start + nbytes
-    return [b for b in buckets if b]
-
-
-def bucket_size(metas: list[TensorMeta]) -> int:
-    return metas[-1].offset + metas[-1].nbytes if metas else 0
-
-
-def pack_bucket(metas: list[TensorMeta], tensors: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """Copy the bucket's tensors into the flat uint8 tensor `out` (at least `bucket_size` bytes)."""
-    for m in metas:
-        out[m.offset : m.offset + m.nbytes].copy_(tensors[m.name].detach().contiguous().view(-1).view(torch.uint8))
-    return out
-
-
-def unpack_bucket(flat: torch.Tensor, metas: list[TensorMeta]) -> list[tuple[str, torch.Tensor]]:
-    """Views (no copy) of each tensor in a flat uint8 bucket."""
-    return [(m.name, flat[m.offset : m.offset + m.nbytes].view(getattr(torch, m.dtype)).view(m.shape)) for m in metas]
 
 
 # ---------------------------------------------------------------- inside vLLM's worker
@@ -242,62 +204,10 @@ class WeightSyncExtension:
         return out
 
 
-# ---------------------------------------------------------------- the trainer's side (GPU)
-
-
-class NcclWeightSender:
-    """Trainer rank 0's end of the NCCL weight-sync group (GPU only).
-
-    Per sync, the driver submits `VLLMRollout.receive_weights_nccl(buckets)` on every engine and
-    `send(model)` on rank 0 together; both sides meet inside the same broadcasts.
-    """
-
-    def __init__(self, host: str, port: int, world_size: int, device: torch.device):
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        pg = StatelessProcessGroup.create(host=host, port=port, rank=0, world_size=world_size)
-        self.comm, self.device = PyNcclCommunicator(pg, device=device), device
-
-    @staticmethod
-    def plan(model: torch.nn.Module, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[list[TensorMeta]]:
-        return plan_buckets(model.state_dict().items(), bucket_bytes)
-
-    @torch.no_grad()
-    def send(self, model: torch.nn.Module, buckets: list[list[TensorMeta]]) -> None:
-        state = model.state_dict()
-        stream = torch.cuda.current_stream()
-        for metas in buckets:
-            flat = torch.empty(bucket_size(metas), dtype=torch.uint8, device=self.device)
-            self.comm.broadcast(pack_bucket(metas, state, flat), src=0, stream=stream)
-        torch.cuda.synchronize()
-
-
-def cuda_ipc_payload(model: torch.nn.Module, bucket_bytes: int = 1 << 62) -> tuple[dict[str, Any], list[list[TensorMeta]], torch.Tensor]:
-    """A colocated trainer's weights as one GPU buffer shared by CUDA IPC.
-
-    Returns (handles keyed by GPU uuid, bucket layout, the buffer); keep the buffer alive until
-    the engine's `receive_weights_ipc` returns.
-    """
-    from torch.multiprocessing.reductions import reduce_tensor
-
-    state = model.state_dict()
-    buckets = plan_buckets(state.items(), bucket_bytes)
-    total = sum(bucket_size(b) for b in buckets)
-    flat = torch.empty(total, dtype=torch.uint8, device=next(model.parameters()).device)
-    base = 0
-    for metas in buckets:
-        pack_bucket(metas, state, flat[base : base + bucket_size(metas)])
-        base += bucket_size(metas)
-    torch.cuda.synchronize()
-    uuid_ = str(torch.cuda.get_device_properties(flat.device).uuid)
-    return {uuid_: reduce_tensor(flat)}, buckets, flat
-
-
 # ---------------------------------------------------------------- the rollout role
 
 
-class VLLMRollout:
+class VLLMRollout(OnNode):
     """Samples `n` completions per prompt with a vLLM engine hosted in this actor."""
 
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, n: int = 4,
@@ -423,11 +333,10 @@ class VLLMRollout:
                 base += bucket_size(metas)
             return self.llm.collective_rpc("rlhf_load_shm", args=(path, buckets))
         finally:
-            if os.path.exists(path):
-                os.unlink(path)
+            self.unlink(path)
 
     def share_weights(self, path: str, create: bool) -> tuple[int, dict[str, Region]] | str:
-        """Make the engine compute from the shared file at `path` (see workers/shared_weights.py);
+        """Make the engine compute from the shared file at `path` (see workers/weight_transport.py);
         returns (size, regions by HF name), or why this engine cannot."""
         if not self.in_process:
             return "the engine's workers run in other processes"

@@ -3,10 +3,9 @@ across replicas (workers/training.py)."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,17 +17,16 @@ from workers.common import (
     load_model,
     pick_device,
     response_logprobs,
-    to_transport,
 )
-from workers.shared_weights import Region, SharedWeightWriter
 from workers.training import DataParallel, mini_batches
+from workers.weight_transport import WeightSource
 
 if TYPE_CHECKING:  # the workers take the spec's typed sections; pydantic is not needed to run them
     from orchestrator.core.spec import OptimSpec, RolloutSpec
 
 
-class PolicyTrainer(DataParallel):
-    _shared: SharedWeightWriter | None = None  # rank 0, with shared-memory weight sync
+class PolicyTrainer(WeightSource, DataParallel):
+    """The policy's optimiser steps; its weight-sync methods come from `WeightSource` (workers/weight_transport.py)."""
 
     def __init__(self, model_path: str, optim: OptimSpec, rollout: RolloutSpec, dtype: str = "float32",
                  trust_remote_code: bool = False, num_gpus: float = 0, threads: int | None = None):
@@ -96,46 +94,6 @@ class PolicyTrainer(DataParallel):
     # ------------------------------------------------------------ weights and checkpoints
     def state_dict(self) -> dict[str, torch.Tensor]:
         return cpu_state_dict(self.model)
-
-    def weights_for_sync(self) -> dict[str, Any]:
-        """The weights in the object store's zero-copy form (see `to_transport`)."""
-        return to_transport(self.model.state_dict())
-
-    # ------------------------------------------------------------ weight sync, the trainer's end
-    def attach_shared_weights(self, path: str, size: int, regions: dict[str, Region]) -> None:
-        """Map the rollouts' shared weights file (CPU, same node), then unlink it: every process has it mapped."""
-        try:
-            self._shared = SharedWeightWriter(path, size, regions, self.model.state_dict())
-        finally:
-            if os.path.exists(path):
-                os.unlink(path)
-
-    def write_shared_weights(self) -> float:
-        """One sync: copy the weights into the memory the rollouts compute from; returns the seconds spent."""
-        return self._shared.write(self.model.state_dict())
-
-    def init_weight_sender(self, host: str, port: int, world_size: int) -> None:
-        """GPU, vLLM: open the NCCL group with every engine worker (this is rank 0)."""
-        from workers.rollout_vllm import NcclWeightSender
-
-        self._sender = NcclWeightSender(host, port, world_size, self.device)
-        self._buckets = NcclWeightSender.plan(self.model)
-
-    def weight_buckets(self) -> list:
-        return self._buckets
-
-    def send_weights_nccl(self) -> None:
-        self._sender.send(self.model, self._buckets)
-
-    def ipc_weights(self) -> tuple[dict[str, Any], list]:
-        """GPU, colocated vLLM: the weights as one CUDA buffer shared by IPC, kept until `release_ipc_weights`."""
-        from workers.rollout_vllm import cuda_ipc_payload
-
-        handles, buckets, self._ipc_buffer = cuda_ipc_payload(self.model)
-        return handles, buckets
-
-    def release_ipc_weights(self) -> None:
-        self._ipc_buffer = None
 
     def save(self, path: str) -> None:
         """Rank 0 writes the model (HF layout, loadable by any role) and the optimiser state."""
