@@ -104,6 +104,36 @@ def main() -> int:
         assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()), stats
         return f"loss {stats['policy_loss']:.3f}, IS ratio {stats['rollout_is/ratio']:.4f} on {t.device}"
 
+    @check("grad accumulation = full batch")
+    def _():
+        from workers.trainer import PolicyTrainer
+
+        optim, rollout = configs()
+        optim = optim.model_copy(update={"grad_clip": None}) if hasattr(optim, "model_copy") else optim
+        batch = STATE["batch"]
+        adv = torch.linspace(-1, 1, len(batch))[:, None] * batch.response_mask
+        b = batch.replace(advantages=adv)
+        full, accum = (PolicyTrainer(model_dir, optim, rollout, num_gpus=NUM_GPUS) for _ in range(2))
+        s_full = full.train_step(b, 1, 1, None, True)
+        s_acc = accum.train_step(b, 1, 1, 4, True)  # 16 samples in 4 micro-batches (workers/training.py)
+        gap = max((p.grad - q.grad).abs().max().item() for p, q in zip(full.model.parameters(), accum.model.parameters()))
+        assert abs(s_full["policy_loss"] - s_acc["policy_loss"]) < 1e-5 and gap < 1e-5, (s_full, s_acc, gap)
+        return f"max |grad gap| {gap:.1e} on {full.device}"
+
+    @check("bfloat16 log-probs vs float32")
+    def _():
+        from workers.common import load_model
+
+        if not CUDA:
+            return "skipped: bfloat16 on CUDA only"
+        batch = STATE["batch"].to("cuda")
+        with torch.no_grad():
+            lp32, _ = response_logprobs(load_model(model_dir, dtype="float32", device="cuda"), batch, 1.0)
+            lp16, _ = response_logprobs(load_model(model_dir, dtype="bfloat16", device="cuda"), batch, 1.0)
+        gap = ((lp16.float() - lp32).abs() * batch.response_mask).max().item()
+        assert gap < 0.1, f"bf16 log-probs differ by {gap:.3f}"
+        return f"max gap {gap:.1e} (bf16 weights and compute)"
+
     @check("Critic values + train_step")
     def _():
         from workers.critic import Critic
