@@ -1,4 +1,4 @@
-"""`rlhf demo`: post-training that visibly works, on this machine's CPU.
+"""`rlhf demo [arithmetic]` and `rlhf demo preference`: post-training that visibly works, on this machine's CPU.
 
 Builds the tiny char-level model, writes disjoint train/test arithmetic problems whose SFT
 demonstrations come from a teacher that often forgets the carry (the `answer` the reward checks
@@ -90,4 +90,131 @@ def run_demo(out: str | Path = "runs/arith-demo", seed: int = 0, quick: bool = F
     if "sft" in after and "grpo" in after:
         print(f"  GRPO gain    {100 * (after['grpo']['all'] - after['sft']['all']):+5.1f} points")
     print(f"wall time {elapsed / 60:.1f} min; metrics in {out / 'metrics.jsonl'}; plot {png}")
+    return 0
+
+
+# ------------------------------------------------------------ `rlhf demo preference`
+# RLHF from preferences on this machine's CPU: examples/preference/pipeline.yaml (SFT on a writer's
+# replies, a reward model from a rater's pairs, PPO against it), then examples/preference/dpo.yaml
+# (DPO on the same pairs from the same SFT policy). The rater's rule, `hidden_score` in
+# examples/preference/make_data.py, reaches the trainer only through which reply of a pair was chosen;
+# the demo alone applies it, to replies sampled for held-out prompts.
+
+PREFERENCE = Path(__file__).resolve().parents[1] / "examples" / "preference"
+
+
+def _preference_data():
+    spec = importlib.util.spec_from_file_location("pref_make_data", PREFERENCE / "make_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def preference_specs(out: Path, seed: int, quick: bool) -> tuple[dict, dict]:
+    """(pipeline, dpo): the example specs with this run's model, data, seed and output directories."""
+    pipeline = yaml.safe_load((PREFERENCE / "pipeline.yaml").read_text())
+    dpo = yaml.safe_load((PREFERENCE / "dpo.yaml").read_text())
+    data = out / "data"
+    pipeline["model"]["path"] = str(out / "model")
+    pipeline["data"]["train_file"] = str(data / "sft.jsonl")
+    rm, ppo = pipeline["stages"][1], pipeline["stages"][2]
+    rm["data"].update(train_file=str(data / "prefs.jsonl"), eval_file=str(data / "prefs_test.jsonl"))
+    ppo["data"]["train_file"] = str(data / "prompts.jsonl")
+    dpo["data"].update(train_file=str(data / "prefs.jsonl"), eval_file=str(data / "prefs_test.jsonl"))
+    if quick:
+        for stage in pipeline["stages"]:
+            stage["optim"]["steps"] = 2
+        rm["eval"]["every"] = 0
+        dpo["optim"]["steps"], dpo["eval"]["every"] = 2, 0
+    pipeline["optim"]["seed"] = dpo["optim"]["seed"] = seed
+    sft_steps = pipeline["stages"][0]["optim"]["steps"]
+    dpo["model"]["path"] = str(out / "checkpoints" / f"step_{sft_steps:06d}" / "policy")  # the SFT stage's final policy
+    pipeline["output_dir"], dpo["output_dir"] = str(out), str(out / "dpo")
+    return pipeline, dpo
+
+
+def hidden_scores(model_dir: Path, prompts: list[str], seed: int, samples: int = 4) -> dict[str, float]:
+    """The rater's mean score of a policy's replies to `prompts`: `samples` sampled at temperature 1
+    (what RL raises: the expected score) and the greedy one."""
+    from workers.rollout import HFRollout
+
+    score = _preference_data().hidden_score
+    rollout = HFRollout(str(model_dir), n=samples, max_new_tokens=10, temperature=1.0, seed=seed)
+    tok = rollout.tokenizer
+    ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    out = {}
+    for kind, greedy in (("sampled", False), ("greedy", True)):
+        batch, _ = rollout.generate(ids, [{}] * len(prompts), step=0, greedy=greedy, with_logprobs=False)
+        texts = [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(batch.responses, batch.response_mask)]
+        per_prompt = len(texts) // len(prompts)
+        out[kind] = sum(score(prompts[i // per_prompt], t) for i, t in enumerate(texts)) / len(texts)
+    return out
+
+
+def _final_metric(run_dir: Path, key: str) -> float | None:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    values = [r[key] for r in rows if key in r]
+    return values[-1] if values else None
+
+
+def _plot_hidden(scores: dict[str, dict[str, float]], rm_accuracy: float | None, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = list(scores)
+    for offset, kind in ((-0.2, "sampled"), (0.2, "greedy")):
+        values = [scores[n][kind] for n in names]
+        bars = ax.bar([i + offset for i in range(len(names))], values, width=0.4, label=f"{kind} replies")
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("hidden score (held-out prompts)")
+    accuracy = f"; reward model's held-out pairwise accuracy {100 * rm_accuracy:.1f}%" if rm_accuracy is not None else ""
+    ax.set_title(f"vowel fraction of replies{accuracy}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "hidden_score.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_preference_demo(out: str | Path = "runs/pref-demo", seed: int = 0, quick: bool = False) -> int:
+    from orchestrator.plot import plot_run
+    from orchestrator.run import run_job
+    from orchestrator.tiny_model import init_model
+
+    out = Path(out)
+    if (out / "metrics.jsonl").exists():
+        raise SystemExit(f"{out} holds an earlier run; pass another --out or remove it")
+    pipeline, dpo = preference_specs(out, seed, quick)
+    init_model(out / "model", seed=seed, **MODEL)
+    _preference_data().write(out / "data", train=2000, test=200, seed=seed)
+    (out / "job.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    (out / "dpo.yaml").write_text(yaml.safe_dump(dpo, sort_keys=False))
+    start = time.time()
+    for spec in ("job.yaml", "dpo.yaml"):
+        code = run_job(out / spec, progress=True)
+        if code:
+            return code
+    elapsed = time.time() - start
+    prompts = [json.loads(line)["prompt"] for line in (out / "data" / "test.jsonl").read_text().splitlines()]
+    finals = {e["stage"]: Path(e["path"]) for e in map(json.loads, (out / "events.jsonl").read_text().splitlines()) if e["type"] == "checkpoint"}
+    dpo_final = [json.loads(line) for line in (out / "dpo" / "events.jsonl").read_text().splitlines() if '"checkpoint"' in line][-1]
+    policies = {"initial": out / "model", "after SFT": finals["sft"] / "policy", "after PPO": finals["ppo"] / "policy",
+                f"after DPO ({dpo['algorithm']['loss_type']})": Path(dpo_final["path"]) / "policy"}
+    scores = {name: hidden_scores(path, prompts, seed) for name, path in policies.items()}
+    rm_accuracy = _final_metric(out, "eval/accuracy")
+    png = _plot_hidden(scores, rm_accuracy, out)
+    plot_run(out), plot_run(out / "dpo")
+    if rm_accuracy is not None:
+        print(f"\nreward model: held-out pairwise accuracy {100 * rm_accuracy:.1f}% (rater's choice ranked higher)")
+    print(f"hidden score on {len(prompts)} held-out prompts (fraction of a reply's eight letters that are vowels; the writer's is 0.19):")
+    print(f"  {'':16s} {'sampled':>8s} {'greedy':>7s}")
+    for name, s in scores.items():
+        print(f"  {name:16s} {s['sampled']:8.3f} {s['greedy']:7.3f}")
+    print(f"wall time {elapsed / 60:.1f} min (training); plots {png}, {out / 'metrics.png'}, {out / 'dpo' / 'metrics.png'}")
     return 0

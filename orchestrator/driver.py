@@ -11,7 +11,7 @@ import time
 import ray
 import torch
 
-from orchestrator import weight_sync
+from orchestrator import evaluation, weight_sync
 from orchestrator.core import algos, checkpoint
 from orchestrator.core.advantages import compute_advantages
 from orchestrator.core.batch import Batch, concat
@@ -174,6 +174,10 @@ class Orchestrator:
         path = self.weight_sync = weight_sync.setup(self.spec, self.groups["trainer"], self.groups["rollout"], self.job_id)
         self.reporter.event("weight_sync", f"weights sync by {path.method} ({path.reason})", method=path.method, reason=path.reason)
 
+    def evaluate(self, dataset: PromptDataset) -> dict[str, float]:
+        """Held-out metrics (`eval/...`): greedy completions of the prompts, scored by the job's rewards."""
+        return evaluation.evaluate(self, dataset)
+
     def throughput(self, batch: Batch, timing: dict) -> dict[str, float]:
         accounted = sum(timing.get(k, 0.0) for k in ("generate_compute", "advantages", "weight_sync"))
         accounted += max(timing.get(k, 0.0) for k in ("reward", "reference", "critic"))
@@ -199,10 +203,11 @@ class Orchestrator:
             "rollout": (rollout_class(spec.rollout.backend), lambda i: dict(model_path=m.path, n=spec.rollout.n, max_new_tokens=spec.rollout.max_new_tokens,
                                                    temperature=spec.rollout.temperature, top_p=spec.rollout.top_p, seed=opt.seed + i,
                                                    num_gpus=res.rollout.num_gpus, **common, **vllm_options)),
-            "trainer": (trainer_class(spec.algorithm.name), lambda i: dict(model_path=m.path, optim=opt, rollout=spec.rollout,
+            "trainer": (trainer_class(spec.algorithm.name), lambda i: dict(model_path=spec.trained_model_path, optim=opt, rollout=spec.rollout,
                                                                           num_gpus=res.trainer.num_gpus, **common)),
             "reward": (RewardWorker, lambda i: dict(sources=list(spec.rewards), tokenizer_path=m.path, num_gpus=res.reward.num_gpus, **common)),
-            "reference": (Reference, lambda i: dict(model_path=m.path, temperature=spec.rollout.temperature,
+            # The reference scores samples at the rollouts' temperature; a stage without rollouts (DPO) at 1.
+            "reference": (Reference, lambda i: dict(model_path=m.path, temperature=spec.rollout.temperature if spec.algo.rollouts else 1.0,
                                                     micro_batch_size=opt.micro_batch_size, num_gpus=res.reference.num_gpus, **common)),
             "critic": (Critic, lambda i: dict(model_path=m.critic_path or m.path, optim=opt, num_gpus=res.critic.num_gpus, **common)),
         }
@@ -240,9 +245,10 @@ class Orchestrator:
         if "critic" in self.groups:
             refs += self.groups["critic"].call("save", str(path))
         ray.get(refs)
-        if (path / "policy").is_dir() and not (path / "policy" / "tokenizer_config.json").exists():
-            # With its tokenizer, `policy/` is a complete model: the next stage's model.path, or anyone's.
-            load_tokenizer(self.spec.model.path, self.spec.model.trust_remote_code).save_pretrained(path / "policy")
+        model_dir = path / self.spec.algo.produces  # `policy/` or `reward_model/`
+        if model_dir.is_dir() and not (model_dir / "tokenizer_config.json").exists():
+            # With its tokenizer, it is a complete model: the next stage's model.path, a later stage's reward model, or anyone's.
+            load_tokenizer(self.spec.trained_model_path, self.spec.model.trust_remote_code).save_pretrained(model_dir)
         checkpoint.finish(path, step, self.spec)
         checkpoint.prune(self.spec.checkpoint_dir, self.spec.checkpoint.keep_last)
         self.reporter.event("checkpoint", f"saved step {step} to {path}", step=step, path=str(path))

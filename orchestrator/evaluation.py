@@ -23,7 +23,7 @@ class Evaluator:
     def __call__(self, orch, step: int) -> dict[str, float]:
         stage_step = step - self.first_step + 1
         if step == orch.total_steps or (self.every and stage_step % self.every == 0):
-            return evaluate(orch, self.dataset)
+            return orch.evaluate(self.dataset)  # the driver's kind of evaluation (below, or a preference stage's)
         return {}
 
 

@@ -8,13 +8,15 @@ A spec without `stages` is one unnamed stage and runs exactly as before.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from orchestrator.core import checkpoint
-from orchestrator.core.data import PromptDataset, PromptSampler, load_prompts
+from orchestrator.core.data import PromptSampler, load_dataset
 from orchestrator.core.spec import JobSpec
 from orchestrator.registry import driver_class
 from orchestrator.reporting import FileReporter, MultiReporter
@@ -26,8 +28,8 @@ class Stage:
     name: str | None  # None: the job has no stages
     index: int
     spec: JobSpec
-    dataset: Any  # PromptDataset (RL) or SFTDataset
-    eval_set: PromptDataset | None
+    dataset: Any  # PromptDataset (RL), SFTDataset or PreferenceDataset
+    eval_set: Any  # PromptDataset, PreferenceDataset (rm, dpo) or None
     first_step: int  # global step numbers of the stage: first_step .. last_step
     last_step: int
 
@@ -44,9 +46,9 @@ def plan_stages(spec: JobSpec) -> tuple[Any, list[Stage]]:
         d = stage_spec.data
         eval_set = None
         if d.eval_file:
-            eval_set = load_prompts(d.eval_file, tokenizer, d.prompt_key, d.max_prompt_length, d.overlong_prompt)
-            n = stage_spec.eval.max_samples or len(eval_set)
-            eval_set = PromptDataset(eval_set.prompt_ids[:n], eval_set.extras[:n], eval_set.dropped)
+            # Held-out prompts (scored by the rewards) or preference pairs (rm, dpo), read as the stage reads its data.
+            eval_set = load_dataset(stage_spec.algo.eval_data, d.eval_file, _data_tokenizer(checked, tok), d)
+            eval_set = eval_set.head(stage_spec.eval.max_samples or len(eval_set))
         sampler = PromptSampler(len(dataset), stage_spec.optim.prompts_per_step, stage_spec.optim.seed)
         steps = stage_spec.optim.steps or stage_spec.optim.epochs * sampler.steps_per_epoch
         stages.append(Stage(name, index, stage_spec, dataset, eval_set, offset + 1, offset + steps))
@@ -58,7 +60,6 @@ def preflight(spec: JobSpec):
     """Everything that can be checked before any actor starts: tokenizer, model config, data, rewards."""
     from transformers import AutoConfig
 
-    from orchestrator.core.data import load_dataset
     from workers.common import load_tokenizer
     from workers.reward import resolve_function
 
@@ -67,11 +68,27 @@ def preflight(spec: JobSpec):
     except Exception as err:
         raise ModelLoadError(f"model.path={spec.model.path!r} does not load: {type(err).__name__}: {err}") from None
     tokenizer = load_tokenizer(spec.model.path, spec.model.trust_remote_code)
-    dataset = load_dataset(spec.algo.data, spec.data.train_file, tokenizer, spec.data)
+    dataset = load_dataset(spec.algo.data, spec.data.train_file, _data_tokenizer(spec, tokenizer), spec.data)
     for source in spec.rewards:
         if source.function:
             resolve_function(source.function)
     return tokenizer, dataset
+
+
+def _data_tokenizer(spec: JobSpec, policy_tokenizer):
+    """The tokenizer of the model the stage trains (an `rm` stage's `model.rm_path` has its own)."""
+    from transformers import AutoConfig
+
+    from workers.common import load_tokenizer
+
+    path = spec.trained_model_path
+    if path == spec.model.path:
+        return policy_tokenizer
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=spec.model.trust_remote_code)
+    except Exception as err:
+        raise ModelLoadError(f"model.rm_path={path!r} does not load: {type(err).__name__}: {err}") from None
+    return load_tokenizer(path, spec.model.trust_remote_code)
 
 
 def connect_ray(spec: JobSpec) -> None:
@@ -99,7 +116,7 @@ def run_stages(stages: list[Stage], tokenizer, job_id: str, reporter: MultiRepor
         if stage.dataset.dropped:
             _tagged(reporter, stage).event("warning", f"dropped {stage.dataset.dropped} prompts longer than {stage.dataset.length_limits}")
     connect_ray(max((s.spec for s in stages), key=_cpus))
-    reporter.add(RayMetricsReporter(job_id))
+    reporter.add(RayMetricsReporter(job_id, stage=stages[0].name or spec.algorithm.name))
     start_step, latest = 0, checkpoint.latest(spec.checkpoint_dir) if resume else None
     if resume and latest is None:
         reporter.event("warning", f"--resume: no checkpoint in {spec.checkpoint_dir}; starting from step 0")
@@ -116,9 +133,35 @@ def run_stages(stages: list[Stage], tokenizer, job_id: str, reporter: MultiRepor
     for stage in stages:
         if start_step < stage.last_step:
             resume_from = latest if start_step >= stage.first_step else None
-            run_stage(stage, model_path, tokenizer, job_id, _tagged(reporter, stage), resume_from)
-        model_path = _handoff(stage, latest)
+            run_stage(with_stage_models(stage, stages), model_path, tokenizer, job_id, _tagged(reporter, stage), resume_from)
+        if stage.spec.algo.produces == "policy":  # a reward-model stage leaves the policy as it found it
+            model_path = _handoff(stage, latest)
+        if stage.index < len(stages) - 1:  # later stages (and their resume) need it, whatever checkpoint.keep_last says
+            checkpoint.pin(_final(stage), f"the final checkpoint of stage {stage.name}")
     reporter.event("status", "succeeded", status="succeeded", step=total)
+
+
+def with_stage_models(stage: Stage, stages: list[Stage]) -> Stage:
+    """The stage with each `rewards[].model: "stage:NAME"` resolved, as it starts, to the reward model
+    that the earlier stage NAME trained: its final checkpoint's `reward_model/` (pinned, so it outlives
+    `checkpoint.keep_last`). In metrics the source is named NAME unless it has a `name`."""
+    sources = list(stage.spec.rewards)
+    for i, source in enumerate(sources):
+        if not source.stage:
+            continue
+        earlier = next(s for s in stages if s.name == source.stage)  # the spec checked that it is earlier and an rm stage
+        path = _final(earlier) / earlier.spec.algo.produces
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"stages.{stage.index} ({stage.name}): rewards.{i}.model: {source.model!r} is stage "
+                                 f"{earlier.name}'s final reward model, but {path} does not exist")
+        sources[i] = source.model_copy(update={"model": str(path), "name": source.label})
+    if sources == list(stage.spec.rewards):
+        return stage
+    return dataclasses.replace(stage, spec=stage.spec.model_copy(update={"rewards": sources}))
+
+
+def _final(stage: Stage) -> Path:
+    return checkpoint.step_dir(stage.spec.checkpoint_dir, stage.last_step)
 
 
 def run_stage(stage: Stage, model_path: str, tokenizer, job_id: str, reporter, resume_from=None) -> None:
@@ -148,7 +191,7 @@ def run_stage(stage: Stage, model_path: str, tokenizer, job_id: str, reporter, r
 def _handoff(stage: Stage, latest) -> str:
     """The model the next stage starts from: this stage's final checkpoint (or, if a resumed job has
     pruned it, the newest checkpoint, whose weights the next stage loads anyway)."""
-    final = checkpoint.step_dir(stage.spec.checkpoint_dir, stage.last_step)
+    final = _final(stage)
     if not (final / "state.json").exists() and latest is not None:
         final = latest
     return str(final / "policy")

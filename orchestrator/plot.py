@@ -12,8 +12,9 @@ from pathlib import Path
 PANELS = (
     ("reward", ("reward/mean",)),
     ("KL to reference", ("kl",)),
-    ("held-out eval", ("eval/*/mean",)),
-    ("SFT loss", ("loss",)),
+    # Held-out rewards of greedy completions; a reward model's and DPO's pairwise accuracy.
+    ("held-out eval", ("eval/*/mean", "eval/accuracy", "eval/rewards/accuracies")),
+    ("loss (SFT, RM, DPO)", ("loss",)),
     ("entropy (nats/token)", ("entropy",)),
     ("response length (tokens)", ("response_length/mean",)),
 )

@@ -50,7 +50,7 @@ def test_stages_override_the_top_level_sections(tiny_model, sft_files, tmp_path)
 @pytest.mark.parametrize("stage, where", [
     ({"name": "b", "optim": {"lr": -1}}, "stages.1.optim.lr"),
     ({"name": "b", "optim": {"learning_rate": 1}}, "stages.1.optim.learning_rate: unknown field"),
-    ({"name": "b", "algorithm": {"name": "dpo"}}, "stages.1.algorithm.name"),
+    ({"name": "b", "algorithm": {"name": "kto"}}, "stages.1.algorithm.name"),
     ({"name": "b", "rollout": {"n": 1}}, "stages.1 (b): advantage_estimator 'grpo'"),
     ({"name": "a"}, "distinct names"),
 ])
@@ -62,7 +62,7 @@ def test_a_bad_stage_names_its_field(tiny_model, sft_files, tmp_path, stage, whe
 
 
 def test_sft_loss_is_on_completion_tokens_only(tiny_model, tmp_path):
-    from orchestrator.sft import load_sft, sft_batch
+    from orchestrator.core.data import load_sft, sft_batch
     from workers.common import load_tokenizer
 
     data = tmp_path / "sft.jsonl"
@@ -80,12 +80,12 @@ def test_sft_loss_is_on_completion_tokens_only(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_sft_then_grpo_pipeline(tiny_model, sft_files, tmp_path):
+def test_sft_then_grpo_pipeline(ray_head, tiny_model, sft_files, tmp_path):
     from orchestrator.plot import plot_run
 
     out = tmp_path / "run"
     spec_path = write_spec(tmp_path / "job.yaml", pipeline_spec(tiny_model, *sft_files, out))
-    result = run_entrypoint(spec_path)
+    result = run_entrypoint(spec_path, ray=ray_head)
     assert result.returncode == 0, result.stderr[-3000:]
 
     # One history: global steps 1..5, each line tagged with its stage.
@@ -152,11 +152,11 @@ def test_progress_bar_shows_the_stage_its_loss_and_the_last_eval():
 
 
 @pytest.mark.slow
-def test_sft_alone_without_eval_runs_on_the_trainer_only(tiny_model, sft_files, tmp_path):
+def test_sft_alone_without_eval_runs_on_the_trainer_only(ray_head, tiny_model, sft_files, tmp_path):
     # No eval file: no rollout or reward actors, and so no weights to sync.
     out = tmp_path / "sft-only"
     spec = tiny_spec(tiny_model, sft_files[0], out, algorithm={"name": "sft"}, optim={"lr": 3e-3, "steps": 2})
-    result = run_entrypoint(write_spec(tmp_path / "job.yaml", spec))
+    result = run_entrypoint(write_spec(tmp_path / "job.yaml", spec), ray=ray_head)
     assert result.returncode == 0, result.stderr[-3000:]
     events = read_jsonl(out / "events.jsonl")
     assert [e["status"] for e in events if e["type"] == "status"] == ["starting", "running", "succeeded"]

@@ -104,6 +104,13 @@ def batched_logprobs(model, batch: Batch, temperature: float, micro_batch_size: 
     return torch.cat(parts)
 
 
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A one-logit sequence classifier's score of each row: (b, L) -> (b,) float. transformers reads it at
+    the last token that is not padding (left or right), so the rows may be padded either way."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
+    return out.logits[:, 0].float()
+
+
 @contextmanager
 def timed(out: dict, key: str) -> Iterator[None]:
     start = time.perf_counter()

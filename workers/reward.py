@@ -14,7 +14,7 @@ from workers.common import (
     load_model,
     load_tokenizer,
     pick_device,
-    position_ids,
+    sequence_scores,
 )
 from workers.rewards import BUILTIN
 
@@ -57,8 +57,7 @@ class RewardModel:
         texts = [p + c for p, c in zip(prompts, completions)]
         self.tokenizer.padding_side = "right"
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        logits = self.model(**enc, position_ids=position_ids(enc["attention_mask"])).logits
-        return logits[:, 0].float().cpu().tolist()
+        return sequence_scores(self.model, enc["input_ids"], enc["attention_mask"]).cpu().tolist()
 
 
 class RewardWorker:

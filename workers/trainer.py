@@ -4,7 +4,6 @@ across replicas (workers/training.py)."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -96,24 +95,8 @@ class PolicyTrainer(WeightSource, DataParallel):
         return cpu_state_dict(self.model)
 
     def save(self, path: str) -> None:
-        """Rank 0 writes the model (HF layout, loadable by any role) and the optimiser state."""
-        if self.rank != 0:
-            return
-        out = Path(path)
-        self.model.save_pretrained(out / "policy")
-        torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, out / "policy_optim.pt")
+        """Rank 0 writes `policy/` (HF layout, loadable by any role) and `policy_optim.pt`."""
+        self.save_pretrained(path, "policy")
 
     def load(self, path: str) -> None:
-        src = Path(path)
-        from safetensors.torch import load_file
-
-        weights = {}
-        for f in sorted((src / "policy").glob("*.safetensors")):
-            weights.update(load_file(f))
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        # Tied embeddings are saved once; anything else missing is an error.
-        if unexpected or [k for k in missing if "lm_head" not in k]:
-            raise RuntimeError(f"checkpoint {src} does not match the model: missing {missing}, unexpected {unexpected}")
-        state = torch.load(src / "policy_optim.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        self.load_pretrained(path, "policy")

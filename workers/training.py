@@ -5,6 +5,7 @@ micro-batches."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -96,6 +97,48 @@ class DataParallel:
         grad_norm = self._clip(grads)
         self.optimizer.step()
         return {**dict(zip(sums, totals.tolist())), "grad_norm": grad_norm}
+
+    @torch.no_grad()
+    def eval_stats(self, batch: Batch, micro_batch_size: int | None, loss_fn: LossFn) -> dict[str, float]:
+        """`loss_fn`'s stats over `batch` (this replica's, in eval mode, no gradients), normalised by the
+        batch's own counts: no collective, so any one replica can evaluate any batch."""
+        batch = batch.to(self.device)
+        num_tokens, num_seqs = float(batch.response_mask.sum()), float(len(batch))
+        size = micro_batch_size or len(batch)
+        self.model.eval()
+        sums: dict[str, float] = {}
+        try:
+            for i in range(0, len(batch), size):
+                _, stats = loss_fn(batch.select(slice(i, i + size)), num_tokens, num_seqs)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        finally:
+            self.model.train()
+        return sums
+
+    def save_pretrained(self, path: str, name: str) -> None:
+        """Rank 0 writes `<path>/<name>/` (the model, HF layout, loadable by any role) and `<path>/<name>_optim.pt`."""
+        if self.rank != 0:
+            return
+        out = Path(path)
+        self.model.save_pretrained(out / name)
+        torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, out / f"{name}_optim.pt")
+
+    def load_pretrained(self, path: str, name: str) -> None:
+        """The model, optimiser and RNG state that `save_pretrained(path, name)` wrote."""
+        from safetensors.torch import load_file
+
+        src = Path(path)
+        weights = {}
+        for f in sorted((src / name).glob("*.safetensors")):
+            weights.update(load_file(f))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        # Tied embeddings are saved once; anything else missing is an error.
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise RuntimeError(f"checkpoint {src} does not match the model: missing {missing}, unexpected {unexpected}")
+        state = torch.load(src / f"{name}_optim.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
 
     def _clip(self, grads: list[torch.Tensor]) -> float:
         if self.grad_clip is None:

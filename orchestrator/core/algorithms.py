@@ -13,21 +13,29 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Algorithm:
     name: str
-    data: str  # the rows it reads: "prompts" (RL) or "sft" (prompt + completion); see core/data.py LOADERS
+    data: str  # the rows it reads: "prompts" (RL), "sft" (prompt + completion) or "preference" (chosen/rejected pairs); see core/data.py LOADERS
     rollouts: bool  # samples completions from the policy every step (rollout -> score -> update -> sync)
     critic: bool  # trains a value model beside the policy
     default_estimator: str | None  # advantage estimator when the spec names none
     driver: str  # import path of the driver class that runs one stage of it
     trainer: str  # import path of the policy trainer's worker class
     description: str = ""
+    reference: bool = False  # always starts the frozen reference model (DPO's log-ratios), whatever optim.kl_coef
+    # What `data.eval_file` holds: "prompts" (greedy completions scored by the job's rewards, on
+    # rollout and reward actors) or "preference" (held-out pairs scored by the trainer itself).
+    eval_data: str = "prompts"
+    # The checkpoint subdirectory holding the model a stage of it produces: "policy" (the next stage
+    # starts from it) or "reward_model" (a later stage's `rewards: [{model: "stage:NAME"}]`).
+    produces: str = "policy"
 
     def roles(self, kl_coef: float, evaluates: bool) -> list[str]:
         """The roles a stage of this algorithm starts, in placement order."""
         if not self.rollouts:
-            # The trainer alone takes the steps; greedy generation and rewards serve only evaluation.
-            return ["trainer", "rollout", "reward"] if evaluates else ["trainer"]
+            # The trainer (and reference) alone take the steps; greedy generation and rewards serve only evaluation.
+            roles = ["trainer", "reference"] if self.reference else ["trainer"]
+            return roles + ["rollout", "reward"] if evaluates and self.eval_data == "prompts" else roles
         roles = ["rollout", "trainer", "reward"]
-        if kl_coef > 0:
+        if kl_coef > 0 or self.reference:
             roles.append("reference")
         if self.critic:
             roles.append("critic")
@@ -46,6 +54,14 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("sft", "sft", rollouts=False, critic=False, default_estimator=None,
                   driver="orchestrator.sft:SFTOrchestrator", trainer="workers.sft:SFTTrainer",
                   description="supervised fine-tuning on completions; no rollout, reward or reference actors except to evaluate"),
+        Algorithm("rm", "preference", rollouts=False, critic=False, default_estimator=None,
+                  driver="orchestrator.rm:RewardModelOrchestrator", trainer="workers.rm:RewardTrainer",
+                  eval_data="preference", produces="reward_model",
+                  description="a reward model from preference pairs, Bradley-Terry loss; it leaves the policy as it was"),
+        Algorithm("dpo", "preference", rollouts=False, critic=False, default_estimator=None,
+                  driver="orchestrator.dpo:DPOOrchestrator", trainer="workers.dpo:DPOTrainer",
+                  reference=True, eval_data="preference",
+                  description="direct preference optimisation on preference pairs (sigmoid, IPO or hinge loss) against a frozen reference"),
     )
 }
 

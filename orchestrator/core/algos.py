@@ -251,6 +251,71 @@ def value_loss(
     return 0.5 * torch.maximum(unclipped, clipped_loss) * mask, (clipped_loss > unclipped).float() * mask
 
 
+# ---------------------------------------------------------------- preference losses
+# Pairs: p = number of (chosen, rejected) pairs. Sequence log-probs are summed (or averaged) over
+# each completion's tokens by `sequence_logprobs`.
+
+
+def sequence_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """log pi(y | x) = sum_t log pi(y_t | x, y_<t) over the masked tokens: (b, t) -> (b,).
+
+    With average=True, divided by the number of masked tokens (IPO's length-normalised log-probs, as TRL).
+    """
+    total = masked_sum(logprobs, mask, dim=1)
+    return total / mask.sum(1).clamp(min=1) if average else total
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Reward-model loss on pairs, per pair: -log sigmoid(r_c - r_r - m). All inputs (p,) -> (p,).
+
+    The Bradley-Terry model (Bradley & Terry 1952) P(c > r) = sigmoid(r_c - r_r), fitted by maximum
+    likelihood as in InstructGPT (Ouyang et al. 2022, arXiv:2203.02155, eq. 1). The optional margin m
+    (how much better the chosen response is) asks for a gap of at least m, as in Llama 2 (Touvron et
+    al. 2023, arXiv:2307.09288, eq. 2) and TRL's RewardTrainer.
+    """
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    return -torch.nn.functional.logsigmoid(diff)
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct preference losses, per pair. All inputs are sequence log-probs (p,).
+
+    h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)), the policy's log-ratio margin.
+      sigmoid: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+               DPO (Rafailov et al. 2023, arXiv:2305.18290, eq. 7); eps > 0 is conservative DPO, which
+               treats each label as flipped with probability eps (Mitchell 2023, "A note on DPO with
+               noisy preferences and relationship to IPO"; TRL's `label_smoothing`).
+      ipo:     (h - 1 / (2 beta))^2, IPO (Azar et al. 2023, arXiv:2310.12036, eq. 17); TRL feeds it
+               length-averaged log-probs (`sequence_logprobs(average=True)`).
+      hinge:   max(0, 1 - beta h), the SLiC hinge (Zhao et al. 2023, arXiv:2305.10425).
+    Returns (losses (p,), chosen rewards (p,), rejected rewards (p,)); the implicit rewards
+    beta (log pi - log ref) are detached, for metrics.
+    """
+    chosen_ratio = chosen_logps - ref_chosen_logps
+    rejected_ratio = rejected_logps - ref_rejected_logps
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        logsig = torch.nn.functional.logsigmoid
+        losses = -(1 - label_smoothing) * logsig(beta * h) - label_smoothing * logsig(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; expected sigmoid, ipo or hinge")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
 # ---------------------------------------------------------------- log-probs and entropy
 
 

@@ -1,5 +1,6 @@
 """Checkpoint layout: `<dir>/step_000012/` holds `policy/` (HF layout, loadable by any stage),
-`policy_optim.pt`, `critic.pt` (PPO) and `state.json`, written last, which marks it complete.
+`policy_optim.pt`, `critic.pt` (PPO) and `state.json`, written last, which marks it complete; an
+`rm` stage's checkpoints hold `reward_model/` (a sequence classifier with its tokenizer) instead of `policy/`.
 
 Data position and sampling RNG need no saving beyond the step: both are functions of
 (seed, step) (see PromptSampler and HFRollout.generate).
@@ -44,9 +45,22 @@ def latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+PINNED = "pinned"  # a file in a checkpoint that pruning must leave alone
+
+
+def pin(path: Path, reason: str) -> None:
+    """Keep a finished checkpoint whatever `keep_last` says: a pipeline's later stages (or their resume)
+    start from an earlier stage's final policy or score with its reward model."""
+    path = Path(path)
+    if (path / "state.json").exists() and not (path / PINNED).exists():
+        (path / PINNED).write_text(reason + "\n")
+
+
 def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` finished checkpoints, except pinned ones."""
     for old in complete(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if not (old / PINNED).exists():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def listing(root: Path) -> list[dict]:

@@ -17,13 +17,16 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     create_model,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from orchestrator.core.algorithms import ALGORITHMS, ROLLOUT_BACKENDS, Algorithm
 
 API_VERSION = "rlhf/v1"
+STAGE_REF = "stage:"  # `rewards[].model: "stage:NAME"`: the reward model an earlier stage of the job trains
 
 
 class SpecError(ValueError):
@@ -51,6 +54,19 @@ class AlgorithmSpec(_Strict):
     norm_adv_by_std: bool = Field(
         True, description="GRPO only: divide group-centred rewards by the group std (false gives Dr. GRPO's scaling)."
     )
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid",
+        description="`dpo` only: `sigmoid` (DPO, Rafailov et al. 2023), `ipo` (Azar et al. 2023; on length-averaged "
+        "log-probs, as TRL) or `hinge` (SLiC, Zhao et al. 2023). See orchestrator/core/algos.py `dpo_loss`.",
+    )
+    beta: float = Field(
+        0.1, gt=0, description="`dpo` only: strength of the implicit KL to the reference: the scale of the log-ratio margin "
+        "(sigmoid, hinge) or the inverse of IPO's target margin 1 / (2 beta)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="`dpo` with `loss_type: sigmoid` only: the probability that a preference label is "
+        "flipped (conservative DPO, as TRL's `label_smoothing`); 0 is plain DPO."
+    )
 
     @property
     def estimator(self) -> str:
@@ -60,6 +76,8 @@ class AlgorithmSpec(_Strict):
     def _gae_needs_critic(self) -> "AlgorithmSpec":
         if self.advantage_estimator == "gae" and not ALGORITHMS[self.name].critic:
             raise ValueError("advantage_estimator 'gae' needs a critic: use algorithm.name 'ppo'")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing smooths the sigmoid loss's labels: it does not apply to loss_type '{self.loss_type}'")
         return self
 
 
@@ -68,6 +86,10 @@ class ModelSpec(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype of every role.")
     trust_remote_code: bool = Field(False, description="Allow the model repository's own Python code to run.")
     critic_path: str | None = Field(None, description="PPO: model for the critic's backbone (default: the policy's).")
+    rm_path: str | None = Field(
+        None, description="`rm`: model whose backbone the reward model is trained from, with its own tokenizer (default: the "
+        "model the stage starts from: the policy, e.g. the SFT stage's)."
+    )
 
 
 class DataSpec(_Strict):
@@ -75,15 +97,22 @@ class DataSpec(_Strict):
         ...,
         description="Training prompts: a JSONL or Parquet file, or a directory written by `datasets.save_to_disk`. "
         "Each row has a `prompt` (a string or a list of chat messages); other columns reach the reward functions. "
-        "SFT rows also have a `completion`, or instead a chat `messages` list.",
+        "SFT rows also have a `completion`, or instead a chat `messages` list. Preference rows (`rm`, `dpo`) have "
+        "`chosen` and `rejected` completions (strings or assistant messages) with an explicit `prompt`, or without one, "
+        "the prompt being their shared start (TRL's implicit prompt); an optional numeric `margin` (`rm`).",
     )
-    eval_file: str | None = Field(None, description="Optional held-out prompts, same format as `train_file`.")
+    eval_file: str | None = Field(
+        None, description="Optional held-out data, same format as `train_file`: prompts whose greedy completions the rewards "
+        "score, or for `rm` and `dpo` preference pairs (held-out pairwise accuracy, `eval/accuracy` and `eval/rewards/accuracies`)."
+    )
     prompt_key: str = Field("prompt", description="Column that holds the prompt.")
     completion_key: str = Field("completion", description="SFT: column that holds the target completion (a string or assistant messages).")
     messages_key: str = Field(
         "messages", description="SFT: column that holds a whole chat (used instead of prompt/completion when present); loss on assistant turns only."
     )
-    max_completion_length: int = Field(256, gt=0, description="SFT: longest completion in tokens (EOS included); longer ones are cut.")
+    max_completion_length: int = Field(
+        256, gt=0, description="SFT, `rm`, `dpo`: longest completion in tokens (EOS included); longer ones are cut (or see `overlong_prompt`)."
+    )
     max_prompt_length: int = Field(128, gt=0, description="Longest prompt in tokens.")
     overlong_prompt: Literal["truncate_left", "drop", "error"] = Field(
         "truncate_left",
@@ -125,7 +154,10 @@ class RewardSource(_Strict):
         description="A built-in reward (`accuracy`, `regex_match`, `length_penalty`) or an import path "
         "`pkg.module:fn` called as `fn(prompts, completions, **columns) -> list[float]`.",
     )
-    model: str | None = Field(None, description="Path of a sequence-classification reward model (one logit).")
+    model: str | None = Field(
+        None, description="Path of a sequence-classification reward model (one logit), or `stage:NAME`: the reward model "
+        "that the earlier `rm` stage NAME of this pipeline trains (its final checkpoint's `reward_model/`)."
+    )
     name: str | None = Field(None, description="Name in metrics (`rewards/<name>/mean`); defaults to the function's or model's name.")
     weight: float = Field(1.0, description="Weight of this source in the summed reward.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the function.")
@@ -137,9 +169,16 @@ class RewardSource(_Strict):
         return self
 
     @property
+    def stage(self) -> str | None:
+        """The stage whose reward model this source names (`model: "stage:NAME"`), if any."""
+        return self.model[len(STAGE_REF) :] if self.model and self.model.startswith(STAGE_REF) else None
+
+    @property
     def label(self) -> str:
         if self.name:
             return self.name
+        if self.stage:
+            return self.stage
         if self.function:
             return self.function.rsplit(":", 1)[-1]
         return Path(self.model).name or "model"
@@ -149,14 +188,16 @@ class OptimSpec(_Strict):
     lr: float = Field(1e-6, gt=0, description="Policy learning rate (AdamW).")
     critic_lr: float = Field(1e-5, gt=0, description="PPO: critic learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    steps: int | None = Field(None, gt=0, description="Training steps (one step = one batch of prompts). Set this or `epochs`.")
+    steps: int | None = Field(None, gt=0, description="Training steps (one step = one batch of prompts, examples or pairs). Set this or `epochs`.")
     epochs: int | None = Field(None, gt=0, description="Passes over the training prompts, if `steps` is not set.")
-    prompts_per_step: int = Field(8, gt=0, description="Prompts per step; each gives `rollout.n` samples.")
+    prompts_per_step: int = Field(
+        8, gt=0, description="Prompts per step; each gives `rollout.n` samples. `sft`: examples per step; `rm`, `dpo`: preference pairs per step."
+    )
     mini_batch_size: int | None = Field(
         None, gt=0, description="Samples per optimiser step (default: the whole step's samples, i.e. on-policy)."
     )
     micro_batch_size: int | None = Field(
-        None, gt=0, description="Samples per forward/backward; gradients accumulate up to `mini_batch_size`."
+        None, gt=0, description="Samples (`rm`, `dpo`: pairs) per forward/backward; gradients accumulate up to `mini_batch_size`."
     )
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's samples.")
     clip_eps_low: float = Field(0.2, ge=0, description="Lower clip of the policy ratio: 1 - eps_low.")
@@ -218,6 +259,43 @@ class EvalSpec(_Strict):
     max_samples: int | None = Field(None, gt=0, description="Evaluate on the first N held-out prompts (default: all of them).")
 
 
+# ---- experiment trackers (orchestrator/trackers.py logs to them from the driver)
+class MlflowTrackerSpec(_Strict):
+    tracking_uri: str | None = Field(
+        None, min_length=1, description="MLflow tracking server (`http://mlflow:5000`) or store URI the driver logs to; unset: no MLflow."
+    )
+    experiment: str | None = Field(
+        None, min_length=1, max_length=250, description="Experiment of the job's run (created if missing; default: the job's `name`)."
+    )
+    tags: dict[str, str] = Field(
+        default_factory=dict, max_length=32, description="Extra run tags, beside `rlhf.job_id`, `rlhf.job_name`, `rlhf.tenant` and `rlhf.stage`."
+    )
+
+
+class WandbTrackerSpec(_Strict):
+    project: str | None = Field(None, min_length=1, max_length=128, description="W&B project the job's run is logged to; unset: no W&B.")
+    entity: str | None = Field(None, min_length=1, max_length=128, description="W&B entity (user or team; default: the API key's).")
+    mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="`offline`: the run is written under `<output_dir>/wandb` (upload it later with `wandb sync`); "
+        "`online`: streamed to the W&B server (needs `WANDB_API_KEY` in the driver's environment).",
+    )
+    tags: list[str] = Field(
+        default_factory=list, max_length=32, description="Extra run tags, beside `tenant:<tenant>` and `stage:<stage>`."
+    )
+
+
+class TrackersSpec(_Strict):
+    tensorboard: bool = Field(False, description="Write TensorBoard event files (every step's metrics, the job's config) to `<output_dir>/tensorboard`.")
+    mlflow: MlflowTrackerSpec = Field(default_factory=MlflowTrackerSpec, description="MLflow: one run per job.")
+    wandb: WandbTrackerSpec = Field(default_factory=WandbTrackerSpec, description="Weights & Biases: one run per job.")
+    timeout_s: float = Field(
+        5.0, gt=0, le=60,
+        description="Longest wait for a tracker's server per call. A tracker that fails or times out never fails or stalls "
+        "the job: it logs from its own thread, the job gets a `warning` event, and the tracker is tried again 10 s later.",
+    )
+
+
 def _partial(model: type[BaseModel]) -> type[BaseModel]:
     """The same fields with the same constraints, all optional and unset: one section of a stage's override.
 
@@ -263,7 +341,10 @@ class JobSpec(_Strict):
     model: ModelSpec = Field(..., description="Policy model.")
     data: DataSpec = Field(..., description="Prompt data.")
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Sampling.")
-    rewards: list[RewardSource] = Field(..., min_length=1, description="Weighted reward sources, summed.")
+    rewards: list[RewardSource] = Field(
+        default_factory=list, description="Weighted reward sources, summed. Needed by the algorithms that score completions "
+        "(`grpo`, `ppo`) and by held-out prompts (`data.eval_file` of `grpo`, `ppo`, `sft`)."
+    )
     optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimisation.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Placement of the roles.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
@@ -273,6 +354,7 @@ class JobSpec(_Strict):
         description="A pipeline: stages run in order as one job, each starting from the previous stage's final "
         "checkpoint and overriding the top-level sections (e.g. `sft` then `grpo`). Absent: one stage, the spec itself.",
     )
+    trackers: TrackersSpec = Field(default_factory=TrackersSpec, description="Experiment trackers the driver logs every step's metrics and the job's config to.")
     output_dir: str | None = Field(None, description="Run directory for metrics, events and checkpoints (default: `runs/<name>`).")
 
     @model_validator(mode="after")
@@ -285,9 +367,12 @@ class JobSpec(_Strict):
                              "(each engine shares a GPU with one trainer rank)")
         if sync == "shared_memory" and (res.trainer.num_gpus > 0 or res.rollout.num_gpus > 0):
             raise ValueError("rollout.weight_sync shared_memory is for CPU trainers and rollouts (set num_gpus 0)")
+        if not self.rewards and "reward" in self.roles and self.stages is None:  # (a pipeline's stages are checked one by one)
+            what = "completions" if self.algo.rollouts else "held-out prompts' completions (data.eval_file)"
+            raise _field_error(("rewards",), f"{self.algorithm.name} scores its {what} with the rewards: give at least one reward source")
         if not self.algo.rollouts:
             if self.optim.prompts_per_step % self.resources.trainer.replicas:
-                raise ValueError("optim.prompts_per_step (the SFT batch) must be divisible by resources.trainer.replicas")
+                raise ValueError(f"optim.prompts_per_step (the {self.algorithm.name} batch) must be divisible by resources.trainer.replicas")
             return self
         samples = self.optim.prompts_per_step * self.rollout.n
         mb = self.optim.mini_batch_size or samples
@@ -305,12 +390,16 @@ class JobSpec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _stages_valid(self) -> "JobSpec":
+    def _stages_valid(self, info: ValidationInfo) -> "JobSpec":
         if self.stages is not None:
             names = [s.name for s in self.stages]
             if not names or len(set(names)) != len(names):
                 raise ValueError(f"stages need at least one stage and distinct names, got {names}")
             self.stage_specs()
+        elif not (info.context or {}).get("stage"):
+            for i, source in enumerate(self.rewards):
+                if source.stage:
+                    raise _field_error(("rewards", i, "model"), f"{source.model!r} names a stage, but the job has no stages")
         return self
 
     def stage_specs(self) -> list[tuple[str | None, "JobSpec"]]:
@@ -329,11 +418,17 @@ class JobSpec(_Strict):
             if "steps" in optim or "epochs" in optim:  # a stage's budget replaces the job's, in either unit
                 override["optim"] = {"steps": None, "epochs": None, **optim}
             try:
-                out.append((stage.name, JobSpec.model_validate(_merge(base, override))))
+                stage_spec = JobSpec.model_validate(_merge(base, override), context={"stage": True})
             except ValidationError as err:
                 problems = "; ".join(".".join(str(p) for p in e["loc"]) + ": " * bool(e["loc"]) + e["msg"].removeprefix("Value error, ")
                                      for e in err.errors())
                 raise ValueError(f"stages.{i} ({stage.name}): {problems}") from None
+            for j, source in enumerate(stage_spec.rewards):
+                rms = [name for name, earlier in out if earlier.algo.produces == "reward_model"]
+                if source.stage and source.stage not in rms:
+                    raise ValueError(f"stages.{i} ({stage.name}): rewards.{j}.model: {source.model!r} names no earlier stage "
+                                     f"that trains a reward model (earlier rm stages: {rms})")
+            out.append((stage.name, stage_spec))
         return out
 
     # Derived values, never stored back into the spec.
@@ -348,6 +443,12 @@ class JobSpec(_Strict):
     @property
     def algo(self) -> Algorithm:
         return ALGORITHMS[self.algorithm.name]
+
+    @property
+    def trained_model_path(self) -> str:
+        """The model this stage's trainer starts from, whose tokenizer reads its data: `model.rm_path` for an
+        `rm` stage that names one, else `model.path`."""
+        return self.model.rm_path if self.algo.produces == "reward_model" and self.model.rm_path else self.model.path
 
     @property
     def roles(self) -> list[str]:
@@ -365,6 +466,11 @@ class JobSpec(_Strict):
     @property
     def samples_per_step(self) -> int:
         return self.optim.prompts_per_step * self.rollout.n
+
+
+def _field_error(loc: tuple, message: str) -> ValidationError:
+    """A cross-field rule's error, placed at the field it is about (so the API's `param` names it)."""
+    return ValidationError.from_exception_data("JobSpec", [InitErrorDetails(type=PydanticCustomError("invalid_value", message), loc=loc, input=None)])
 
 
 def format_validation_error(err: ValidationError, source: str = "spec") -> str:
@@ -437,7 +543,8 @@ def reference_markdown() -> str:
             if getattr(item, "__origin__", None) is list:  # list[StageSpec] | None
                 item = item.__args__[0]
             if is_list and isinstance(item, type) and issubclass(item, BaseModel):  # list[RewardSource]
-                rows.append(f"| `{path}` | list | {'required' if field.is_required() else '`null`'} | {field.description} |")
+                default = "required" if field.is_required() else f"`{json.dumps(field.get_default(call_default_factory=True))}`"
+                rows.append(f"| `{path}` | list | {default} | {field.description} |")
                 walk(item, path + "[].")
                 continue
             type_name = _type_name(ann)
