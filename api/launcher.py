@@ -74,6 +74,7 @@ class RayLauncher:
             "env_vars": {
                 "RLHF_REDIS_URL": self.settings.jobs_redis_url,
                 "RLHF_JOB_ID": job_id,
+                "RLHF_TENANT": tenant,  # tags the job's Ray gauges and tracker runs
                 "RLHF_SPEC_JSON": json.dumps(spec),
             }
         }

@@ -15,7 +15,7 @@ from api.deps import current_tenant
 from api.launcher import RayLauncher
 from api.middleware import ApiMetrics, RequestContextMiddleware
 from api.reconciler import Reconciler
-from api.routers import checkpoints, events, health, jobs, logs
+from api.routers import checkpoints, events, health, jobs, logs, ui
 from api.settings import Settings
 from api.store import JobStore
 
@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keyring = KeyRing(settings.api_keys_file)  # fail at startup, not at the first request
     app.state.metrics = ApiMetrics()
     errors.install(app)
-    for module in (health, jobs, events, checkpoints, logs):
+    for module in (health, jobs, events, checkpoints, logs, ui):  # ui: the web page at /ui
         app.include_router(module.router)
     _add_docs(app, settings.public_docs)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)

@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="Port of `rlhf serve`.")
     reconcile_interval_s: float = Field(2.0, gt=0, description="Seconds between reconciliations of active jobs with Ray.")
     max_active_jobs_per_tenant: int = Field(32, ge=1, description="Jobs a tenant may have queued or running at once (then 429).")
+    mlflow_tracking_uris: list[str] = Field(
+        default_factory=list,
+        description="MLflow tracking URIs a tenant's spec may name over REST (`trackers.mlflow.tracking_uri`); "
+        "any other is refused, since the driver would write to it from the cluster.",
+    )
     public_docs: bool = Field(False, description="Serve /openapi.json and /docs without an API key.")
     sse_ping_s: float = Field(15.0, gt=0, description="Seconds between keep-alive comments on an idle SSE stream.")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,7 +72,8 @@ class ProgressReporter:
             self.bar.set_description(str(data["stage"]))
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
-        self.eval = values.get("eval/reward/mean", self.eval)
+        for key in ("eval/reward/mean", "eval/accuracy", "eval/rewards/accuracies"):  # RL and SFT; rm; dpo
+            self.eval = values.get(key, self.eval)
         shown = {"loss": values.get("loss"), "reward": values.get("reward/mean"), "kl": values.get("kl"),
                  "len": values.get("response_length/mean"), "eval": self.eval}
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None}, refresh=False)
@@ -83,30 +85,33 @@ class ProgressReporter:
 
 class RayMetricsReporter:
     """Exports the latest value of a few headline metrics as Ray gauges, so they show in the Ray
-    dashboard's metrics view (and any Prometheus scraping Ray) tagged with the job."""
+    dashboard's metrics view (and any Prometheus scraping Ray, as `ray_rlhf_*`), tagged with the job,
+    its tenant (RLHF_TENANT, set by the control plane; `-` when run from the CLI) and the stage now
+    running. deploy/grafana/rlhf.json charts them."""
 
     HEADLINE = ("reward/mean", "kl", "entropy", "policy_loss", "value_loss", "response_length/mean", "throughput/tokens_per_s", "timing/step")
+    TAGS = ("job", "tenant", "stage")
 
-    def __init__(self, job_id: str):
+    def __init__(self, job_id: str, tenant: str | None = None, stage: str | None = None):
         from ray.util.metrics import Gauge
 
-        self.job_id = job_id
+        self.tags = {"job": job_id, "tenant": tenant or os.environ.get("RLHF_TENANT") or "-", "stage": stage or "-"}
         self.gauges = {
-            name: Gauge("rlhf_" + name.replace("/", "_"), description=f"Latest {name} of an RLHF job.", tag_keys=("job",))
+            name: Gauge("rlhf_" + name.replace("/", "_"), description=f"Latest {name} of an RLHF job.", tag_keys=self.TAGS)
             for name in self.HEADLINE
         }
-        self.step = Gauge("rlhf_step", description="Last finished training step.", tag_keys=("job",))
+        self.step = Gauge("rlhf_step", description="Last finished training step.", tag_keys=self.TAGS)
 
     def event(self, type: str, message: str = "", **data: Any) -> None:
-        pass
+        if data.get("stage"):  # a stage's events carry its name (pipeline.StageReporter)
+            self.tags = {**self.tags, "stage": str(data["stage"])}
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
-        tags = {"job": self.job_id}
-        self.step.set(step, tags=tags)
+        self.step.set(step, tags=self.tags)
         for name, gauge in self.gauges.items():
             value = values.get(name)
             if value is not None and math.isfinite(value):
-                gauge.set(value, tags=tags)
+                gauge.set(value, tags=self.tags)
 
     def close(self) -> None:
         pass

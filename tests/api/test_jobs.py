@@ -15,6 +15,8 @@ from tests.api.test_auth import assert_envelope
         (lambda b: b.pop("model"), "model"),
         (lambda b: b["rollout"].update(n="many"), "rollout.n"),
         (lambda b: b.update(metadata={"k": 5}), "metadata.k"),
+        # Over REST a tracker URI is the operator's to allow: the driver would write to it from the cluster.
+        (lambda b: b.update(trackers={"mlflow": {"tracking_uri": "file:///etc"}}), "trackers.mlflow.tracking_uri"),
     ],
 )
 def test_spec_error_is_422_naming_the_field(alpha, tiny, workdir, change, param):
