@@ -100,6 +100,7 @@ def reporters_from_env(job_id: str) -> list[Any]:
 def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False, extra_reporters: list | None = None) -> int:
     from orchestrator.pipeline import plan_stages, run_stages
     from orchestrator.reporting import FileReporter, MultiReporter
+    from orchestrator.trackers import tracker_reporters
 
     try:
         spec_path = spec_from_env(spec_path)
@@ -111,7 +112,10 @@ def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False,
 
     job_id = job_id_for(spec)
     file_reporter = FileReporter(spec.run_dir)
-    reporter = MultiReporter(file_reporter, *reporters_from_env(job_id), *(extra_reporters or []))
+    # Experiment trackers first: a warning about one (its server down) then reaches the run dir and
+    # Redis before the job's final status does.
+    trackers = tracker_reporters(spec, job_id, lambda message, **data: reporter.event("warning", message, **data))
+    reporter = MultiReporter(*trackers, file_reporter, *reporters_from_env(job_id), *(extra_reporters or []))
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         reporter.event("status", "starting", status="starting", job_id=job_id)

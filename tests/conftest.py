@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny local model, arithmetic data, spec files, and one local Ray for the session."""
+"""Shared fixtures: a tiny local model, arithmetic data, spec files, and one Ray head for the session.
+
+Every test that needs Ray uses that one head (`ray start --head` on loopback): the in-process
+end-to-end tests as a driver of it, the entrypoint tests through RAY_ADDRESS, the control plane
+through its dashboard. Starting a Ray is the slow part of a small job on two cores.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The session's Ray head checks tokens (~/.ray/auth_token); this process joins it as a driver, and
+# Ray reads the mode once, before any test imports it.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 @pytest.fixture(scope="session")
@@ -65,30 +73,11 @@ def write_spec(path: Path, spec: dict) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the in-process end-to-end tests (a driver per job, as on a cluster)."""
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-def run_entrypoint(spec_path: Path, *args: str, timeout: float = 300, env: dict | None = None):
-    import subprocess
-
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.run", "--spec", str(spec_path), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
-    )
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-# ------------------------------------------------------------ a real Ray head, for job submission
+# ------------------------------------------------------------ one real Ray head for the whole session
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
 
@@ -137,6 +126,7 @@ class RayHead:
 
 @pytest.fixture(scope="session")
 def ray_head():
+    """`ray start --head` with its dashboard (job submission) on free loopback ports, 4 logical CPUs."""
     gcs = free_port()
     assert gcs != 6379
     dash, client_port, agent, metrics = free_port(), free_port(), free_port(), free_port()
@@ -159,9 +149,59 @@ def ray_head():
             raise RuntimeError(f"`ray start` exited with {proc.returncode}; see {log.name}")
         return httpx.get(f"{dashboard}/api/version", timeout=2).status_code < 500
 
-    wait_until(up, 90, f"the Ray dashboard at {dashboard}", interval=1)
+    wait_until(up, 90, f"the Ray dashboard at {dashboard}")
     yield RayHead(f"127.0.0.1:{gcs}", dashboard)
-    stop_group(proc, timeout=10)
+    # `ray start --block` stops its processes one by one on SIGTERM (about 2 s); a SIGTERM to the
+    # whole group at once leaves it hanging until the timeout.
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        pass
+    stop_group(proc)
     log.close()
 
 
+@pytest.fixture(scope="session")
+def ray_session(ray_head):
+    """This process as a driver on the session's Ray head, for the in-process end-to-end tests."""
+    import ray
+
+    ray.init(address=ray_head.address, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def entrypoint_env(ray: RayHead | None = None, env: dict | None = None) -> dict[str, str]:
+    """The environment of a driver subprocess: on the session's Ray head (RAY_ADDRESS, as `ray job
+    submit` sets it) if `ray` is given, else on an embedded Ray it starts itself, as `rlhf train` does."""
+    out = {**os.environ, **(env or {})}
+    out.pop("RAY_ADDRESS", None)
+    if ray is not None:
+        out.update(RAY_ENV, RAY_ADDRESS=ray.address)
+    return out
+
+
+class Entrypoint:
+    """`python -m orchestrator.run` started now and checked later, so that several can run at once
+    (its output goes to temporary files, which no pipe buffer can block)."""
+
+    def __init__(self, spec_path: Path, *args: str, env: dict | None = None, ray: RayHead | None = None):
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.run", "--spec", str(spec_path), *args],
+                                     cwd=ROOT, stdout=self.out, stderr=self.err, text=True, env=entrypoint_env(ray, env))
+
+    def result(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        with self.out, self.err:
+            self.out.seek(0), self.err.seek(0)
+            return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.out.read(), self.err.read())
+
+
+def run_entrypoint(spec_path: Path, *args: str, timeout: float = 300, env: dict | None = None, ray: RayHead | None = None):
+    return Entrypoint(spec_path, *args, env=env, ray=ray).result(timeout)

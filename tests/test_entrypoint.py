@@ -1,16 +1,14 @@
 """The job entrypoint as users run it: bad input, interruption and resume, and `ray job submit`."""
 
 import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from orchestrator.core import checkpoint
-from tests.conftest import RAY_ENV, ROOT, read_jsonl, run_entrypoint, tiny_spec, write_spec
+from tests.conftest import RAY_ENV, ROOT, Entrypoint, read_jsonl, run_entrypoint, tiny_spec, write_spec
 
 VOLATILE = ("time", "timing/", "throughput/")
 
@@ -41,29 +39,45 @@ BAD_SPECS = {
 }
 
 
+@pytest.fixture(scope="module")
+def bad_runs(tiny_model, arith_file, tmp_path_factory):
+    """case -> (run dir, its driver) for every bad spec above and for a malformed data file, all
+    started at once: each run is seconds of imports on one core, and the machine has two."""
+
+    def start(d: Path, train_file: Path, **overrides) -> tuple[Path, Entrypoint]:
+        return d / "run", Entrypoint(write_spec(d / "job.yaml", tiny_spec(tiny_model, train_file, d / "run", **overrides)))
+
+    runs = {case: start(tmp_path_factory.mktemp(case), arith_file, **overrides) for case, (overrides, _, _) in BAD_SPECS.items()}
+    d = tmp_path_factory.mktemp("malformed_data")
+    (d / "train.jsonl").write_text('{"prompt": "1+1=", "answer": 2}\n{"prompt": "2+2=", "answer": 4\n')
+    runs["malformed_data"] = start(d, d / "train.jsonl")
+    yield runs
+    for _, run in runs.values():  # the runs of deselected cases
+        run.proc.kill()
+        run.proc.wait()
+
+
 @pytest.mark.parametrize("case", sorted(BAD_SPECS))
-def test_bad_input_fails_cleanly(case, tiny_model, arith_file, tmp_path):
-    overrides, code, needles = BAD_SPECS[case]
-    run_dir = tmp_path / "run"
-    spec = write_spec(tmp_path / "job.yaml", tiny_spec(tiny_model, arith_file, run_dir, **overrides))
-    result = run_entrypoint(spec, timeout=120)
+def test_bad_input_fails_cleanly(case, bad_runs):
+    _, code, needles = BAD_SPECS[case]
+    run_dir, run = bad_runs[case]
+    result = run.result(timeout=120)
     assert result.returncode == 2
     assert_clean_failure(result, run_dir, code, *needles)
 
 
-def test_malformed_data_line_is_named(tiny_model, tmp_path):
-    data = tmp_path / "train.jsonl"
-    data.write_text('{"prompt": "1+1=", "answer": 2}\n{"prompt": "2+2=", "answer": 4\n')
-    run_dir = tmp_path / "run"
-    spec = write_spec(tmp_path / "job.yaml", tiny_spec(tiny_model, data, run_dir))
-    result = run_entrypoint(spec, timeout=120)
-    assert_clean_failure(result, run_dir, "invalid_data", f"{data}:2: malformed JSON")
+def test_malformed_data_line_is_named(bad_runs):
+    run_dir, run = bad_runs["malformed_data"]
+    data = run_dir.parent / "train.jsonl"  # its line 2 lacks the closing brace
+    assert_clean_failure(run.result(timeout=120), run_dir, "invalid_data", f"{data}:2: malformed JSON")
 
 
 def test_reward_function_that_raises(tiny_model, arith_file, tmp_path):
     (tmp_path / "badreward.py").write_text("def score(prompts, completions, **kw):\n    raise ZeroDivisionError('no reward today')\n")
     run_dir = tmp_path / "run"
     spec = write_spec(tmp_path / "job.yaml", tiny_spec(tiny_model, arith_file, run_dir, rewards=[{"function": "badreward:score"}]))
+    # On an embedded Ray, as `rlhf train` runs it: the actors see the driver's PYTHONPATH, and so the
+    # reward module beside the spec (on a cluster it would have to be installed on every node).
     result = run_entrypoint(spec, timeout=300, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     assert result.returncode == 1
     assert_clean_failure(result, run_dir, "reward_error", "'score' raised ZeroDivisionError: no reward today")
@@ -77,32 +91,34 @@ def comparable(metrics: list[dict]) -> dict[int, dict]:
 
 
 @pytest.mark.slow
-def test_resume_after_kill_gives_the_same_metrics(tiny_model, arith_file, tmp_path):
+def test_resume_after_kill_gives_the_same_metrics(ray_head, tiny_model, arith_file, tmp_path):
     common = dict(optim={"steps": 6}, checkpoint={"every": 2, "keep_last": 5})
     straight = write_spec(tmp_path / "a.yaml", tiny_spec(tiny_model, arith_file, tmp_path / "a", **common))
     interrupted_dir = tmp_path / "b"
     interrupted = write_spec(tmp_path / "b.yaml", tiny_spec(tiny_model, arith_file, interrupted_dir, **common))
 
-    assert run_entrypoint(straight).returncode == 0
+    # The uninterrupted run goes alongside the other two: the head has CPUs for both jobs.
+    reference = Entrypoint(straight, ray=ray_head)
 
-    # Kill the whole process group (driver and its local Ray) once the first checkpoint lands.
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.run", "--spec", str(interrupted)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # Kill the driver once the first checkpoint lands; Ray then ends the actors of its job.
+    run = Entrypoint(interrupted, ray=ray_head)
     events = interrupted_dir / "events.jsonl"
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and run.proc.poll() is None:
         if events.exists() and any(e["type"] == "checkpoint" for e in read_jsonl(events)):
             break
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+        time.sleep(0.05)  # a step takes a tenth of a second: a slow look would miss the window
+    run.proc.kill()
+    run.proc.wait(timeout=30)
     done = [m["step"] for m in read_jsonl(interrupted_dir / "metrics.jsonl")]
     assert done and done[-1] < 6, f"the run was not interrupted mid-way (steps done: {done})"
     # The kill may land after step 2's checkpoint or after step 4's; either way the newest complete one is resumed.
     newest = checkpoint.read_state(checkpoint.latest(interrupted_dir / "checkpoints"))["step"]
 
-    result = run_entrypoint(interrupted, "--resume")
+    result = run_entrypoint(interrupted, "--resume", ray=ray_head)
     assert result.returncode == 0, result.stderr[-3000:]
+    straight_result = reference.result()
+    assert straight_result.returncode == 0, straight_result.stderr[-3000:]
     assert [e["step"] for e in read_jsonl(events) if e["type"] == "resumed"] == [newest]
     a, b = comparable(read_jsonl(tmp_path / "a" / "metrics.jsonl")), comparable(read_jsonl(interrupted_dir / "metrics.jsonl"))
     assert sorted(a) == sorted(b) == list(range(1, 7))

@@ -48,14 +48,11 @@ def redis_url(workdir):
 
 
 @pytest.fixture(scope="session")
-def tiny(workdir):
-    """A tiny model and 16 arithmetic prompts."""
-    from orchestrator.tiny_model import init_model
-
-    model = init_model(workdir / "model")
+def tiny(workdir, tiny_model):
+    """The session's tiny model and 16 arithmetic prompts."""
     data = workdir / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": a + b}) + "\n" for a in range(4) for b in range(4)))
-    return {"model": str(model), "data": str(data)}
+    return {"model": str(tiny_model), "data": str(data)}
 
 
 def job_body(tiny, workdir, name: str, steps: int, **extra) -> dict:

@@ -106,9 +106,11 @@ def test_restart_api_mid_job_then_cancel(alpha, tiny, workdir, api):
 
 
 def driver_of(job_id: str):
+    """The driver's own Python process. Ray runs the entrypoint under `/bin/sh -c "python -m ..."`:
+    a SIGKILL to that shell would fail the Ray job but leave the driver training on."""
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if "orchestrator.run" in " ".join(p.info["cmdline"] or []) and p.environ().get("RLHF_JOB_ID") == job_id:
+            if "orchestrator.run" in (p.info["cmdline"] or []) and p.environ().get("RLHF_JOB_ID") == job_id:
                 return p
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
