@@ -120,46 +120,70 @@ def stop_group(proc: subprocess.Popen, timeout: float = 15) -> None:
 
 
 class RayHead:
-    def __init__(self, address: str, dashboard: str):
-        self.address, self.dashboard = address, dashboard
+    """`ray start --head --block` on free loopback ports, with its dashboard (job submission) and
+    4 logical CPUs. Started by `pytest_sessionstart`, waited for by the `ray_head` fixture."""
+
+    def __init__(self):
+        gcs = free_port()
+        assert gcs != 6379
+        dash, client_port, agent, metrics = free_port(), free_port(), free_port(), free_port()
+        self.address, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
+        temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+        cmd = [
+            "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+            "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent),
+            "--metrics-export-port", str(metrics), "--num-cpus", "4", "--temp-dir", temp, "--disable-usage-stats",
+        ]
+        self.log = open(Path(temp) / "ray-start.log", "w")
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **RAY_ENV}, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_up(self, timeout: float = 90) -> RayHead:
+        import httpx
+
+        def up():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"`ray start` exited with {self.proc.returncode}; see {self.log.name}")
+            return httpx.get(f"{self.dashboard}/api/version", timeout=2).status_code < 500
+
+        wait_until(up, timeout, f"the Ray dashboard at {self.dashboard}")
+        return self
+
+    def stop(self) -> None:
+        # `ray start --block` stops its processes one by one on SIGTERM (about 2 s); a SIGTERM to the
+        # whole group at once leaves it hanging until the timeout.
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+        stop_group(self.proc)
+        self.log.close()
+
+
+_RAY_HEAD = pytest.StashKey[RayHead]()
+
+
+def pytest_sessionstart(session):
+    # The head takes seconds to start; collecting the tests (importing torch, transformers and vLLM)
+    # keeps one core busy for longer, so the head starts now, beside the collection.
+    session.config.stash[_RAY_HEAD] = RayHead()
+
+
+def pytest_collection_finish(session):
+    if not any("ray_head" in getattr(item, "fixturenames", ()) for item in session.items):
+        session.config.stash[_RAY_HEAD].stop()  # none of the selected tests needs it
+
+
+def pytest_sessionfinish(session):
+    head = session.config.stash.get(_RAY_HEAD, None)
+    if head is not None and not head.log.closed:
+        head.stop()
 
 
 @pytest.fixture(scope="session")
-def ray_head():
-    """`ray start --head` with its dashboard (job submission) on free loopback ports, 4 logical CPUs."""
-    gcs = free_port()
-    assert gcs != 6379
-    dash, client_port, agent, metrics = free_port(), free_port(), free_port(), free_port()
-    import httpx
-
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, **RAY_ENV}
-    cmd = [
-        "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
-        "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent),
-        "--metrics-export-port", str(metrics), "--num-cpus", "4", "--temp-dir", temp, "--disable-usage-stats",
-    ]
-    log = open(Path(temp) / "ray-start.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    dashboard = f"http://127.0.0.1:{dash}"
-
-    def up():
-        if proc.poll() is not None:
-            raise RuntimeError(f"`ray start` exited with {proc.returncode}; see {log.name}")
-        return httpx.get(f"{dashboard}/api/version", timeout=2).status_code < 500
-
-    wait_until(up, 90, f"the Ray dashboard at {dashboard}")
-    yield RayHead(f"127.0.0.1:{gcs}", dashboard)
-    # `ray start --block` stops its processes one by one on SIGTERM (about 2 s); a SIGTERM to the
-    # whole group at once leaves it hanging until the timeout.
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        pass
-    stop_group(proc)
-    log.close()
+def ray_head(pytestconfig) -> RayHead:
+    return pytestconfig.stash[_RAY_HEAD].wait_up()
 
 
 @pytest.fixture(scope="session")
@@ -184,23 +208,31 @@ def entrypoint_env(ray: RayHead | None = None, env: dict | None = None) -> dict[
 
 class Entrypoint:
     """`python -m orchestrator.run` started now and checked later, so that several can run at once
-    (its output goes to temporary files, which no pipe buffer can block)."""
+    (its output goes to temporary files, which no pipe buffer can block). With `submit_to` it runs
+    as users run it on a cluster: `ray job submit --working-dir <repo> -- python -m orchestrator.run ...`."""
 
-    def __init__(self, spec_path: Path, *args: str, env: dict | None = None, ray: RayHead | None = None):
+    def __init__(self, spec_path: Path, *args: str, env: dict | None = None, ray: RayHead | None = None,
+                 submit_to: RayHead | None = None):
+        cmd = [sys.executable, "-m", "orchestrator.run", "--spec", str(spec_path), *args]
+        if submit_to is not None:
+            cmd = ["ray", "job", "submit", "--address", submit_to.dashboard, "--working-dir", str(ROOT), "--", "python", *cmd[1:]]
+            env = {**RAY_ENV, **(env or {})}
         self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.run", "--spec", str(spec_path), *args],
-                                     cwd=ROOT, stdout=self.out, stderr=self.err, text=True, env=entrypoint_env(ray, env))
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.out, stderr=self.err, text=True, env=entrypoint_env(ray, env))
+        self._result: subprocess.CompletedProcess | None = None
 
     def result(self, timeout: float = 300) -> subprocess.CompletedProcess:
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-        with self.out, self.err:
-            self.out.seek(0), self.err.seek(0)
-            return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.out.read(), self.err.read())
+        if self._result is None:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+            with self.out, self.err:
+                self.out.seek(0), self.err.seek(0)
+                self._result = subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.out.read(), self.err.read())
+        return self._result
 
 
 def run_entrypoint(spec_path: Path, *args: str, timeout: float = 300, env: dict | None = None, ray: RayHead | None = None):
