@@ -31,8 +31,22 @@ def register(sub) -> None:
     j.add_argument("spec", help="Job spec file.")
     j.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="Metadata pair (repeatable).")
     j.add_argument("--idempotency-key", help="Retry-safe submission: the same key and spec return the same job.")
+    j.add_argument("--model", help="Set model.path: a model of the operator's registry (`rlhf models`) or one of your checkpoint ids.")
     j.add_argument("--watch", action="store_true", help="Then follow it to the end (exit code: 0 succeeded, 1 failed, 130 cancelled).")
     j.set_defaults(func=_submit)
+
+    f = sub.add_parser("files", help="Upload and list your data files (POST /v1/files).")
+    f.add_argument("--url", help="API base URL (default RLHF_API_URL or http://127.0.0.1:8000).")
+    f.add_argument("--api-key", help="API key (default RLHF_API_KEY).")
+    fsub = f.add_subparsers(dest="files_command", required=True)
+    u = fsub.add_parser("upload", help="Upload a JSONL or Parquet file; prints its record (its id goes in data.train_file).")
+    u.add_argument("path")
+    u.add_argument("--purpose", required=True, choices=["train", "eval", "sft", "preference"])
+    u.set_defaults(func=lambda args: print(json.dumps(_run(lambda: _client(args).upload(args.path, args.purpose)), indent=1)) or 0)
+    m = sub.add_parser("models", help="List the models the operator registered for you.")
+    m.add_argument("--url", help="API base URL (default RLHF_API_URL or http://127.0.0.1:8000).")
+    m.add_argument("--api-key", help="API key (default RLHF_API_KEY).")
+    m.set_defaults(func=lambda args: print(json.dumps(_run(lambda: _client(args)._json(_client(args).http.get("/v1/models"))), indent=1)) or 0)
 
     j = jsub.add_parser("list", help="List jobs, newest first.")
     j.add_argument("--status", help="Only jobs in this status.")
@@ -104,6 +118,10 @@ def _submit(args) -> int:
             return 2
         metadata[key] = value
     client = _client(args)
+    from api.client import rest_spec
+
+    # Over REST a spec names data by file id: local data files are uploaded first (POST /v1/files).
+    spec = _run(lambda: rest_spec(spec, client, args.model, say=lambda msg: print(msg, file=sys.stderr)))
     job = _run(lambda: client.submit(spec, metadata or None, args.idempotency_key))
     print(json.dumps(job, indent=1))
     if args.watch:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
@@ -37,6 +38,10 @@ class Client:
     def submit(self, spec: dict, metadata: dict | None = None, idempotency_key: str | None = None) -> dict:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._json(self.http.post("/v1/jobs", json={**spec, **({"metadata": metadata} if metadata else {})}, headers=headers))
+
+    def upload(self, path: str | Path, purpose: str) -> dict:
+        with open(path, "rb") as f:
+            return self._json(self.http.post("/v1/files", files={"file": (Path(path).name, f)}, data={"purpose": purpose}, timeout=600))
 
     def list(self, limit: int = 20, after: str | None = None, status: str | None = None) -> dict:
         params = {k: v for k, v in {"limit": limit, "after": after, "status": status}.items() if v is not None}
@@ -93,3 +98,42 @@ def parse_sse(lines: Iterator[str]) -> Iterator[dict[str, str]]:
             item["data"] = item["data"] + "\n" + value if "data" in item else value
         elif field in ("event", "id"):
             item[field] = value
+
+
+# The upload purpose of each kind of data an algorithm reads (orchestrator/core/algorithms.py).
+_PURPOSE = {"prompts": "train", "sft": "sft", "preference": "preference"}
+
+
+def rest_spec(spec: dict, client: Client, model: str | None = None, say=lambda msg: None) -> dict:
+    """A spec written for `rlhf train` made fit for REST: local data files uploaded and named by id,
+    `model.path` set to a registry model (or checkpoint id) when given, and the locations the server
+    chooses (`output_dir`, `checkpoint.dir`) left out. What is already an id or a name is kept."""
+    from orchestrator.core.algorithms import ALGORITHMS
+
+    spec = json.loads(json.dumps(spec))
+    for key, where in (("output_dir", spec), ("dir", spec.get("checkpoint") or {})):
+        if where.pop(key, None) is not None:
+            say(f"{'output_dir' if key == 'output_dir' else 'checkpoint.dir'}: the server chooses where a job writes; left out")
+    if model:
+        spec.setdefault("model", {})["path"] = model
+    uploaded: dict[tuple[str, str], str] = {}
+    algorithm = (spec.get("algorithm") or {}).get("name", "grpo")
+
+    def upload_data(data: dict | None, algo_name: str, where: str) -> None:
+        algo = ALGORITHMS.get(algo_name)
+        for field, kind in (("train_file", algo.data if algo else "prompts"), ("eval_file", algo.eval_data if algo else "prompts")):
+            value = (data or {}).get(field)
+            if not isinstance(value, str) or value.startswith("file-") or not Path(value).is_file():
+                continue
+            purpose = "eval" if field == "eval_file" and kind == "prompts" else _PURPOSE[kind]
+            if (value, purpose) not in uploaded:
+                uploaded[value, purpose] = client.upload(value, purpose)["id"]
+                say(f"{where}.{field}: uploaded {value} as {uploaded[value, purpose]}")
+            data[field] = uploaded[value, purpose]
+
+    upload_data(spec.get("data"), algorithm, "data")
+    for i, stage in enumerate(spec.get("stages") or []):
+        upload_data(stage.get("data"), (stage.get("algorithm") or {}).get("name", algorithm), f"stages.{i}.data")
+        if (stage.get("checkpoint") or {}).pop("dir", None) is not None:
+            say(f"stages.{i}.checkpoint.dir: the server chooses where a job writes; left out")
+    return spec

@@ -11,6 +11,7 @@ from api.auth import KeyRing
 from api.errors import APIError
 from api.launcher import RayLauncher
 from api.settings import Settings
+from api.storage import ArtifactStore
 from api.store import JobStore
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
@@ -28,6 +29,10 @@ async def get_launcher(request: Request) -> RayLauncher:
     return request.app.state.launcher
 
 
+async def get_storage(request: Request) -> ArtifactStore:
+    return request.app.state.storage
+
+
 async def current_tenant(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
     challenge = {"WWW-Authenticate": "Bearer"}
     if creds is None:
@@ -36,10 +41,12 @@ async def current_tenant(request: Request, creds: Annotated[HTTPAuthorizationCre
     tenant = keyring.tenant_for(creds.credentials)
     if tenant is None:
         raise APIError(401, "invalid_api_key", "The API key in the Authorization header is not valid.", None, challenge)
+    await request.app.state.rate.hit(tenant)
     return tenant
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 LauncherDep = Annotated[RayLauncher, Depends(get_launcher)]
+StorageDep = Annotated[ArtifactStore, Depends(get_storage)]
 CurrentTenant = Annotated[str, Depends(current_tenant)]

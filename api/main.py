@@ -13,14 +13,19 @@ from api import errors
 from api.auth import KeyRing
 from api.deps import current_tenant
 from api.launcher import RayLauncher
-from api.middleware import ApiMetrics, RequestContextMiddleware
+from api.limits import RateLimiter, StreamSlots
+from api.middleware import ApiMetrics, BodyLimitMiddleware, RequestContextMiddleware
 from api.reconciler import Reconciler
-from api.routers import checkpoints, events, health, jobs, logs, ui
+from api.registry import Registry
+from api.routers import catalog, checkpoints, events, files, health, jobs, logs, ui
 from api.settings import Settings
+from api.storage import ArtifactStore
 from api.store import JobStore
 
-DESCRIPTION = """Submit RLHF post-training jobs (GRPO, PPO) to a Ray cluster, follow their status,
-events and metrics (JSON pages or live server-sent events), list checkpoints, read logs, cancel.
+DESCRIPTION = """Submit RLHF post-training jobs (GRPO, PPO, SFT, RM, DPO) to a Ray cluster, follow their
+status, events and metrics (JSON pages or live server-sent events), list and download checkpoints,
+read logs, cancel. Upload training data with `POST /v1/files` and name it by id in the spec; name
+models from `GET /v1/models` or your checkpoints by id, rewards from `GET /v1/reward_functions`.
 
 Every request but `/healthz` and `/readyz` needs `Authorization: Bearer <key>`; a tenant sees only
 its own jobs. Every error is `{"error": {"type", "code", "message", "param"}}`; every response has
@@ -31,6 +36,7 @@ an `X-Request-ID` header."""
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     app.state.store = JobStore(settings.redis_url)
+    app.state.rate = RateLimiter(app.state.store.redis, settings.requests_per_minute)
     app.state.launcher = RayLauncher(settings)
     task = asyncio.create_task(Reconciler(app.state.store, app.state.launcher, settings.reconcile_interval_s).run())
     try:
@@ -50,12 +56,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.keyring = KeyRing(settings.api_keys_file)  # fail at startup, not at the first request
+    app.state.registry = Registry.load(settings.registry_file)
+    app.state.storage = ArtifactStore(settings.storage_root, settings.storage_options)
+    app.state.streams = StreamSlots(settings.max_streams_per_tenant, settings.max_streams)
     app.state.metrics = ApiMetrics()
     errors.install(app)
-    for module in (health, jobs, events, checkpoints, logs, ui):  # ui: the web page at /ui
+    for module in (health, jobs, events, checkpoints, files, catalog, logs, ui):  # ui: the web page at /ui
         app.include_router(module.router)
     _add_docs(app, settings.public_docs)
-    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
+    app.add_middleware(BodyLimitMiddleware, json_limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)  # added last: the outermost
     return app
 
 

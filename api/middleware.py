@@ -64,3 +64,51 @@ class RequestContextMiddleware:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(scope["method"], route, str(status)).inc()
             self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+
+
+class BodyLimitMiddleware:
+    """413 for a request body over the limit, whether its Content-Length says so or its stream grows
+    past it: uploads (`POST /v1/files`) up to `upload_limit`, every other body up to `json_limit`.
+    Past the limit, the app reads a disconnect and whatever it answers is dropped for the 413."""
+
+    def __init__(self, app, json_limit: int, upload_limit: int, upload_paths: tuple[str, ...] = ("/v1/files",)):
+        self.app, self.json_limit, self.upload_limit, self.upload_paths = app, json_limit, upload_limit, upload_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        limit = self.upload_limit if scope["path"].rstrip("/") in self.upload_paths else self.json_limit
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await _too_large(send, limit)
+        seen, started, refused = 0, False, False
+
+        async def counted():
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    refused = True
+                    if not started:
+                        await _too_large(send, limit)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracked(message):
+            nonlocal started
+            if refused:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, counted, tracked)
+
+
+async def _too_large(send, limit: int) -> None:
+    body = json.dumps(envelope(413, "body_too_large", f"The request body is larger than {limit} bytes, the limit for this endpoint.")).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})

@@ -14,13 +14,12 @@ SPEC_EXAMPLE: dict[str, Any] = {
     "api_version": "rlhf/v1",
     "name": "grpo-arith",
     "algorithm": {"name": "grpo"},
-    "model": {"path": "/models/tiny-model"},
-    "data": {"train_file": "/data/arithmetic/train.jsonl", "max_prompt_length": 16},
+    "model": {"path": "tiny-model"},
+    "data": {"train_file": "file-9b2e4c1d0a7f4e3b8c6d5a41", "max_prompt_length": 16},
     "rollout": {"backend": "hf", "n": 4, "max_new_tokens": 4},
     "rewards": [{"function": "accuracy"}],
     "optim": {"lr": 1e-4, "steps": 4, "prompts_per_step": 4},
     "checkpoint": {"every": 2},
-    "output_dir": "/runs/grpo-arith",
 }
 
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -28,7 +27,12 @@ MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 
 
 class JobCreate(JobSpec):
-    """A job spec (the same schema as `rlhf train` and `python -m orchestrator.run`) plus `metadata`."""
+    """A job spec (the same schema as `rlhf train` and `python -m orchestrator.run`) plus `metadata`.
+
+    Over REST, the spec names its data by file id (`file-...`, POST /v1/files), its model by a name in
+    the operator's registry (GET /v1/models) or a checkpoint id of the tenant's (`ckpt-...`), rewards
+    by built-in or registered name (GET /v1/reward_functions); `output_dir` and `checkpoint.dir` are
+    the server's to choose."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{**SPEC_EXAMPLE, "metadata": {"team": "reasoning", "ticket": "ML-42"}}]})
 
@@ -155,21 +159,74 @@ class MetricList(BaseModel):
 
 
 class CheckpointPublic(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"object": "job.checkpoint", "step": 2, "path": "/runs/x/checkpoints/step_000002", "created_at": 1764190030.0, "bytes": 5561035}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{"id": "ckpt-4f1c2b9a0d3e4b5c6d7e8f90-2", "object": "job.checkpoint", "step": 2, "created_at": 1764190030.0, "bytes": 5561035}]})
 
+    id: str = Field(..., description="Checkpoint id: name it as `model.path` (or a reward `model`) of a new job, or download it.")
     object: Literal["job.checkpoint"] = "job.checkpoint"
     step: int
-    path: str = Field(..., description="Directory on the cluster's storage; `policy/` inside is a Hugging Face model.")
     created_at: float
     bytes: int
 
 
 class CheckpointList(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"object": "list", "data": [{"object": "job.checkpoint", "step": 2, "path": "/runs/x/checkpoints/step_000002", "created_at": 1764190030.0, "bytes": 5561035}], "has_more": False}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{"object": "list", "data": [{"id": "ckpt-4f1c2b9a0d3e4b5c6d7e8f90-2", "object": "job.checkpoint", "step": 2, "created_at": 1764190030.0, "bytes": 5561035}], "has_more": False}]})
 
     object: Literal["list"] = "list"
     data: list[CheckpointPublic]
     has_more: bool = False
+
+
+class FilePublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"id": "file-9b2e4c1d0a7f4e3b8c6d5a41", "object": "file", "bytes": 1043, "created_at": 1764190000.0,
+                                                              "filename": "train.jsonl", "purpose": "train", "rows": 16, "status": "processed"}]})
+
+    id: str = Field(..., description="File id: name it as `data.train_file` or `data.eval_file` of a job.")
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: float
+    filename: str = Field(..., description="The uploaded file's name (without any directory).")
+    purpose: Literal["train", "eval", "sft", "preference"]
+    rows: int = Field(..., description="Rows found when the upload was checked.")
+    status: Literal["processed"] = "processed"
+
+
+class FileList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}]})
+
+    object: Literal["list"] = "list"
+    data: list[FilePublic]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class FileDeleted(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"id": "file-9b2e4c1d0a7f4e3b8c6d5a41", "object": "file", "deleted": True}]})
+
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+class ModelPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"id": "qwen-0.5b", "object": "model", "description": "", "trust_remote_code": False}]})
+
+    id: str = Field(..., description="The name to give as `model.path` (or a reward `model`).")
+    object: Literal["model"] = "model"
+    description: str = ""
+    trust_remote_code: bool = Field(..., description="Whether a spec naming it may set `model.trust_remote_code`.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelPublic]
+
+
+class RewardFunctionList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"object": "list", "data": ["accuracy", "regex_match", "length_penalty", "math-verify"]}]})
+
+    object: Literal["list"] = "list"
+    data: list[str] = Field(..., description="Names a spec's `rewards[].function` may give: the built-ins and the operator's.")
 
 
 class JobLogs(BaseModel):

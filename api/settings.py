@@ -32,6 +32,20 @@ class Settings(BaseSettings):
         description="MLflow tracking URIs a tenant's spec may name over REST (`trackers.mlflow.tracking_uri`); "
         "any other is refused, since the driver would write to it from the cluster.",
     )
+    storage_root: str = Field(
+        "artifacts", description="Root of the artifact store: tenants' uploads, run directories and checkpoints, one area per "
+        "tenant. A local directory (every Ray node must see it at the same path) or an fsspec URL such as `s3://bucket/rlhf`."
+    )
+    storage_options: dict = Field(default_factory=dict, description="fsspec options of the store (e.g. `{\"endpoint_url\": ...}` for s3).")
+    registry_file: Path | None = Field(
+        None, description="YAML of the models and reward functions tenants may name over REST (see api/registry.py); unset: none."
+    )
+    upload_tmp_dir: str | None = Field(None, description="Local directory where uploads are staged while checked (default: the system's).")
+    max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest file `POST /v1/files` takes (then 413).")
+    max_body_bytes: int = Field(64 << 10, ge=1024, description="Largest JSON request body, e.g. a job spec (then 413).")
+    requests_per_minute: int = Field(600, ge=1, description="Requests a tenant may make per minute, all endpoints (then 429 with Retry-After).")
+    max_streams_per_tenant: int = Field(8, ge=1, description="Live SSE streams a tenant may hold open at once (then 429).")
+    max_streams: int = Field(256, ge=1, description="Live SSE streams the API holds open at once, all tenants (then 503).")
     public_docs: bool = Field(False, description="Serve /openapi.json and /docs without an API key.")
     sse_ping_s: float = Field(15.0, gt=0, description="Seconds between keep-alive comments on an idle SSE stream.")
 

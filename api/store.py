@@ -27,6 +27,7 @@ from orchestrator.core.records import (
 )
 
 SEQ_KEY = f"{PREFIX}jobs:seq"
+FILE_SEQ_KEY = f"{PREFIX}files:seq"
 IDEMPOTENCY_TTL_S = 24 * 3600
 _JSON_FIELDS = ("metrics", "error", "metadata", "spec", "checkpoints")
 _FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at")
@@ -35,6 +36,30 @@ _INT_FIELDS = ("step", "total_steps", "seq")
 
 def _idem_key(tenant: str, key: str) -> str:
     return f"{PREFIX}idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+# KEYS: the tenant's queued set, its jobs index, then every active-status set; ARGV: limit, seq, job id.
+RESERVE_LUA = """
+local n = 0
+for i = 3, #KEYS do n = n + redis.call('ZCARD', KEYS[i]) end
+if n >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+
+
+def file_key(file_id: str) -> str:
+    return f"{PREFIX}file:{file_id}"
+
+
+def tenant_files_key(tenant: str, purpose: str | None = None) -> str:
+    """The tenant's files by upload order: all of them, or those of one purpose."""
+    return f"{PREFIX}tenant:{tenant}:files" + (f":{purpose}" if purpose else "")
+
+
+def decode_file(raw: dict[str, str]) -> dict[str, Any]:
+    return {**raw, "bytes": int(raw["bytes"]), "rows": int(raw["rows"]), "created_at": float(raw["created_at"]), "seq": int(raw["seq"])}
 
 
 def decode(raw: dict[str, str]) -> dict[str, Any]:
@@ -52,6 +77,7 @@ class JobStore:
     def __init__(self, url: str):
         self.redis = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30)
         self._transition = self.redis.register_script(TRANSITION_LUA)
+        self._reserve = self.redis.register_script(RESERVE_LUA)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -61,9 +87,16 @@ class JobStore:
 
     # --- records -------------------------------------------------------------------------------
 
-    async def create(self, job_id: str, tenant: str, name: str, spec: dict, metadata: dict, idempotency_key: str | None) -> dict:
+    async def create(self, job_id: str, tenant: str, name: str, spec: dict, metadata: dict, idempotency_key: str | None,
+                     max_active: int | None = None) -> dict | None:
+        """Record a new `queued` job; None when the tenant already has `max_active` active jobs. The
+        count and the reservation are one Lua script, so concurrent submissions cannot pass the limit."""
         now = time.time()
         seq = await self.redis.incr(SEQ_KEY)
+        active = [tenant_status_key(tenant, s) for s in STATUSES if s not in TERMINAL]
+        if not await self._reserve(keys=[tenant_status_key(tenant, "queued"), tenant_jobs_key(tenant), *active],
+                                   args=[max_active or 2**62, seq, job_id]):
+            return None
         fields = {
             "id": job_id, "tenant": tenant, "name": name, "status": "queued", "seq": seq,
             "created_at": repr(now), "updated_at": repr(now), "step": 0,
@@ -74,8 +107,6 @@ class JobStore:
         event = event_record("status", "queued", {"status": "queued"}, now)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(job_key(job_id), mapping=fields)
-        pipe.zadd(tenant_jobs_key(tenant), {job_id: seq})
-        pipe.zadd(tenant_status_key(tenant, "queued"), {job_id: seq})
         pipe.hincrby(COUNTS_KEY, "queued", 1)
         pipe.sadd(ACTIVE_KEY, job_id)
         pipe.xadd(events_key(job_id), {"data": json.dumps(event)})
@@ -105,18 +136,22 @@ class JobStore:
     async def list(self, tenant: str, limit: int, after: str | None = None, status: str | None = None) -> tuple[list[dict], bool] | None:
         """Newest first. None when `after` is not one of this tenant's jobs."""
         index = tenant_status_key(tenant, status) if status else tenant_jobs_key(tenant)
-        top: str | float = "+inf"
-        if after:
-            score = await self.redis.zscore(tenant_jobs_key(tenant), after)
-            if score is None:
-                return None
-            top = f"({int(score)}"
+        top = await self._cursor(tenant_jobs_key(tenant), after)
+        if top is None:
+            return None
         ids = await self.redis.zrevrangebyscore(index, top, "-inf", start=0, num=limit + 1)
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids[:limit]:
             pipe.hgetall(job_key(job_id))
         raws = await pipe.execute()
         return [decode(r) for r in raws if r], len(ids) > limit
+
+    async def _cursor(self, index: str, after: str | None) -> str | None:
+        """The ZREVRANGEBYSCORE bound just below `after` in a tenant's index (None: not in it)."""
+        if not after:
+            return "+inf"
+        score = await self.redis.zscore(index, after)
+        return None if score is None else f"({int(score)}"
 
     async def transition(self, job_id: str, status: str, message: str = "", **data: Any) -> tuple[bool, str]:
         keys, args = transition_args(job_id, status, message, data, time.time())
@@ -136,6 +171,46 @@ class JobStore:
     async def status_counts(self) -> dict[str, int]:
         raw = await self.redis.hgetall(COUNTS_KEY)
         return {s: int(raw.get(s, 0)) for s in STATUSES}
+
+    # --- files ----------------------------------------------------------------------------------
+
+    async def create_file(self, file_id: str, tenant: str, fields: dict[str, Any]) -> dict:
+        seq = await self.redis.incr(FILE_SEQ_KEY)
+        raw = {k: str(v) for k, v in {**fields, "id": file_id, "tenant": tenant, "seq": seq}.items()}
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(file_key(file_id), mapping=raw)
+        pipe.zadd(tenant_files_key(tenant), {file_id: seq})
+        pipe.zadd(tenant_files_key(tenant, fields["purpose"]), {file_id: seq})
+        await pipe.execute()
+        return decode_file(raw)
+
+    async def get_file(self, file_id: str, tenant: str) -> dict | None:
+        """The tenant's file record, or None (another tenant's file is indistinguishable from none)."""
+        raw = await self.redis.hgetall(file_key(file_id))
+        return decode_file(raw) if raw and raw.get("tenant") == tenant else None
+
+    async def list_files(self, tenant: str, limit: int, after: str | None, purpose: str | None) -> tuple[list[dict], bool] | None:
+        """Newest first; None when `after` is not one of this tenant's files."""
+        top = await self._cursor(tenant_files_key(tenant), after)
+        if top is None:
+            return None
+        ids = await self.redis.zrevrangebyscore(tenant_files_key(tenant, purpose), top, "-inf", start=0, num=limit + 1)
+        pipe = self.redis.pipeline(transaction=False)
+        for file_id in ids[:limit]:
+            pipe.hgetall(file_key(file_id))
+        raws = await pipe.execute()
+        return [decode_file(r) for r in raws if r], len(ids) > limit
+
+    async def delete_file(self, file_id: str, tenant: str) -> dict | None:
+        rec = await self.get_file(file_id, tenant)
+        if rec is None:
+            return None
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(file_key(file_id))
+        pipe.zrem(tenant_files_key(tenant), file_id)
+        pipe.zrem(tenant_files_key(tenant, rec["purpose"]), file_id)
+        await pipe.execute()
+        return rec
 
     # --- idempotency ---------------------------------------------------------------------------
 

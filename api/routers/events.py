@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated, Any, AsyncIterator
 
@@ -52,31 +53,47 @@ def wants_stream(request: Request) -> bool:
     return "text/event-stream" in request.headers.get("accept", "")
 
 
-async def follow(store: JobStore, job_id: str, kind: str, after: str | None) -> AsyncIterator[dict[str, Any]]:
-    """SSE messages from just after `after` until the job is terminal and its stream drained."""
+async def follow(store: JobStore, job_id: str, kind: str, after: str | None, release=None, hide=None) -> AsyncIterator[dict[str, Any]]:
+    """SSE messages from just after `after` until the job is terminal and its stream drained; then
+    `release()` (the stream's slot). `hide` rewrites each entry before it goes out."""
+    try:
+        async for message in _follow(store, job_id, kind, after, hide or (lambda raw: raw)):
+            yield message
+    finally:
+        if release is not None:
+            release()
+
+
+async def _follow(store: JobStore, job_id: str, kind: str, after: str | None, hide) -> AsyncIterator[dict[str, Any]]:
     last, public = after or "0", _PUBLIC[kind]
     while True:
         entries = await store.follow(job_id, kind, last, block_ms=1000)
         for eid, raw in entries:
             last = eid
-            yield {"id": eid, "data": json.dumps(public(eid, raw))}
+            yield {"id": eid, "data": json.dumps(public(eid, hide(raw)))}
         if entries:
+            await asyncio.sleep(0)  # a long history replays in chunks without holding the event loop
             continue
         rec = await store.get(job_id)
         if rec is None or rec["status"] in TERMINAL:
             # The terminal status event was written with the status itself; drain what is left, then end.
             for eid, raw in await store.follow(job_id, kind, last, block_ms=None):
-                yield {"id": eid, "data": json.dumps(public(eid, raw))}
+                yield {"id": eid, "data": json.dumps(public(eid, hide(raw)))}
             yield {"event": "end", "data": json.dumps({"status": rec["status"] if rec else "unknown"})}
             return
 
 
 async def _history_or_stream(kind: str, job_id, tenant, store, settings, request, after, limit, last_event_id):
     await owned_job(store, job_id, tenant)
+    storage = request.app.state.storage
     if wants_stream(request):
-        return EventSourceResponse(follow(store, job_id, kind, last_event_id or after), ping=settings.sse_ping_s, headers={"Cache-Control": "no-store"})
+        slots = request.app.state.streams
+        slots.acquire(tenant)
+        stream = follow(store, job_id, kind, last_event_id or after, release=lambda: slots.release(tenant),
+                        hide=lambda raw: storage.hide(raw, tenant))
+        return EventSourceResponse(stream, ping=settings.sse_ping_s, headers={"Cache-Control": "no-store"})
     items, has_more = await store.history(job_id, kind, after, limit)
-    data = [_PUBLIC[kind](eid, raw) for eid, raw in items]
+    data = [_PUBLIC[kind](eid, storage.hide(raw, tenant)) for eid, raw in items]
     return {"object": "list", "data": data, "has_more": has_more, "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 

@@ -11,20 +11,27 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from api.deps import CurrentTenant, LauncherDep, SettingsDep, StoreDep
+from api.deps import CurrentTenant, LauncherDep, SettingsDep, StorageDep, StoreDep
 from api.errors import APIError, not_found
 from api.launcher import RayJobMissing, RayUnavailable
 from api.routers import error_responses
 from api.schemas import JobCreate, JobList, JobPublic, JobStatus
 from api.settings import Settings
+from api.storage import ArtifactStore
+from api.tenant_spec import TenantSpec
 from orchestrator.core.records import TERMINAL
+
+MAX_SPEC_ENV_BYTES = 100_000
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 JobId = Annotated[str, Path(description="Job id (`job-...`).", max_length=128)]
 
 
-def job_public(rec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+def job_public(rec: dict[str, Any], settings: Settings, storage: ArtifactStore | None = None) -> dict[str, Any]:
+    """The record as its tenant sees it: the spec as submitted (ids and names), and no server path."""
+    if storage is not None and rec.get("error"):
+        rec = {**rec, "error": storage.hide(rec["error"], rec["tenant"])}
     return {
         "id": rec["id"],
         "object": "job",
@@ -66,7 +73,7 @@ def _body_hash(raw: bytes) -> str:
     status_code=201,
     response_model=JobPublic,
     summary="Submit a job",
-    responses=error_responses(400, 401, 409, 422, 429, 503),
+    responses=error_responses(400, 401, 409, 413, 422, 429, 503),
 )
 async def create_job(
     body: Annotated[JobCreate, Body(openapi_examples={"grpo": {"summary": "Tiny GRPO job", "value": JobCreate.model_config["json_schema_extra"]["examples"][0]}})],
@@ -81,26 +88,25 @@ async def create_job(
         Header(alias="Idempotency-Key", min_length=1, max_length=255, description="Same key and body: the same job again; same key, another body: 409."),
     ] = None,
 ) -> dict[str, Any]:
-    """Validate the spec in full, record the job (`queued`) and submit it to Ray as a Ray job whose
-    submission id is the job id. Nothing runs in the API's process."""
+    """Validate the spec in full, resolve what it names (file ids, registry models, checkpoint ids,
+    reward names) to what the job runs on, record the job (`queued`) and submit it to Ray as a Ray
+    job whose submission id is the job id. Nothing runs in the API's process."""
     spec, name = body.spec_dict(), body.name
-    uri = ((spec.get("trackers") or {}).get("mlflow") or {}).get("tracking_uri")
-    if uri is not None and uri not in settings.mlflow_tracking_uris:
-        # The driver writes from inside the cluster: a tenant may not point it at any address or path.
-        raise APIError(422, "invalid_spec", f"trackers.mlflow.tracking_uri: {uri!r} is not a tracking URI the operator allows "
-                       f"(allowed: {settings.mlflow_tracking_uris or 'none'})", "trackers.mlflow.tracking_uri")
     job_id = "job-" + uuid.uuid4().hex[:24]
+    resolver = TenantSpec(tenant, request.app.state.registry, request.app.state.storage, store, settings.mlflow_tracking_uris)
+    launch = await resolver.launch_spec(spec, job_id)
+    check_carriable(launch)
     if idempotency_key:
         body_hash = _body_hash(await request.body())
         earlier = await store.claim_idempotency_key(tenant, idempotency_key, body_hash, job_id)
         if earlier is not None:
-            return await _replay(store, settings, tenant, idempotency_key, body_hash, earlier, response)
+            return await _replay(store, settings, request.app.state.storage, tenant, idempotency_key, body_hash, earlier, response)
     try:
-        if await store.active_count(tenant) >= settings.max_active_jobs_per_tenant:
+        rec = await store.create(job_id, tenant, name, spec, body.metadata, idempotency_key, max_active=settings.max_active_jobs_per_tenant)
+        if rec is None:
             raise APIError(429, "too_many_active_jobs", f"Tenant has {settings.max_active_jobs_per_tenant} active jobs, the limit; wait for one to end or cancel one.")
-        rec = await store.create(job_id, tenant, name, spec, body.metadata, idempotency_key)
         try:
-            await launcher.submit(job_id, tenant, name, spec)
+            await launcher.submit(job_id, tenant, name, launch)
         except BaseException:
             await store.delete(job_id)
             raise
@@ -110,7 +116,15 @@ async def create_job(
     except BaseException:
         await _release(store, tenant, idempotency_key)
         raise
-    return job_public(rec, settings)
+    return job_public(rec, settings, request.app.state.storage)
+
+
+def check_carriable(launch: dict[str, Any]) -> None:
+    """The spec travels to the driver in an environment variable, which Linux caps at 128 KiB: refuse
+    here what the driver's exec would refuse later."""
+    size = len(json.dumps(launch))
+    if size > MAX_SPEC_ENV_BYTES:
+        raise APIError(413, "spec_too_large", f"The job spec is {size} bytes once resolved; at most {MAX_SPEC_ENV_BYTES} can be carried to the job.")
 
 
 async def _release(store, tenant: str, key: str | None) -> None:
@@ -118,7 +132,7 @@ async def _release(store, tenant: str, key: str | None) -> None:
         await store.release_idempotency_key(tenant, key)
 
 
-async def _replay(store, settings, tenant, key, body_hash, earlier, response) -> dict[str, Any]:
+async def _replay(store, settings, storage, tenant, key, body_hash, earlier, response) -> dict[str, Any]:
     if earlier["body_hash"] != body_hash:
         raise APIError(409, "idempotency_key_reused", f"Idempotency-Key {key!r} was used with another request body.", "Idempotency-Key")
     # The first request may still be creating its job: wait briefly for the record.
@@ -126,7 +140,7 @@ async def _replay(store, settings, tenant, key, body_hash, earlier, response) ->
         rec = await store.get(earlier["job_id"], tenant)
         if rec is not None:
             response.headers["Idempotent-Replayed"] = "true"
-            return job_public(rec, settings)
+            return job_public(rec, settings, storage)
         await asyncio.sleep(0.05)
     raise APIError(409, "idempotency_key_in_use", f"A request with Idempotency-Key {key!r} is still in progress; retry shortly.", "Idempotency-Key")
 
@@ -136,6 +150,7 @@ async def list_jobs(
     tenant: CurrentTenant,
     store: StoreDep,
     settings: SettingsDep,
+    storage: StorageDep,
     limit: Annotated[int, Query(ge=1, le=100, description="Jobs per page.")] = 20,
     after: Annotated[str | None, Query(max_length=128, description="Id of the last job of the previous page.")] = None,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
@@ -145,19 +160,20 @@ async def list_jobs(
     if page is None:
         raise APIError(400, "invalid_cursor", f"`after` is not one of your jobs: {after!r}.", "after")
     records, has_more = page
-    data = [job_public(r, settings) for r in records]
+    data = [job_public(r, settings, storage) for r in records]
     # Built to JobList's schema already: skip re-validating it (the read paths are the hot ones;
     # the schemathesis test checks these responses against the schema).
     return JSONResponse({"object": "list", "data": data, "has_more": has_more, "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
 
 
 @router.get("/{job_id}", response_model=JobPublic, summary="Get a job", responses=error_responses(401, 404))
-async def get_job(job_id: JobId, tenant: CurrentTenant, store: StoreDep, settings: SettingsDep) -> JSONResponse:
-    return JSONResponse(job_public(await owned_job(store, job_id, tenant), settings))
+async def get_job(job_id: JobId, tenant: CurrentTenant, store: StoreDep, settings: SettingsDep, storage: StorageDep) -> JSONResponse:
+    return JSONResponse(job_public(await owned_job(store, job_id, tenant), settings, storage))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, summary="Cancel a job", responses=error_responses(401, 404, 409, 503))
-async def cancel_job(job_id: JobId, tenant: CurrentTenant, store: StoreDep, launcher: LauncherDep, settings: SettingsDep) -> dict[str, Any]:
+async def cancel_job(job_id: JobId, tenant: CurrentTenant, store: StoreDep, launcher: LauncherDep, settings: SettingsDep,
+                     storage: StorageDep) -> dict[str, Any]:
     """Stop the Ray job. The job is `cancelling` until Ray confirms, then `cancelled`. A job that has
     already ended is a 409: a terminal status never changes."""
     rec = await owned_job(store, job_id, tenant)
@@ -172,4 +188,4 @@ async def cancel_job(job_id: JobId, tenant: CurrentTenant, store: StoreDep, laun
         await store.transition(job_id, "cancelled", "cancelled: Ray had no running job")
     except RayUnavailable:
         pass  # the reconciler stops it once Ray answers again
-    return job_public(await owned_job(store, job_id, tenant), settings)
+    return job_public(await owned_job(store, job_id, tenant), settings, storage)

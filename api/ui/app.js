@@ -411,7 +411,7 @@ async function renderJob(id) {
       drawHead();
       const list = await api(`v1/jobs/${encodeURIComponent(id)}/checkpoints`);
       checkpoints.replaceChildren(...list.data.map((c) => h("tr", {},
-        h("td", {}, c.step), h("td", { class: "mono" }, c.path), h("td", {}, `${(c.bytes / 1e6).toFixed(1)} MB`), h("td", {}, when(c.created_at)))));
+        h("td", {}, c.step), h("td", { class: "mono" }, c.id), h("td", {}, `${(c.bytes / 1e6).toFixed(1)} MB`), h("td", {}, when(c.created_at)))));
       if (!list.data.length) checkpoints.replaceChildren(h("tr", {}, h("td", { colspan: 4, class: "muted" }, "none yet")));
     } catch (err) { /* the streams report trouble; the next refresh tries again */ }
   };
@@ -461,7 +461,7 @@ async function renderJob(id) {
     head, errorBox,
     h("h2", {}, "Curves"), h("div", { class: "charts", id: "charts" }, charts.map((c) => c.el)),
     h("h2", {}, "Events"), h("div", { class: "events card" }, h("table", { id: "events" }, events)),
-    h("h2", {}, "Checkpoints"), h("table", { id: "checkpoints" }, h("thead", {}, h("tr", {}, ["step", "path", "size", "saved"].map((c) => h("th", {}, c)))), checkpoints),
+    h("h2", {}, "Checkpoints"), h("table", { id: "checkpoints" }, h("thead", {}, h("tr", {}, ["step", "id (a new job's model.path)", "size", "saved"].map((c) => h("th", {}, c)))), checkpoints),
     h("h2", {}, "Spec"), h("details", {}, h("summary", {}, "the validated job spec"), specBlock));
   refresh();
   metricStream.run();
@@ -482,9 +482,9 @@ const EXAMPLE = `api_version: rlhf/v1
 name: grpo-arith
 algorithm: {name: grpo}
 model:
-  path: runs/tiny-model
+  path: tiny-model          # a model from GET /v1/models, or one of your checkpoint ids (ckpt-...)
 data:
-  train_file: examples/data/arithmetic.jsonl
+  train_file: file-REPLACE  # the id POST /v1/files gave your upload
   max_prompt_length: 16
 rollout: {backend: hf, n: 4, max_new_tokens: 4}
 rewards:

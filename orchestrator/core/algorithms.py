@@ -65,6 +65,9 @@ ALGORITHMS: dict[str, Algorithm] = {
     )
 }
 
+# The built-in reward functions (workers/rewards.py BUILTIN), by name: what a REST spec may name without the operator's registry.
+BUILTIN_REWARDS: tuple[str, ...] = ("accuracy", "regex_match", "length_penalty")
+
 # Rollout backends, the same way: `rollout.backend` -> the worker class (see workers/rollout.py's RolloutBackend).
 ROLLOUT_BACKENDS: dict[str, str] = {
     "hf": "workers.rollout:HFRollout",

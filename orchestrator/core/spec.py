@@ -19,6 +19,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     create_model,
+    field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -27,6 +28,14 @@ from orchestrator.core.algorithms import ALGORITHMS, ROLLOUT_BACKENDS, Algorithm
 
 API_VERSION = "rlhf/v1"
 STAGE_REF = "stage:"  # `rewards[].model: "stage:NAME"`: the reward model an earlier stage of the job trains
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
 
 
 class SpecError(ValueError):
@@ -38,7 +47,8 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or infinity anywhere (JSON parsers accept `NaN`), and every number below has a finite range.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class AlgorithmSpec(_Strict):
@@ -60,7 +70,7 @@ class AlgorithmSpec(_Strict):
         "log-probs, as TRL) or `hinge` (SLiC, Zhao et al. 2023). See orchestrator/core/algos.py `dpo_loss`.",
     )
     beta: float = Field(
-        0.1, gt=0, description="`dpo` only: strength of the implicit KL to the reference: the scale of the log-ratio margin "
+        0.1, gt=0, le=1e4, description="`dpo` only: strength of the implicit KL to the reference: the scale of the log-ratio margin "
         "(sigmoid, hinge) or the inverse of IPO's target margin 1 / (2 beta)."
     )
     label_smoothing: float = Field(
@@ -82,7 +92,7 @@ class AlgorithmSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    path: str = Field(..., description="Local directory (`save_pretrained` layout) or hub id of the policy model.")
+    path: str = Field(..., min_length=1, max_length=4096, description="Local directory (`save_pretrained` layout) or hub id of the policy model.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype of every role.")
     trust_remote_code: bool = Field(False, description="Allow the model repository's own Python code to run.")
     critic_path: str | None = Field(None, description="PPO: model for the critic's backbone (default: the policy's).")
@@ -111,9 +121,9 @@ class DataSpec(_Strict):
         "messages", description="SFT: column that holds a whole chat (used instead of prompt/completion when present); loss on assistant turns only."
     )
     max_completion_length: int = Field(
-        256, gt=0, description="SFT, `rm`, `dpo`: longest completion in tokens (EOS included); longer ones are cut (or see `overlong_prompt`)."
+        256, gt=0, le=1 << 20, description="SFT, `rm`, `dpo`: longest completion in tokens (EOS included); longer ones are cut (or see `overlong_prompt`)."
     )
-    max_prompt_length: int = Field(128, gt=0, description="Longest prompt in tokens.")
+    max_prompt_length: int = Field(128, gt=0, le=1048576, description="Longest prompt in tokens.")
     overlong_prompt: Literal["truncate_left", "drop", "error"] = Field(
         "truncate_left",
         description="What to do with a prompt longer than `max_prompt_length`: keep its last tokens, drop the row, "
@@ -124,18 +134,18 @@ class DataSpec(_Strict):
 
 class ImportanceSamplingSpec(_Strict):
     enabled: bool = Field(False, description="Weight each token's policy loss by min(pi_trainer / pi_rollout, cap) (TIS).")
-    cap: float = Field(2.0, ge=1, description="Truncation C of the importance weight.")
+    cap: float = Field(2.0, ge=1, le=1e6, description="Truncation C of the importance weight.")
 
 
 class RolloutSpec(_Strict):
     backend: Literal[tuple(ROLLOUT_BACKENDS)] = Field(  # type: ignore[valid-type]
         "hf", description="Generation engine: `hf` (transformers `generate`) or `vllm`."
     )
-    n: int = Field(4, ge=1, description="Completions sampled per prompt (the GRPO group size).")
-    max_new_tokens: int = Field(32, gt=0, description="Longest completion in tokens.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    n: int = Field(4, ge=1, le=4096, description="Completions sampled per prompt (the GRPO group size).")
+    max_new_tokens: int = Field(32, gt=0, le=1048576, description="Longest completion in tokens.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM only: GPUs per engine.")
+    tensor_parallel_size: int = Field(1, ge=1, le=1024, description="vLLM only: GPUs per engine.")
     weight_sync: Literal["auto", "object_store", "shared_memory", "nccl", "cuda_ipc"] = Field(
         "auto",
         description="How the trainer's weights reach the rollouts after each update. `auto`: `shared_memory` "
@@ -159,8 +169,16 @@ class RewardSource(_Strict):
         "that the earlier `rm` stage NAME of this pipeline trains (its final checkpoint's `reward_model/`)."
     )
     name: str | None = Field(None, description="Name in metrics (`rewards/<name>/mean`); defaults to the function's or model's name.")
-    weight: float = Field(1.0, description="Weight of this source in the summed reward.")
+    weight: float = Field(1.0, ge=-1e6, le=1e6, description="Weight of this source in the summed reward.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the function.")
+
+    @field_validator("kwargs")
+    @classmethod
+    def _bounded_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size, depth = len(json.dumps(value, default=str)), _depth(value)
+        if size > 16384 or depth > 4:
+            raise ValueError(f"at most 16 KiB of JSON nested at most 4 deep (got {size} bytes, depth {depth})")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> "RewardSource":
@@ -185,36 +203,36 @@ class RewardSource(_Strict):
 
 
 class OptimSpec(_Strict):
-    lr: float = Field(1e-6, gt=0, description="Policy learning rate (AdamW).")
-    critic_lr: float = Field(1e-5, gt=0, description="PPO: critic learning rate (AdamW).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    steps: int | None = Field(None, gt=0, description="Training steps (one step = one batch of prompts, examples or pairs). Set this or `epochs`.")
-    epochs: int | None = Field(None, gt=0, description="Passes over the training prompts, if `steps` is not set.")
+    lr: float = Field(1e-6, gt=0, le=10, description="Policy learning rate (AdamW).")
+    critic_lr: float = Field(1e-5, gt=0, le=10, description="PPO: critic learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, le=100, description="AdamW weight decay.")
+    steps: int | None = Field(None, gt=0, le=10000000, description="Training steps (one step = one batch of prompts, examples or pairs). Set this or `epochs`.")
+    epochs: int | None = Field(None, gt=0, le=100_000, description="Passes over the training prompts, if `steps` is not set.")
     prompts_per_step: int = Field(
-        8, gt=0, description="Prompts per step; each gives `rollout.n` samples. `sft`: examples per step; `rm`, `dpo`: preference pairs per step."
+        8, gt=0, le=10000000, description="Prompts per step; each gives `rollout.n` samples. `sft`: examples per step; `rm`, `dpo`: preference pairs per step."
     )
     mini_batch_size: int | None = Field(
-        None, gt=0, description="Samples per optimiser step (default: the whole step's samples, i.e. on-policy)."
+        None, gt=0, le=10000000, description="Samples per optimiser step (default: the whole step's samples, i.e. on-policy)."
     )
     micro_batch_size: int | None = Field(
-        None, gt=0, description="Samples (`rm`, `dpo`: pairs) per forward/backward; gradients accumulate up to `mini_batch_size`."
+        None, gt=0, le=10000000, description="Samples (`rm`, `dpo`: pairs) per forward/backward; gradients accumulate up to `mini_batch_size`."
     )
-    ppo_epochs: int = Field(1, ge=1, description="Passes over each step's samples.")
-    clip_eps_low: float = Field(0.2, ge=0, description="Lower clip of the policy ratio: 1 - eps_low.")
-    clip_eps_high: float = Field(0.2, ge=0, description="Upper clip of the policy ratio: 1 + eps_high (DAPO's clip-higher if > eps_low).")
-    dual_clip: float | None = Field(None, gt=1, description="Dual-clip constant c > 1 bounding the loss for negative advantages.")
-    kl_coef: float = Field(0.0, ge=0, description="KL penalty coefficient (0 = no reference model at all).")
+    ppo_epochs: int = Field(1, ge=1, le=1000, description="Passes over each step's samples.")
+    clip_eps_low: float = Field(0.2, ge=0, le=100, description="Lower clip of the policy ratio: 1 - eps_low.")
+    clip_eps_high: float = Field(0.2, ge=0, le=100, description="Upper clip of the policy ratio: 1 + eps_high (DAPO's clip-higher if > eps_low).")
+    dual_clip: float | None = Field(None, gt=1, le=1e6, description="Dual-clip constant c > 1 bounding the loss for negative advantages.")
+    kl_coef: float = Field(0.0, ge=0, le=1e6, description="KL penalty coefficient (0 = no reference model at all).")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (http://joschu.net/blog/kl-approx.html).")
     kl_in: Literal["loss", "reward"] = Field("loss", description="Apply the KL penalty in the loss (GRPO) or in the token rewards (PPO).")
-    entropy_coef: float = Field(0.0, description="Entropy bonus coefficient.")
+    entropy_coef: float = Field(0.0, ge=-1e6, le=1e6, description="Entropy bonus coefficient.")
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
         "token-mean", description="How per-token losses become one number."
     )
-    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm (null = no clipping).")
+    grad_clip: float | None = Field(1.0, gt=0, le=1e12, description="Max global gradient norm (null = no clipping).")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor (GAE, REINFORCE++).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
-    value_clip: float | None = Field(0.2, gt=0, description="PPO: clip range of the value update (null = unclipped).")
-    seed: int = Field(42, description="Seed of data order, sampling and initialisation.")
+    value_clip: float | None = Field(0.2, gt=0, le=1e12, description="PPO: clip range of the value update (null = unclipped).")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of data order, sampling and initialisation.")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "OptimSpec":
@@ -224,9 +242,9 @@ class OptimSpec(_Strict):
 
 
 class RoleResources(_Strict):
-    replicas: int = Field(1, ge=1, description="Actors of this role (data-parallel ranks for the trainer).")
-    num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per actor in Ray's accounting.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
+    replicas: int = Field(1, ge=1, le=4096, description="Actors of this role (data-parallel ranks for the trainer).")
+    num_cpus: float = Field(0.5, gt=0, le=1e6, description="CPUs reserved per actor in Ray's accounting.")
+    num_gpus: float = Field(0.0, ge=0, le=1e6, description="GPUs per actor.")
 
 
 class ResourcesSpec(_Strict):
@@ -243,20 +261,21 @@ class ResourcesSpec(_Strict):
     torch_threads: int | None = Field(
         None,
         gt=0,
+        le=4096,
         description="Torch intra-op threads per actor. Default: all cores of the node, since the phases of a "
         "step run one after another (Ray would otherwise pin a 0.5-CPU actor to one thread).",
     )
 
 
 class CheckpointSpec(_Strict):
-    every: int = Field(0, ge=0, description="Save every k steps (0 = only at the end).")
+    every: int = Field(0, ge=0, le=10000000, description="Save every k steps (0 = only at the end).")
     dir: str | None = Field(None, description="Checkpoint directory (default: `<output_dir>/checkpoints`).")
-    keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+    keep_last: int = Field(2, ge=1, le=10_000, description="Checkpoints kept; older ones are deleted.")
 
 
 class EvalSpec(_Strict):
-    every: int = Field(0, ge=0, description="Evaluate on `data.eval_file` every k steps (0 = only at the end of each stage).")
-    max_samples: int | None = Field(None, gt=0, description="Evaluate on the first N held-out prompts (default: all of them).")
+    every: int = Field(0, ge=0, le=10000000, description="Evaluate on `data.eval_file` every k steps (0 = only at the end of each stage).")
+    max_samples: int | None = Field(None, gt=0, le=10000000, description="Evaluate on the first N held-out prompts (default: all of them).")
 
 
 # ---- experiment trackers (orchestrator/trackers.py logs to them from the driver)
@@ -409,7 +428,8 @@ class JobSpec(_Strict):
         stage i > 0 is set when it starts (stage i-1's final checkpoint)."""
         if self.stages is None:
             return [(None, self)]
-        base = self.model_dump(exclude={"stages"})
+        # Only the job spec's own sections (a subclass, e.g. the API's JobCreate, adds `metadata`).
+        base = self.model_dump(exclude={"stages", *(set(type(self).model_fields) - set(JobSpec.model_fields))})
         out = []
         for i, stage in enumerate(self.stages):
             # A section given as null overrides nothing.

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from api.auth import add_key
 from tests.conftest import RAY_ENV, RayHead, free_port, stop_group, wait_until  # noqa: F401  (ray_head fixture comes from there)
@@ -48,14 +49,38 @@ def redis_url(workdir):
 
 
 @pytest.fixture(scope="session")
-def tiny(workdir, tiny_model):
-    """The session's tiny model and 16 arithmetic prompts."""
-    data = workdir / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": a + b}) + "\n" for a in range(4) for b in range(4)))
-    return {"model": str(tiny_model), "data": str(data)}
+def operator(workdir, tiny_model) -> dict[str, str]:
+    """What the operator configures: the artifact store and the registry (the session's tiny model
+    for every tenant, and for alpha only and beta only, and one registered reward function)."""
+    registry = workdir / "registry.yaml"
+    registry.write_text(yaml.safe_dump({
+        "models": {"tiny": {"path": str(tiny_model), "description": "2-layer test model"},
+                   "tiny-alpha": {"path": str(tiny_model), "tenants": ["alpha"]},
+                   "tiny-beta": {"path": str(tiny_model), "tenants": ["beta"]},
+                   "missing": {"path": str(workdir / "no-model"), "description": "registered, but nothing there: fails in preflight"}},
+        "reward_functions": {"short-answers": "workers.rewards:length_penalty"},
+    }))
+    return {"RLHF_API_STORAGE_ROOT": str(workdir / "artifacts"), "RLHF_API_REGISTRY_FILE": str(registry)}
+
+
+ARITHMETIC = "".join(json.dumps({"prompt": f"{a}+{b}=", "answer": a + b}) + "\n" for a in range(4) for b in range(4))
+
+
+def upload(client: httpx.Client, content: str | bytes, purpose: str = "train", filename: str = "train.jsonl") -> httpx.Response:
+    return client.post("/v1/files", files={"file": (filename, content)}, data={"purpose": purpose})
+
+
+@pytest.fixture(scope="session")
+def tiny(api, keys):
+    """The registry's tiny model, and 16 arithmetic prompts uploaded by tenant alpha (its file id)."""
+    with api.client(keys["alpha"]) as c:
+        r = upload(c, ARITHMETIC)
+        assert r.status_code == 201, r.text
+    return {"model": "tiny", "data": r.json()["id"]}
 
 
 def job_body(tiny, workdir, name: str, steps: int, **extra) -> dict:
+    """A tiny GRPO job as a tenant submits it: a registry model and an uploaded file, by name and id."""
     return {
         "api_version": "rlhf/v1",
         "name": name,
@@ -66,7 +91,6 @@ def job_body(tiny, workdir, name: str, steps: int, **extra) -> dict:
         "optim": {"lr": 1e-4, "steps": steps, "prompts_per_step": 4},
         "resources": {"torch_threads": 1},
         "checkpoint": {"every": 2},
-        "output_dir": str(workdir / "runs" / name),
         **extra,
     }
 
@@ -74,7 +98,9 @@ def job_body(tiny, workdir, name: str, steps: int, **extra) -> dict:
 @pytest.fixture(scope="session")
 def keys(workdir):
     path = workdir / "keys.yaml"
-    return {"path": path, "alpha": add_key(path, "alpha"), "beta": add_key(path, "beta"), "pager": add_key(path, "pager")}
+    # Each limit test of tests/api/test_tenancy.py has a tenant of its own: rate counts are per tenant,
+    # shared by every API process on the Redis.
+    return {"path": path, **{t: add_key(path, t) for t in ("alpha", "beta", "pager", "bursty", "rater", "streamer", "watcher")}}
 
 
 class ApiServer:
@@ -110,18 +136,18 @@ class ApiServer:
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
 
-def api_env(redis_url: str, ray_head: RayHead, keys_path: Path, port: int, **extra: str) -> dict[str, str]:
+def api_env(redis_url: str, ray_head: RayHead, keys_path: Path, port: int, operator: dict[str, str], **extra: str) -> dict[str, str]:
     return {
-        **os.environ, **RAY_ENV,
+        **os.environ, **RAY_ENV, **operator,
         "RLHF_API_REDIS_URL": redis_url, "RLHF_API_RAY_ADDRESS": ray_head.dashboard, "RLHF_API_API_KEYS_FILE": str(keys_path),
         "RLHF_API_PORT": str(port), "RLHF_API_RECONCILE_INTERVAL_S": "0.5", **extra,
     }
 
 
 @pytest.fixture(scope="session")
-def api(redis_url, ray_head, keys, workdir):
+def api(redis_url, ray_head, keys, workdir, operator):
     port = free_port()
-    server = ApiServer(api_env(redis_url, ray_head, keys["path"], port), port, workdir / "api.log")
+    server = ApiServer(api_env(redis_url, ray_head, keys["path"], port, operator), port, workdir / "api.log")
     server.start()
     yield server
     server.stop()

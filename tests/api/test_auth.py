@@ -13,6 +13,14 @@ ENDPOINTS = [
     ("GET", "/v1/jobs/{id}/metrics"),
     ("GET", "/v1/jobs/{id}/checkpoints"),
     ("GET", "/v1/jobs/{id}/logs"),
+    ("GET", "/v1/jobs/{id}/checkpoints/ckpt-0123456789abcdef01234567-2/content"),
+    ("GET", "/v1/files"),
+    ("POST", "/v1/files"),
+    ("GET", "/v1/files/file-0123456789abcdef01234567"),
+    ("GET", "/v1/files/file-0123456789abcdef01234567/content"),
+    ("DELETE", "/v1/files/file-0123456789abcdef01234567"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/reward_functions"),
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
 ]
@@ -32,7 +40,7 @@ def assert_envelope(r, status: int, code: str | None = None):
 @pytest.mark.parametrize("method,path", ENDPOINTS)
 @pytest.mark.parametrize("key", [None, "rlhf-wrong-key"])
 def test_no_or_wrong_key_is_401(api, redis_url, method, path, key):
-    job_id = make_record(redis_url, "alpha")
+    job_id = make_record(redis_url, "nobody")  # a tenant of its own: these records stay queued a while
     with api.client(key) as c:
         r = c.request(method, path.format(id=job_id), json={} if method == "POST" else None)
     err = assert_envelope(r, 401, "missing_api_key" if key is None else "invalid_api_key")

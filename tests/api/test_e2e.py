@@ -1,19 +1,21 @@
 """Real jobs on the real Ray head, through the REST API: run to success over SSE, restart the API
 mid-job and cancel, and a driver killed from outside."""
 
+import io
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 
 import httpx
 import psutil
 import pytest
 
 from api.client import parse_sse
-from tests.api.conftest import job_body, wait_status, wait_until
+from tests.api.conftest import ARITHMETIC, job_body, upload, wait_status, wait_until
 from tests.api.test_auth import assert_envelope
 
 pytestmark = pytest.mark.slow
@@ -32,7 +34,7 @@ def sse(client: httpx.Client, path: str, last_event_id: str | None = None, timeo
     return items
 
 
-def test_tiny_grpo_job_over_rest(alpha, tiny, workdir, api, keys):
+def test_tiny_grpo_job_over_rest(alpha, beta, tiny, workdir, api, keys):
     r = alpha.post("/v1/jobs", json={**job_body(tiny, workdir, "e2e", 4), "metadata": {"suite": "e2e"}})
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
@@ -54,9 +56,17 @@ def test_tiny_grpo_job_over_rest(alpha, tiny, workdir, api, keys):
     assert all(math.isfinite(m["values"]["reward/mean"]) for m in metrics)
     assert job["metrics"] == metrics[-1]["values"]
 
+    # Checkpoints by id, no server path; the run is in alpha's own area, under the job id.
     ckpts = alpha.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
-    assert [c["step"] for c in ckpts] == [2, 4]
-    assert all(os.path.isdir(c["path"]) and c["bytes"] > 0 for c in ckpts)
+    assert [c["step"] for c in ckpts] == [2, 4] and all(c["bytes"] > 0 for c in ckpts)
+    assert [c["id"] for c in ckpts] == [f"ckpt-{job_id.removeprefix('job-')}-{s}" for s in (2, 4)] and "path" not in ckpts[0]
+    assert (workdir / "artifacts" / "tenants" / "alpha" / "runs" / job_id / "checkpoints" / "step_000004" / "state.json").is_file()
+    assert not any(str(workdir) in json.dumps(e) for e in events)  # event messages name paths inside the tenant's area only
+    with alpha.stream("GET", f"/v1/jobs/{job_id}/checkpoints/{ckpts[-1]['id']}/content") as r:
+        assert r.status_code == 200 and r.headers["content-type"] == "application/x-tar"
+        with tarfile.open(fileobj=io.BytesIO(r.read())) as tar:
+            names = tar.getnames()
+    assert f"{ckpts[-1]['id']}/policy/config.json" in names and f"{ckpts[-1]['id']}/state.json" in names
 
     logs = alpha.get(f"/v1/jobs/{job_id}/logs", params={"tail": 1000}).json()["logs"]
     assert "orchestrator.run --spec env:RLHF_SPEC_JSON" in logs
@@ -69,6 +79,20 @@ def test_tiny_grpo_job_over_rest(alpha, tiny, workdir, api, keys):
     assert job_id in out.stdout
     text = alpha.get("/metrics").text
     assert 'rlhf_jobs{status="succeeded"}' in text
+
+    # A second job starts from the first one's checkpoint, by id; another tenant cannot name it.
+    from_ckpt = job_body(tiny, workdir, "from-ckpt", 1, model={"path": ckpts[-1]["id"]}, checkpoint={"every": 0})
+    beta_file = upload(beta, ARITHMETIC).json()["id"]
+    refused = assert_envelope(beta.post("/v1/jobs", json={**from_ckpt, "data": {"train_file": beta_file, "max_prompt_length": 16}}), 422, "invalid_spec")
+    assert refused["param"] == "model.path"
+    r = alpha.post("/v1/jobs", json=from_ckpt)
+    assert r.status_code == 201, r.text
+    second = r.json()
+    assert second["spec"]["model"]["path"] == ckpts[-1]["id"]  # the spec as the tenant wrote it
+    done = wait_status(alpha, second["id"], {"succeeded", "failed", "cancelled"}, 180)
+    assert done["status"] == "succeeded", done["error"]
+    started = [e for e in alpha.get(f"/v1/jobs/{second['id']}/events", params={"limit": 1000}).json()["data"] if e["type"] == "placement"]
+    assert started, "the second job placed its actors"
 
 
 def test_restart_api_mid_job_then_cancel(alpha, tiny, workdir, api):

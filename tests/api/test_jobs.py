@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.api.conftest import job_body, make_record, wait_status
+from tests.api.conftest import ARITHMETIC, job_body, make_record, upload, wait_status
 from tests.api.test_auth import assert_envelope
 
 
@@ -36,8 +36,8 @@ def test_spec_error_from_a_cross_field_rule(alpha, tiny, workdir):
 
 
 def test_idempotency(alpha, beta, tiny, workdir):
-    # A model path that does not exist: the driver fails in preflight, cheaply.
-    body = job_body(tiny, workdir, "idem", 2, model={"path": str(workdir / "no-model")})
+    # A registered model whose directory does not exist: the driver fails in preflight, cheaply.
+    body = job_body(tiny, workdir, "idem", 2, model={"path": "missing"})
     first = alpha.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k-1"})
     assert first.status_code == 201, first.text
     job = first.json()
@@ -48,8 +48,9 @@ def test_idempotency(alpha, beta, tiny, workdir):
     assert again.headers["idempotent-replayed"] == "true"
     other = alpha.post("/v1/jobs", json={**body, "name": "idem2"}, headers={"Idempotency-Key": "k-1"})
     assert assert_envelope(other, 409, "idempotency_key_reused")["param"] == "Idempotency-Key"
-    # Keys are per tenant: the same key from another tenant makes another job.
-    theirs = beta.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k-1"})
+    # Keys are per tenant: the same key from another tenant makes another job (with beta's own upload).
+    theirs_body = {**body, "data": {**body["data"], "train_file": upload(beta, ARITHMETIC).json()["id"]}}
+    theirs = beta.post("/v1/jobs", json=theirs_body, headers={"Idempotency-Key": "k-1"})
     assert theirs.status_code == 201 and theirs.json()["id"] != job["id"]
     # Each ends on its own, failed in preflight (no cancel racing the driver's own report).
     for c, j in ((alpha, job), (beta, theirs.json())):

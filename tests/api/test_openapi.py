@@ -10,7 +10,10 @@ from tests.api.conftest import ApiServer, api_env, free_port
 OPERATIONS = {
     ("/v1/jobs", "post"), ("/v1/jobs", "get"), ("/v1/jobs/{job_id}", "get"), ("/v1/jobs/{job_id}/cancel", "post"),
     ("/v1/jobs/{job_id}/events", "get"), ("/v1/jobs/{job_id}/metrics", "get"), ("/v1/jobs/{job_id}/checkpoints", "get"),
-    ("/v1/jobs/{job_id}/logs", "get"), ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"),
+    ("/v1/jobs/{job_id}/logs", "get"), ("/v1/jobs/{job_id}/checkpoints/{checkpoint}/content", "get"),
+    ("/v1/files", "post"), ("/v1/files", "get"), ("/v1/files/{file_id}", "get"), ("/v1/files/{file_id}", "delete"),
+    ("/v1/files/{file_id}/content", "get"), ("/v1/models", "get"), ("/v1/reward_functions", "get"),
+    ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"),
 }
 
 
@@ -41,15 +44,17 @@ def test_openapi_documents_every_endpoint(alpha):
             assert op["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
             assert op.get("security"), f"{method.upper()} {path} is not marked as needing a key"
     assert _has_example(doc["paths"]["/v1/jobs"]["post"]["requestBody"], schemas)
+    assert "multipart/form-data" in doc["paths"]["/v1/files"]["post"]["requestBody"]["content"]
     assert "text/event-stream" in doc["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
 
 
 @pytest.mark.slow
-def test_schemathesis_finds_no_5xx_or_schema_break(redis_url, ray_head, keys, workdir):
+def test_schemathesis_finds_no_5xx_or_schema_break(redis_url, ray_head, keys, workdir, operator):
     # A separate API whose tenant may run one job at a time: fuzzed specs that happen to validate
     # start at most one (cheap, failing) Ray job at once.
     port = free_port()
-    server = ApiServer(api_env(redis_url, ray_head, keys["path"], port, RLHF_API_MAX_ACTIVE_JOBS_PER_TENANT="1"), port, workdir / "api-fuzz.log")
+    server = ApiServer(api_env(redis_url, ray_head, keys["path"], port, operator, RLHF_API_MAX_ACTIVE_JOBS_PER_TENANT="1",
+                                      RLHF_API_REQUESTS_PER_MINUTE="100000"), port, workdir / "api-fuzz.log")
     server.start()
     try:
         with server.client(keys["pager"]) as c:

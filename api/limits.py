@@ -1,0 +1,55 @@
+"""Per-tenant limits that hold under concurrency: request rate (in Redis, so every API replica
+counts together) and open live streams (per API process)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from api.errors import APIError
+from orchestrator.core.records import PREFIX
+
+# A fixed one-minute window per tenant: INCR, and the window's expiry on its first hit.
+RATE_LUA = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], 120) end
+return n
+"""
+
+
+class RateLimiter:
+    def __init__(self, redis, per_minute: int):
+        self.per_minute = per_minute
+        self._hit = redis.register_script(RATE_LUA)
+
+    async def hit(self, tenant: str) -> None:
+        now = time.time()
+        window = int(now // 60)
+        n = await self._hit(keys=[f"{PREFIX}rate:{tenant}:{window}"])
+        if n > self.per_minute:
+            retry = max(1, int((window + 1) * 60 - now) + 1)
+            raise APIError(429, "rate_limited", f"More than {self.per_minute} requests this minute; retry in {retry} s.", None,
+                           {"Retry-After": str(retry)})
+
+
+class StreamSlots:
+    """Live SSE streams held open: at most `per_tenant` for one tenant and `total` for the process."""
+
+    def __init__(self, per_tenant: int, total: int):
+        self.per_tenant, self.total = per_tenant, total
+        self.open: Counter[str] = Counter()
+
+    def acquire(self, tenant: str) -> None:
+        """Take a slot (or raise 429 / 503); `release` gives it back when the stream ends."""
+        if self.open[tenant] >= self.per_tenant:
+            raise APIError(429, "too_many_streams", f"You have {self.per_tenant} live streams open, the limit; close one first.",
+                           None, {"Retry-After": "5"})
+        if sum(self.open.values()) >= self.total:
+            raise APIError(503, "streams_full", "The API holds as many live streams as it serves; retry shortly or read the history as pages.",
+                           None, {"Retry-After": "5"})
+        self.open[tenant] += 1
+
+    def release(self, tenant: str) -> None:
+        self.open[tenant] -= 1
+        if self.open[tenant] <= 0:
+            del self.open[tenant]

@@ -1,0 +1,71 @@
+"""The operator's side, without servers: the registry file, tenant areas, upload checks."""
+
+import json
+
+import pytest
+
+from api.registry import Registry, RegistryError
+from api.storage import ArtifactStore, tenant_dirname
+from orchestrator.core.algorithms import BUILTIN_REWARDS
+from orchestrator.core.data import DataError, check_upload
+from workers.rewards import BUILTIN
+
+
+def test_builtin_reward_names_match_the_workers():
+    assert set(BUILTIN_REWARDS) == set(BUILTIN)
+
+
+def test_registry_file_errors_name_the_entry(tmp_path):
+    path = tmp_path / "registry.yaml"
+    path.write_text("models:\n  good: {path: /m}\n  bad: {path: /m, trust_remote_code: maybe}\n")
+    with pytest.raises(RegistryError, match=r"registry.yaml: models.bad.trust_remote_code"):
+        Registry.load(path)
+    path.write_text("reward_functions:\n  mine: 'not an import path'\n")
+    with pytest.raises(RegistryError, match=r"reward_functions.mine: 'not an import path' is not an import path"):
+        Registry.load(path)
+    path.write_text("models:\n  'a/b': {path: /m}\n")
+    with pytest.raises(RegistryError, match=r"'a/b' is not a valid name"):
+        Registry.load(path)
+    with pytest.raises(RegistryError, match="registry file not found"):
+        Registry.load(tmp_path / "missing.yaml")
+    assert Registry.load(None).models == {}
+
+
+def test_registry_models_per_tenant(tmp_path):
+    path = tmp_path / "registry.yaml"
+    path.write_text("models:\n  open: {path: /a}\n  closed: {path: /b, tenants: [acme]}\n")
+    registry = Registry.load(path)
+    assert registry.model_for("open", "anyone").path == "/a"
+    assert registry.model_for("closed", "anyone") is None
+    assert registry.model_for("closed", "acme").path == "/b"
+    assert sorted(registry.visible_models("acme")) == ["closed", "open"]
+
+
+def test_tenant_areas_never_collide_or_escape(tmp_path):
+    names = ["acme", "../acme", "acme/..", "ac me", ".hidden", "", "a" * 200, "acme_"]
+    dirs = [tenant_dirname(n) for n in names]
+    assert len(set(dirs)) == len(dirs)
+    assert all("/" not in d and d not in (".", "..") and not d.startswith(".") for d in dirs)
+    assert tenant_dirname("acme") == "acme"
+    store = ArtifactStore(str(tmp_path / "root"))
+    assert store.run_path("../x", "job-1").startswith(store.root + "/tenants/")
+    hidden = store.hide({"message": f"saved to {store.tenant_root('acme')}/runs/job-1/x", "n": 1}, "acme")
+    assert hidden == {"message": "saved to runs/job-1/x", "n": 1}
+
+
+def test_upload_checks_parquet_and_counts_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"chosen": ["a", "b"], "rejected": ["c", "d"]}), good)
+    assert check_upload(good, "preference", "mine.parquet") == 2
+    with pytest.raises(DataError, match=r"mine.parquet row 0: missing column 'prompt'"):
+        check_upload(good, "train", "mine.parquet")
+    broken = tmp_path / "b.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="mine.parquet: not a readable Parquet file"):
+        check_upload(broken, "train", "mine.parquet")
+    chat = tmp_path / "c.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    assert check_upload(chat, "sft") == 1
