@@ -9,6 +9,7 @@ import asyncio
 import json
 import threading
 from dataclasses import dataclass
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from api.settings import Settings
 
@@ -69,10 +70,16 @@ class RayLauncher:
         except asyncio.TimeoutError:
             raise RayUnavailable(f"Ray Job Submission API at {self.settings.ray_address} did not answer {fn} in {self.TIMEOUT_S:.0f} s") from None
 
-    async def submit(self, job_id: str, tenant: str, name: str, spec: dict) -> str:
+    async def submit(self, job_id: str, tenant: str, name: str, spec: dict, redis_user: tuple[str, str] | None = None) -> str:
+        """`redis_user`: the job's own Redis user and password, put into the URL its processes get."""
+        url = self.settings.jobs_redis_url
+        if redis_user is not None:
+            parts = urlsplit(url)
+            netloc = f"{quote(redis_user[0], safe='')}:{quote(redis_user[1], safe='')}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+            url = urlunsplit(parts._replace(netloc=netloc))
         runtime_env: dict = {
             "env_vars": {
-                "RLHF_REDIS_URL": self.settings.jobs_redis_url,
+                "RLHF_REDIS_URL": url,
                 "RLHF_JOB_ID": job_id,
                 "RLHF_TENANT": tenant,  # tags the job's Ray gauges and tracker runs
                 "RLHF_SPEC_JSON": json.dumps(spec),

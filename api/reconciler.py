@@ -75,9 +75,12 @@ def decide(rec: dict[str, Any], ray: RayJobState | RayUnavailable | RayJobMissin
 
 
 class Reconciler:
+    SWEEP_EVERY = 5  # rounds between sweeps of the Redis users of ended jobs
+
     def __init__(self, store: JobStore, launcher: RayLauncher, interval_s: float):
         self.store, self.launcher, self.interval_s = store, launcher, interval_s
         self._sem = asyncio.Semaphore(8)
+        self._rounds = 0
 
     async def run(self) -> None:
         while True:
@@ -92,6 +95,14 @@ class Reconciler:
     async def reconcile_once(self) -> None:
         ids = await self.store.active_ids()
         await asyncio.gather(*(self._one(job_id) for job_id in ids))
+        self._rounds += 1
+        if self._rounds % self.SWEEP_EVERY == 1:
+            await self.store.drop_job_users(keep=self._still_running)
+
+    async def _still_running(self, job_id: str) -> bool:
+        """A job's Redis user lives as long as the job is not terminal."""
+        rec = await self.store.get(job_id)
+        return rec is not None and rec["status"] not in TERMINAL
 
     async def _one(self, job_id: str) -> None:
         async with self._sem:

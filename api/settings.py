@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,6 +47,10 @@ class Settings(BaseSettings):
     requests_per_minute: int = Field(600, ge=1, description="Requests a tenant may make per minute, all endpoints (then 429 with Retry-After).")
     max_streams_per_tenant: int = Field(8, ge=1, description="Live SSE streams a tenant may hold open at once (then 429).")
     max_streams: int = Field(256, ge=1, description="Live SSE streams the API holds open at once, all tenants (then 503).")
+    job_credentials: Literal["acl", "shared"] = Field(
+        "acl", description="`acl`: each job's processes get a Redis user of their own (ACL SETUSER) that reaches only that job's "
+        "records, deleted when the job ends; `shared`: they get `driver_redis_url` as it is (for a Redis without ACL rights)."
+    )
     public_docs: bool = Field(False, description="Serve /openapi.json and /docs without an API key.")
     sse_ping_s: float = Field(15.0, gt=0, description="Seconds between keep-alive comments on an idle SSE stream.")
 

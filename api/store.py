@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ from orchestrator.core.records import (
 )
 
 SEQ_KEY = f"{PREFIX}jobs:seq"
+JOB_USER_PREFIX = "rlhf."  # + the job id: the Redis ACL user of one job
 FILE_SEQ_KEY = f"{PREFIX}files:seq"
 IDEMPOTENCY_TTL_S = 24 * 3600
 _JSON_FIELDS = ("metrics", "error", "metadata", "spec", "checkpoints")
@@ -47,6 +49,10 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 return 1
 """
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def file_key(file_id: str) -> str:
@@ -125,6 +131,7 @@ class JobStore:
         pipe.hincrby(COUNTS_KEY, raw["status"], -1)
         pipe.srem(ACTIVE_KEY, job_id)
         await pipe.execute()
+        await self.redis.execute_command("ACL", "DELUSER", JOB_USER_PREFIX + job_id)
 
     async def get(self, job_id: str, tenant: str | None = None) -> dict | None:
         """The record, or None if there is none or it belongs to another tenant."""
@@ -171,6 +178,29 @@ class JobStore:
     async def status_counts(self) -> dict[str, int]:
         raw = await self.redis.hgetall(COUNTS_KEY)
         return {s: int(raw.get(s, 0)) for s in STATUSES}
+
+    # --- a job's own Redis user -------------------------------------------------------------------
+
+    async def job_user(self, job_id: str, tenant: str) -> tuple[str, str]:
+        """(user, password) of a Redis ACL user that reaches this job's record, events and metrics,
+        its tenant's status indexes and the two shared counters the status script keeps, and
+        nothing else: what the job's processes (driver, actors, reward code) hold."""
+        user, password = JOB_USER_PREFIX + job_id, secrets.token_hex(24)
+        keys = [job_key(job_id), events_key(job_id), metrics_key(job_id), tenant_status_key(_glob_escape(tenant), "*"),
+                COUNTS_KEY, ACTIVE_KEY]
+        await self.redis.execute_command(
+            "ACL", "SETUSER", user, "reset", "on", f">{password}", *(f"~{k}" for k in keys), "resetchannels",
+            "-@all", "+@connection", "+@read", "+@write", "+@scripting", "+@transaction", "-@dangerous",
+        )
+        return user, password
+
+    async def drop_job_users(self, keep) -> int:
+        """Delete the ACL users of jobs for which `await keep(job_id)` is false; how many went."""
+        users = [u for u in await self.redis.execute_command("ACL", "USERS") if u.startswith(JOB_USER_PREFIX)]
+        gone = [u for u in users if not await keep(u[len(JOB_USER_PREFIX):])]
+        if gone:
+            await self.redis.execute_command("ACL", "DELUSER", *gone)
+        return len(gone)
 
     # --- files ----------------------------------------------------------------------------------
 

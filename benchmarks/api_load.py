@@ -1,12 +1,14 @@
 """Load test of the control plane on loopback: GET /v1/jobs/{id} and GET /v1/jobs beside a bare
-FastAPI endpoint doing one Redis GET, same run, same server settings (uvicorn, 1 worker).
+FastAPI endpoint doing one Redis GET, same run, same server settings (uvicorn, 1 worker); then one
+upload of a large JSONL file (POST /v1/files) with the API process's peak RSS sampled throughout.
 
-    python benchmarks/api_load.py [--clients 50] [--seconds 10]
+    python benchmarks/api_load.py [--clients 50] [--seconds 10] [--upload-mb 200]
 
 Starts its own redis-server and both servers on free 127.0.0.1 ports, seeds one tenant's jobs
 (with full specs and metrics), then drives each endpoint with N concurrent keep-alive HTTP/1.1
 clients (a minimal asyncio client, so the load generator costs little CPU) for a fixed time.
-Target: p99 < 20 ms at 50 clients and >= 70% of the bare endpoint's requests/s.
+Target: p99 < 20 ms at 50 clients and >= 70% of the bare endpoint's requests/s; the upload's peak
+RSS flat (not growing with the file: it streams to disk, and its rows are checked one at a time).
 """
 
 from __future__ import annotations
@@ -127,6 +129,43 @@ async def drive(port: int, path: str, headers: dict[str, str], clients: int, sec
     return {"rps": len(latencies) / seconds, "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000, "requests": len(latencies), "errors": errors}
 
 
+def upload_run(port: int, key: str, tmp: Path, megabytes: int, api_pid: int) -> dict:
+    """Write a JSONL file of `megabytes`, upload it, sample the API's RSS every 20 ms meanwhile."""
+    import threading
+
+    import httpx
+    import psutil
+
+    path = tmp / "big.jsonl"
+    line = (json.dumps({"prompt": "What is 12345 + 67890? Show the steps. " * 4, "answer": 80235}) + "\n").encode()
+    with path.open("wb") as f:
+        for _ in range(megabytes * (1 << 20) // len(line)):
+            f.write(line)
+    size = path.stat().st_size
+    proc = psutil.Process(api_pid)
+    before = proc.memory_info().rss
+    peak, done = before, threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    with path.open("rb") as f:
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/files", files={"file": ("big.jsonl", f)}, data={"purpose": "train"},
+                       headers={"Authorization": f"Bearer {key}"}, timeout=900)
+    elapsed = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    if r.status_code != 201:
+        raise RuntimeError(f"upload failed: {r.status_code} {r.text[:300]}")
+    return {"bytes": size, "rows": r.json()["rows"], "seconds": elapsed, "rss_before": before, "rss_peak": peak}
+
+
 def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
 
@@ -147,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="Rounds over the endpoints, interleaved (the median round is shown).")
     parser.add_argument("--warmup", type=float, default=2.0, help="Unmeasured seconds first.")
     parser.add_argument("--jobs", type=int, default=50, help="Jobs seeded for the tenant.")
+    parser.add_argument("--upload-mb", type=int, default=200, help="Size of the uploaded file (0: no upload).")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from api.auth import add_key
@@ -165,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             env = {
                 **os.environ, "BENCH_REDIS_URL": redis_url, "RLHF_API_REDIS_URL": redis_url, "RLHF_API_API_KEYS_FILE": str(tmp / "keys.yaml"),
                 "RLHF_API_RAY_ADDRESS": f"http://127.0.0.1:{free_port()}", "RLHF_API_PORT": str(api_port), "PYTHONPATH": f"{tmp}:{ROOT}",
+                # The per-tenant rate limit stays on (its Redis call is part of every request), set above the load.
+                "RLHF_API_REQUESTS_PER_MINUTE": str(10**9), "RLHF_API_STORAGE_ROOT": str(tmp / "artifacts"),
+                "RLHF_API_UPLOAD_TMP_DIR": str(tmp),
             }
             procs.append(start([sys.executable, "-m", "orchestrator.cli", "serve"], env, tmp / "api.log"))
             procs.append(start([sys.executable, "-m", "uvicorn", "bare_app:app", "--host", "127.0.0.1", "--port", str(bare_port), "--no-access-log", "--log-level", "warning"], env, tmp / "bare.log"))
@@ -182,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, port, path, headers in runs:
                     rounds[name].append(asyncio.run(drive(port, path, headers, args.clients, args.seconds, args.warmup)))
             results = {name: sorted(rs, key=lambda r: r["rps"])[len(rs) // 2] for name, rs in rounds.items()}
+            uploaded = upload_run(api_port, key, tmp, args.upload_mb, procs[1].pid) if args.upload_mb else None
         finally:
             for p in reversed(procs):
                 stop(p)
@@ -191,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'endpoint':30} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs bare':>8} {'errors':>7}")
     for name, r in results.items():
         print(f"{name:30} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['rps'] / bare:8.0%} {r['errors']:7d}")
+    if uploaded:
+        mb = uploaded["bytes"] / 1e6
+        print(f"\nPOST /v1/files: {mb:.0f} MB ({uploaded['rows']} rows checked) in {uploaded['seconds']:.1f} s = "
+              f"{mb / uploaded['seconds']:.0f} MB/s; API RSS {uploaded['rss_before'] / 2**20:.0f} MiB before, "
+              f"peak {uploaded['rss_peak'] / 2**20:.0f} MiB during (+{(uploaded['rss_peak'] - uploaded['rss_before']) / 2**20:.0f} MiB)")
     return 0
 
 

@@ -106,7 +106,8 @@ async def create_job(
         if rec is None:
             raise APIError(429, "too_many_active_jobs", f"Tenant has {settings.max_active_jobs_per_tenant} active jobs, the limit; wait for one to end or cancel one.")
         try:
-            await launcher.submit(job_id, tenant, name, launch)
+            user = await store.job_user(job_id, tenant) if settings.job_credentials == "acl" else None
+            await launcher.submit(job_id, tenant, name, launch, redis_user=user)
         except BaseException:
             await store.delete(job_id)
             raise

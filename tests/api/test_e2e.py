@@ -13,9 +13,12 @@ import tarfile
 import httpx
 import psutil
 import pytest
+import redis
+from ray.job_submission import JobSubmissionClient
 
 from api.client import parse_sse
-from tests.api.conftest import ARITHMETIC, job_body, upload, wait_status, wait_until
+from orchestrator.core.records import job_key
+from tests.api.conftest import ARITHMETIC, job_body, make_record, upload, wait_status, wait_until
 from tests.api.test_auth import assert_envelope
 
 pytestmark = pytest.mark.slow
@@ -34,10 +37,21 @@ def sse(client: httpx.Client, path: str, last_event_id: str | None = None, timeo
     return items
 
 
-def test_tiny_grpo_job_over_rest(alpha, beta, tiny, workdir, api, keys):
+def test_tiny_grpo_job_over_rest(alpha, beta, tiny, workdir, api, keys, ray_head, redis_url):
     r = alpha.post("/v1/jobs", json={**job_body(tiny, workdir, "e2e", 4), "metadata": {"suite": "e2e"}})
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
+
+    # The job's processes hold a Redis user of the job's own: another tenant's record is out of its reach.
+    job_url = JobSubmissionClient(ray_head.dashboard).get_job_info(job_id).runtime_env["env_vars"]["RLHF_REDIS_URL"]
+    assert f"rlhf.{job_id}:" in job_url and redis_url.split("//")[1] in job_url
+    as_job = redis.Redis.from_url(job_url)
+    theirs = make_record(redis_url, "beta", "theirs")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        as_job.hgetall(job_key(theirs))
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        as_job.keys("*")
+    assert as_job.hget(job_key(job_id), "tenant") == b"alpha"
 
     items = sse(alpha, f"/v1/jobs/{job_id}/events")
     assert items[-1] == {"event": "end", "data": json.dumps({"status": "succeeded"})}, [i.get("data", "")[:500] for i in items[-4:]]
@@ -79,6 +93,11 @@ def test_tiny_grpo_job_over_rest(alpha, beta, tiny, workdir, api, keys):
     assert job_id in out.stdout
     text = alpha.get("/metrics").text
     assert 'rlhf_jobs{status="succeeded"}' in text
+    # The job has ended: its Redis user goes at the reconciler's next sweep.
+    admin = redis.Redis.from_url(redis_url)
+    wait_until(lambda: f"rlhf.{job_id}".encode() not in admin.acl_users(), 30, "the ended job's Redis user to be deleted")
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis.from_url(job_url).ping()
 
     # A second job starts from the first one's checkpoint, by id; another tenant cannot name it.
     from_ckpt = job_body(tiny, workdir, "from-ckpt", 1, model={"path": ckpts[-1]["id"]}, checkpoint={"every": 0})
