@@ -85,6 +85,9 @@ class RayLauncher:
                 "RLHF_SPEC_JSON": json.dumps(spec),
             }
         }
+        if "://" in self.settings.storage_root and self.settings.storage_options:
+            # An object store: the job's processes read and write it with the same options (core/storage.py).
+            runtime_env["env_vars"]["RLHF_STORAGE_OPTIONS"] = json.dumps(self.settings.storage_options)
         if self.settings.ray_working_dir:
             runtime_env["working_dir"] = self.settings.ray_working_dir
         return await self._call(

@@ -12,7 +12,7 @@ import ray
 import torch
 
 from orchestrator import evaluation, weight_sync
-from orchestrator.core import algos, checkpoint
+from orchestrator.core import algos, checkpoint, storage
 from orchestrator.core.advantages import compute_advantages
 from orchestrator.core.batch import Batch, concat
 from orchestrator.core.data import PromptDataset, PromptSampler
@@ -239,16 +239,18 @@ class Orchestrator:
         ray.get(group.call_each("init_distributed", [(master, rank, len(group)) for rank in range(len(group))]))
 
     def save_checkpoint(self, step: int) -> None:
-        path = checkpoint.step_dir(self.spec.checkpoint_dir, step)
-        path.mkdir(parents=True, exist_ok=True)
+        path = checkpoint.step_dir(self.spec.checkpoint_dir, step)  # a Path, or a URL (core/storage.py)
+        if not storage.is_url(path):
+            path.mkdir(parents=True, exist_ok=True)
         refs = self.groups["trainer"].call("save", str(path))
         if "critic" in self.groups:
             refs += self.groups["critic"].call("save", str(path))
         ray.get(refs)
-        model_dir = path / self.spec.algo.produces  # `policy/` or `reward_model/`
-        if model_dir.is_dir() and not (model_dir / "tokenizer_config.json").exists():
+        model_dir = storage.join(path, self.spec.algo.produces)  # `policy/` or `reward_model/`
+        if storage.isdir(model_dir) and not storage.exists(storage.join(model_dir, "tokenizer_config.json")):
             # With its tokenizer, it is a complete model: the next stage's model.path, a later stage's reward model, or anyone's.
-            load_tokenizer(self.spec.trained_model_path, self.spec.model.trust_remote_code).save_pretrained(model_dir)
+            with storage.local_dir_for(model_dir) as out:
+                load_tokenizer(self.spec.trained_model_path, self.spec.model.trust_remote_code).save_pretrained(out)
         checkpoint.finish(path, step, self.spec)
         checkpoint.prune(self.spec.checkpoint_dir, self.spec.checkpoint.keep_last)
         self.reporter.event("checkpoint", f"saved step {step} to {path}", step=step, path=str(path))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.core import checkpoint
+from orchestrator.core import checkpoint, storage
 from orchestrator.core.data import PromptSampler, load_dataset
 from orchestrator.core.spec import JobSpec
 from orchestrator.registry import driver_class
@@ -64,7 +64,7 @@ def preflight(spec: JobSpec):
     from workers.reward import resolve_function
 
     try:
-        AutoConfig.from_pretrained(spec.model.path, trust_remote_code=spec.model.trust_remote_code)
+        AutoConfig.from_pretrained(storage.local_copy(spec.model.path), trust_remote_code=spec.model.trust_remote_code)
     except Exception as err:
         raise ModelLoadError(f"model.path={spec.model.path!r} does not load: {type(err).__name__}: {err}") from None
     tokenizer = load_tokenizer(spec.model.path, spec.model.trust_remote_code)
@@ -85,7 +85,7 @@ def _data_tokenizer(spec: JobSpec, policy_tokenizer):
     if path == spec.model.path:
         return policy_tokenizer
     try:
-        AutoConfig.from_pretrained(path, trust_remote_code=spec.model.trust_remote_code)
+        AutoConfig.from_pretrained(storage.local_copy(path), trust_remote_code=spec.model.trust_remote_code)
     except Exception as err:
         raise ModelLoadError(f"model.rm_path={path!r} does not load: {type(err).__name__}: {err}") from None
     return load_tokenizer(path, spec.model.trust_remote_code)
@@ -150,8 +150,8 @@ def with_stage_models(stage: Stage, stages: list[Stage]) -> Stage:
         if not source.stage:
             continue
         earlier = next(s for s in stages if s.name == source.stage)  # the spec checked that it is earlier and an rm stage
-        path = _final(earlier) / earlier.spec.algo.produces
-        if not (path / "config.json").exists():
+        path = storage.join(_final(earlier), earlier.spec.algo.produces)
+        if not storage.exists(storage.join(path, "config.json")):
             raise ModelLoadError(f"stages.{stage.index} ({stage.name}): rewards.{i}.model: {source.model!r} is stage "
                                  f"{earlier.name}'s final reward model, but {path} does not exist")
         sources[i] = source.model_copy(update={"model": str(path), "name": source.label})
@@ -160,7 +160,7 @@ def with_stage_models(stage: Stage, stages: list[Stage]) -> Stage:
     return dataclasses.replace(stage, spec=stage.spec.model_copy(update={"rewards": sources}))
 
 
-def _final(stage: Stage) -> Path:
+def _final(stage: Stage) -> Path | str:
     return checkpoint.step_dir(stage.spec.checkpoint_dir, stage.last_step)
 
 
@@ -192,9 +192,9 @@ def _handoff(stage: Stage, latest) -> str:
     """The model the next stage starts from: this stage's final checkpoint (or, if a resumed job has
     pruned it, the newest checkpoint, whose weights the next stage loads anyway)."""
     final = _final(stage)
-    if not (final / "state.json").exists() and latest is not None:
+    if not storage.exists(storage.join(final, "state.json")) and latest is not None:
         final = latest
-    return str(final / "policy")
+    return storage.join(final, "policy")
 
 
 def _with_model(spec: JobSpec, path: str) -> JobSpec:

@@ -88,9 +88,10 @@ def _checkpoints_beside(path: str) -> list[dict]:
     driver sees them: the API may share no filesystem with the driver."""
     from pathlib import Path
 
+    from orchestrator.core import storage
     from orchestrator.core.checkpoint import listing
 
     try:
-        return listing(Path(path).parent)
+        return listing(path.rstrip("/").rsplit("/", 1)[0] if storage.is_url(path) else Path(path).parent)
     except OSError:
         return []

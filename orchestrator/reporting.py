@@ -56,6 +56,33 @@ class FileReporter:
         pass
 
 
+class RunDirMirror:
+    """Copies a local run directory's metrics and events to its URL (core/storage.py) after each
+    checkpoint, at the end and at close: a URL run directory lags the local one by at most a checkpoint."""
+
+    FILES = ("metrics.jsonl", "events.jsonl")
+
+    def __init__(self, local: str | Path, url: str):
+        self.local, self.url = Path(local), url
+
+    def event(self, type: str, message: str = "", **data: Any) -> None:
+        if type in ("checkpoint", "status") and (type == "checkpoint" or data.get("status") in ("succeeded", "failed", "cancelled")):
+            self.flush()
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def flush(self) -> None:
+        from orchestrator.core import storage
+
+        for name in self.FILES:
+            if (self.local / name).exists():
+                storage.upload(self.local / name, storage.join(self.url, name))
+
+    def close(self) -> None:
+        self.flush()
+
+
 class ProgressReporter:
     """A tqdm bar over the job's steps with live reward and KL."""
 

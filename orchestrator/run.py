@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -111,11 +112,12 @@ def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False,
         return _fail(reporter, err, EXIT_BAD_INPUT)
 
     job_id = job_id_for(spec)
+    spec, mirror = local_run_dir(spec, job_id)
     file_reporter = FileReporter(spec.run_dir)
     # Experiment trackers first: a warning about one (its server down) then reaches the run dir and
     # Redis before the job's final status does.
     trackers = tracker_reporters(spec, job_id, lambda message, **data: reporter.event("warning", message, **data))
-    reporter = MultiReporter(*trackers, file_reporter, *reporters_from_env(job_id), *(extra_reporters or []))
+    reporter = MultiReporter(*trackers, file_reporter, *mirror, *reporters_from_env(job_id), *(extra_reporters or []))
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         reporter.event("status", "starting", status="starting", job_id=job_id)
@@ -136,6 +138,26 @@ def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False,
     finally:
         signal.signal(signal.SIGTERM, previous)
         reporter.close()
+
+
+def local_run_dir(spec: JobSpec, job_id: str) -> tuple[JobSpec, list]:
+    """A run directory that is a URL (`s3://...`): the job writes its metrics and events in a local
+    scratch directory, copied to the URL at each checkpoint and at the end (`RunDirMirror`); its
+    checkpoints go to `<url>/checkpoints` directly. What the URL already holds is fetched first, so
+    that `--resume` on another node has the history."""
+    from orchestrator.core import storage
+    from orchestrator.reporting import RunDirMirror
+
+    if not spec.output_dir or not storage.is_url(spec.output_dir):
+        return spec, []
+    url = spec.output_dir.rstrip("/")
+    scratch = Path(os.environ.get("RLHF_SCRATCH_DIR") or Path(tempfile.gettempdir()) / "rlhf-runs") / job_id
+    scratch.mkdir(parents=True, exist_ok=True)
+    for name in RunDirMirror.FILES:
+        if storage.exists(storage.join(url, name)):
+            shutil.copyfile(storage.local_copy(storage.join(url, name)), scratch / name)
+    section = spec.checkpoint.model_copy(update={"dir": spec.checkpoint.dir or storage.join(url, "checkpoints")})
+    return spec.model_copy(update={"output_dir": str(scratch), "checkpoint": section}), [RunDirMirror(scratch, url)]
 
 
 def _fail(reporter, err: BaseException, code: int) -> int:

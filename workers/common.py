@@ -9,6 +9,7 @@ from typing import Iterator
 
 import torch
 
+from orchestrator.core import storage
 from orchestrator.core.algos import entropy_from_logits, logprobs_from_logits
 from orchestrator.core.batch import Batch
 
@@ -45,7 +46,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(storage.local_copy(path), trust_remote_code=trust_remote_code)
     except Exception as err:
         raise ModelLoadError(f"cannot load tokenizer from model.path={path!r}: {type(err).__name__}: {err}") from None
     if tok.pad_token_id is None:
@@ -58,7 +59,7 @@ def load_model(path: str, auto_class: str = "AutoModelForCausalLM", dtype: str =
 
     cls = getattr(transformers, auto_class)
     try:
-        model = cls.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kwargs)
+        model = cls.from_pretrained(storage.local_copy(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kwargs)
     except Exception as err:
         raise ModelLoadError(f"cannot load {auto_class} from {path!r}: {type(err).__name__}: {err}") from None
     return model.to(device)

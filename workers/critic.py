@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from orchestrator.core import algos
+from orchestrator.core import algos, storage
 from orchestrator.core.batch import Batch
 from workers.common import configure_threads, load_model, pick_device, position_ids
 from workers.training import DataParallel, mini_batches
@@ -57,11 +57,10 @@ class Critic(DataParallel):
         return loss, {"value_loss": loss.item(), "value_clip_ratio": clipped.sum().item() / max(num_tokens, 1)}
     def save(self, path: str) -> None:
         if self.rank == 0:
-            out = Path(path)
-            out.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, out / "critic.pt")
+            with storage.local_dir_for(path) as out:  # a URL: written here, then uploaded
+                torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, Path(out) / "critic.pt")
 
     def load(self, path: str) -> None:
-        state = torch.load(Path(path) / "critic.pt", weights_only=False)
+        state = torch.load(storage.local_copy(storage.join(path, "critic.pt")), weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

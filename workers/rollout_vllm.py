@@ -29,6 +29,7 @@ from typing import Any, Iterable
 
 import torch
 
+from orchestrator.core import storage
 from orchestrator.core.batch import (
     Batch,
     build_batch,
@@ -234,9 +235,10 @@ class VLLMRollout(OnNode):
         extra = {}
         if self.on_gpu:
             extra["gpu_memory_utilization"] = gpu_memory_utilization or (0.35 if colocate else 0.9)
+        local = storage.local_copy(model_path)
         self.llm = LLM(
-            model=model_path,
-            tokenizer=model_path,
+            model=local,
+            tokenizer=local,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             tensor_parallel_size=tensor_parallel_size,

@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from orchestrator.core import storage
 from orchestrator.core.batch import Batch
 from orchestrator.core.seeds import step_seed
 
@@ -120,15 +121,16 @@ class DataParallel:
         """Rank 0 writes `<path>/<name>/` (the model, HF layout, loadable by any role) and `<path>/<name>_optim.pt`."""
         if self.rank != 0:
             return
-        out = Path(path)
-        self.model.save_pretrained(out / name)
-        torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, out / f"{name}_optim.pt")
+        with storage.local_dir_for(path) as local:  # a URL: written here, then uploaded
+            out = Path(local)
+            self.model.save_pretrained(out / name)
+            torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, out / f"{name}_optim.pt")
 
     def load_pretrained(self, path: str, name: str) -> None:
         """The model, optimiser and RNG state that `save_pretrained(path, name)` wrote."""
         from safetensors.torch import load_file
 
-        src = Path(path)
+        src = Path(storage.local_copy(path))
         weights = {}
         for f in sorted((src / name).glob("*.safetensors")):
             weights.update(load_file(f))

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
+from orchestrator.core import storage
 from orchestrator.core.batch import Batch, build_batch, right_pad
 from orchestrator.core.seeds import epoch_seed
 
@@ -43,7 +44,15 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def iter_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """`read_rows`, one row at a time (a JSONL line or a Parquet batch in memory at once)."""
+    """`read_rows`, one row at a time (a JSONL line or a Parquet batch in memory at once). A URL is read
+    from this node's copy, and named as the URL in errors."""
+    if storage.is_url(path):
+        url, local = str(path), storage.local_copy(path)
+        try:
+            yield from iter_rows(local)
+        except DataError as err:
+            raise DataError(str(err).replace(local, url)) from None
+        return
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}")

@@ -457,7 +457,10 @@ class JobSpec(_Strict):
         return Path(self.output_dir or f"runs/{self.name}")
 
     @property
-    def checkpoint_dir(self) -> Path:
+    def checkpoint_dir(self) -> Path | str:
+        """A local Path, or a URL string when `checkpoint.dir` is one (core/storage.py)."""
+        if self.checkpoint.dir and "://" in self.checkpoint.dir and not self.checkpoint.dir.startswith("file://"):
+            return self.checkpoint.dir.rstrip("/")
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
 
     @property

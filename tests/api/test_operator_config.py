@@ -69,3 +69,13 @@ def test_upload_checks_parquet_and_counts_rows(tmp_path):
     chat = tmp_path / "c.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
     assert check_upload(chat, "sft") == 1
+
+
+def test_a_spec_too_big_to_carry_to_the_driver_is_refused_at_submit():
+    from api.errors import APIError
+    from api.routers.jobs import MAX_SPEC_ENV_BYTES, check_carriable
+
+    check_carriable({"name": "x" * (MAX_SPEC_ENV_BYTES - 100)})
+    with pytest.raises(APIError) as err:
+        check_carriable({"name": "x" * MAX_SPEC_ENV_BYTES})
+    assert err.value.status == 413 and err.value.code == "spec_too_large"

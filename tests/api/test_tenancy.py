@@ -157,6 +157,8 @@ def test_uploads_are_checked_and_private(api, alpha, beta, workdir, tiny):
     assert [p.name for p in stored] == [f"{rec['id']}.jsonl"]
 
     # Bad rows are named by line; nothing of a refused upload is kept.
+    files_dir = workdir / "artifacts" / "tenants" / "alpha" / "files"
+    on_disk = sorted(files_dir.iterdir())
     bad_cases = [
         ('{"prompt": "1+1="}\n{"prompt": "2+2="\n', "train", "arith.jsonl:2: malformed JSON"),
         ('{"prompt": "1+1="}\n{"question": "2+2="}\n', "train", "arith.jsonl:2: missing column 'prompt'"),
@@ -174,7 +176,7 @@ def test_uploads_are_checked_and_private(api, alpha, beta, workdir, tiny):
     assert_envelope(alpha.post("/v1/files", json={"file": "/etc/passwd", "purpose": "train"}), 415)
     after = alpha.get("/v1/files", params={"limit": 100}).json()["data"]
     assert [f["id"] for f in after] == [rec["id"]] + [f["id"] for f in before]
-    assert len(list((workdir / "artifacts" / "tenants" / "alpha" / "files").iterdir())) == len(after)
+    assert sorted(files_dir.iterdir()) == on_disk
 
     # Pages and the purpose filter.
     sft = upload(alpha, '{"prompt": "a", "completion": "b"}\n', "sft", "sft.jsonl").json()
