@@ -11,7 +11,7 @@ import time
 import ray
 import torch
 
-from orchestrator import evaluation, weight_sync
+from orchestrator import evaluation, stopping, weight_sync
 from orchestrator.core import algos, checkpoint, storage
 from orchestrator.core.advantages import compute_advantages
 from orchestrator.core.batch import Batch, concat
@@ -81,8 +81,10 @@ class Orchestrator:
             if self.evaluator is not None:
                 last.update(self.evaluator(self, step))
             self.reporter.metrics(step, last)
-            if (every and step % every == 0) or step == self.total_steps:
+            if (every and step % every == 0) or step == self.total_steps or stopping.requested():
                 self.save_checkpoint(step)
+            if stopping.requested() and step < self.total_steps:  # (at the stage's end, the pipeline decides)
+                raise stopping.StopRequested(step, stopping.requested())
         return last
 
     def train_step(self, step: int) -> dict[str, float]:

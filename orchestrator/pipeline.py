@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator import stopping
 from orchestrator.core import checkpoint, storage
 from orchestrator.core.data import PromptSampler, load_dataset
-from orchestrator.core.spec import JobSpec
+from orchestrator.core.spec import JobSpec, SpecError
 from orchestrator.registry import driver_class
 from orchestrator.reporting import FileReporter, MultiReporter
 from workers.common import ModelLoadError
@@ -116,12 +117,21 @@ def run_stages(stages: list[Stage], tokenizer, job_id: str, reporter: MultiRepor
         if stage.dataset.dropped:
             _tagged(reporter, stage).event("warning", f"dropped {stage.dataset.dropped} prompts longer than {stage.dataset.length_limits}")
     connect_ray(max((s.spec for s in stages), key=_cpus))
+    stopping.install()  # again: ray.init replaced the SIGTERM handler
     reporter.add(RayMetricsReporter(job_id, stage=stages[0].name or spec.algorithm.name))
     start_step, latest = 0, checkpoint.latest(spec.checkpoint_dir) if resume else None
     if resume and latest is None:
         reporter.event("warning", f"--resume: no checkpoint in {spec.checkpoint_dir}; starting from step 0")
+    if resume:
+        for partial in checkpoint.incomplete(spec.checkpoint_dir):
+            reporter.event("warning", f"--resume: ignored {partial}: a checkpoint whose save did not finish (no state.json)")
     if latest is not None:
-        start_step = checkpoint.read_state(latest)["step"]
+        state = checkpoint.read_state(latest)
+        start_step = state["step"]
+        stage = next(s for s in stages if s.first_step <= start_step <= s.last_step)
+        changes = resume_changes(state.get("spec") or {}, stage.spec.model_dump(mode="json"), first_stage=stage.index == 0)
+        if changes:
+            reporter.event("warning", f"--resume: the spec changed since step {start_step}: " + "; ".join(changes), changes=changes)
         file_reporter.truncate_metrics(start_step)
         reporter.event("resumed", f"resumed from {latest} at step {start_step}", step=start_step, path=str(latest))
     total = stages[-1].last_step
@@ -138,7 +148,34 @@ def run_stages(stages: list[Stage], tokenizer, job_id: str, reporter: MultiRepor
             model_path = _handoff(stage, latest)
         if stage.index < len(stages) - 1:  # later stages (and their resume) need it, whatever checkpoint.keep_last says
             checkpoint.pin(_final(stage), f"the final checkpoint of stage {stage.name}")
+            if stopping.requested():
+                raise stopping.StopRequested(stage.last_step, stopping.requested())
     reporter.event("status", "succeeded", status="succeeded", step=total)
+
+
+# What a resume cannot change: the checkpoint holds weights and optimizer state of this algorithm
+# and model. Budgets, checkpointing, evaluation, trackers and placement may change (with a warning).
+FIXED_ON_RESUME = ("algorithm.name", "model.path", "model.dtype", "model.critic_path", "model.rm_path")
+_NOT_A_CHANGE = ("optim.steps", "optim.epochs", "output_dir", "checkpoint.dir")
+
+
+def resume_changes(saved: dict, now: dict, first_stage: bool = True) -> list[str]:
+    """`field: old -> new` for each setting that differs between the checkpoint's spec and this one;
+    a SpecError if one of them cannot change on a resume."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(saved), flat(now)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in _NOT_A_CHANGE)
+    # A later stage starts from the stage before it, whatever its spec's model.path says.
+    fixed = [k for k in changed if k in FIXED_ON_RESUME and (first_stage or k != "model.path")]
+    if fixed:
+        raise SpecError("--resume: " + "; ".join(f"{k} was {old.get(k)!r} at the checkpoint, now {new.get(k)!r}" for k in fixed)
+                        + ": a checkpoint resumes only the algorithm and model it was saved with (start a new run instead)")
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed if first_stage or k != "model.path"]
 
 
 def with_stage_models(stage: Stage, stages: list[Stage]) -> Stage:

@@ -33,6 +33,8 @@ class FileReporter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.events_path = self.dir / "events.jsonl"
         self.metrics_path = self.dir / "metrics.jsonl"
+        # A crash in the middle of a write leaves a torn last line: cut it, and say so (`repairs`).
+        self.repairs = [note for path in (self.events_path, self.metrics_path) if (note := _cut_torn_line(path))]
         self._seq = sum(1 for _ in self.events_path.open()) if self.events_path.exists() else 0
 
     def event(self, type: str, message: str = "", **data: Any) -> None:
@@ -49,11 +51,31 @@ class FileReporter:
         """Drop metric lines past `after_step` (a resumed run writes them again)."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+        kept = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and _step_of(line) <= after_step]
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def close(self) -> None:
         pass
+
+
+def _cut_torn_line(path: Path) -> str | None:
+    """Truncate a JSONL file after its last complete line; what was cut, if anything."""
+    if not path.exists():
+        return None
+    with path.open("rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return None
+        keep = data.rfind(b"\n") + 1
+        f.truncate(keep)
+    return f"dropped a torn last line of {path.name} ({len(data) - keep} bytes, from a write the last run did not finish)"
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # an unreadable line goes with the steps to be redone
 
 
 class RunDirMirror:

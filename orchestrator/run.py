@@ -8,29 +8,25 @@ exit code (2 for bad input, 1 for a failure while training, 130 for a cancelled 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
 
+from orchestrator import stopping
 from orchestrator.core.data import DataError
 from orchestrator.core.spec import JobSpec, SpecError, load_spec, read_spec_file
+from orchestrator.stopping import Cancelled, StopRequested
 from workers.common import ModelLoadError
 from workers.reward import RewardError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
-
-
-class Cancelled(Exception):
-    """The driver was asked to stop (SIGTERM from `ray job stop`, or Ctrl-C)."""
-
-
-def _on_sigterm(signum, frame):
-    raise Cancelled(f"received signal {signum}")
 
 
 def guess_run_dir(spec_path: str | Path) -> Path:
@@ -113,13 +109,21 @@ def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False,
 
     job_id = job_id_for(spec)
     spec, mirror = local_run_dir(spec, job_id)
+    try:
+        lock = hold_run_dir(spec.run_dir)
+    except RunDirBusy as err:  # nothing is written there: it is another live job's
+        return _fail(MultiReporter(*reporters_from_env(job_id)), err, EXIT_BAD_INPUT)
     file_reporter = FileReporter(spec.run_dir)
     # Experiment trackers first: a warning about one (its server down) then reaches the run dir and
     # Redis before the job's final status does.
     trackers = tracker_reporters(spec, job_id, lambda message, **data: reporter.event("warning", message, **data))
     reporter = MultiReporter(*trackers, file_reporter, *mirror, *reporters_from_env(job_id), *(extra_reporters or []))
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stopping.reset()
+    stopping.install()
     try:
+        for note in file_reporter.repairs:
+            reporter.event("warning", note)
         reporter.event("status", "starting", status="starting", job_id=job_id)
         try:
             tokenizer, stages = plan_stages(spec)
@@ -127,6 +131,12 @@ def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False,
             return _fail(reporter, err, EXIT_BAD_INPUT)
         run_stages(stages, tokenizer, job_id, reporter, file_reporter, resume, progress)
         return EXIT_OK
+    except StopRequested as stop:
+        how = f"resume with: rlhf train {spec_path} --resume" if not str(spec_path).startswith("env:") else "resume it with --resume"
+        reporter.event("status", f"cancelled: stopped by {stop.signal_name} after step {stop.step}, with a checkpoint; {how}",
+                       status="cancelled", step=stop.step)
+        print(f"stopped after step {stop.step}; {how}", file=sys.stderr)
+        return EXIT_CANCELLED
     except Cancelled as err:
         reporter.event("status", f"cancelled: {err}", status="cancelled")
         return EXIT_CANCELLED
@@ -136,8 +146,34 @@ def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False,
     except Exception as err:
         return _fail(reporter, err, EXIT_FAILED)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
         reporter.close()
+        lock.close()
+
+
+class RunDirBusy(SpecError):
+    """The run directory belongs to a job that is running now."""
+
+
+def hold_run_dir(run_dir: Path):
+    """Hold `<run_dir>/.lock` (an flock, gone with the process) for the job's life: two live jobs
+    never write one run directory. Returns the open lock file."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise RunDirBusy(f"output_dir {str(run_dir)!r} is in use by a running job ({holder}); give this job another "
+                         "output_dir, or stop that one first") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    lock.flush()
+    return lock
 
 
 def local_run_dir(spec: JobSpec, job_id: str) -> tuple[JobSpec, list]:

@@ -56,6 +56,16 @@ def complete(root: str | Path) -> list:
     return sorted(p for p in root.glob("step_*") if (p / "state.json").exists())
 
 
+def incomplete(root: str | Path) -> list:
+    """Checkpoint directories without state.json: saves that were interrupted."""
+    if storage.is_url(root):
+        fs, remote = storage.filesystem(root)
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.glob(remote.rstrip("/") + "/step_*")}
+        return [storage.join(root, n) for n in sorted(names) if storage.join(root, n) not in complete(root)]
+    root = Path(root)
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and not (p / "state.json").exists()) if root.is_dir() else []
+
+
 def latest(root: str | Path) -> Path | str | None:
     found = complete(root)
     return found[-1] if found else None
