@@ -9,10 +9,13 @@ whoever writes second.
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
+import threading
 import time
-from typing import Any
+import uuid
+from typing import Any, Callable
 
 from orchestrator.core.records import (
     TRANSITION_LUA,
@@ -26,8 +29,16 @@ from orchestrator.core.records import (
 
 
 class RedisReporter:
-    """The Reporter protocol over Redis, for the driver. A Redis outage never stops training: a
-    failed write is reported once on stderr and the job goes on (the run dir still has everything)."""
+    """The Reporter protocol over Redis, for the driver. A Redis outage never stops training, and
+    loses nothing: every write waits in an ordered queue that a background thread sends, retrying
+    while Redis is away, so the history reaches the control plane complete and in order once Redis
+    is back. Each write is one MULTI/EXEC that also records its sequence number in the job's hash;
+    after a connection broke mid-write, that number says whether it was applied, so none is applied
+    twice. `close()` waits (up to CLOSE_WAIT_S) for the queue to drain."""
+
+    RETRY_S = 0.5
+    CLOSE_WAIT_S = 120.0
+    MAX_PENDING = 100_000  # about a day of steps; beyond it the oldest writes go (and the job says so on stderr)
 
     def __init__(self, url: str, job_id: str):
         import redis
@@ -35,52 +46,112 @@ class RedisReporter:
         self.job_id = job_id
         self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30)
         self._transition = self.client.register_script(TRANSITION_LUA)
-        self._warned = False
+        self._writer = uuid.uuid4().hex[:12]  # this process's writes, as marked in the job's hash
+        self._pending: collections.deque[tuple[int, str, Callable]] = collections.deque()
+        self._seq = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._warned: set[str] = set()
+        self._thread = threading.Thread(target=self._send_loop, name=f"redis-reporter-{job_id}", daemon=True)
+        self._thread.start()
 
-    def _guard(self, what: str, fn) -> Any:
-        import redis
-
-        try:
-            return fn()
-        except redis.RedisError as err:
-            if not self._warned:
-                print(f"warning: RedisReporter could not write {what} of job {self.job_id}: {err}", file=sys.stderr)
-                self._warned = True
-            return None
+    # --- what the driver calls -----------------------------------------------------------------
 
     def event(self, type: str, message: str = "", **data: Any) -> None:
         now = time.time()
         if type == "status":
             keys, args = transition_args(self.job_id, data.pop("status"), message, data, now)
-            self._guard("a status change", lambda: self._transition(keys=keys, args=args))
+            self._put("a status change", lambda pipe: self._transition(keys=keys, args=args, client=pipe))
             return
         record = json.dumps(event_record(type, message, data, now), default=str)
+        listing = _checkpoints_beside(data["path"]) if type == "checkpoint" and data.get("path") else None
 
-        def write():
-            pipe = self.client.pipeline(transaction=True)
+        def write(pipe):
             pipe.xadd(events_key(self.job_id), {"data": record})
-            if type == "checkpoint" and data.get("path"):
-                pipe.hset(job_key(self.job_id), "checkpoints", json.dumps(_checkpoints_beside(data["path"])))
+            if listing is not None:
+                pipe.hset(job_key(self.job_id), "checkpoints", json.dumps(listing))
             pipe.hset(job_key(self.job_id), "updated_at", repr(now))
-            pipe.execute()
 
-        self._guard(f"a {type} event", write)
+        self._put(f"a {type} event", write)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         now = time.time()
         safe = json_safe(dict(values))
         record = json.dumps({"step": step, "time": now, "values": safe})
 
-        def write():
-            pipe = self.client.pipeline(transaction=True)
+        def write(pipe):
             pipe.xadd(metrics_key(self.job_id), {"data": record})
             pipe.hset(job_key(self.job_id), mapping={"step": step, "metrics": json.dumps(safe), "updated_at": repr(now)})
-            pipe.execute()
 
-        self._guard(f"the metrics of step {step}", write)
+        self._put(f"the metrics of step {step}", write)
 
     def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(self.CLOSE_WAIT_S)
+        if self._thread.is_alive():
+            self._say("close", f"warning: Redis stayed unreachable; {len(self._pending)} writes of job {self.job_id} were not sent "
+                      "(the run directory has them all)")
         self.client.close()
+
+    # --- the sender ------------------------------------------------------------------------------
+
+    def _put(self, what: str, write: Callable) -> None:
+        with self._cond:
+            self._seq += 1
+            self._pending.append((self._seq, what, write))
+            if len(self._pending) > self.MAX_PENDING:
+                _, lost, _ = self._pending.popleft()
+                self._say("overflow", f"warning: Redis unreachable for long; dropped {lost} of job {self.job_id} (and older)")
+            self._cond.notify_all()
+
+    def _send_loop(self) -> None:
+        import redis
+
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:
+                    return  # closing, and everything was sent
+                seq, what, write = self._pending[0]
+            try:
+                self._send(seq, write)
+            except (redis.ConnectionError, redis.TimeoutError) as err:
+                self._broke = True
+                self._say("outage", f"warning: Redis unreachable ({err}); job {self.job_id} keeps its writes and retries")
+                time.sleep(self.RETRY_S)
+                continue
+            except redis.RedisError as err:  # not an outage: this write cannot succeed; the next ones may
+                self._say(what, f"warning: RedisReporter could not write {what} of job {self.job_id}: {err}")
+            with self._cond:
+                self._pending.popleft()
+
+    def _send(self, seq: int, write: Callable) -> None:
+        mark = f"{self._writer}:{seq}"
+        if self._sent_already(seq):
+            return
+        pipe = self.client.pipeline(transaction=True)
+        write(pipe)
+        pipe.hset(job_key(self.job_id), "reporter_mark", mark)
+        pipe.execute()
+
+    def _sent_already(self, seq: int) -> bool:
+        """Whether the job's hash shows this write applied (a reply lost with the connection)."""
+        if not self._broke:
+            return False
+        mark = self.client.hget(job_key(self.job_id), "reporter_mark")
+        self._broke = False
+        writer, _, done = (mark or b"").decode().partition(":")
+        return writer == self._writer and done.isdigit() and int(done) >= seq
+
+    _broke = False  # set by a connection error: the next write first reads the mark
+
+    def _say(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            print(message, file=sys.stderr)
 
 
 def _checkpoints_beside(path: str) -> list[dict]:

@@ -105,14 +105,21 @@ def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False,
     except SpecError as err:
         run_dir = guess_run_dir(spec_path)
         reporter = MultiReporter(FileReporter(run_dir), *reporters_from_env(os.environ.get("RLHF_JOB_ID", run_dir.name)))
-        return _fail(reporter, err, EXIT_BAD_INPUT)
+        try:
+            return _fail(reporter, err, EXIT_BAD_INPUT)
+        finally:
+            reporter.close()  # sends what is queued for Redis
 
     job_id = job_id_for(spec)
     spec, mirror = local_run_dir(spec, job_id)
     try:
         lock = hold_run_dir(spec.run_dir)
     except RunDirBusy as err:  # nothing is written there: it is another live job's
-        return _fail(MultiReporter(*reporters_from_env(job_id)), err, EXIT_BAD_INPUT)
+        reporter = MultiReporter(*reporters_from_env(job_id))
+        try:
+            return _fail(reporter, err, EXIT_BAD_INPUT)
+        finally:
+            reporter.close()
     file_reporter = FileReporter(spec.run_dir)
     # Experiment trackers first: a warning about one (its server down) then reaches the run dir and
     # Redis before the job's final status does.

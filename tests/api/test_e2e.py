@@ -18,6 +18,7 @@ from ray.job_submission import JobSubmissionClient
 
 from api.client import parse_sse
 from orchestrator.core.records import job_key
+from tests.api.leftovers import leftovers
 from tests.api.conftest import ARITHMETIC, job_body, make_record, upload, wait_status, wait_until
 from tests.api.test_auth import assert_envelope
 
@@ -95,7 +96,9 @@ def test_tiny_grpo_job_over_rest(alpha, beta, tiny, workdir, api, keys, ray_head
     assert 'rlhf_jobs{status="succeeded"}' in text
     # The job has ended: its Redis user goes at the reconciler's next sweep.
     admin = redis.Redis.from_url(redis_url)
-    wait_until(lambda: f"rlhf.{job_id}".encode() not in admin.acl_users(), 30, "the ended job's Redis user to be deleted")
+    users = lambda: {u.decode() if isinstance(u, bytes) else u for u in admin.acl_users()}  # noqa: E731
+    wait_until(lambda: f"rlhf.{job_id}" not in users(), 30, "the ended job's Redis user to be deleted")
+    assert_nothing_left(job_id, ray_head)
     with pytest.raises(redis.exceptions.AuthenticationError):
         redis.Redis.from_url(job_url).ping()
 
@@ -114,7 +117,7 @@ def test_tiny_grpo_job_over_rest(alpha, beta, tiny, workdir, api, keys, ray_head
     assert started, "the second job placed its actors"
 
 
-def test_restart_api_mid_job_then_cancel(alpha, tiny, workdir, api):
+def test_restart_api_mid_job_then_cancel(alpha, tiny, workdir, api, ray_head):
     r = alpha.post("/v1/jobs", json=job_body(tiny, workdir, "long", 100000))
     job_id = r.json()["id"]
     wait_status(alpha, job_id, {"running"}, 150)
@@ -134,6 +137,11 @@ def test_restart_api_mid_job_then_cancel(alpha, tiny, workdir, api):
         first = next(i for i in parse_sse(s.iter_lines()) if i.get("id"))
     assert json.loads(first["data"])["step"] == before[-1]["step"] + 1
 
+    # While it runs, the listing sees its driver and actor processes, its actors and its placement group.
+    alive = leftovers(job_id, ray_head.dashboard)
+    assert any(x.startswith("pid") and "orchestrator.run" in x for x in alive), alive
+    assert any(x.startswith("actor PolicyTrainer ALIVE") for x in alive) and any(x.startswith("placement group") for x in alive), alive
+
     cancelled = alpha.post(f"/v1/jobs/{job_id}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["id"] == job_id
     items = sse(alpha, f"/v1/jobs/{job_id}/events", timeout=90)
@@ -146,6 +154,21 @@ def test_restart_api_mid_job_then_cancel(alpha, tiny, workdir, api):
     job = alpha.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "cancelled" and job["finished_at"]
     assert_envelope(alpha.post(f"/v1/jobs/{job_id}/cancel"), 409, "job_terminal")
+    assert_nothing_left(job_id, ray_head)
+
+
+def assert_nothing_left(job_id: str, ray_head) -> None:
+    """Within a bounded time after the job ended: none of its processes, live actors or placement groups."""
+    found: list[str] = []
+
+    def clean():
+        found[:] = leftovers(job_id, ray_head.dashboard)
+        return not found
+
+    try:
+        wait_until(clean, 60, f"job {job_id} to leave nothing behind")
+    except TimeoutError:
+        raise AssertionError(f"job {job_id} left behind: {found}") from None
 
 
 def driver_of(job_id: str):
@@ -160,7 +183,7 @@ def driver_of(job_id: str):
     return None
 
 
-def test_driver_killed_from_outside_ends_failed(alpha, tiny, workdir):
+def test_driver_killed_from_outside_ends_failed(alpha, tiny, workdir, ray_head):
     r = alpha.post("/v1/jobs", json=job_body(tiny, workdir, "victim", 100000))
     job_id = r.json()["id"]
     wait_status(alpha, job_id, {"starting", "running"}, 120)
@@ -172,3 +195,4 @@ def test_driver_killed_from_outside_ends_failed(alpha, tiny, workdir):
     assert "exit code" in job["error"]["message"]
     events = alpha.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
     assert events[-1]["data"]["status"] == "failed"
+    assert_nothing_left(job_id, ray_head)
