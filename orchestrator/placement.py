@@ -1,13 +1,8 @@
-"""Placing the roles on Ray: one placement group per job, one named actor per role replica.
-
-Roles get separate bundles by default; with `resources.colocate`, replica i of rollout, trainer,
-reference and critic share bundle i (and its GPU, each taking a fraction). The reward actor
-always has its own bundle and one replica.
-"""
+"""Placing the roles on Ray: one placement group per job, one named actor per role replica, in the
+layout `orchestrator/core/layout.py` works out."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -15,63 +10,11 @@ from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.core.batch import Batch, even_bounds
-from orchestrator.core.spec import JobSpec, RoleResources
-
-COLOCATABLE = ("rollout", "trainer", "reference", "critic")
+from orchestrator.core.layout import COLOCATABLE, Layout, plan  # noqa: F401  (re-exported: the driver places by them)
 
 # OpenMP threads that finish a parallel region spin before sleeping; with every actor using all
 # cores, an idle actor's spinning threads would steal the cores of the phase that runs next.
 ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _bundle(res: RoleResources) -> dict[str, float]:
-    out = {"CPU": res.num_cpus}
-    if res.num_gpus:
-        out["GPU"] = res.num_gpus
-    return out
-
-
-@dataclass
-class Layout:
-    """Bundles of the placement group and, per role, the bundle index of each replica."""
-
-    bundles: list[dict[str, float]]
-    slots: dict[str, list[int]]
-    # Per role, the resources each actor asks for inside its bundle.
-    actor_resources: dict[str, dict[str, float]]
-
-
-def plan(spec: JobSpec) -> Layout:
-    res = spec.resources
-    roles = spec.roles
-    bundles: list[dict[str, float]] = []
-    slots: dict[str, list[int]] = {}
-    actor_resources = {r: {"num_cpus": getattr(res, r).num_cpus, "num_gpus": getattr(res, r).num_gpus} for r in roles}
-    shared = [r for r in roles if r in COLOCATABLE] if res.colocate else []
-    if shared:
-        width = max(getattr(res, r).replicas for r in shared)
-        for i in range(width):
-            members = [r for r in shared if i < getattr(res, r).replicas]
-            gpus = max(getattr(res, r).num_gpus for r in members)
-            bundle = {"CPU": sum(getattr(res, r).num_cpus for r in members)}
-            if gpus:
-                bundle["GPU"] = gpus
-            bundles.append(bundle)
-            for r in members:
-                slots.setdefault(r, []).append(len(bundles) - 1)
-        for r in shared:
-            if actor_resources[r]["num_gpus"]:
-                # Colocated roles time-share the bundle's GPU.
-                actor_resources[r]["num_gpus"] = actor_resources[r]["num_gpus"] / len(shared)
-    for r in roles:
-        if r in shared:
-            continue
-        role_res = getattr(res, r)
-        replicas = 1 if r == "reward" else role_res.replicas
-        for _ in range(replicas):
-            bundles.append(_bundle(role_res))
-            slots.setdefault(r, []).append(len(bundles) - 1)
-    return Layout(bundles, slots, actor_resources)
 
 
 class ActorGroup:
