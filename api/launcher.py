@@ -98,6 +98,26 @@ class RayLauncher:
             metadata={"tenant": tenant, "name": name, "rlhf_job_id": job_id},
         )
 
+    async def capacity(self):
+        """The cluster's alive nodes' resources (admission.Capacity), asked of Ray's state API."""
+        from api.admission import Capacity
+
+        def ask():
+            from ray.util.state import list_nodes
+
+            try:
+                nodes = [n for n in list_nodes(address=self.settings.ray_address, limit=10000, timeout=10) if n.state == "ALIVE"]
+            except Exception as err:  # connection refused, timeouts, a rejected token
+                raise RayUnavailable(f"Ray's state API at {self.settings.ray_address} failed: {type(err).__name__}: {err}") from None
+            totals = [{r: float(n.resources_total.get(r, 0.0)) for r in ("CPU", "GPU")} for n in nodes]
+            return Capacity(total={r: sum(t[r] for t in totals) for r in ("CPU", "GPU")},
+                            largest={r: max((t[r] for t in totals), default=0.0) for r in ("CPU", "GPU")})
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(ask), self.TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RayUnavailable(f"Ray's state API at {self.settings.ray_address} did not answer in {self.TIMEOUT_S:.0f} s") from None
+
     async def stop(self, job_id: str) -> bool:
         return await self._call("stop_job", job_id)
 

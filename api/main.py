@@ -38,7 +38,8 @@ async def lifespan(app: FastAPI):
     app.state.store = JobStore(settings.redis_url)
     app.state.rate = RateLimiter(app.state.store.redis, settings.requests_per_minute)
     app.state.launcher = RayLauncher(settings)
-    task = asyncio.create_task(Reconciler(app.state.store, app.state.launcher, settings.reconcile_interval_s).run())
+    app.state.reconciler = Reconciler(app.state.store, app.state.launcher, settings)
+    task = asyncio.create_task(app.state.reconciler.run())
     try:
         yield
     finally:

@@ -1,7 +1,8 @@
-"""Keeps each active job record in step with Ray's view of its job.
+"""Keeps each active job record in step with Ray's view of its job, and runs the admission queue.
 
 The driver reports its own status; this catches what it cannot report: a driver killed from
-outside, a node lost, a job stopped from the Ray dashboard, a job that never started.
+outside, a node lost, a job stopped from the Ray dashboard, a job that never started. Each round
+then admits the waiting jobs that fit (api/admission.py) by submitting them to Ray.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from api import admission
+from api.admission import Capacity, Quota
 from api.launcher import RayJobMissing, RayJobState, RayLauncher, RayUnavailable
+from api.settings import Settings
 from api.store import JobStore
 from orchestrator.core.records import TERMINAL
 
@@ -55,7 +59,7 @@ def decide(rec: dict[str, Any], ray: RayJobState | RayUnavailable | RayJobMissin
     if isinstance(ray, RayUnavailable):
         return None  # nothing is known; try again next round
     if isinstance(ray, RayJobMissing):
-        if now - (rec["created_at"] or 0) > MISSING_GRACE_S:
+        if now - (rec.get("admitted_at") or rec["created_at"] or 0) > MISSING_GRACE_S:
             message = f"Ray has no job {rec['id']} (was the Ray cluster replaced?)"
             return Transition("failed", "failed: lost by Ray", {"code": "ray_job_lost", "message": message})
         return None
@@ -74,13 +78,27 @@ def decide(rec: dict[str, Any], ray: RayJobState | RayUnavailable | RayJobMissin
     return None
 
 
+def waiting_for_admission(rec: dict[str, Any]) -> bool:
+    """Recorded with its launch spec and not yet submitted to Ray. (A record without a launch spec
+    comes from an API before the admission queue, which submitted at once.)"""
+    return rec["status"] == "queued" and bool(rec.get("launch_spec")) and not rec.get("admitted_at")
+
+
 class Reconciler:
     SWEEP_EVERY = 5  # rounds between sweeps of the Redis users of ended jobs
+    CAPACITY_TTL_S = 5.0
 
-    def __init__(self, store: JobStore, launcher: RayLauncher, interval_s: float):
-        self.store, self.launcher, self.interval_s = store, launcher, interval_s
+    def __init__(self, store: JobStore, launcher: RayLauncher, settings: Settings):
+        self.store, self.launcher, self.settings = store, launcher, settings
+        self.interval_s = settings.reconcile_interval_s
         self._sem = asyncio.Semaphore(8)
         self._rounds = 0
+        self._wake = asyncio.Event()
+        self._capacity: tuple[float, Capacity] | None = None
+
+    def wake(self) -> None:
+        """Run the next round now (a job was submitted)."""
+        self._wake.set()
 
     async def run(self) -> None:
         while True:
@@ -90,14 +108,65 @@ class Reconciler:
                 raise
             except Exception:  # one bad round must not end reconciliation for good
                 log.exception("reconcile round failed")
-            await asyncio.sleep(self.interval_s)
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
 
     async def reconcile_once(self) -> None:
         ids = await self.store.active_ids()
         await asyncio.gather(*(self._one(job_id) for job_id in ids))
+        await self.admit(ids)
         self._rounds += 1
         if self._rounds % self.SWEEP_EVERY == 1:
             await self.store.drop_job_users(keep=self._still_running)
+
+    # --- admission -------------------------------------------------------------------------------
+
+    async def capacity(self) -> Capacity | None:
+        """The cluster's resources, asked at most every CAPACITY_TTL_S; the last known while Ray is away."""
+        now = time.monotonic()
+        if self._capacity is None or now - self._capacity[0] > self.CAPACITY_TTL_S:
+            try:
+                self._capacity = (now, await self.launcher.capacity())
+            except RayUnavailable as err:
+                log.warning("admission: %s", err)
+                return self._capacity[1] if self._capacity else None
+        return self._capacity[1]
+
+    async def admit(self, ids: list[str]) -> None:
+        recs = [r for r in [await self.store.get(i) for i in ids] if r is not None and r["status"] not in TERMINAL]
+        waiting = [r for r in recs if waiting_for_admission(r)]
+        if not waiting:
+            return
+        admitted = [r for r in recs if not waiting_for_admission(r)]
+        quotas = {t: Quota(**q) for t, q in self.settings.quotas.items()}
+        decision = admission.decide(waiting, admitted, await self.capacity(), quotas, Quota(**self.settings.default_quota))
+        by_id = {r["id"]: r for r in waiting}
+        for job_id in decision.admit:
+            await self._submit(by_id[job_id])
+        for job_id, (position, reason) in decision.waiting.items():
+            queue = {"position": position, "reason": reason}
+            if by_id[job_id].get("queue") != queue:
+                if not by_id[job_id].get("queue"):
+                    await self.store.add_event(job_id, "queued", f"waiting for admission: {reason}", position=position)
+                await self.store.set_fields(job_id, queue=queue)
+
+    async def _submit(self, rec: dict[str, Any]) -> None:
+        job_id, tenant = rec["id"], rec["tenant"]
+        try:
+            user = await self.store.job_user(job_id, tenant) if self.settings.job_credentials == "acl" else None
+            await self.launcher.submit(job_id, tenant, rec.get("name") or "", rec["launch_spec"], redis_user=user)
+        except RayUnavailable as err:
+            await self.store.set_fields(job_id, queue={"position": 1, "reason": f"Ray is unavailable: {err}"})
+            return
+        waited = time.time() - (rec["created_at"] or time.time())
+        await self.store.set_fields(job_id, admitted_at=time.time(), queue=None)
+        await self.store.add_event(job_id, "admitted", f"admitted after {waited:.1f} s in the queue: submitted to Ray", waited_s=waited)
+        after = await self.store.get(job_id)
+        if after is not None and after["status"] in TERMINAL:  # cancelled while it was being submitted
+            await self.launcher.stop(job_id)
 
     async def _still_running(self, job_id: str) -> bool:
         """A job's Redis user lives as long as the job is not terminal."""
@@ -107,8 +176,8 @@ class Reconciler:
     async def _one(self, job_id: str) -> None:
         async with self._sem:
             rec = await self.store.get(job_id)
-            if rec is None or rec["status"] in TERMINAL:
-                return  # (decide would do nothing either: this saves asking Ray)
+            if rec is None or rec["status"] in TERMINAL or waiting_for_admission(rec):
+                return  # (decide would do nothing either: this saves asking Ray; Ray has never seen a waiting job)
             try:
                 ray: RayJobState | RayUnavailable | RayJobMissing = await self.launcher.state(job_id)
             except (RayUnavailable, RayJobMissing) as err:

@@ -39,14 +39,23 @@ class JobCreate(JobSpec):
     metadata: dict[MetadataKey, MetadataValue] = Field(
         default_factory=dict, max_length=16, description="Up to 16 string key-value pairs, stored with the job and its Ray job."
     )
+    priority: int = Field(
+        0, ge=-100, le=100, description="Admission order: higher first (then the tenant using least, then submit time); at most "
+        "the tenant's `max_priority`."
+    )
 
     def spec_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"metadata"})
+        return self.model_dump(mode="json", exclude={"metadata", "priority"})
 
 
 class JobErrorInfo(BaseModel):
     code: str = Field(..., description="Machine-readable cause: invalid_spec, invalid_data, model_load_error, reward_error, driver_failed, ...")
     message: str = Field(..., description="What failed, naming the thing at fault.")
+
+
+class QueueInfo(BaseModel):
+    position: int = Field(..., description="1 = next to be admitted.")
+    reason: str = Field(..., description="What it waits for (`waiting for 2 more CPUs ...`, `tenant quota: ...`).")
 
 
 class JobPublic(BaseModel):
@@ -63,6 +72,8 @@ class JobPublic(BaseModel):
     metrics: dict[str, float | None] | None = Field(None, description="Metrics of the last finished step (`reward/mean`, `kl`, ...).")
     error: JobErrorInfo | None = Field(None, description="Why the job failed (only when `status` is failed).")
     metadata: dict[str, str] = Field(default_factory=dict, description="The metadata given at submission.")
+    priority: int = Field(0, description="Its admission priority.")
+    queue: QueueInfo | None = Field(None, description="While it waits for admission: its place in the queue and why it waits.")
     spec: dict[str, Any] = Field(..., description="The validated job spec, defaults filled in.")
     ray_submission_id: str = Field(..., description="Submission id of the Ray job (`ray job status <id>`).")
     dashboard_url: str = Field(..., description="The job's page in the Ray dashboard.")

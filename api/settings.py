@@ -51,6 +51,11 @@ class Settings(BaseSettings):
         "acl", description="`acl`: each job's processes get a Redis user of their own (ACL SETUSER) that reaches only that job's "
         "records, deleted when the job ends; `shared`: they get `driver_redis_url` as it is (for a Redis without ACL rights)."
     )
+    quotas: dict[str, dict] = Field(
+        default_factory=dict, description='Per tenant: `{"team-a": {"cpus": 8, "gpus": 2, "max_priority": 5}}`: what its admitted jobs may '
+        "hold at once, and the highest `priority` its jobs may ask for. Tenants not named get `default_quota`."
+    )
+    default_quota: dict = Field(default_factory=dict, description='Quota of tenants not in `quotas` (default: no CPU or GPU limit, max_priority 0).')
     public_docs: bool = Field(False, description="Serve /openapi.json and /docs without an API key.")
     sse_ping_s: float = Field(15.0, gt=0, description="Seconds between keep-alive comments on an idle SSE stream.")
 

@@ -31,9 +31,9 @@ SEQ_KEY = f"{PREFIX}jobs:seq"
 JOB_USER_PREFIX = "rlhf."  # + the job id: the Redis ACL user of one job
 FILE_SEQ_KEY = f"{PREFIX}files:seq"
 IDEMPOTENCY_TTL_S = 24 * 3600
-_JSON_FIELDS = ("metrics", "error", "metadata", "spec", "checkpoints")
-_FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at")
-_INT_FIELDS = ("step", "total_steps", "seq")
+_JSON_FIELDS = ("metrics", "error", "metadata", "spec", "checkpoints", "launch_spec", "demand", "queue")
+_FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at", "admitted_at")
+_INT_FIELDS = ("step", "total_steps", "seq", "priority")
 
 
 def _idem_key(tenant: str, key: str) -> str:
@@ -94,7 +94,7 @@ class JobStore:
     # --- records -------------------------------------------------------------------------------
 
     async def create(self, job_id: str, tenant: str, name: str, spec: dict, metadata: dict, idempotency_key: str | None,
-                     max_active: int | None = None) -> dict | None:
+                     max_active: int | None = None, **extra: Any) -> dict | None:
         """Record a new `queued` job; None when the tenant already has `max_active` active jobs. The
         count and the reservation are one Lua script, so concurrent submissions cannot pass the limit."""
         now = time.time()
@@ -110,6 +110,8 @@ class JobStore:
         }
         if idempotency_key:
             fields["idempotency_key"] = idempotency_key
+        for key, value in extra.items():  # launch_spec, demand (JSON), priority
+            fields[key] = json.dumps(value) if key in _JSON_FIELDS else value
         event = event_record("status", "queued", {"status": "queued"}, now)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(job_key(job_id), mapping=fields)
@@ -132,6 +134,21 @@ class JobStore:
         pipe.srem(ACTIVE_KEY, job_id)
         await pipe.execute()
         await self.redis.execute_command("ACL", "DELUSER", JOB_USER_PREFIX + job_id)
+
+    async def add_event(self, job_id: str, type: str, message: str, **data: Any) -> None:
+        """An event the API itself reports (admission); statuses go through `transition`."""
+        await self.redis.xadd(events_key(job_id), {"data": json.dumps(event_record(type, message, data, time.time()))})
+
+    async def set_fields(self, job_id: str, **fields: Any) -> None:
+        """Fields of a job the status script does not own (admission: admitted_at, queue)."""
+        mapping = {k: json.dumps(v) if k in _JSON_FIELDS else repr(v) if isinstance(v, float) else v for k, v in fields.items() if v is not None}
+        gone = [k for k, v in fields.items() if v is None]
+        pipe = self.redis.pipeline(transaction=True)
+        if mapping:
+            pipe.hset(job_key(job_id), mapping=mapping)
+        if gone:
+            pipe.hdel(job_key(job_id), *gone)
+        await pipe.execute()
 
     async def get(self, job_id: str, tenant: str | None = None) -> dict | None:
         """The record, or None if there is none or it belongs to another tenant."""

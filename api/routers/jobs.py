@@ -18,7 +18,9 @@ from api.routers import error_responses
 from api.schemas import JobCreate, JobList, JobPublic, JobStatus
 from api.settings import Settings
 from api.storage import ArtifactStore
+from api.admission import Quota, never_fits
 from api.tenant_spec import TenantSpec
+from orchestrator.core.layout import demand
 from orchestrator.core.records import TERMINAL
 
 MAX_SPEC_ENV_BYTES = 100_000
@@ -46,6 +48,8 @@ def job_public(rec: dict[str, Any], settings: Settings, storage: ArtifactStore |
         "metrics": rec["metrics"],
         "error": rec["error"] if rec["status"] == "failed" else None,
         "metadata": rec["metadata"] or {},
+        "priority": rec.get("priority") or 0,
+        "queue": rec.get("queue") if rec["status"] == "queued" and not rec.get("admitted_at") else None,
         "spec": rec["spec"] or {},
         "ray_submission_id": rec.get("ray_submission_id") or rec["id"],
         "dashboard_url": f"{settings.dashboard_url}/#/jobs/{rec.get('ray_submission_id') or rec['id']}",
@@ -89,35 +93,41 @@ async def create_job(
     ] = None,
 ) -> dict[str, Any]:
     """Validate the spec in full, resolve what it names (file ids, registry models, checkpoint ids,
-    reward names) to what the job runs on, record the job (`queued`) and submit it to Ray as a Ray
-    job whose submission id is the job id. Nothing runs in the API's process."""
+    reward names) to what the job runs on and record the job (`queued`). The admission queue submits
+    it to Ray (a Ray job whose submission id is the job id) once its resources are free; a job that
+    could never fit the cluster is a 422 now. Nothing runs in the API's process."""
     spec, name = body.spec_dict(), body.name
     job_id = "job-" + uuid.uuid4().hex[:24]
     resolver = TenantSpec(tenant, request.app.state.registry, request.app.state.storage, store, settings.mlflow_tracking_uris)
     launch = await resolver.launch_spec(spec, job_id)
     check_carriable(launch)
+    bundles = demand(body)
+    quota = admission_quota(settings, tenant)
+    if body.priority > quota.max_priority:
+        raise APIError(422, "invalid_spec", f"priority: {body.priority} is above your tenant's max_priority ({quota.max_priority})", "priority")
+    capacity = await request.app.state.reconciler.capacity()
+    why = never_fits(bundles, capacity) if capacity else None
+    if why:
+        raise APIError(422, "never_fits", f"resources: {why}; it could never be placed (bundles: {bundles})", "resources")
     if idempotency_key:
         body_hash = _body_hash(await request.body())
         earlier = await store.claim_idempotency_key(tenant, idempotency_key, body_hash, job_id)
         if earlier is not None:
             return await _replay(store, settings, request.app.state.storage, tenant, idempotency_key, body_hash, earlier, response)
     try:
-        rec = await store.create(job_id, tenant, name, spec, body.metadata, idempotency_key, max_active=settings.max_active_jobs_per_tenant)
+        rec = await store.create(job_id, tenant, name, spec, body.metadata, idempotency_key, max_active=settings.max_active_jobs_per_tenant,
+                                 launch_spec=launch, demand=bundles, priority=body.priority)
         if rec is None:
             raise APIError(429, "too_many_active_jobs", f"Tenant has {settings.max_active_jobs_per_tenant} active jobs, the limit; wait for one to end or cancel one.")
-        try:
-            user = await store.job_user(job_id, tenant) if settings.job_credentials == "acl" else None
-            await launcher.submit(job_id, tenant, name, launch, redis_user=user)
-        except BaseException:
-            await store.delete(job_id)
-            raise
-    except RayUnavailable as err:
-        await _release(store, tenant, idempotency_key)
-        raise APIError(503, "ray_unavailable", f"Could not submit the job to Ray: {err}", None, {"Retry-After": "10"}) from None
     except BaseException:
         await _release(store, tenant, idempotency_key)
         raise
+    request.app.state.reconciler.wake()  # admission at once, not at the next round
     return job_public(rec, settings, request.app.state.storage)
+
+
+def admission_quota(settings: Settings, tenant: str) -> Quota:
+    return Quota(**settings.quotas.get(tenant, settings.default_quota))
 
 
 def check_carriable(launch: dict[str, Any]) -> None:
@@ -178,6 +188,12 @@ async def cancel_job(job_id: JobId, tenant: CurrentTenant, store: StoreDep, laun
     """Stop the Ray job. The job is `cancelling` until Ray confirms, then `cancelled`. A job that has
     already ended is a 409: a terminal status never changes."""
     rec = await owned_job(store, job_id, tenant)
+    if rec["status"] == "queued" and not rec.get("admitted_at"):
+        # Still in the admission queue: Ray has never seen it.
+        await store.transition(job_id, "cancelled", "cancelled before it was admitted")
+        rec = await owned_job(store, job_id, tenant)
+        if rec["status"] == "cancelled":
+            return job_public(rec, settings, storage)
     if rec["status"] not in TERMINAL:
         await store.transition(job_id, "cancelling", "cancelling: requested through the API")
     rec = await owned_job(store, job_id, tenant)

@@ -100,7 +100,7 @@ def keys(workdir):
     path = workdir / "keys.yaml"
     # Each limit test of tests/api/test_tenancy.py has a tenant of its own: rate counts are per tenant,
     # shared by every API process on the Redis.
-    return {"path": path, **{t: add_key(path, t) for t in ("alpha", "beta", "pager", "bursty", "rater", "streamer", "watcher")}}
+    return {"path": path, **{t: add_key(path, t) for t in ("alpha", "beta", "pager", "bursty", "rater", "streamer", "watcher", "queuer")}}
 
 
 class ApiServer:
@@ -187,6 +187,15 @@ def make_record(redis_url: str, tenant: str, name: str = "rec", status: str | No
             await store.close()
 
     return run_async(go())
+
+
+def wait_admitted(client: httpx.Client, job_id: str, timeout: float = 60) -> dict:
+    """The `admitted` event of a job: the admission queue has submitted it to Ray."""
+    def check():
+        events = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+        return next((e for e in events if e["type"] == "admitted"), None)
+
+    return wait_until(check, timeout, f"job {job_id} to be admitted", interval=0.2)
 
 
 def wait_status(client: httpx.Client, job_id: str, statuses: set[str], timeout: float) -> dict:

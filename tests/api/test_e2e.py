@@ -19,7 +19,7 @@ from ray.job_submission import JobSubmissionClient
 from api.client import parse_sse
 from orchestrator.core.records import job_key
 from tests.api.leftovers import leftovers
-from tests.api.conftest import ARITHMETIC, job_body, make_record, upload, wait_status, wait_until
+from tests.api.conftest import ARITHMETIC, job_body, make_record, upload, wait_admitted, wait_status, wait_until
 from tests.api.test_auth import assert_envelope
 
 pytestmark = pytest.mark.slow
@@ -43,6 +43,7 @@ def test_tiny_grpo_job_over_rest(alpha, beta, tiny, workdir, api, keys, ray_head
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
 
+    assert wait_admitted(alpha, job_id)["message"].startswith("admitted after ")
     # The job's processes hold a Redis user of the job's own: another tenant's record is out of its reach.
     job_url = JobSubmissionClient(ray_head.dashboard).get_job_info(job_id).runtime_env["env_vars"]["RLHF_REDIS_URL"]
     assert f"rlhf.{job_id}:" in job_url and redis_url.split("//")[1] in job_url
