@@ -387,7 +387,8 @@ async function renderJob(id) {
     title.textContent = job.name || "(unnamed)";
     badge.replaceChildren(statusBadge(job.status));
     stepText.textContent = `${Math.max(latestStep, job.step)}/${job.total_steps ?? "?"}`;
-    ended.replaceChildren(...(job.finished_at ? ["ended ", h("b", {}, when(job.finished_at))] : []));
+    ended.replaceChildren(...(job.finished_at ? ["ended ", h("b", {}, when(job.finished_at))]
+      : job.queue ? [h("span", { class: "muted", id: "queue-reason" }, `#${job.queue.position} in the queue: ${job.queue.reason}`)] : []));
     cancel.disabled = TERMINAL.has(job.status) || job.status === "cancelling";
     if (job.status === "failed" && job.error && !errorBox.childElementCount) {
       errorBox.replaceChildren(h("div", { class: "error-box" }, h("b", {}, `Failed (${job.error.code}): `), job.error.message));
