@@ -36,6 +36,7 @@ an `X-Request-ID` header."""
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     app.state.store = JobStore(settings.redis_url)
+    await insist_on_durable_redis(app.state.store, settings)
     app.state.rate = RateLimiter(app.state.store.redis, settings.requests_per_minute)
     app.state.launcher = RayLauncher(settings)
     app.state.reconciler = Reconciler(app.state.store, app.state.launcher, settings)
@@ -47,6 +48,33 @@ async def lifespan(app: FastAPI):
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await app.state.store.close()
+
+
+log = logging.getLogger("api")
+
+
+async def insist_on_durable_redis(store: JobStore, settings: Settings) -> None:
+    """Refuse to start on a Redis that keeps nothing on disk: its restart would lose every job record
+    while the jobs run on in Ray, out of reach of the API (404, no cancel)."""
+    import redis.exceptions
+
+    try:
+        aof = (await store.redis.config_get("appendonly")).get("appendonly")
+        save = (await store.redis.config_get("save")).get("save")
+    except redis.exceptions.ConnectionError:
+        log.warning("Redis at %s is unreachable at startup; its persistence is not checked", settings.redis_url)
+        return
+    except redis.exceptions.ResponseError as err:  # a managed Redis may refuse CONFIG
+        log.warning("cannot read Redis's persistence settings (%s); make sure AOF or snapshots are on", err)
+        return
+    if aof == "yes" or save:
+        return
+    message = (f"Redis at {settings.redis_url} keeps nothing on disk (appendonly no, save ''): a Redis restart would lose every job "
+               "record while the jobs run on in Ray. Start it with --appendonly yes (or snapshots), or set "
+               "RLHF_API_ALLOW_VOLATILE_REDIS=true to accept that.")
+    if not settings.allow_volatile_redis:
+        raise RuntimeError(message)
+    log.warning(message)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 "RLHF_API_RAY_ADDRESS": f"http://127.0.0.1:{free_port()}", "RLHF_API_PORT": str(api_port), "PYTHONPATH": f"{tmp}:{ROOT}",
                 # The per-tenant rate limit stays on (its Redis call is part of every request), set above the load.
                 "RLHF_API_REQUESTS_PER_MINUTE": str(10**9), "RLHF_API_STORAGE_ROOT": str(tmp / "artifacts"),
-                "RLHF_API_UPLOAD_TMP_DIR": str(tmp),
+                "RLHF_API_UPLOAD_TMP_DIR": str(tmp), "RLHF_API_ALLOW_VOLATILE_REDIS": "true",  # a throwaway Redis
             }
             procs.append(start([sys.executable, "-m", "orchestrator.cli", "serve"], env, tmp / "api.log"))
             procs.append(start([sys.executable, "-m", "uvicorn", "bare_app:app", "--host", "127.0.0.1", "--port", str(bare_port), "--no-access-log", "--log-level", "warning"], env, tmp / "bare.log"))

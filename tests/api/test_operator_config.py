@@ -79,3 +79,25 @@ def test_a_spec_too_big_to_carry_to_the_driver_is_refused_at_submit():
     with pytest.raises(APIError) as err:
         check_carriable({"name": "x" * MAX_SPEC_ENV_BYTES})
     assert err.value.status == 413 and err.value.code == "spec_too_large"
+
+
+def test_the_api_refuses_a_redis_that_keeps_nothing_on_disk(tmp_path, keys):
+    import subprocess
+    import sys
+
+    import redis
+
+    from tests.api.conftest import RAY_ENV, free_port, stop_group, wait_until
+
+    port, api_port = free_port(), free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "no", "--save", ""],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(redis.Redis(port=port).ping, 15, "a volatile redis-server")
+        env = {**__import__("os").environ, **RAY_ENV, "RLHF_API_REDIS_URL": f"redis://127.0.0.1:{port}/0", "RLHF_API_PORT": str(api_port),
+               "RLHF_API_API_KEYS_FILE": str(keys["path"]), "RLHF_API_STORAGE_ROOT": str(tmp_path / "store")}
+        out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "serve"], env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0
+        assert "keeps nothing on disk (appendonly no, save '')" in out.stdout + out.stderr
+    finally:
+        stop_group(server)
