@@ -10,6 +10,7 @@ import time
 
 import ray
 import torch
+from ray.exceptions import GetTimeoutError
 
 from orchestrator import evaluation, stopping, weight_sync
 from orchestrator.core import algos, checkpoint, storage
@@ -52,6 +53,10 @@ def rollout_metrics(batch: Batch, per_source: dict[str, torch.Tensor], spec: Job
     return out
 
 
+class PhaseTimeout(TimeoutError):
+    """A phase of a step took longer than `fault_tolerance.call_timeout_s`."""
+
+
 class Orchestrator:
     # Whether the rollouts get the new weights after every step (an SFT stage syncs only to evaluate).
     syncs_every_step = True
@@ -71,12 +76,14 @@ class Orchestrator:
         # Behaviour log-probs feed off-policy ratios, KL and IS correction; an on-policy step without them skips them.
         self.need_logprobs = not self.on_policy or spec.needs_reference or spec.rollout.importance_sampling.enabled
         self.weight_sync: weight_sync.WeightSync | None = None  # the path `setup_weight_sync` prepares
+        self.current_step = 0
 
     # ------------------------------------------------------------ the loop
     def fit(self, start_step: int = 0) -> dict[str, float]:
         last: dict[str, float] = {}
         every = self.spec.checkpoint.every
         for step in range(start_step + 1, self.total_steps + 1):
+            self.current_step = step
             last = self.train_step(step)
             if self.evaluator is not None:
                 last.update(self.evaluator(self, step))
@@ -100,13 +107,21 @@ class Orchestrator:
         metrics.update(rollout_metrics(batch, per_source, self.spec, self.eos_token_id))
         return {**metrics, **self.throughput(batch, timing), **{f"timing/{k}": v for k, v in timing.items()}}
 
+    def wait(self, refs, phase: str):
+        """`ray.get`, bounded by `fault_tolerance.call_timeout_s`: a phase that hangs fails the job, naming it."""
+        limit = self.spec.fault_tolerance.call_timeout_s
+        try:
+            return ray.get(refs, timeout=limit)
+        except GetTimeoutError:
+            raise PhaseTimeout(f"the {phase} phase of step {self.current_step} did not finish within fault_tolerance.call_timeout_s={limit:g} s") from None
+
     # ------------------------------------------------------------ phases
     def generate(self, step: int, timing: dict) -> Batch:
         t0 = time.perf_counter()
         index = self.sampler.indices(step - 1)
         prompts = [self.dataset.prompt_ids[i] for i in index]
         extras = [self.dataset.extras[i] for i in index]
-        results = ray.get(self.groups["rollout"].call_on_rows("generate", [prompts, extras], step, False, self.need_logprobs))
+        results = self.wait(self.groups["rollout"].call_on_rows("generate", [prompts, extras], step, False, self.need_logprobs), "generate")
         batch = concat([b for b, _ in results])
         timing["generate_compute"] = max(t for _, t in results)
         timing["generate"] = time.perf_counter() - t0
@@ -120,14 +135,14 @@ class Orchestrator:
         reward_ref = self.groups["reward"].call("score", batch_ref)[0]
         ref_refs = self.groups["reference"].call_sharded("compute_logprobs", batch) if "reference" in self.groups else None
         critic_refs = self.groups["critic"].call_sharded("compute_values", batch, whole=batch_ref) if "critic" in self.groups else None
-        scores, per_source, timing["reward"] = ray.get(reward_ref)
+        scores, per_source, timing["reward"] = self.wait(reward_ref, "reward")
         batch = batch.replace(scores=scores)
         if ref_refs is not None:
-            results = ray.get(ref_refs)
+            results = self.wait(ref_refs, "reference")
             batch = batch.replace(ref_logprobs=torch.cat([lp for lp, _ in results]))
             timing["reference"] = max(t for _, t in results)
         if critic_refs is not None:
-            results = ray.get(critic_refs)
+            results = self.wait(critic_refs, "critic")
             batch = batch.replace(values=torch.cat([v for v, _ in results]))
             timing["critic"] = max(t for _, t in results)
         timing["score"] = time.perf_counter() - t0
@@ -146,7 +161,7 @@ class Orchestrator:
         publish = self.weights_in_update
         trainer_refs = self.groups["trainer"].call_sharded("train_step", batch, step, num_mini, opt.micro_batch_size, self.on_policy, publish)
         critic_refs = self.groups["critic"].call_sharded("train_step", batch, step, num_mini, opt.micro_batch_size) if "critic" in self.groups else []
-        results = ray.get(trainer_refs + critic_refs)
+        results = self.wait(trainer_refs + critic_refs, "update")
         trainer_stats, critic_stats = results[0], (results[len(trainer_refs)] if critic_refs else {})
         timing["update_compute"] = max(r.pop("timing/update_compute") for r in results[: len(trainer_refs)])
         if publish:

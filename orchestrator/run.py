@@ -22,6 +22,7 @@ from typing import Any
 from orchestrator import stopping
 from orchestrator.core.data import DataError
 from orchestrator.core.spec import JobSpec, SpecError, load_spec, read_spec_file
+from orchestrator.driver import PhaseTimeout
 from orchestrator.stopping import Cancelled, StopRequested
 from workers.common import ModelLoadError
 from workers.reward import RewardError
@@ -80,7 +81,8 @@ def describe_error(err: BaseException) -> tuple[str, str]:
     return "internal_error", f"{type(err).__name__}: {err}"
 
 
-_CODES = {SpecError: "invalid_spec", DataError: "invalid_data", ModelLoadError: "model_load_error", RewardError: "reward_error"}
+_CODES = {SpecError: "invalid_spec", DataError: "invalid_data", ModelLoadError: "model_load_error", RewardError: "reward_error",
+          PhaseTimeout: "timeout"}
 
 
 def reporters_from_env(job_id: str) -> list[Any]:

@@ -4,10 +4,8 @@ spec that changed since the checkpoint."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import time
 
 import pytest
 
@@ -94,3 +92,17 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resumes(tiny_model, arith
     assert [e["step"] for e in events if e["type"] == "resumed"] == [stopped]
     assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, stopped + 3))
     assert events[-1]["status"] == "succeeded"
+
+
+@pytest.mark.slow
+def test_a_reward_that_hangs_fails_the_job_at_the_timeout(tiny_model, arith_file, tmp_path):
+    (tmp_path / "hang.py").write_text("import time\n\ndef score(prompts, completions, **kw):\n    time.sleep(3600)\n")
+    run_dir = tmp_path / "run"
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(tiny_model, arith_file, run_dir, rewards=[{"function": "hang:score"}],
+                                                      fault_tolerance={"call_timeout_s": 3}))
+    result = run_entrypoint(spec, timeout=300, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    error = [e for e in read_jsonl(run_dir / "events.jsonl") if e["type"] == "error"][-1]
+    assert error["code"] == "timeout"
+    assert error["message"] == "the reward phase of step 1 did not finish within fault_tolerance.call_timeout_s=3 s"
+    assert "Traceback" not in result.stderr and f"error: {error['message']}" in result.stderr

@@ -273,6 +273,14 @@ class CheckpointSpec(_Strict):
     keep_last: int = Field(2, ge=1, le=10_000, description="Checkpoints kept; older ones are deleted.")
 
 
+class FaultToleranceSpec(_Strict):
+    call_timeout_s: float | None = Field(
+        3600.0, gt=0, le=7 * 24 * 3600, description="Longest wait for one phase of a step (generate, reward, reference, critic, "
+        "update) before the job fails with a `timeout` error naming it: a reward function or rollout that hangs ends the job "
+        "instead of holding its resources forever (null: wait forever)."
+    )
+
+
 class EvalSpec(_Strict):
     every: int = Field(0, ge=0, le=10000000, description="Evaluate on `data.eval_file` every k steps (0 = only at the end of each stage).")
     max_samples: int | None = Field(None, gt=0, le=10000000, description="Evaluate on the first N held-out prompts (default: all of them).")
@@ -374,6 +382,7 @@ class JobSpec(_Strict):
         "checkpoint and overriding the top-level sections (e.g. `sft` then `grpo`). Absent: one stage, the spec itself.",
     )
     trackers: TrackersSpec = Field(default_factory=TrackersSpec, description="Experiment trackers the driver logs every step's metrics and the job's config to.")
+    fault_tolerance: FaultToleranceSpec = Field(default_factory=FaultToleranceSpec, description="What the driver does about phases that hang.")
     output_dir: str | None = Field(None, description="Run directory for metrics, events and checkpoints (default: `runs/<name>`).")
 
     @model_validator(mode="after")
