@@ -17,8 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks._services import free_port, start, stop  # noqa: E402
 
 BARE_APP = textwrap.dedent(
     """
@@ -44,11 +44,6 @@ BARE_APP = textwrap.dedent(
     """
 )
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(port: int, path: str, timeout: float = 30) -> None:
@@ -165,18 +160,6 @@ def upload_run(port: int, key: str, tmp: Path, megabytes: int, api_pid: int) -> 
         raise RuntimeError(f"upload failed: {r.status_code} {r.text[:300]}")
     return {"bytes": size, "rows": r.json()["rows"], "seconds": elapsed, "rss_before": before, "rss_peak": peak}
 
-
-def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:
