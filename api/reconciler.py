@@ -18,12 +18,15 @@ from api.admission import Capacity, Quota
 from api.launcher import RayJobMissing, RayJobState, RayLauncher, RayUnavailable
 from api.settings import Settings
 from api.store import JobStore
-from orchestrator.core.records import TERMINAL
+from orchestrator.core.records import PREFIX, TERMINAL
 
 log = logging.getLogger("api.reconciler")
 
 # A submitted job Ray does not know after this long was lost (e.g. the Ray head was replaced).
 MISSING_GRACE_S = 60.0
+# Ray unreachable for this long (settings.ray_unreachable_deadline_s): the job is failed, not `running` forever.
+UNREACHABLE_DEADLINE_S = 600.0
+ORPHANS_KEY = f"{PREFIX}jobs:stop_when_reachable"
 
 
 def ray_failure_message(state: RayJobState) -> str:
@@ -50,13 +53,19 @@ class StopRayJob:
 Decision = Transition | StopRayJob | None
 
 
-def decide(rec: dict[str, Any], ray: RayJobState | RayUnavailable | RayJobMissing, now: float) -> Decision:
+def decide(rec: dict[str, Any], ray: RayJobState | RayUnavailable | RayJobMissing, now: float,
+           unreachable_s: float = 0.0, deadline_s: float = UNREACHABLE_DEADLINE_S) -> Decision:
     """What one round does for one job, from its record and Ray's answer (its state, or the error
-    asking raised); None: nothing this round. Pure: the caller does the I/O."""
+    asking raised; `unreachable_s`: how long Ray has not answered about it); None: nothing this
+    round. Pure: the caller does the I/O."""
     status = rec["status"]
     if status in TERMINAL:
         return None
     if isinstance(ray, RayUnavailable):
+        if unreachable_s > deadline_s:
+            # A driver does not outlive its Ray head; a head away this long took the job with it.
+            message = f"Ray did not answer about this job for {unreachable_s:.0f} s (last: {ray}); the job is presumed lost with it"
+            return Transition("failed", "failed: Ray unreachable", {"code": "ray_unreachable", "message": message})
         return None  # nothing is known; try again next round
     if isinstance(ray, RayJobMissing):
         if now - (rec.get("admitted_at") or rec["created_at"] or 0) > MISSING_GRACE_S:
@@ -95,6 +104,7 @@ class Reconciler:
         self._rounds = 0
         self._wake = asyncio.Event()
         self._capacity: tuple[float, Capacity] | None = None
+        self._unreachable: dict[str, float] = {}  # job id -> when Ray first failed to answer about it (this process)
 
     def wake(self) -> None:
         """Run the next round now (a job was submitted)."""
@@ -117,6 +127,7 @@ class Reconciler:
     async def reconcile_once(self) -> None:
         ids = await self.store.active_ids()
         await asyncio.gather(*(self._one(job_id) for job_id in ids))
+        await self.stop_orphans()
         await self.admit(ids)
         self._rounds += 1
         if self._rounds % self.SWEEP_EVERY == 1:
@@ -182,7 +193,10 @@ class Reconciler:
                 ray: RayJobState | RayUnavailable | RayJobMissing = await self.launcher.state(job_id)
             except (RayUnavailable, RayJobMissing) as err:
                 ray = err
-            await self.act(job_id, decide(rec, ray, time.time()))
+            now = time.time()
+            since = self._unreachable.setdefault(job_id, now) if isinstance(ray, RayUnavailable) else self._unreachable.pop(job_id, None)
+            unreachable_s = now - since if isinstance(ray, RayUnavailable) else 0.0
+            await self.act(job_id, decide(rec, ray, now, unreachable_s, self.settings.ray_unreachable_deadline_s))
 
     async def act(self, job_id: str, decision: Decision) -> None:
         if isinstance(decision, StopRayJob):
@@ -190,3 +204,18 @@ class Reconciler:
         elif isinstance(decision, Transition):
             error = {"error": decision.error} if decision.error is not None else {}
             await self.store.transition(job_id, decision.status, decision.message, **error)
+            if (decision.error or {}).get("code") == "ray_unreachable":
+                # Failed while Ray could not be asked: if it comes back with the job still running, stop it.
+                await self.store.redis.sadd(ORPHANS_KEY, job_id)
+
+    async def stop_orphans(self) -> None:
+        """Stop the Ray jobs of records failed while Ray was unreachable, once Ray answers again: no job
+        outlives its record."""
+        for job_id in await self.store.redis.smembers(ORPHANS_KEY):
+            try:
+                await self.launcher.stop(job_id)
+            except RayUnavailable:
+                return  # still away: next round
+            except RayJobMissing:
+                pass
+            await self.store.redis.srem(ORPHANS_KEY, job_id)

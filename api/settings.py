@@ -56,6 +56,8 @@ class Settings(BaseSettings):
         "hold at once, and the highest `priority` its jobs may ask for. Tenants not named get `default_quota`."
     )
     default_quota: dict = Field(default_factory=dict, description='Quota of tenants not in `quotas` (default: no CPU or GPU limit, max_priority 0).')
+    ray_unreachable_deadline_s: float = Field(
+        600.0, gt=0, description="A running job whose Ray cluster has not answered for this long is marked failed (`ray_unreachable`).")
     allow_volatile_redis: bool = Field(False, description="Start on a Redis with neither AOF nor snapshots (records lost on its restart).")
     public_docs: bool = Field(False, description="Serve /openapi.json and /docs without an API key.")
     sse_ping_s: float = Field(15.0, gt=0, description="Seconds between keep-alive comments on an idle SSE stream.")

@@ -1,6 +1,7 @@
-"""The operator's side, without servers: the registry file, tenant areas, upload checks."""
+"""The operator's side: the registry file, tenant areas, upload checks, and what the API makes of a Redis or a Ray that fails it."""
 
 import json
+import subprocess
 
 import pytest
 
@@ -99,5 +100,51 @@ def test_the_api_refuses_a_redis_that_keeps_nothing_on_disk(tmp_path, keys):
         out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "serve"], env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode != 0
         assert "keeps nothing on disk (appendonly no, save '')" in out.stdout + out.stderr
+    finally:
+        stop_group(server)
+
+
+def test_a_job_whose_ray_stays_unreachable_fails_at_the_deadline(tmp_path, keys):
+    """An API whose Ray is gone (nothing listens at its address), on a Redis of its own holding one
+    admitted, running job: past the deadline the job is failed as `ray_unreachable` (not `running` for
+    as long as Ray stays away), and is listed to be stopped once Ray answers again."""
+    import asyncio
+    import os
+
+    import redis
+
+    from api.reconciler import ORPHANS_KEY
+    from api.store import JobStore
+    from tests.api.conftest import RAY_ENV, ApiServer, free_port, stop_group, wait_until
+
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--appendonly", "yes"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        wait_until(redis.Redis(port=port).ping, 15, "redis-server")
+
+        async def running_job():
+            store = JobStore(url)
+            await store.create("job-gone", "acme", "gone", {"name": "gone"}, {}, None, launch_spec={"name": "gone"}, demand=[], priority=0)
+            await store.set_fields("job-gone", admitted_at=1.0)
+            await store.transition("job-gone", "running", "running")
+            await store.close()
+
+        asyncio.run(running_job())
+        api_port = free_port()
+        env = {**os.environ, **RAY_ENV, "RLHF_API_REDIS_URL": url, "RLHF_API_PORT": str(api_port), "RLHF_API_API_KEYS_FILE": str(keys["path"]),
+               "RLHF_API_RAY_ADDRESS": f"http://127.0.0.1:{free_port()}", "RLHF_API_RAY_UNREACHABLE_DEADLINE_S": "2",
+               "RLHF_API_RECONCILE_INTERVAL_S": "0.5", "RLHF_API_STORAGE_ROOT": str(tmp_path / "store")}
+        api = ApiServer(env, api_port, tmp_path / "api.log")
+        api.start()
+        try:
+            client = redis.Redis(port=port, decode_responses=True)
+            wait_until(lambda: client.hget("rlhf:job:job-gone", "status") == "failed", 60, "the job to be failed")
+            error = json.loads(client.hget("rlhf:job:job-gone", "error"))
+            assert error["code"] == "ray_unreachable" and error["message"].startswith("Ray did not answer about this job for ")
+            assert client.smembers(ORPHANS_KEY) == {"job-gone"}
+        finally:
+            api.stop()
     finally:
         stop_group(server)

@@ -77,6 +77,17 @@ def test_ray_unavailable_decides_nothing(status):
 
 
 @pytest.mark.parametrize("status", LIVE)
+def test_ray_unreachable_past_the_deadline_fails_the_job(status):
+    down = RayUnavailable("connection refused")
+    assert decide(record(status), down, NOW, unreachable_s=599.0, deadline_s=600.0) is None
+    assert decide(record(status), down, NOW, unreachable_s=600.0, deadline_s=600.0) is None  # exactly at the deadline
+    failed = decide(record(status), down, NOW, unreachable_s=600.5, deadline_s=600.0)
+    assert failed == Transition("failed", "failed: Ray unreachable", {
+        "code": "ray_unreachable",
+        "message": "Ray did not answer about this job for 600 s (last: connection refused); the job is presumed lost with it"})
+
+
+@pytest.mark.parametrize("status", LIVE)
 def test_job_missing_from_ray_is_lost_only_after_the_grace_period(status):
     missing = RayJobMissing("no such job")
     lost = Transition("failed", "failed: lost by Ray",
