@@ -137,6 +137,8 @@ def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False,
         try:
             tokenizer, stages = plan_stages(spec)
         except Exception as err:
+            if stopping.cancelled():
+                raise Cancelled(stopping.cancelled()) from None
             return _fail(reporter, err, EXIT_BAD_INPUT)
         run_stages(stages, tokenizer, job_id, reporter, file_reporter, resume, progress)
         return EXIT_OK
@@ -153,6 +155,9 @@ def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False,
         reporter.event("status", "cancelled: interrupted", status="cancelled")
         return EXIT_CANCELLED
     except Exception as err:
+        if stopping.cancelled():  # the signal's exception, wrapped on its way out of Ray (a SystemError from ray.get)
+            reporter.event("status", f"cancelled: {stopping.cancelled()}", status="cancelled")
+            return EXIT_CANCELLED
         return _fail(reporter, err, EXIT_FAILED)
     finally:
         signal.signal(signal.SIGINT, previous[0])

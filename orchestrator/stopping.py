@@ -30,20 +30,29 @@ class StopRequested(Exception):
 
 _asked = threading.Event()
 _signal_name = ""
+_now = ""  # why the run must end at once; an exception raised inside Ray's C++ (ray.get) reaches us as a SystemError
 
 
 def _graceful(signum, frame) -> None:
-    global _signal_name
+    global _signal_name, _now
     name = signal.Signals(signum).name
     if _asked.is_set():
-        raise Cancelled(f"received {name} twice")
+        _now = f"received {name} twice"
+        raise Cancelled(_now)
     _signal_name = name
     _asked.set()
     print(f"\nreceived {name}: stopping after this step, with a checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
 
 
 def _at_once(signum, frame) -> None:
-    raise Cancelled(f"received signal {signum}")
+    global _now
+    _now = f"received signal {signum}"
+    raise Cancelled(_now)
+
+
+def cancelled() -> str | None:
+    """Why the run must end at once, once a signal said so (whatever exception then surfaced)."""
+    return _now or None
 
 
 def install() -> None:
@@ -60,6 +69,6 @@ def requested() -> str | None:
 
 
 def reset() -> None:
-    global _signal_name
+    global _signal_name, _now
     _asked.clear()
-    _signal_name = ""
+    _signal_name = _now = ""

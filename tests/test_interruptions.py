@@ -106,3 +106,20 @@ def test_a_reward_that_hangs_fails_the_job_at_the_timeout(tiny_model, arith_file
     assert error["code"] == "timeout"
     assert error["message"] == "the reward phase of step 1 did not finish within fault_tolerance.call_timeout_s=3 s"
     assert "Traceback" not in result.stderr and f"error: {error['message']}" in result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_under_the_control_plane_cancels_at_once(tiny_model, arith_file, tmp_path):
+    """As `ray job stop` does to a job the API launched (RLHF_JOB_ID set): the driver ends `cancelled`
+    at once. (When the signal lands inside ray.get, Ray turns the handler's exception into a
+    SystemError, which run_job also reads as the cancel; this test does not choose where it lands.)"""
+    run_dir = tmp_path / "run"
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(tiny_model, arith_file, run_dir, optim={"steps": 500}))
+    job = Entrypoint(spec, env={"RLHF_JOB_ID": "job-sigterm"})
+    wait_until(lambda: len(read_jsonl(run_dir / "metrics.jsonl")) >= 2 if (run_dir / "metrics.jsonl").exists() else False,
+               180, "two steps of metrics")
+    os.kill(job.proc.pid, signal.SIGTERM)
+    result = job.result(timeout=120)
+    final = read_jsonl(run_dir / "events.jsonl")[-1]
+    assert (result.returncode, final["type"], final["status"]) == (130, "status", "cancelled"), (final, result.stderr[-2000:])
+    assert final["message"] == "cancelled: received signal 15"
