@@ -42,7 +42,7 @@ def register(sub) -> None:
     u = fsub.add_parser("upload", help="Upload a JSONL or Parquet file; prints its record (its id goes in data.train_file).")
     u.add_argument("path")
     u.add_argument("--purpose", required=True, choices=["train", "eval", "sft", "preference"])
-    u.set_defaults(func=lambda args: print(json.dumps(_run(lambda: _client(args).upload(args.path, args.purpose)), indent=1)) or 0)
+    u.set_defaults(func=_upload)
     m = sub.add_parser("models", help="List the models the operator registered for you.")
     m.add_argument("--url", help="API base URL (default RLHF_API_URL or http://127.0.0.1:8000).")
     m.add_argument("--api-key", help="API key (default RLHF_API_KEY).")
@@ -65,8 +65,26 @@ def _serve(args) -> int:
     from api.main import serve
     from api.settings import Settings
 
+    from pydantic import ValidationError
+
+    from api.auth import KeysFileError
+    from api.registry import RegistryError
+
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    serve(Settings(**overrides))
+    try:
+        settings = Settings(**overrides)
+        from api.main import create_app
+
+        app = create_app(settings)  # reads the keys file, the registry and the store: their errors now, in one line
+    except ValidationError as err:
+        problems = "; ".join(f"RLHF_API_{'_'.join(str(p) for p in e['loc'][:1]).upper()} ({'.'.join(str(p) for p in e['loc'])}): {e['msg']}"
+                             for e in err.errors())
+        print(f"error: invalid settings: {problems}", file=sys.stderr)
+        return 2
+    except (KeysFileError, RegistryError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    serve(settings, app)
     return 0
 
 
@@ -126,6 +144,14 @@ def _submit(args) -> int:
     print(json.dumps(job, indent=1))
     if args.watch:
         return _follow(client, job["id"])
+    return 0
+
+
+def _upload(args) -> int:
+    if not Path(args.path).is_file():
+        print(f"error: {args.path}: no such file", file=sys.stderr)
+        return 2
+    print(json.dumps(_run(lambda: _client(args).upload(args.path, args.purpose)), indent=1))
     return 0
 
 

@@ -111,9 +111,9 @@ def _add_docs(app: FastAPI, public: bool) -> None:
             return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
 
 
-def serve(settings: Settings | None = None) -> None:
+def serve(settings: Settings | None = None, app: FastAPI | None = None) -> None:
     import uvicorn
 
     settings = settings or Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False)
+    uvicorn.run(app or create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False)

@@ -152,8 +152,8 @@ class Reconciler:
         if not waiting:
             return
         admitted = [r for r in recs if not waiting_for_admission(r)]
-        quotas = {t: Quota(**q) for t, q in self.settings.quotas.items()}
-        decision = admission.decide(waiting, admitted, await self.capacity(), quotas, Quota(**self.settings.default_quota))
+        quotas = {t: Quota(**q.model_dump()) for t, q in self.settings.quotas.items()}
+        decision = admission.decide(waiting, admitted, await self.capacity(), quotas, Quota(**self.settings.default_quota.model_dump()))
         by_id = {r["id"]: r for r in waiting}
         for job_id in decision.admit:
             await self._submit(by_id[job_id])

@@ -5,8 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class QuotaSettings(BaseModel):
+    """What one tenant's admitted jobs may hold at once (api/admission.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpus: float | None = Field(None, ge=0, description="CPUs (null: no limit).")
+    gpus: float | None = Field(None, ge=0, description="GPUs (null: no limit).")
+    max_priority: int = Field(0, ge=-100, le=100, description="The highest `priority` its jobs may ask for.")
 
 
 class Settings(BaseSettings):
@@ -51,11 +61,11 @@ class Settings(BaseSettings):
         "acl", description="`acl`: each job's processes get a Redis user of their own (ACL SETUSER) that reaches only that job's "
         "records, deleted when the job ends; `shared`: they get `driver_redis_url` as it is (for a Redis without ACL rights)."
     )
-    quotas: dict[str, dict] = Field(
+    quotas: dict[str, QuotaSettings] = Field(
         default_factory=dict, description='Per tenant: `{"team-a": {"cpus": 8, "gpus": 2, "max_priority": 5}}`: what its admitted jobs may '
         "hold at once, and the highest `priority` its jobs may ask for. Tenants not named get `default_quota`."
     )
-    default_quota: dict = Field(default_factory=dict, description='Quota of tenants not in `quotas` (default: no CPU or GPU limit, max_priority 0).')
+    default_quota: QuotaSettings = Field(default_factory=QuotaSettings, description='Quota of tenants not in `quotas` (default: no CPU or GPU limit, max_priority 0).')
     ray_unreachable_deadline_s: float = Field(
         600.0, gt=0, description="A running job whose Ray cluster has not answered for this long is marked failed (`ray_unreachable`).")
     allow_volatile_redis: bool = Field(False, description="Start on a Redis with neither AOF nor snapshots (records lost on its restart).")

@@ -128,10 +128,10 @@ class TenantSpec:
         root = self.storage.strip(found[-1]["path"])
         if not root.startswith(self.storage.tenant_root(self.tenant) + "/"):
             raise refused(param, f"checkpoint {ref!r} is not in your storage area")
-        for sub in ((want, "policy") if want == "reward_model" else (want,)):
-            if self.storage.isdir(f"{root}/{sub}"):
-                return self.storage.url(f"{root}/{sub}")
-        raise refused(param, f"checkpoint {ref!r} holds no {want.replace('_', ' ')} (a {'policy' if want == 'reward_model' else 'reward model'} job's?)")
+        if self.storage.isdir(f"{root}/{want}"):
+            return self.storage.url(f"{root}/{want}")
+        other = "an rm job's reward model" if want == "policy" else "a policy"
+        raise refused(param, f"checkpoint {ref!r} holds no {want.replace('_', ' ')}: it holds {other}")
 
     async def _data(self, data: dict, algorithm: str, where: str) -> dict:
         out = {**data}

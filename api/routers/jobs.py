@@ -127,7 +127,7 @@ async def create_job(
 
 
 def admission_quota(settings: Settings, tenant: str) -> Quota:
-    return Quota(**settings.quotas.get(tenant, settings.default_quota))
+    return Quota(**settings.quotas.get(tenant, settings.default_quota).model_dump())
 
 
 def check_carriable(launch: dict[str, Any]) -> None:

@@ -148,3 +148,16 @@ def test_a_job_whose_ray_stays_unreachable_fails_at_the_deadline(tmp_path, keys)
             api.stop()
     finally:
         stop_group(server)
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"RLHF_API_QUOTAS": '{"team-a": {"cpu": 2}}'}, "error: invalid settings: RLHF_API_QUOTAS (quotas.team-a.cpu): Extra inputs are not permitted"),
+    ({"RLHF_API_REGISTRY_FILE": "/nonexistent/registry.yaml"}, "error: registry file not found: /nonexistent/registry.yaml"),
+])
+def test_rlhf_serve_names_a_bad_setting_in_one_line(tmp_path, keys, env, needle):
+    import os
+    import sys
+
+    full = {**os.environ, "RLHF_API_API_KEYS_FILE": str(keys["path"]), "RLHF_API_STORAGE_ROOT": str(tmp_path / "store"), **env}
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "serve"], env=full, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
