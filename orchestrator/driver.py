@@ -108,10 +108,19 @@ class Orchestrator:
         return {**metrics, **self.throughput(batch, timing), **{f"timing/{k}": v for k, v in timing.items()}}
 
     def wait(self, refs, phase: str):
-        """`ray.get`, bounded by `fault_tolerance.call_timeout_s`: a phase that hangs fails the job, naming it."""
+        """`ray.get`, bounded by `fault_tolerance.call_timeout_s`: a phase that hangs fails the job,
+        naming it. A call that failed (its actor lost) raises as soon as it is known, not after its
+        peers, which may be blocked on it in a collective (DDP's all-reduce) until they time out."""
         limit = self.spec.fault_tolerance.call_timeout_s
+        deadline = None if limit is None else time.monotonic() + limit
+        pending = list(refs) if isinstance(refs, list) else [refs]
+        while len(pending) > 1:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
+            if not ready:
+                break
+            ray.get(ready)  # raises if that call failed
         try:
-            return ray.get(refs, timeout=limit)
+            return ray.get(refs, timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
         except GetTimeoutError:
             raise PhaseTimeout(f"the {phase} phase of step {self.current_step} did not finish within fault_tolerance.call_timeout_s={limit:g} s") from None
 
@@ -237,6 +246,11 @@ class Orchestrator:
         self.setup_weight_sync()
         names = [f"{self.job_id}/{r}-{i}" for r, g in self.groups.items() for i in range(len(g))]
         self.reporter.event("actors_ready", f"{len(names)} actors up", actors=names)
+
+    def actor_names(self) -> dict[str, str]:
+        """Actor id (hex) -> `job/role-i`: how the job names its actors (in events and in Ray's dashboard)."""
+        return {actor._actor_id.hex(): f"{self.job_id}/{role}-{i}" for role, group in self.groups.items()
+                for i, actor in enumerate(group.actors)}
 
     def shutdown(self) -> None:
         """Kill the job's actors and free its placement group."""

@@ -19,6 +19,7 @@ from orchestrator import stopping
 from orchestrator.core import checkpoint, storage
 from orchestrator.core.data import PromptSampler, load_dataset
 from orchestrator.core.spec import JobSpec, SpecError
+from orchestrator.recovery import RestartBudget, RestartsExhausted, lost_process
 from orchestrator.registry import driver_class
 from orchestrator.reporting import FileReporter, MultiReporter
 from workers.common import ModelLoadError
@@ -108,8 +109,7 @@ def connect_ray(spec: JobSpec) -> None:
     ray.init(address="local", num_cpus=max(cores, int(wanted + 0.999)), include_dashboard=False, log_to_driver=True)
 
 
-def run_stages(stages: list[Stage], tokenizer, job_id: str, reporter: MultiReporter, file_reporter: FileReporter,
-               resume: bool, progress: bool) -> None:
+def run_stages(stages: list[Stage], tokenizer, job_id: str, reporter: MultiReporter, resume: bool, progress: bool) -> None:
     from orchestrator.reporting import ProgressReporter, RayMetricsReporter
 
     spec = stages[0].spec
@@ -132,18 +132,20 @@ def run_stages(stages: list[Stage], tokenizer, job_id: str, reporter: MultiRepor
         changes = resume_changes(state.get("spec") or {}, stage.spec.model_dump(mode="json"), first_stage=stage.index == 0)
         if changes:
             reporter.event("warning", f"--resume: the spec changed since step {start_step}: " + "; ".join(changes), changes=changes)
-        file_reporter.truncate_metrics(start_step)
         reporter.event("resumed", f"resumed from {latest} at step {start_step}", step=start_step, path=str(latest))
+    if resume:  # the steps after the checkpoint are redone: their first lines go, here and in Redis
+        reporter.rewind(start_step)
     total = stages[-1].last_step
     if progress:
         reporter.add(ProgressReporter(total, start_step))
     names = {"stages": [s.name for s in stages]} if stages[0].name else {}
     reporter.event("status", "running", status="running", total_steps=total, start_step=start_step, **names)
     model_path = spec.model.path
+    restarts = RestartBudget(spec.fault_tolerance.max_restarts)  # one budget for the job, including earlier driver attempts
     for stage in stages:
         if start_step < stage.last_step:
             resume_from = latest if start_step >= stage.first_step else None
-            run_stage(with_stage_models(stage, stages), model_path, tokenizer, job_id, _tagged(reporter, stage), resume_from)
+            run_stage(with_stage_models(stage, stages), model_path, tokenizer, job_id, _tagged(reporter, stage), resume_from, restarts)
         if stage.spec.algo.produces == "policy":  # a reward-model stage leaves the policy as it found it
             model_path = _handoff(stage, latest)
         if stage.index < len(stages) - 1:  # later stages (and their resume) need it, whatever checkpoint.keep_last says
@@ -201,8 +203,42 @@ def _final(stage: Stage) -> Path | str:
     return checkpoint.step_dir(stage.spec.checkpoint_dir, stage.last_step)
 
 
-def run_stage(stage: Stage, model_path: str, tokenizer, job_id: str, reporter, resume_from=None) -> None:
-    """One stage on its own actors, from `model_path` (or resumed from a checkpoint inside the stage)."""
+def run_stage(stage: Stage, model_path: str, tokenizer, job_id: str, reporter, resume_from=None,
+              restarts: RestartBudget | None = None) -> None:
+    """One stage on its own actors, from `model_path` (or resumed from a checkpoint inside the stage).
+    A lost actor or node costs a restart from `restarts`: the actors are placed again and the stage
+    resumes from its newest checkpoint, its later metric lines dropped (they are redone)."""
+    restarts = restarts or RestartBudget(stage.spec.fault_tolerance.max_restarts, used=0)
+    while True:
+        orch = _stage_driver(stage, model_path, tokenizer, job_id, reporter)
+        try:
+            orch.start()
+            start = stage.first_step - 1
+            if resume_from is not None:
+                start = orch.load_checkpoint(resume_from)
+            if stage.name:
+                reporter.event("stage", f"stage {stage.name} ({orch.spec.algorithm.name}) runs steps {start + 1}..{stage.last_step} from {model_path}",
+                               algorithm=orch.spec.algorithm.name, model_path=model_path, first_step=stage.first_step, last_step=stage.last_step)
+            orch.fit(start)
+            return
+        except Exception as err:
+            died = lost_process(err, orch.actor_names())
+            if died is None or stopping.cancelled() or stopping.requested():
+                raise
+            if not restarts.take():
+                raise RestartsExhausted(died, err, restarts) from err
+            resume_from = _newest_in_stage(stage)
+            resume_step = checkpoint.read_state(resume_from)["step"] if resume_from is not None else stage.first_step - 1
+            message, fields = restarts.event(died, err, resume_step, resume_from)
+            reporter.event("restart", message, **fields)
+            reporter.rewind(resume_step)
+        finally:
+            names = list(orch.actor_names().values())
+            orch.shutdown()
+            _wait_released(names)
+
+
+def _stage_driver(stage: Stage, model_path: str, tokenizer, job_id: str, reporter):
     from orchestrator.evaluation import Evaluator
 
     spec = _with_model(stage.spec, model_path)
@@ -210,19 +246,13 @@ def run_stage(stage: Stage, model_path: str, tokenizer, job_id: str, reporter, r
     orch.total_steps = stage.last_step  # steps are numbered across the job
     if stage.eval_set is not None:
         orch.evaluator = Evaluator(stage.eval_set, spec.eval.every, stage.first_step)
-    try:
-        orch.start()
-        start = stage.first_step - 1
-        if resume_from is not None:
-            start = orch.load_checkpoint(resume_from)
-        if stage.name:
-            reporter.event("stage", f"stage {stage.name} ({spec.algorithm.name}) runs steps {start + 1}..{stage.last_step} from {model_path}",
-                           algorithm=spec.algorithm.name, model_path=model_path, first_step=stage.first_step, last_step=stage.last_step)
-        orch.fit(start)
-    finally:
-        names = [f"{job_id}/{role}-{i}" for role, group in orch.groups.items() for i in range(len(group))]
-        orch.shutdown()
-        _wait_released(names)
+    return orch
+
+
+def _newest_in_stage(stage: Stage):
+    """The stage's newest finished checkpoint, or None (the stage then starts over from its model)."""
+    found = [p for p in checkpoint.complete(stage.spec.checkpoint_dir) if checkpoint.read_state(p)["step"] >= stage.first_step]
+    return found[-1] if found else None
 
 
 def _handoff(stage: Stage, latest) -> str:
@@ -283,6 +313,9 @@ class StageReporter:
         values = {"stage_index": float(self.index), **values}
         for r in self.inner.reporters:
             r.metrics(step, {"stage": self.name, **values} if isinstance(r, FileReporter) else values)
+
+    def rewind(self, after_step: int) -> None:
+        self.inner.rewind(after_step)
 
     def close(self) -> None:
         pass

@@ -70,6 +70,8 @@ class RedisReporter:
             pipe.xadd(events_key(self.job_id), {"data": record})
             if listing is not None:
                 pipe.hset(job_key(self.job_id), "checkpoints", json.dumps(listing))
+            if type == "restart":
+                pipe.hset(job_key(self.job_id), "restarts", int(data["restart"]))
             pipe.hset(job_key(self.job_id), "updated_at", repr(now))
 
         self._put(f"a {type} event", write)
@@ -84,6 +86,18 @@ class RedisReporter:
             pipe.hset(job_key(self.job_id), mapping={"step": step, "metrics": json.dumps(safe), "updated_at": repr(now)})
 
         self._put(f"the metrics of step {step}", write)
+
+    def rewind(self, after_step: int) -> None:
+        """Delete the metric entries of steps past `after_step` (they are redone after a restart or a
+        resume), in order with the other writes: the history then has each step once."""
+
+        def write(pipe):
+            later = [eid for eid, fields in self.client.xrange(metrics_key(self.job_id))
+                     if json.loads(fields[b"data"]).get("step", 0) > after_step]
+            if later:
+                pipe.xdel(metrics_key(self.job_id), *later)
+
+        self._put(f"the rewind to step {after_step}", write)
 
     def close(self) -> None:
         with self._cond:

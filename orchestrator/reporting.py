@@ -47,8 +47,8 @@ class FileReporter:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(json_safe({"step": step, "time": time.time(), **values})) + "\n")
 
-    def truncate_metrics(self, after_step: int) -> None:
-        """Drop metric lines past `after_step` (a resumed run writes them again)."""
+    def rewind(self, after_step: int) -> None:
+        """Drop metric lines past `after_step` (a resumed or restarted run writes them again)."""
         if not self.metrics_path.exists():
             return
         kept = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and _step_of(line) <= after_step]
@@ -128,6 +128,10 @@ class ProgressReporter:
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None}, refresh=False)
         self.bar.update(step - self.bar.n)
 
+    def rewind(self, after_step: int) -> None:
+        self.bar.n = after_step
+        self.bar.refresh()
+
     def close(self) -> None:
         self.bar.close()
 
@@ -180,6 +184,14 @@ class MultiReporter:
     def metrics(self, step: int, values: dict[str, float]) -> None:
         for r in self.reporters:
             r.metrics(step, values)
+
+    def rewind(self, after_step: int) -> None:
+        """Forget the metrics of steps past `after_step`, in every reporter that keeps a history it can
+        edit (the run directory, Redis): those steps are about to be redone. Experiment trackers keep
+        both attempts."""
+        for r in self.reporters:
+            if hasattr(r, "rewind"):
+                r.rewind(after_step)
 
     def close(self) -> None:
         for r in self.reporters:

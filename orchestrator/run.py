@@ -23,6 +23,7 @@ from orchestrator import stopping
 from orchestrator.core.data import DataError
 from orchestrator.core.spec import JobSpec, SpecError, load_spec, read_spec_file
 from orchestrator.driver import PhaseTimeout
+from orchestrator.recovery import RestartsExhausted
 from orchestrator.stopping import Cancelled, StopRequested
 from workers.common import ModelLoadError
 from workers.reward import RewardError
@@ -82,7 +83,7 @@ def describe_error(err: BaseException) -> tuple[str, str]:
 
 
 _CODES = {SpecError: "invalid_spec", DataError: "invalid_data", ModelLoadError: "model_load_error", RewardError: "reward_error",
-          PhaseTimeout: "timeout"}
+          PhaseTimeout: "timeout", RestartsExhausted: "actor_died"}
 
 
 def reporters_from_env(job_id: str) -> list[Any]:
@@ -140,7 +141,7 @@ def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False,
             if stopping.cancelled():
                 raise Cancelled(stopping.cancelled()) from None
             return _fail(reporter, err, EXIT_BAD_INPUT)
-        run_stages(stages, tokenizer, job_id, reporter, file_reporter, resume, progress)
+        run_stages(stages, tokenizer, job_id, reporter, resume, progress)
         return EXIT_OK
     except StopRequested as stop:
         how = f"resume with: rlhf train {spec_path} --resume" if not str(spec_path).startswith("env:") else "resume it with --resume"

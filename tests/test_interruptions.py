@@ -23,7 +23,7 @@ def test_a_torn_last_line_is_cut_and_named(tmp_path):
     assert reporter.repairs == ["dropped a torn last line of events.jsonl (14 bytes, from a write the last run did not finish)"]
     reporter.event("warning", "next")
     assert [e["seq"] for e in read_jsonl(tmp_path / "events.jsonl")] == [1, 2]
-    reporter.truncate_metrics(1)
+    reporter.rewind(1)
     assert [m["step"] for m in read_jsonl(tmp_path / "metrics.jsonl")] == [1]
     assert FileReporter(tmp_path).repairs == []
 

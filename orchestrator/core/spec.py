@@ -279,6 +279,13 @@ class FaultToleranceSpec(_Strict):
         "update) before the job fails with a `timeout` error naming it: a reward function or rollout that hangs ends the job "
         "instead of holding its resources forever (null: wait forever)."
     )
+    max_restarts: int = Field(
+        3, ge=0, le=100, description="How many times the job recovers by itself, in all, from a lost process: an actor or its "
+        "node that dies (the job tears down its actors and placement group, places them again and resumes from its last "
+        "checkpoint, redoing the steps after it) and, under the control plane, a driver that dies (resubmitted to Ray with "
+        "`--resume`, same job id). Each is a `restart` event naming what died; one more loss fails the job with it. "
+        "Errors in the job itself (bad data, a reward that raises, a timeout) are not retried."
+    )
 
 
 class EvalSpec(_Strict):
