@@ -31,6 +31,17 @@ class RayJobState:
     exit_code: int | None
 
 
+@dataclass(frozen=True)
+class LiveRayJob:
+    submission_id: str
+    job_id: str
+    tenant: str
+    name: str
+    attempt: int
+    env: dict  # the runtime_env's env_vars: the spec, the job's Redis URL
+    started_at: float | None
+
+
 class RayLauncher:
     TIMEOUT_S = 30.0
 
@@ -70,8 +81,11 @@ class RayLauncher:
         except asyncio.TimeoutError:
             raise RayUnavailable(f"Ray Job Submission API at {self.settings.ray_address} did not answer {fn} in {self.TIMEOUT_S:.0f} s") from None
 
-    async def submit(self, job_id: str, tenant: str, name: str, spec: dict, redis_user: tuple[str, str] | None = None) -> str:
-        """`redis_user`: the job's own Redis user and password, put into the URL its processes get."""
+    async def submit(self, job_id: str, tenant: str, name: str, spec: dict, redis_user: tuple[str, str] | None = None,
+                     submission_id: str | None = None, restarts_used: int = 0) -> str:
+        """`redis_user`: the job's own Redis user and password, put into the URL its processes get.
+        A later attempt of a job (`restarts_used` > 0, its own `submission_id`) resumes from the job's
+        last checkpoint with what is left of its restart budget."""
         url = self.settings.jobs_redis_url
         if redis_user is not None:
             parts = urlsplit(url)
@@ -83,6 +97,7 @@ class RayLauncher:
                 "RLHF_JOB_ID": job_id,
                 "RLHF_TENANT": tenant,  # tags the job's Ray gauges and tracker runs
                 "RLHF_SPEC_JSON": json.dumps(spec),
+                "RLHF_RESTARTS_USED": str(restarts_used),
             }
         }
         if "://" in self.settings.storage_root and self.settings.storage_options:
@@ -92,11 +107,24 @@ class RayLauncher:
             runtime_env["working_dir"] = self.settings.ray_working_dir
         return await self._call(
             "submit_job",
-            entrypoint=ENTRYPOINT,
-            submission_id=job_id,
+            entrypoint=ENTRYPOINT + (" --resume" if restarts_used else ""),
+            submission_id=submission_id or job_id,
             runtime_env=runtime_env,
-            metadata={"tenant": tenant, "name": name, "rlhf_job_id": job_id},
+            metadata={"tenant": tenant, "name": name, "rlhf_job_id": job_id, "attempt": str(restarts_used + 1)},
         )
+
+    async def live_jobs(self) -> list[LiveRayJob]:
+        """This service's Ray jobs that are PENDING or RUNNING (their metadata names the job), with
+        what their submission carries: how records lost by Redis are rebuilt."""
+        out = []
+        for job in await self._call("list_jobs"):
+            meta = job.metadata or {}
+            if not meta.get("rlhf_job_id") or str(job.status.value) not in ("PENDING", "RUNNING") or not job.submission_id:
+                continue
+            env = ((job.runtime_env or {}).get("env_vars") or {})
+            out.append(LiveRayJob(job.submission_id, meta["rlhf_job_id"], meta.get("tenant") or "", meta.get("name") or "",
+                                  int(meta.get("attempt") or 1), env, (job.start_time or 0) / 1000 or None))
+        return out
 
     async def capacity(self):
         """The cluster's alive nodes' resources (admission.Capacity), asked of Ray's state API."""

@@ -8,10 +8,12 @@ then admits the waiting jobs that fit (api/admission.py) by submitting them to R
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from api import admission
 from api.admission import Capacity, Quota
@@ -19,6 +21,7 @@ from api.launcher import RayJobMissing, RayJobState, RayLauncher, RayUnavailable
 from api.settings import Settings
 from api.store import JobStore
 from orchestrator.core.records import PREFIX, TERMINAL
+from orchestrator.core.spec import FaultToleranceSpec
 
 log = logging.getLogger("api.reconciler")
 
@@ -50,7 +53,28 @@ class StopRayJob:
     """Ask Ray again to stop the job: the stop sent at cancel time may not have reached it."""
 
 
-Decision = Transition | StopRayJob | None
+@dataclass(frozen=True)
+class Resubmit:
+    """The driver died without reporting: submit the job to Ray again, with `--resume`, as restart
+    number `restart` (its Ray submission id `<job id>-attempt<restart + 1>`)."""
+
+    restart: int
+    cause: str
+
+
+Decision = Transition | StopRayJob | Resubmit | None
+
+
+def max_restarts(rec: dict[str, Any]) -> int:
+    """`fault_tolerance.max_restarts` of the job's spec as launched (its default if unset)."""
+    section = (rec.get("launch_spec") or {}).get("fault_tolerance") or {}
+    value = section.get("max_restarts")
+    return int(value) if value is not None else FaultToleranceSpec.model_fields["max_restarts"].default
+
+
+def submission_id(job_id: str, restart: int) -> str:
+    """The Ray submission id of a job's attempt: the job id for the first, then `-attempt2`, ..."""
+    return job_id if restart == 0 else f"{job_id}-attempt{restart + 1}"
 
 
 def decide(rec: dict[str, Any], ray: RayJobState | RayUnavailable | RayJobMissing, now: float,
@@ -68,7 +92,7 @@ def decide(rec: dict[str, Any], ray: RayJobState | RayUnavailable | RayJobMissin
             return Transition("failed", "failed: Ray unreachable", {"code": "ray_unreachable", "message": message})
         return None  # nothing is known; try again next round
     if isinstance(ray, RayJobMissing):
-        if now - (rec.get("admitted_at") or rec["created_at"] or 0) > MISSING_GRACE_S:
+        if now - max(rec.get("admitted_at") or rec["created_at"] or 0, rec.get("resubmitted_at") or 0) > MISSING_GRACE_S:
             message = f"Ray has no job {rec['id']} (was the Ray cluster replaced?)"
             return Transition("failed", "failed: lost by Ray", {"code": "ray_job_lost", "message": message})
         return None
@@ -83,6 +107,12 @@ def decide(rec: dict[str, Any], ray: RayJobState | RayUnavailable | RayJobMissin
         return StopRayJob()
     if ray_status == "FAILED":
         message = ray_failure_message(ray)
+        if rec.get("launch_spec"):  # (a record from an API before the admission queue cannot be resubmitted)
+            used, allowed = rec.get("restarts") or 0, max_restarts(rec)
+            if used < allowed:
+                return Resubmit(used + 1, message)
+            if allowed:
+                message += f" (no restart left: fault_tolerance.max_restarts={allowed}, {used} used)"
         return Transition("failed", f"failed: {message}", {"code": "driver_failed", "message": message})
     return None
 
@@ -95,6 +125,7 @@ def waiting_for_admission(rec: dict[str, Any]) -> bool:
 
 class Reconciler:
     SWEEP_EVERY = 5  # rounds between sweeps of the Redis users of ended jobs
+    ADOPT_EVERY = 20  # rounds between looks for running Ray jobs whose records Redis lost (and the first round)
     CAPACITY_TTL_S = 5.0
 
     def __init__(self, store: JobStore, launcher: RayLauncher, settings: Settings):
@@ -129,9 +160,40 @@ class Reconciler:
         await asyncio.gather(*(self._one(job_id) for job_id in ids))
         await self.stop_orphans()
         await self.admit(ids)
+        if self._rounds % self.ADOPT_EVERY == 0:
+            await self.rebuild_lost_records()
         self._rounds += 1
         if self._rounds % self.SWEEP_EVERY == 1:
             await self.store.drop_job_users(keep=self._still_running)
+
+    async def rebuild_lost_records(self) -> int:
+        """Record again the jobs running in Ray whose records Redis has lost (their Ray submission
+        carries tenant, name, spec and Redis URL), so that they show, finish and can be cancelled: no
+        job runs on unseen. Their Redis users come back with the passwords their processes hold, and
+        what they report from then on arrives. How many were rebuilt."""
+        try:
+            live = await self.launcher.live_jobs()
+        except RayUnavailable:
+            return 0
+        rebuilt = 0
+        for job in live:
+            rec = await self.store.get(job.job_id)
+            if not job.tenant or (rec is not None and rec.get("tenant")):  # (a driver's writes alone leave a hash without one)
+                continue
+            try:
+                spec = json.loads(job.env.get("RLHF_SPEC_JSON") or "{}")
+            except ValueError:
+                spec = {}
+            note = (f"record rebuilt from Ray's job {job.submission_id} after the control plane's Redis lost it; "
+                    "events and metrics reported before then are gone")
+            if not await self.store.rebuild(job.job_id, job.tenant, job.name, spec, job.submission_id, job.attempt - 1, job.started_at, note):
+                continue
+            password = urlsplit(job.env.get("RLHF_REDIS_URL") or "").password
+            if password and self.settings.job_credentials == "acl":
+                await self.store.restore_job_user(job.job_id, job.tenant, unquote(password))
+            log.warning("rebuilt the lost record of job %s (tenant %s) from Ray's job %s", job.job_id, job.tenant, job.submission_id)
+            rebuilt += 1
+        return rebuilt
 
     # --- admission -------------------------------------------------------------------------------
 
@@ -179,6 +241,27 @@ class Reconciler:
         if after is not None and after["status"] in TERMINAL:  # cancelled while it was being submitted
             await self.launcher.stop(job_id)
 
+    async def resubmit(self, rec: dict[str, Any], decision: Resubmit) -> None:
+        """Submit a job whose driver died to Ray again, resuming from its last checkpoint: same job id,
+        same run directory, the next attempt's submission id; the restarts spent so far go with it."""
+        job_id, restart = rec["id"], decision.restart
+        new_id = submission_id(job_id, restart)
+        try:
+            user = await self.store.job_user(job_id, rec["tenant"]) if self.settings.job_credentials == "acl" else None
+            await self.launcher.submit(job_id, rec["tenant"], rec.get("name") or "", rec["launch_spec"], redis_user=user,
+                                       submission_id=new_id, restarts_used=restart)
+        except RayUnavailable as err:
+            log.warning("resubmitting %s: %s (next round)", job_id, err)
+            return
+        allowed = max_restarts(rec)
+        await self.store.set_fields(job_id, ray_submission_id=new_id, restarts=restart, resubmitted_at=time.time())
+        await self.store.add_event(job_id, "restart", f"the driver died ({decision.cause}); restart {restart} of {allowed}: "
+                                   f"resubmitted to Ray as {new_id}, resuming from the last checkpoint", died="driver",
+                                   cause=decision.cause, restart=restart, max_restarts=allowed, ray_submission_id=new_id)
+        after = await self.store.get(job_id)
+        if after is not None and after["status"] in (*TERMINAL, "cancelling"):  # cancelled meanwhile
+            await self.launcher.stop(new_id)
+
     async def _still_running(self, job_id: str) -> bool:
         """A job's Redis user lives as long as the job is not terminal."""
         rec = await self.store.get(job_id)
@@ -190,17 +273,19 @@ class Reconciler:
             if rec is None or rec["status"] in TERMINAL or waiting_for_admission(rec):
                 return  # (decide would do nothing either: this saves asking Ray; Ray has never seen a waiting job)
             try:
-                ray: RayJobState | RayUnavailable | RayJobMissing = await self.launcher.state(job_id)
+                ray: RayJobState | RayUnavailable | RayJobMissing = await self.launcher.state(rec.get("ray_submission_id") or job_id)
             except (RayUnavailable, RayJobMissing) as err:
                 ray = err
             now = time.time()
             since = self._unreachable.setdefault(job_id, now) if isinstance(ray, RayUnavailable) else self._unreachable.pop(job_id, None)
             unreachable_s = now - since if isinstance(ray, RayUnavailable) else 0.0
-            await self.act(job_id, decide(rec, ray, now, unreachable_s, self.settings.ray_unreachable_deadline_s))
+            await self.act(job_id, decide(rec, ray, now, unreachable_s, self.settings.ray_unreachable_deadline_s), rec)
 
-    async def act(self, job_id: str, decision: Decision) -> None:
+    async def act(self, job_id: str, decision: Decision, rec: dict[str, Any] | None = None) -> None:
         if isinstance(decision, StopRayJob):
-            await self.launcher.stop(job_id)
+            await self.launcher.stop(((rec or {}).get("ray_submission_id")) or job_id)
+        elif isinstance(decision, Resubmit):
+            await self.resubmit(rec or await self.store.get(job_id), decision)
         elif isinstance(decision, Transition):
             error = {"error": decision.error} if decision.error is not None else {}
             await self.store.transition(job_id, decision.status, decision.message, **error)

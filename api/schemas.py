@@ -59,7 +59,7 @@ class QueueInfo(BaseModel):
 
 
 class JobPublic(BaseModel):
-    id: str = Field(..., description="Job id; also the Ray job's submission id.")
+    id: str = Field(..., description="Job id; also the Ray job's submission id (of its first attempt).")
     object: Literal["job"] = "job"
     name: str = Field(..., description="The spec's `name`.")
     status: JobStatus = Field(..., description="queued → starting → running → succeeded | failed | cancelled (cancelling between).")
@@ -75,7 +75,10 @@ class JobPublic(BaseModel):
     priority: int = Field(0, description="Its admission priority.")
     queue: QueueInfo | None = Field(None, description="While it waits for admission: its place in the queue and why it waits.")
     spec: dict[str, Any] = Field(..., description="The validated job spec, defaults filled in.")
-    ray_submission_id: str = Field(..., description="Submission id of the Ray job (`ray job status <id>`).")
+    restarts: int = Field(0, description="Restarts so far (`fault_tolerance.max_restarts`): an actor, node or driver lost and "
+                          "the job resumed from its last checkpoint; each is a `restart` event naming what died.")
+    ray_submission_id: str = Field(..., description="Submission id of the Ray job's current attempt (`ray job status <id>`): the "
+                                   "job id, then `<job id>-attempt2`, ... after a driver was lost and resubmitted.")
     dashboard_url: str = Field(..., description="The job's page in the Ray dashboard.")
 
     model_config = ConfigDict(

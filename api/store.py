@@ -32,8 +32,8 @@ JOB_USER_PREFIX = "rlhf."  # + the job id: the Redis ACL user of one job
 FILE_SEQ_KEY = f"{PREFIX}files:seq"
 IDEMPOTENCY_TTL_S = 24 * 3600
 _JSON_FIELDS = ("metrics", "error", "metadata", "spec", "checkpoints", "launch_spec", "demand", "queue")
-_FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at", "admitted_at")
-_INT_FIELDS = ("step", "total_steps", "seq", "priority")
+_FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at", "admitted_at", "resubmitted_at")
+_INT_FIELDS = ("step", "total_steps", "seq", "priority", "restarts")
 
 
 def _idem_key(tenant: str, key: str) -> str:
@@ -121,6 +121,35 @@ class JobStore:
         await pipe.execute()
         return decode({k: str(v) for k, v in fields.items()})
 
+    async def rebuild(self, job_id: str, tenant: str, name: str, launch_spec: dict, submission_id: str, restarts: int,
+                      started_at: float | None, note: str) -> bool:
+        """Record again a job that runs in Ray but whose record Redis lost (data loss, a flushed
+        database): `running`, from what its Ray submission carries. False if a record exists (another
+        API process rebuilt it first). Its earlier events and metrics are gone; `note` says so."""
+        if not await self.redis.hsetnx(job_key(job_id), "id", job_id):
+            return False
+        now = time.time()
+        seq = await self.redis.incr(SEQ_KEY)
+        fields = {
+            "tenant": tenant, "name": name, "status": "running", "seq": seq, "created_at": repr(started_at or now),
+            "admitted_at": repr(started_at or now), "started_at": repr(started_at or now), "updated_at": repr(now), "step": 0,
+            "spec": json.dumps(launch_spec), "launch_spec": json.dumps(launch_spec), "metadata": json.dumps({}),
+            "ray_submission_id": submission_id, "restarts": restarts,
+        }
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(job_key(job_id), mapping=fields)
+        pipe.zadd(tenant_jobs_key(tenant), {job_id: seq})
+        pipe.zadd(tenant_status_key(tenant, "running"), {job_id: seq})
+        pipe.hincrby(COUNTS_KEY, "running", 1)
+        pipe.sadd(ACTIVE_KEY, job_id)
+        pipe.xadd(events_key(job_id), {"data": json.dumps(event_record("recovered", note, {"ray_submission_id": submission_id}, now))})
+        await pipe.execute()
+        return True
+
+    async def restore_job_user(self, job_id: str, tenant: str, password: str) -> None:
+        """Create the job's Redis user again with the password its processes hold (after Redis lost it)."""
+        await self._set_job_user(job_id, tenant, password)
+
     async def delete(self, job_id: str) -> None:
         """Remove a job that never reached Ray (its launch failed), as if it had not been created."""
         raw = await self.redis.hgetall(job_key(job_id))
@@ -202,7 +231,10 @@ class JobStore:
         """(user, password) of a Redis ACL user that reaches this job's record, events and metrics,
         its tenant's status indexes and the two shared counters the status script keeps, and
         nothing else: what the job's processes (driver, actors, reward code) hold."""
-        user, password = JOB_USER_PREFIX + job_id, secrets.token_hex(24)
+        return await self._set_job_user(job_id, tenant, secrets.token_hex(24))
+
+    async def _set_job_user(self, job_id: str, tenant: str, password: str) -> tuple[str, str]:
+        user = JOB_USER_PREFIX + job_id
         keys = [job_key(job_id), events_key(job_id), metrics_key(job_id), tenant_status_key(_glob_escape(tenant), "*"),
                 COUNTS_KEY, ACTIVE_KEY]
         await self.redis.execute_command(

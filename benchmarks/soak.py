@@ -3,6 +3,12 @@ for two; prints how many ran at once (never more than fit), each job's wait in t
 of admission between the tenants (fair share), and whether all succeeded.
 
     python benchmarks/soak.py [--jobs-per-tenant 10] [--cpus 3]
+    python benchmarks/soak.py --fault-every 20 --steps 8     # and SIGKILL a process of a running job every 20 s
+
+With `--fault-every S`, every S seconds one process of a running job is SIGKILLed, picked at random
+among its actors (reward, rollout, trainer) and its Python driver; it then prints each fault, the
+restart it caused, the steps it cost (the step reached when it struck, less the step the job resumed
+from) and whether every job still succeeded with each step reported once.
 
 Starts its own redis-server (AOF), Ray head (`--num-cpus`, default 3: room for two tiny jobs of 1.5
 CPUs) and API on free 127.0.0.1 ports, a tiny local model in the registry; each job is 2 GRPO steps.
@@ -13,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs-per-tenant", type=int, default=10)
     parser.add_argument("--cpus", type=int, default=3, help="Logical CPUs of the Ray head (each job holds 1.5).")
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--steps", type=int, default=2, help="GRPO steps per job (checkpoint every 2).")
+    parser.add_argument("--fault-every", type=float, default=0, help="SIGKILL a process of a running job every this many seconds (0: none).")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     import httpx
@@ -85,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             def body(t: str, i: int) -> dict:
                 return {"name": f"{t}-{i}", "model": {"path": "tiny"}, "data": {"train_file": files[t], "max_prompt_length": 16},
                         "rollout": {"n": 4, "max_new_tokens": 4}, "rewards": [{"function": "accuracy"}],
-                        "optim": {"lr": 1e-4, "steps": 2, "prompts_per_step": 4}, "resources": {"torch_threads": 1}}
+                        "optim": {"lr": 1e-4, "steps": args.steps, "prompts_per_step": 4}, "resources": {"torch_threads": 1},
+                        "checkpoint": {"every": 2}}
 
             # Tenant a's jobs first, then b's, all at once: fair share should still alternate.
             order = [(t, i) for t in clients for i in range(args.jobs_per_tenant)]
@@ -93,12 +105,19 @@ def main(argv: list[str] | None = None) -> int:
                 submitted = list(pool.map(lambda ti: (ti[0], clients[ti[0]].post("/v1/jobs", json=body(*ti)).json()["id"]), order))
             start_t, peak, samples = time.monotonic(), 0, 0
             jobs: dict[str, dict] = {}
+            faults: list[dict] = []
+            rng, next_fault = random.Random(args.seed), time.monotonic() + args.fault_every
             while time.monotonic() - start_t < args.timeout:
                 for t, c in clients.items():
                     for j in c.get("/v1/jobs", params={"limit": 100}).json()["data"]:
                         jobs[j["id"]] = {**j, "tenant": t}
                 running = [j for j in jobs.values() if j["status"] in ("starting", "running", "cancelling")]
                 peak, samples = max(peak, len(running)), samples + 1
+                if args.fault_every and time.monotonic() >= next_fault:
+                    fault = inject_fault(rng, [j for j in running if j["status"] == "running" and j["step"] >= 1], dashboard)
+                    if fault:
+                        faults.append({**fault, "time": time.monotonic() - start_t})
+                        next_fault = time.monotonic() + args.fault_every
                 if len(jobs) == len(submitted) and all(j["status"] in ("succeeded", "failed", "cancelled") for j in jobs.values()):
                     break
                 time.sleep(0.5)
@@ -108,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                 events = clients[t].get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
                 adm = next((e for e in events if e["type"] == "admitted"), None)
                 admitted.append((adm["created_at"] if adm else float("inf"), t, job_id, adm["data"]["waited_s"] if adm else None))
+                jobs.setdefault(job_id, {})["restart_events"] = restart_events(events)
+                steps = [m["step"] for m in clients[t].get(f"/v1/jobs/{job_id}/metrics", params={"limit": 1000}).json()["data"]]
+                jobs[job_id]["steps_once"] = steps == list(range(1, args.steps + 1))
         finally:
             for p in reversed(procs):
                 stop(p)
@@ -128,9 +150,72 @@ def main(argv: list[str] | None = None) -> int:
     for _, t, job_id, waited in admitted:
         j = jobs.get(job_id, {})
         print(f"{job_id:28} {t:7} {waited if waited is None else f'{waited:9.1f}'} {j.get('status', '?'):10}")
-    ok = sum(1 for j in jobs.values() if j["status"] == "succeeded")
-    print(f"succeeded: {ok} of {len(submitted)}")
-    return 0 if ok == len(submitted) else 1
+    ok = sum(1 for j in jobs.values() if j.get("status") == "succeeded")
+    once = sum(1 for j in jobs.values() if j.get("steps_once"))
+    print(f"succeeded: {ok} of {len(submitted)}; each step's metrics exactly once: {once} of {len(submitted)}")
+    if args.fault_every:
+        report_faults(faults, jobs)
+    return 0 if ok == len(submitted) == once else 1
+
+
+def restart_events(events: list[dict]) -> list[dict]:
+    """A job's restart events; a driver's (written by the control plane) gets the step its next
+    attempt resumed from (that attempt's `resumed` event, or 0 when it had no checkpoint)."""
+    out = []
+    for i, e in enumerate(events):
+        if e["type"] != "restart":
+            continue
+        data = dict(e["data"])
+        if "resume_step" not in data:
+            resumed = next((x for x in events[i + 1:] if x["type"] in ("resumed", "restart")), None)
+            data["resume_step"] = resumed["data"].get("step", 0) if resumed and resumed["type"] == "resumed" else 0
+        out.append(data)
+    return out
+
+
+def inject_fault(rng, running: list[dict], dashboard: str) -> dict | None:
+    """SIGKILL one process of a running job: one of its live actors or its Python driver."""
+    import psutil
+    from ray.util.state import list_actors
+
+    if not running:
+        return None
+    job = rng.choice(running)
+    victims = [(f"actor {a.name}", a.pid) for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
+               if (a.name or "").startswith(job["id"] + "/") and a.pid]
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "orchestrator.run" in (proc.info["cmdline"] or []) and proc.environ().get("RLHF_JOB_ID") == job["id"]:
+                victims.append(("driver", proc.pid))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    if not victims:
+        return None
+    what, pid = rng.choice(victims)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return None
+    return {"job": job["id"], "what": what, "step": job["step"]}
+
+
+def report_faults(faults: list[dict], jobs: dict[str, dict]) -> None:
+    """Each fault beside the restart it caused (the job's restart events, in order) and the steps it cost."""
+    print(f"\nfaults injected: {len(faults)}; restarts recorded: {sum(j.get('restarts') or 0 for j in jobs.values())}")
+    print(f"{'t s':>6} {'job':28} {'killed':34} {'step':>4} {'restart':>7} {'resumed':>7} {'lost':>4}")
+    seen: dict[str, int] = {}
+    lost_total = 0
+    for f in faults:
+        index = seen.get(f["job"], 0)
+        seen[f["job"]] = index + 1
+        restarts = jobs.get(f["job"], {}).get("restart_events", [])
+        r = restarts[index] if index < len(restarts) else None
+        lost = max(f["step"] - r["resume_step"], 0) if r and "resume_step" in r else None
+        lost_total += lost or 0
+        resumed = r["resume_step"] if r else "-"
+        print(f"{f['time']:6.0f} {f['job']:28} {f['what'][-34:]:34} {f['step']:4} {r['restart'] if r else '-':>7} {resumed!s:>7} "
+              f"{lost if lost is not None else '?':>4}")
+    print(f"steps redone in all (lost work, at least): {lost_total}")
 
 
 if __name__ == "__main__":

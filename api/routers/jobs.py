@@ -51,6 +51,7 @@ def job_public(rec: dict[str, Any], settings: Settings, storage: ArtifactStore |
         "priority": rec.get("priority") or 0,
         "queue": rec.get("queue") if rec["status"] == "queued" and not rec.get("admitted_at") else None,
         "spec": rec["spec"] or {},
+        "restarts": rec.get("restarts") or 0,
         "ray_submission_id": rec.get("ray_submission_id") or rec["id"],
         "dashboard_url": f"{settings.dashboard_url}/#/jobs/{rec.get('ray_submission_id') or rec['id']}",
     }
@@ -200,7 +201,7 @@ async def cancel_job(job_id: JobId, tenant: CurrentTenant, store: StoreDep, laun
     if rec["status"] in TERMINAL:
         raise APIError(409, "job_terminal", f"Job {job_id} already ended ({rec['status']}); a terminal status never changes.", "job_id")
     try:
-        await launcher.stop(job_id)
+        await launcher.stop(rec.get("ray_submission_id") or job_id)
     except RayJobMissing:
         await store.transition(job_id, "cancelled", "cancelled: Ray had no running job")
     except RayUnavailable:

@@ -21,9 +21,9 @@ async def job_logs(
     job_id: JobId, tenant: CurrentTenant, store: StoreDep, launcher: LauncherDep,
     tail: Annotated[int | None, Query(ge=1, le=100000, description="Only the last `tail` lines.")] = None,
 ) -> dict[str, Any]:
-    await owned_job(store, job_id, tenant)
+    rec = await owned_job(store, job_id, tenant)
     try:
-        text = await launcher.logs(job_id)
+        text = await launcher.logs(rec.get("ray_submission_id") or job_id)  # the current attempt's driver
     except RayJobMissing:
         raise APIError(404, "logs_not_found", f"Ray keeps no log of job {job_id} (the Ray cluster may have been replaced).", "job_id") from None
     except RayUnavailable as err:

@@ -20,12 +20,13 @@ def job_processes(job_id: str) -> list[str]:
 
 
 def leftovers(job_id: str, dashboard: str) -> list[str]:
-    """Everything of the job still alive: processes, actors not DEAD, placement groups not REMOVED."""
-    ray_job = JobSubmissionClient(dashboard).get_job_info(job_id).job_id
+    """Everything of the job still alive, over all its attempts (Ray submissions): processes, actors
+    not DEAD, placement groups not REMOVED."""
+    ray_jobs = {j.job_id for j in JobSubmissionClient(dashboard).list_jobs() if (j.metadata or {}).get("rlhf_job_id") == job_id and j.job_id}
     out = job_processes(job_id)
-    if ray_job:
+    for ray_job in ray_jobs:
         out += [f"actor {a.class_name} {a.state}" for a in list_actors(address=dashboard, filters=[("job_id", "=", ray_job)], limit=1000)
                 if a.state != "DEAD"]
-        out += [f"placement group {g.placement_group_id} {g.state}" for g in list_placement_groups(address=dashboard, detail=True, limit=1000)
-                if getattr(g, "creator_job_id", None) == ray_job and g.state != "REMOVED"]
+    out += [f"placement group {g.placement_group_id} {g.state}" for g in list_placement_groups(address=dashboard, detail=True, limit=1000)
+            if getattr(g, "creator_job_id", None) in ray_jobs and g.state != "REMOVED"]
     return out

@@ -185,7 +185,8 @@ def driver_of(job_id: str):
 
 
 def test_driver_killed_from_outside_ends_failed(alpha, tiny, workdir, ray_head):
-    r = alpha.post("/v1/jobs", json=job_body(tiny, workdir, "victim", 100000))
+    # No restart allowed: the loss fails the job (tests/api/test_recovery.py has the resubmission).
+    r = alpha.post("/v1/jobs", json=job_body(tiny, workdir, "victim", 100000, fault_tolerance={"max_restarts": 0}))
     job_id = r.json()["id"]
     wait_status(alpha, job_id, {"starting", "running"}, 120)
     proc = wait_until(lambda: driver_of(job_id), 60, f"the driver process of {job_id}")

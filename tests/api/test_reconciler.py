@@ -4,7 +4,7 @@ do out. Pure values: no Ray, no Redis."""
 import pytest
 
 from api.launcher import RayJobMissing, RayJobState, RayUnavailable
-from api.reconciler import MISSING_GRACE_S, StopRayJob, Transition, decide
+from api.reconciler import MISSING_GRACE_S, Resubmit, StopRayJob, Transition, decide, submission_id
 
 NOW = 1_000_000.0
 RAY_STATUSES = ("PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED")
@@ -119,3 +119,40 @@ def test_unknown_ray_status_decides_nothing():
     # Ray may add statuses; an unknown one must not end a job.
     assert all(decide(record(s), ray("SOMETHING_NEW"), NOW) is None for s in ("queued", "starting", "running"))
     assert decide(record("cancelling"), ray("SOMETHING_NEW"), NOW) is None
+
+
+def launched(status: str, restarts: int = 0, max_restarts: int | None = None, **extra) -> dict:
+    """A record as the admission queue keeps it: with the spec it launched (fault_tolerance as given)."""
+    section = {} if max_restarts is None else {"fault_tolerance": {"max_restarts": max_restarts}}
+    return {**record(status), "launch_spec": {"name": "x", **section}, "restarts": restarts, "admitted_at": NOW - 4, **extra}
+
+
+@pytest.mark.parametrize("status", ["queued", "starting", "running"])
+def test_a_driver_that_died_is_resubmitted_while_restarts_are_left(status):
+    # Default budget (3): the first three losses are restarts 1, 2, 3; the fourth fails the job, naming the budget.
+    for used in range(3):
+        assert decide(launched(status, restarts=used), ray("FAILED", EXIT_1), NOW) == Resubmit(
+            used + 1, "driver ended without reporting: Job entrypoint command failed with exit code 1")
+    message = ("driver ended without reporting: Job entrypoint command failed with exit code 1 "
+               "(no restart left: fault_tolerance.max_restarts=3, 3 used)")
+    assert decide(launched(status, restarts=3), ray("FAILED", EXIT_1), NOW) == Transition(
+        "failed", f"failed: {message}", {"code": "driver_failed", "message": message})
+
+
+def test_max_restarts_zero_fails_at_once_and_a_cancel_is_never_resubmitted():
+    assert decide(launched("running", max_restarts=0), ray("FAILED", EXIT_1), NOW) == DRIVER_FAILED
+    assert decide(launched("running", max_restarts=1), ray("FAILED", EXIT_1), NOW) == Resubmit(
+        1, "driver ended without reporting: Job entrypoint command failed with exit code 1")
+    assert decide(launched("cancelling", restarts=0), ray("FAILED", EXIT_1), NOW) == CANCELLED
+    assert decide(launched("running"), ray("STOPPED"), NOW) == CANCELLED
+
+
+def test_a_resubmitted_attempt_gets_its_grace_period_again():
+    # Submitted long ago, resubmitted a moment ago: Ray may not list the new attempt yet.
+    rec = launched("running", restarts=1, admitted_at=NOW - 10 * MISSING_GRACE_S, resubmitted_at=NOW - 1)
+    assert decide(rec, RayJobMissing("x"), NOW) is None
+    assert decide({**rec, "resubmitted_at": NOW - MISSING_GRACE_S - 1}, RayJobMissing("x"), NOW).status == "failed"
+
+
+def test_attempts_have_their_own_submission_ids():
+    assert [submission_id("job-abc", r) for r in range(3)] == ["job-abc", "job-abc-attempt2", "job-abc-attempt3"]
