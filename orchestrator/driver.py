@@ -234,7 +234,8 @@ class Orchestrator:
             "reward": (RewardWorker, lambda i: dict(sources=list(spec.rewards), tokenizer_path=m.path, num_gpus=res.reward.num_gpus, **common)),
             # The reference scores samples at the rollouts' temperature; a stage without rollouts (DPO) at 1.
             "reference": (Reference, lambda i: dict(model_path=m.path, temperature=spec.rollout.temperature if spec.algo.rollouts else 1.0,
-                                                    micro_batch_size=opt.micro_batch_size, num_gpus=res.reference.num_gpus, **common)),
+                                                    micro_batch_size=opt.micro_batch_size, micro_batch_tokens=opt.micro_batch_tokens,
+                                                    num_gpus=res.reference.num_gpus, **common)),
             "critic": (Critic, lambda i: dict(model_path=m.critic_path or m.path, optim=opt, num_gpus=res.critic.num_gpus, **common)),
         }
         for role in spec.roles:

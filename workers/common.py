@@ -11,7 +11,7 @@ import torch
 
 from orchestrator.core import storage
 from orchestrator.core.algos import entropy_from_logits, logprobs_from_logits
-from orchestrator.core.batch import Batch
+from orchestrator.core.batch import Batch, row_lengths, token_budget_groups
 
 
 def _quiet_transformers() -> None:
@@ -99,10 +99,18 @@ def response_logprobs(model, batch: Batch, temperature: float = 1.0, with_entrop
 
 
 @torch.no_grad()
-def batched_logprobs(model, batch: Batch, temperature: float, micro_batch_size: int | None) -> torch.Tensor:
-    size = micro_batch_size or len(batch)
-    parts = [response_logprobs(model, batch.select(slice(i, i + size)), temperature)[0] for i in range(0, len(batch), size)]
-    return torch.cat(parts)
+def batched_logprobs(model, batch: Batch, temperature: float, micro_batch_size: int | None, micro_batch_tokens: int | None = None) -> torch.Tensor:
+    """Response log-probs (b, R) of the whole batch, computed `micro_batch_size` rows or (with
+    `micro_batch_tokens`) a token budget of rows of like length at a time (core/batch.py)."""
+    if not micro_batch_tokens:
+        size = micro_batch_size or len(batch)
+        return torch.cat([response_logprobs(model, batch.select(slice(i, i + size)), temperature)[0] for i in range(0, len(batch), size)])
+    out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.input_ids.device)
+    for rows in token_budget_groups(*row_lengths(batch), micro_batch_tokens):
+        index = torch.tensor(rows, device=batch.input_ids.device)
+        logprobs = response_logprobs(model, batch.select(index).trim(), temperature)[0]
+        out[index, : logprobs.shape[1]] = logprobs
+    return out
 
 
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

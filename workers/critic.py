@@ -26,6 +26,7 @@ class Critic(DataParallel):
         # A causal LM checkpoint loads into *ForTokenClassification with a fresh 1-output head.
         self.model = load_model(model_path, "AutoModelForTokenClassification", dtype, trust_remote_code, self.device, num_labels=1)
         self.optim, self.grad_clip = optim, optim.grad_clip
+        self.configure_training(optim.gradient_checkpointing, optim.mixed_precision)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.critic_lr, weight_decay=optim.weight_decay, foreach=True)
 
     def _values(self, batch: Batch) -> torch.Tensor:
@@ -37,7 +38,8 @@ class Critic(DataParallel):
     def compute_values(self, batch: Batch) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
         self.model.eval()
-        values = self._values(batch.to(self.device)).cpu()
+        with self.autocast():
+            values = self._values(batch.to(self.device)).cpu()
         return values, time.perf_counter() - start
 
     def train_step(self, batch: Batch, step: int, num_mini_batches: int, micro_batch_size: int | None) -> dict[str, float]:
@@ -45,7 +47,7 @@ class Critic(DataParallel):
         self.model.train()
         losses, clipfracs = [], []
         for mb in mini_batches(batch.to(self.device), num_mini_batches, self.optim.ppo_epochs, self.optim.seed, step, offset=7):
-            stats = self.optimizer_step(mb, micro_batch_size, self._loss)
+            stats = self.optimizer_step(mb, micro_batch_size, self._loss, self.optim.micro_batch_tokens)
             losses.append(stats["value_loss"])
             clipfracs.append(stats["value_clip_ratio"])
         return {"value_loss": sum(losses) / len(losses), "value_clip_ratio": sum(clipfracs) / len(clipfracs),

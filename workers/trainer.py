@@ -35,6 +35,7 @@ class PolicyTrainer(WeightSource, DataParallel):
         self.device = pick_device(num_gpus)
         self.model = load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device)
         self.model.train()
+        self.configure_training(optim.gradient_checkpointing, optim.mixed_precision)
         self.grad_clip = optim.grad_clip
         # foreach: one fused update over all tensors instead of a Python loop (13% of a tiny model's step).
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, foreach=True)
@@ -53,7 +54,7 @@ class PolicyTrainer(WeightSource, DataParallel):
         stats: dict[str, list[float]] = {}
         loss_fn = lambda mb, num_tokens, num_seqs: self._loss(mb, on_policy, num_tokens, num_seqs)  # noqa: E731
         for mb in mini_batches(batch.to(self.device), num_mini_batches, self.optim.ppo_epochs, self.optim.seed, step):
-            for k, v in self.optimizer_step(mb, micro_batch_size, loss_fn).items():
+            for k, v in self.optimizer_step(mb, micro_batch_size, loss_fn, self.optim.micro_batch_tokens).items():
                 stats.setdefault(k, []).append(v)
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         out["timing/update_compute"] = time.perf_counter() - start

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.core import storage
-from orchestrator.core.batch import Batch
+from orchestrator.core.batch import Batch, micro_batches
 from orchestrator.core.seeds import step_seed
 
 # (micro-batch, tokens in the whole mini-batch, sequences in the whole mini-batch) -> (loss, stats)
@@ -45,6 +45,18 @@ class DataParallel:
     device: torch.device
     grad_clip: float | None = None
 
+    mixed_precision = "no"
+
+    def configure_training(self, gradient_checkpointing: bool, mixed_precision: str) -> None:
+        """Activation checkpointing and bf16 autocast (the weights stay as loaded: fp32 master weights)."""
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.mixed_precision = mixed_precision
+
+    def autocast(self):
+        """The forward's precision: bf16 autocast with `mixed_precision: bf16`, else as loaded."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision == "bf16")
+
     def address(self) -> tuple[str, int]:
         """Where rank 0 listens; call on rank 0 before `init_distributed` on every rank."""
         host = "127.0.0.1"
@@ -74,21 +86,23 @@ class DataParallel:
         self._all_reduce_sum([t])
         return float(t.item())
 
-    def optimizer_step(self, mb: Batch, micro_batch_size: int | None, loss_fn: LossFn) -> dict[str, float]:
+    def optimizer_step(self, mb: Batch, micro_batch_size: int | None, loss_fn: LossFn, micro_batch_tokens: int | None = None) -> dict[str, float]:
         """One optimiser step on this replica's share of a mini-batch, accumulated over micro-batches.
 
         Losses are normalised by the whole mini-batch's token and sequence counts (across micro-batches
         and replicas), so the summed gradients equal the gradient of the full mini-batch's loss. Each
         micro-batch's stat is its share of the mini-batch value: summed over micro-batches and replicas,
         the returned stats are the mini-batch's values; `grad_norm` is the norm before clipping.
+        With `micro_batch_tokens`, micro-batches hold rows of like length up to that many padded
+        tokens (core/batch.py `micro_batches`) instead of `micro_batch_size` rows.
         """
         num_tokens = self._global_count(float(mb.response_mask.sum()))
         num_seqs = self._global_count(float(len(mb)))
-        size = micro_batch_size or len(mb)
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for i in range(0, len(mb), size):
-            loss, stats = loss_fn(mb.select(slice(i, i + size)), num_tokens, num_seqs)
+        for micro in micro_batches(mb, micro_batch_size, micro_batch_tokens):
+            with self.autocast():
+                loss, stats = loss_fn(micro, num_tokens, num_seqs)
             loss.backward()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v

@@ -62,6 +62,26 @@ class Batch:
     def to(self, device: torch.device | str) -> "Batch":
         return self.replace(**{name: t.to(device) for name, t in self._tensor_fields()})
 
+    def trim(self) -> "Batch":
+        """The same rows without the padding columns no row uses: prompt columns left of the longest
+        prompt, response columns right of the longest response. Log-probs, losses and gradients are
+        unchanged (positions skip padding); compute falls with the width."""
+        prompt_used = self.attention_mask[:, : self.prompt_len].any(0).nonzero()
+        lead = int(prompt_used[0]) if len(prompt_used) else self.prompt_len - 1
+        lead = min(lead, self.prompt_len - 1)  # keep the prompt's last column: its logit predicts the first response token
+        response_used = (self.attention_mask[:, self.prompt_len :].bool() | (self.response_mask > 0)).any(0).nonzero()
+        keep = int(response_used[-1]) + 1 if len(response_used) else 1
+        width = self.response_mask.shape[1]
+        if lead == 0 and keep == width:
+            return self
+        out = {}
+        for name, t in self._tensor_fields():
+            if name in ("input_ids", "attention_mask"):
+                out[name] = t[:, lead : self.prompt_len + keep]
+            elif t.dim() == 2 and t.shape[1] == width:  # (b, R) per-token fields
+                out[name] = t[:, :keep]
+        return self.replace(**out, prompt_len=self.prompt_len - lead)
+
 
 def even_bounds(total: int, parts: int) -> list[tuple[int, int]]:
     """[start, end) of `parts` consecutive ranges covering 0..total, sizes differing by at most one
@@ -73,6 +93,42 @@ def even_bounds(total: int, parts: int) -> list[tuple[int, int]]:
         bounds.append((start, end))
         start = end
     return bounds
+
+
+def token_budget_groups(prompt_lengths: list[int], response_lengths: list[int], budget: int) -> list[list[int]]:
+    """Row indices in micro-batches whose padded size stays within `budget` tokens. A micro-batch of
+    rows is as wide as its longest prompt plus its longest response (`Batch.trim`), so its size is
+    rows x that width. Rows are sorted by length, longest first, and cut greedily: rows of like
+    length share a micro-batch and padding does not dominate the compute. A row longer than the
+    budget is a micro-batch of its own. Every row is in exactly one group, in sorted order."""
+    order = sorted(range(len(prompt_lengths)), key=lambda i: (-(prompt_lengths[i] + response_lengths[i]), i))
+    groups: list[list[int]] = []
+    wide_p = wide_r = 0
+    for i in order:
+        p, r = max(wide_p, prompt_lengths[i]), max(wide_r, response_lengths[i])
+        if groups and (len(groups[-1]) + 1) * (p + r) <= budget:
+            groups[-1].append(i)
+            wide_p, wide_r = p, r
+        else:
+            groups.append([i])
+            wide_p, wide_r = prompt_lengths[i], response_lengths[i]
+    return groups
+
+
+def row_lengths(batch: Batch) -> tuple[list[int], list[int]]:
+    """(prompt tokens, response tokens) of each row, padding not counted."""
+    prompts = batch.attention_mask[:, : batch.prompt_len].sum(1)
+    responses = (batch.attention_mask[:, batch.prompt_len :].bool() | (batch.response_mask > 0)).sum(1)
+    return prompts.tolist(), responses.tolist()
+
+
+def micro_batches(batch: Batch, size: int | None = None, tokens: int | None = None) -> list[Batch]:
+    """The batch in micro-batches: of `tokens` padded tokens at most (`token_budget_groups`, each
+    trimmed of the padding it does not need) when given, else of `size` rows (all rows when None)."""
+    if tokens:
+        return [batch.select(torch.tensor(g)).trim() for g in token_budget_groups(*row_lengths(batch), tokens)]
+    size = size or len(batch)
+    return [batch.select(slice(i, i + size)) for i in range(0, len(batch), size)]
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -217,6 +217,21 @@ class OptimSpec(_Strict):
     micro_batch_size: int | None = Field(
         None, gt=0, le=10000000, description="Samples (`rm`, `dpo`: pairs) per forward/backward; gradients accumulate up to `mini_batch_size`."
     )
+    micro_batch_tokens: int | None = Field(
+        None, gt=0, le=1_000_000_000, description="Token budget of one forward/backward of the trainer, critic and reference "
+        "(RL algorithms): the samples are sorted by length and cut so that rows x (longest prompt + longest response) stays "
+        "within it, each micro-batch trimmed of the padding it does not need, so that padding does not dominate the compute "
+        "when completion lengths vary. Same loss and gradients as unpacked. Replaces `micro_batch_size` for these roles."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Activation checkpointing for the trainer and critic: activations are recomputed in the backward "
+        "pass instead of kept, for less memory at about a third more compute."
+    )
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="`bf16`: the trainer's and critic's forward and backward run under bf16 autocast while weights, "
+        "gradients and optimizer state stay fp32 (the master weights); log-probs are taken in fp32 from the logits. Unlike "
+        "`model.dtype: bfloat16`, which holds the weights themselves in bf16."
+    )
     ppo_epochs: int = Field(1, ge=1, le=1000, description="Passes over each step's samples.")
     clip_eps_low: float = Field(0.2, ge=0, le=100, description="Lower clip of the policy ratio: 1 - eps_low.")
     clip_eps_high: float = Field(0.2, ge=0, le=100, description="Upper clip of the policy ratio: 1 + eps_high (DAPO's clip-higher if > eps_low).")
@@ -406,6 +421,9 @@ class JobSpec(_Strict):
             what = "completions" if self.algo.rollouts else "held-out prompts' completions (data.eval_file)"
             raise _field_error(("rewards",), f"{self.algorithm.name} scores its {what} with the rewards: give at least one reward source")
         if not self.algo.rollouts:
+            if self.optim.micro_batch_tokens:
+                raise _field_error(("optim", "micro_batch_tokens"), f"{self.algorithm.name} keeps its pairs or examples whole: "
+                                   "a token budget applies to RL algorithms; use optim.micro_batch_size")
             if self.optim.prompts_per_step % self.resources.trainer.replicas:
                 raise ValueError(f"optim.prompts_per_step (the {self.algorithm.name} batch) must be divisible by resources.trainer.replicas")
             return self
