@@ -140,9 +140,10 @@ class Orchestrator:
         """Reference log-probs, rewards and critic values of one rollout, computed concurrently."""
         t0 = time.perf_counter()
         # Several consumers share one copy in the object store; a lone reward call takes the batch inline.
-        batch_ref = ray.put(batch) if ("reference" in self.groups or "critic" in self.groups) else batch
+        batch_ref = ray.put(batch) if (self.reference_group is not None or "critic" in self.groups) else batch
         reward_ref = self.groups["reward"].call("score", batch_ref)[0]
-        ref_refs = self.groups["reference"].call_sharded("compute_logprobs", batch) if "reference" in self.groups else None
+        reference = self.reference_group
+        ref_refs = reference.call_sharded("compute_logprobs", batch) if reference is not None else None
         critic_refs = self.groups["critic"].call_sharded("compute_values", batch, whole=batch_ref) if "critic" in self.groups else None
         scores, per_source, timing["reward"] = self.wait(reward_ref, "reward")
         batch = batch.replace(scores=scores)
@@ -179,6 +180,14 @@ class Orchestrator:
             timing["critic_update_compute"] = critic_stats.pop("timing/critic_update_compute")
         timing["update"] = time.perf_counter() - t0
         return {**trainer_stats, **critic_stats, "lr": opt.lr}
+
+    @property
+    def reference_group(self) -> ActorGroup | None:
+        """Who computes the reference log-probs: the reference actors, or a LoRA policy's trainers
+        (their frozen base); None when the step needs none."""
+        if "reference" in self.groups:
+            return self.groups["reference"]
+        return self.groups["trainer"] if self.spec.needs_reference and self.spec.model.lora else None
 
     @property
     def weights_in_update(self) -> bool:
@@ -224,16 +233,18 @@ class Orchestrator:
         m, opt = spec.model, spec.optim
         common = dict(dtype=m.dtype, trust_remote_code=m.trust_remote_code, threads=res.torch_threads)
         # Engine options only the vLLM backend takes: tensor parallelism and sleep/wake when colocated.
+        # The reference scores samples at the rollouts' temperature; a stage without rollouts (DPO) at 1.
+        ref_temperature = spec.rollout.temperature if spec.algo.rollouts else 1.0
         vllm_options = dict(tensor_parallel_size=spec.rollout.tensor_parallel_size, colocate=res.colocate) if spec.rollout.backend == "vllm" else {}
         makers = {
             "rollout": (rollout_class(spec.rollout.backend), lambda i: dict(model_path=m.path, n=spec.rollout.n, max_new_tokens=spec.rollout.max_new_tokens,
                                                    temperature=spec.rollout.temperature, top_p=spec.rollout.top_p, seed=opt.seed + i,
                                                    num_gpus=res.rollout.num_gpus, **common, **vllm_options)),
             "trainer": (trainer_class(spec.algorithm.name), lambda i: dict(model_path=spec.trained_model_path, optim=opt, rollout=spec.rollout,
-                                                                          num_gpus=res.trainer.num_gpus, **common)),
+                                                                          num_gpus=res.trainer.num_gpus, lora=m.lora,
+                                                                          reference_temperature=ref_temperature, **common)),
             "reward": (RewardWorker, lambda i: dict(sources=list(spec.rewards), tokenizer_path=m.path, num_gpus=res.reward.num_gpus, **common)),
-            # The reference scores samples at the rollouts' temperature; a stage without rollouts (DPO) at 1.
-            "reference": (Reference, lambda i: dict(model_path=m.path, temperature=spec.rollout.temperature if spec.algo.rollouts else 1.0,
+            "reference": (Reference, lambda i: dict(model_path=m.path, temperature=ref_temperature,
                                                     micro_batch_size=opt.micro_batch_size, micro_batch_tokens=opt.micro_batch_tokens,
                                                     num_gpus=res.reference.num_gpus, **common)),
             "critic": (Critic, lambda i: dict(model_path=m.critic_path or m.path, optim=opt, num_gpus=res.critic.num_gpus, **common)),

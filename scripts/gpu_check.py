@@ -186,7 +186,7 @@ def main() -> int:
 
         from workers.weight_transport import cuda_ipc_payload
 
-        handles, buckets, flat = cuda_ipc_payload(STATE["trainer"].model)
+        handles, buckets, flat = cuda_ipc_payload(STATE["trainer"].model.state_dict())
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
         proc = ctx.Process(target=_ipc_child, args=(handles, buckets, queue))

@@ -140,3 +140,25 @@ def test_grpo_end_to_end_with_vllm(tiny_model, arith_file, tmp_path, ray_session
     assert [e["method"] for e in read_jsonl(orch.spec.run_dir / "events.jsonl") if e["type"] == "weight_sync"] == ["shared_memory"]
     for m in metrics:
         assert m["rollout_is/logp_diff"] < LOGPROB_ATOL and m["rollout_is/truncated"] == 0
+
+
+def test_a_merged_lora_export_loads_into_the_engine(engine, tiny_model, tmp_path):
+    # A LoRA policy's checkpoint `policy/` (merged, HF layout) is a model the engine takes as it is:
+    # its tensors by the engine's names, and the same greedy completions as transformers on it.
+    from tests.test_lora import lora_trainer, one_step
+    from workers.common import load_tokenizer
+
+    trainer = lora_trainer(tiny_model)
+    for seed in range(2):
+        one_step(trainer, seed)
+    trainer.save(str(tmp_path / "ckpt"))
+    load_tokenizer(str(tiny_model)).save_pretrained(tmp_path / "ckpt" / "policy")  # as the driver completes a checkpoint
+    hf = HFRollout(str(tmp_path / "ckpt" / "policy"), max_new_tokens=6)
+    exported = hf.state_dict()
+    engine.load_weights(exported)
+    synced = engine.state_dict()
+    assert set(synced) == set(exported)
+    assert all(torch.equal(synced[k], exported[k]) for k in exported)
+    ours, _ = engine.generate(PROMPTS, [{}, {}, {}], step=1, greedy=True)
+    theirs, _ = hf.generate(PROMPTS, [{}, {}, {}], step=1, greedy=True)
+    assert ours.input_ids.tolist() == theirs.input_ids.tolist()

@@ -4,41 +4,48 @@ across replicas (workers/training.py)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from orchestrator.core import algos
+from orchestrator.core import algos, storage
 from orchestrator.core.batch import Batch
 from workers.common import (
+    batched_logprobs,
     configure_threads,
-    cpu_state_dict,
     load_model,
     pick_device,
     response_logprobs,
 )
+from workers.lora import apply_lora, load_adapter, merged_state_dict, save_adapter
 from workers.training import DataParallel, mini_batches
 from workers.weight_transport import WeightSource
 
 if TYPE_CHECKING:  # the workers take the spec's typed sections; pydantic is not needed to run them
-    from orchestrator.core.spec import OptimSpec, RolloutSpec
+    from orchestrator.core.spec import LoraSpec, OptimSpec, RolloutSpec
 
 
 class PolicyTrainer(WeightSource, DataParallel):
     """The policy's optimiser steps; its weight-sync methods come from `WeightSource` (workers/weight_transport.py)."""
 
     def __init__(self, model_path: str, optim: OptimSpec, rollout: RolloutSpec, dtype: str = "float32",
-                 trust_remote_code: bool = False, num_gpus: float = 0, threads: int | None = None):
+                 trust_remote_code: bool = False, num_gpus: float = 0, threads: int | None = None,
+                 lora: LoraSpec | None = None, reference_temperature: float = 1.0):
         configure_threads(threads)
         torch.manual_seed(optim.seed)
-        self.optim, self.rollout = optim, rollout
+        self.optim, self.rollout, self.reference_temperature = optim, rollout, reference_temperature
         self.device = pick_device(num_gpus)
         self.model = load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device)
+        if lora is not None:
+            self.model = apply_lora(self.model, lora)
+        self.lora = lora is not None
         self.model.train()
         self.configure_training(optim.gradient_checkpointing, optim.mixed_precision)
         self.grad_clip = optim.grad_clip
         # foreach: one fused update over all tensors instead of a Python loop (13% of a tiny model's step).
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, foreach=True)
+        trained = [p for p in self.model.parameters() if p.requires_grad]  # with LoRA, the adapters only
+        self.optimizer = torch.optim.AdamW(trained, lr=optim.lr, weight_decay=optim.weight_decay, foreach=True)
 
     # ------------------------------------------------------------ one step
     def train_step(self, batch: Batch, step: int, num_mini_batches: int, micro_batch_size: int | None, on_policy: bool,
@@ -91,13 +98,49 @@ class PolicyTrainer(WeightSource, DataParallel):
             stats["approx_kl_behaviour"] = (algos.masked_sum(0.5 * (logprobs.detach() - mb.logprobs) ** 2, mask) / max(num_tokens, 1)).item()
         return loss, stats
 
+    # ------------------------------------------------------------ the reference, for a LoRA policy
+    def compute_logprobs(self, batch: Batch) -> tuple[torch.Tensor, float]:
+        """The reference's log-probs (b, R), as the Reference actor gives them: a LoRA policy's frozen
+        base, its adapters off (the reference role is then this actor, with no copy of the weights)."""
+        if not self.lora:
+            raise RuntimeError("only a LoRA trainer is its own reference (model.lora)")
+        start = time.perf_counter()
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                logprobs = batched_logprobs(self.model, batch.to(self.device), self.reference_temperature,
+                                            self.optim.micro_batch_size, self.optim.micro_batch_tokens)
+        finally:
+            self.model.train()
+        return (logprobs * batch.response_mask.to(self.device)).cpu(), time.perf_counter() - start
+
     # ------------------------------------------------------------ weights and checkpoints
+    def rollout_weights(self) -> dict[str, torch.Tensor]:
+        return merged_state_dict(self.model) if self.lora else self.model.state_dict()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return cpu_state_dict(self.model)
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.rollout_weights().items()}
 
     def save(self, path: str) -> None:
-        """Rank 0 writes `policy/` (HF layout, loadable by any role) and `policy_optim.pt`."""
-        self.save_pretrained(path, "policy")
+        """Rank 0 writes `policy/` (HF layout, loadable by any role) and `policy_optim.pt`; with LoRA,
+        `policy/` is the merged model and `policy_adapter/` the adapters a resume continues from."""
+        if not self.lora:
+            self.save_pretrained(path, "policy")
+            return
+        if self.rank != 0:
+            return
+        with storage.local_dir_for(path) as local:
+            out = Path(local)
+            self.model.get_base_model().save_pretrained(out / "policy", state_dict=merged_state_dict(self.model))
+            save_adapter(self.model, out)
+            torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, out / "policy_optim.pt")
 
     def load(self, path: str) -> None:
-        self.load_pretrained(path, "policy")
+        if not self.lora:
+            self.load_pretrained(path, "policy")
+            return
+        src = Path(storage.local_copy(path))
+        load_adapter(self.model, src)
+        state = torch.load(src / "policy_optim.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])

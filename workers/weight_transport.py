@@ -278,12 +278,11 @@ class NcclWeightSender:
         self.comm, self.device = PyNcclCommunicator(pg, device=device), device
 
     @staticmethod
-    def plan(model: torch.nn.Module, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[list[TensorMeta]]:
-        return plan_buckets(model.state_dict().items(), bucket_bytes)
+    def plan(state: dict[str, torch.Tensor], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[list[TensorMeta]]:
+        return plan_buckets(state.items(), bucket_bytes)
 
     @torch.no_grad()
-    def send(self, model: torch.nn.Module, buckets: list[list[TensorMeta]]) -> None:
-        state = model.state_dict()
+    def send(self, state: dict[str, torch.Tensor], buckets: list[list[TensorMeta]]) -> None:
         stream = torch.cuda.current_stream()
         for metas in buckets:
             flat = torch.empty(bucket_size(metas), dtype=torch.uint8, device=self.device)
@@ -291,7 +290,7 @@ class NcclWeightSender:
         torch.cuda.synchronize()
 
 
-def cuda_ipc_payload(model: torch.nn.Module, bucket_bytes: int = 1 << 62) -> tuple[dict[str, Any], list[list[TensorMeta]], torch.Tensor]:
+def cuda_ipc_payload(state: dict[str, torch.Tensor], bucket_bytes: int = 1 << 62) -> tuple[dict[str, Any], list[list[TensorMeta]], torch.Tensor]:
     """A colocated trainer's weights as one GPU buffer shared by CUDA IPC.
 
     Returns (handles keyed by GPU uuid, bucket layout, the buffer); keep the buffer alive until
@@ -299,10 +298,9 @@ def cuda_ipc_payload(model: torch.nn.Module, bucket_bytes: int = 1 << 62) -> tup
     """
     from torch.multiprocessing.reductions import reduce_tensor
 
-    state = model.state_dict()
     buckets = plan_buckets(state.items(), bucket_bytes)
     total = sum(bucket_size(b) for b in buckets)
-    flat = torch.empty(total, dtype=torch.uint8, device=next(model.parameters()).device)
+    flat = torch.empty(total, dtype=torch.uint8, device=next(iter(state.values())).device)
     base = 0
     for metas in buckets:
         pack_bucket(metas, state, flat[base : base + bucket_size(metas)])
@@ -322,35 +320,40 @@ class WeightSource(OnNode):
     device: torch.device
     _shared: SharedWeightWriter | None = None  # rank 0, with shared-memory weight sync
 
+    def rollout_weights(self) -> dict[str, torch.Tensor]:
+        """The weights the rollouts get, by their HF names: the model's own (a LoRA trainer gives its
+        adapters merged into the base, workers/lora.py)."""
+        return self.model.state_dict()
+
     def weights_for_sync(self) -> dict[str, Any]:
         """Object store: the weights in its zero-copy form (see `to_transport`)."""
-        return to_transport(self.model.state_dict())
+        return to_transport(self.rollout_weights())
 
     def attach_shared_weights(self, path: str, size: int, regions: dict[str, Region]) -> None:
         """Map the rollouts' shared weights file (CPU, same node), then unlink it: every process has it mapped."""
         try:
-            self._shared = SharedWeightWriter(path, size, regions, self.model.state_dict())
+            self._shared = SharedWeightWriter(path, size, regions, self.rollout_weights())
         finally:
             self.unlink(path)
 
     def write_shared_weights(self) -> float:
         """One sync: copy the weights into the memory the rollouts compute from; returns the seconds spent."""
-        return self._shared.write(self.model.state_dict())
+        return self._shared.write(self.rollout_weights())
 
     def init_weight_sender(self, host: str, port: int, world_size: int) -> None:
         """GPU, vLLM: open the NCCL group with every engine worker (this is rank 0)."""
         self._sender = NcclWeightSender(host, port, world_size, self.device)
-        self._buckets = NcclWeightSender.plan(self.model)
+        self._buckets = NcclWeightSender.plan(self.rollout_weights())
 
     def weight_buckets(self) -> list[list[TensorMeta]]:
         return self._buckets
 
     def send_weights_nccl(self) -> None:
-        self._sender.send(self.model, self._buckets)
+        self._sender.send(self.rollout_weights(), self._buckets)
 
     def ipc_weights(self) -> tuple[dict[str, Any], list[list[TensorMeta]]]:
         """GPU, colocated vLLM: the weights as one CUDA buffer shared by IPC, kept until `release_ipc_weights`."""
-        handles, buckets, self._ipc_buffer = cuda_ipc_payload(self.model)
+        handles, buckets, self._ipc_buffer = cuda_ipc_payload(self.rollout_weights())
         return handles, buckets
 
     def release_ipc_weights(self) -> None:

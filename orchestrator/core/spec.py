@@ -91,6 +91,16 @@ class AlgorithmSpec(_Strict):
         return self
 
 
+class LoraSpec(_Strict):
+    rank: int = Field(16, gt=0, le=4096, description="Rank r of each adapter (B: out x r, A: r x in).")
+    alpha: float = Field(32.0, gt=0, le=1e6, description="Scale: the adapter adds (alpha / rank) * B A to each weight.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Linear layers that get adapters, by name suffix (`[q_proj, v_proj]`), or every linear "
+        "layer but the output head (`all-linear`)."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+
+
 class ModelSpec(_Strict):
     path: str = Field(..., min_length=1, max_length=4096, description="Local directory (`save_pretrained` layout) or hub id of the policy model.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype of every role.")
@@ -99,6 +109,12 @@ class ModelSpec(_Strict):
     rm_path: str | None = Field(
         None, description="`rm`: model whose backbone the reward model is trained from, with its own tokenizer (default: the "
         "model the stage starts from: the policy, e.g. the SFT stage's)."
+    )
+    lora: LoraSpec | None = Field(
+        None, description="Train LoRA adapters (peft) instead of every weight of the policy: only the adapters have "
+        "gradients and optimizer state; the reference is the trainer's own frozen base (adapters off: no reference actor, "
+        "no second copy of the weights); rollouts get the merged weights; checkpoints hold the adapters (`policy_adapter/`) "
+        "and the merged model in HF layout (`policy/`). Unset: full fine-tuning."
     )
 
 
@@ -420,6 +436,8 @@ class JobSpec(_Strict):
         if not self.rewards and "reward" in self.roles and self.stages is None:  # (a pipeline's stages are checked one by one)
             what = "completions" if self.algo.rollouts else "held-out prompts' completions (data.eval_file)"
             raise _field_error(("rewards",), f"{self.algorithm.name} scores its {what} with the rewards: give at least one reward source")
+        if self.model.lora and self.algo.produces != "policy":
+            raise _field_error(("model", "lora"), f"{self.algorithm.name} trains a reward model: LoRA applies to a policy")
         if not self.algo.rollouts:
             if self.optim.micro_batch_tokens:
                 raise _field_error(("optim", "micro_batch_tokens"), f"{self.algorithm.name} keeps its pairs or examples whole: "
@@ -509,12 +527,15 @@ class JobSpec(_Strict):
 
     @property
     def roles(self) -> list[str]:
-        """The roles this (single-stage) spec starts, in placement order."""
-        return self.algo.roles(self.optim.kl_coef, evaluates=self.data.eval_file is not None)
+        """The roles this (single-stage) spec starts, in placement order. A LoRA policy's trainer is
+        its own reference (adapters off), so no reference actor starts."""
+        roles = self.algo.roles(self.optim.kl_coef, evaluates=self.data.eval_file is not None)
+        return [r for r in roles if r != "reference"] if self.model.lora else roles
 
     @property
     def needs_reference(self) -> bool:
-        return "reference" in self.roles
+        """Whether the step needs the reference policy's log-probs (from the reference actor, or a LoRA trainer)."""
+        return "reference" in self.algo.roles(self.optim.kl_coef, evaluates=self.data.eval_file is not None)
 
     @property
     def needs_critic(self) -> bool:
