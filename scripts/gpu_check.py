@@ -44,7 +44,17 @@ def configs(**rollout) -> tuple:
                    dual_clip=None, kl_coef=0.0, kl_estimator="k3", kl_in="loss", entropy_coef=0.0, loss_agg="token-mean",
                    grad_clip=1.0, gamma=1.0, lam=0.95, value_clip=0.2, seed=42)
         tis = NS(**{"enabled": False, "cap": 2.0, **rollout.get("importance_sampling", {})})
+        optim.micro_batch_tokens, optim.gradient_checkpointing, optim.mixed_precision = None, False, "no"
         return optim, NS(temperature=1.0, max_new_tokens=32, importance_sampling=tis)
+
+
+def with_fields(section, **fields):
+    """A copy of a spec section (pydantic, or the namespace stand-in) with some fields changed."""
+    if hasattr(section, "model_copy"):
+        return section.model_copy(update=fields)
+    from types import SimpleNamespace as NS
+
+    return NS(**{**vars(section), **fields})
 
 
 def check(name: str):
@@ -133,6 +143,78 @@ def main() -> int:
         gap = ((lp16.float() - lp32).abs() * batch.response_mask).max().item()
         assert gap < 0.1, f"bf16 log-probs differ by {gap:.3f}"
         return f"max gap {gap:.1e} (bf16 weights and compute)"
+
+    @check("bf16 autocast, fp32 master weights")
+    def _():
+        from workers.trainer import PolicyTrainer
+
+        optim, rollout = configs()
+        t = PolicyTrainer(model_dir, with_fields(optim, mixed_precision="bf16", gradient_checkpointing=True), rollout, num_gpus=NUM_GPUS)
+        batch = STATE["batch"].to(t.device)
+        with torch.no_grad():
+            lp32, _ = response_logprobs(t.model, batch, 1.0)
+            with t.autocast():
+                lp16, _ = response_logprobs(t.model, batch, 1.0)
+        gap = ((lp16 - lp32).abs() * batch.response_mask).max().item()
+        stats = t.train_step(STATE["batch"], 1, 1, 8, True)
+        assert all(p.dtype == torch.float32 for p in t.model.parameters()) and gap < 0.1, gap
+        assert t.model.is_gradient_checkpointing and torch.isfinite(torch.tensor(stats["policy_loss"]))
+        return f"log-prob gap {gap:.1e}, checkpointed step loss {stats['policy_loss']:.3f} on {t.device}"
+
+    @check("LoRA (peft): adapters, merge, base ref")
+    def _():
+        from workers.trainer import PolicyTrainer
+
+        try:
+            from orchestrator.core.spec import LoraSpec
+
+            lora = LoraSpec(rank=4, alpha=8.0)
+        except ImportError:
+            from types import SimpleNamespace as NS
+
+            lora = NS(rank=4, alpha=8.0, target_modules="all-linear", dropout=0.0)
+        optim, rollout = configs()
+        t = PolicyTrainer(model_dir, with_fields(optim, lr=5e-2), rollout, num_gpus=NUM_GPUS, lora=lora)
+        base = {k: v.clone() for k, v in t.rollout_weights().items()}
+        for step in (1, 2):
+            t.train_step(STATE["batch"], step, 1, 8, True)
+        merged = t.rollout_weights()
+        moved = sum(not torch.equal(merged[k], base[k]) for k in base)
+        ref, _ = t.compute_logprobs(STATE["batch"])
+        gap = ((ref.to(STATE["batch"].ref_logprobs.device) - STATE["batch"].ref_logprobs).abs() * STATE["batch"].response_mask).max().item()
+        assert moved and set(merged) == set(base) and gap < LOGPROB_ATOL, (moved, gap)
+        return f"{moved} merged tensors moved; base-as-reference gap {gap:.1e} on {t.device}"
+
+    @check("FSDP2 fully_shard, one process")
+    def _():
+        import os
+
+        import torch.distributed as dist
+        from torch.distributed.fsdp import fully_shard
+
+        from workers.common import load_model
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(__import__("workers.training", fromlist=["free_port"]).free_port()))
+        dist.init_process_group("nccl" if CUDA else "gloo", rank=0, world_size=1)
+        try:
+            device = "cuda" if CUDA else "cpu"
+            batch = STATE["batch"].to(device)
+            plain, sharded = (load_model(model_dir, device=device) for _ in range(2))
+            for layer in sharded.model.layers:
+                fully_shard(layer)
+            fully_shard(sharded)
+            losses = []
+            for model in (plain, sharded):
+                lp, _ = response_logprobs(model, batch, 1.0)
+                loss = -(lp * batch.response_mask).sum() / batch.response_mask.sum()
+                loss.backward()
+                losses.append(loss.item())
+            gap = max((p.grad - q.grad.full_tensor()).abs().max().item() for p, q in zip(plain.parameters(), sharded.parameters()))
+            assert abs(losses[0] - losses[1]) < 1e-5 and gap < 1e-5, (losses, gap)
+            return f"loss {losses[1]:.4f} = unsharded, max |grad gap| {gap:.1e}"
+        finally:
+            dist.destroy_process_group()
 
     @check("Critic values + train_step")
     def _():
