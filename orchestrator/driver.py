@@ -279,7 +279,8 @@ class Orchestrator:
     def _init_data_parallel(self, role: str) -> None:
         group = self.groups[role]
         master = ray.get(group.actors[0].address.remote())
-        ray.get(group.call_each("init_distributed", [(master, rank, len(group)) for rank in range(len(group))]))
+        strategy = getattr(self.spec.resources, role).strategy
+        ray.get(group.call_each("init_distributed", [(master, rank, len(group), strategy) for rank in range(len(group))]))
 
     def save_checkpoint(self, step: int) -> None:
         path = checkpoint.step_dir(self.spec.checkpoint_dir, step)  # a Path, or a URL (core/storage.py)

@@ -65,7 +65,9 @@ class PolicyTrainer(WeightSource, DataParallel):
                 stats.setdefault(k, []).append(v)
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         out["timing/update_compute"] = time.perf_counter() - start
-        if publish and self._shared is not None:
+        if self.sharded:  # every rank takes part in gathering what the rollouts get
+            out.update(self.publish_sharded(publish))
+        elif publish and self._shared is not None:
             out["timing/weight_sync"] = self.write_shared_weights()
         return out
 
@@ -116,6 +118,8 @@ class PolicyTrainer(WeightSource, DataParallel):
 
     # ------------------------------------------------------------ weights and checkpoints
     def rollout_weights(self) -> dict[str, torch.Tensor]:
+        if self.sharded:
+            return self._full  # rank 0, gathered after the last update (or load)
         return merged_state_dict(self.model) if self.lora else self.model.state_dict()
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ micro-batches."""
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -69,12 +70,70 @@ class DataParallel:
             pass
         return host, free_port()
 
-    def init_distributed(self, master: tuple[str, int], rank: int, world_size: int) -> None:
+    sharded = False  # FSDP2: parameters, gradients and optimizer state split across the replicas
+    _full: dict[str, torch.Tensor] | None = None  # sharded, rank 0: the full weights after the last update (CPU)
+
+    def init_distributed(self, master: tuple[str, int], rank: int, world_size: int, strategy: str = "ddp") -> None:
         self.rank, self.world_size = rank, world_size
         if world_size == 1:
             return
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=rank, world_size=world_size)
+        if strategy == "fsdp":
+            self._shard()
+
+    def _shard(self) -> None:
+        """FSDP2: each decoder layer (the model's `_no_split_modules`), then the rest, sharded across
+        the replicas; the optimizer is made again over the sharded parameters."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        blocks = set(getattr(self.model, "_no_split_modules", None) or [])
+        for module in self.model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module)
+        fully_shard(self.model)
+        # Losses are normalised by the whole mini-batch's counts: gradients are summed across replicas
+        # (as DDP's all-reduce does here), not averaged. A plain sum is also what gloo can reduce.
+        # Each sharded module (every layer, and the root) reduces its own parameters' gradients.
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_force_sum_reduction_for_comms(True)
+                module.set_gradient_divide_factor(1.0)
+        defaults = {k: v for k, v in self.optimizer.defaults.items() if k in ("lr", "betas", "eps", "weight_decay", "foreach")}
+        self.optimizer = type(self.optimizer)([p for p in self.model.parameters() if p.requires_grad], **defaults)
+        self.sharded = True
+        self.gather_full_weights()
+
+    def iter_full_tensors(self):
+        """Sharded: the model's tensors one at a time, each gathered whole on every rank (every rank
+        must iterate to the end): never a whole extra copy of the model."""
+        for name, tensor in self.model.state_dict().items():
+            yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
+
+    def gather_full_weights(self) -> None:
+        """Sharded: rank 0 keeps the full weights on the CPU, for a sync path that reads them from
+        rank 0 alone (object store, NCCL) and for the first sync after a load."""
+        full = {}
+        for name, whole in self.iter_full_tensors():
+            if self.rank == 0:
+                full[name] = whole.to("cpu", copy=True)
+        self._full = full if self.rank == 0 else None
+
+    def publish_sharded(self, publish: bool) -> dict[str, float]:
+        """After a sharded update, on every rank: stream the gathered tensors into the rollouts'
+        shared file (rank 0 writes, shared-memory sync) or keep them on rank 0 (other paths)."""
+        start = time.perf_counter()
+        if not publish:
+            self.gather_full_weights()
+            return {}
+        items = self.iter_full_tensors()
+        shared = getattr(self, "_shared", None)
+        if shared is not None:
+            shared.write_items(items)
+        else:
+            for _ in items:
+                pass
+        return {"timing/weight_sync": time.perf_counter() - start}
 
     def _all_reduce_sum(self, tensors: list[torch.Tensor]) -> None:
         if self.world_size > 1:
@@ -108,7 +167,7 @@ class DataParallel:
                 sums[k] = sums.get(k, 0.0) + v
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device)
-        self._all_reduce_sum(grads + [totals])
+        self._all_reduce_sum(([] if self.sharded else grads) + [totals])  # FSDP has reduce-scattered the gradients
         grad_norm = self._clip(grads)
         self.optimizer.step()
         return {**dict(zip(sums, totals.tolist())), "grad_norm": grad_norm}
@@ -132,7 +191,11 @@ class DataParallel:
         return sums
 
     def save_pretrained(self, path: str, name: str) -> None:
-        """Rank 0 writes `<path>/<name>/` (the model, HF layout, loadable by any role) and `<path>/<name>_optim.pt`."""
+        """Rank 0 writes `<path>/<name>/` (the model, HF layout, loadable by any role) and `<path>/<name>_optim.pt`.
+        Sharded, every rank also writes its shards of the model and optimizer to `<path>/<name>_dcp/`."""
+        if self.sharded:
+            self._save_sharded(path, name)
+            return
         if self.rank != 0:
             return
         with storage.local_dir_for(path) as local:  # a URL: written here, then uploaded
@@ -140,9 +203,75 @@ class DataParallel:
             self.model.save_pretrained(out / name)
             torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, out / f"{name}_optim.pt")
 
+    def _save_sharded(self, path: str, name: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        if storage.is_url(path):
+            raise ValueError("resources.trainer.strategy fsdp writes its shards to a shared filesystem: checkpoint.dir must be a local path")
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(Path(path) / f"{name}_dcp"))
+        torch.save({"torch_rng": torch.get_rng_state()}, Path(path) / f"{name}_rng_{self.rank}.pt")
+        self._save_hf_in_buckets(Path(path) / name)
+
+    def _save_hf_in_buckets(self, out: Path, bucket_bytes: int = 256 << 20) -> None:
+        """`out/` in HF layout from a sharded model: tensors gathered one at a time, written by rank 0
+        in safetensors files of at most `bucket_bytes` with their index (as transformers shards)."""
+        import json
+
+        from safetensors.torch import save_file
+
+        tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        bucket: dict[str, torch.Tensor] = {}
+        weight_map: dict[str, str] = {}
+        total = files = 0
+
+        def flush():
+            nonlocal bucket, files
+            if bucket and self.rank == 0:
+                files += 1
+                save_file(bucket, out / f"model-{files:05d}.safetensors", metadata={"format": "pt"})
+                weight_map.update({k: f"model-{files:05d}.safetensors" for k in bucket})
+            bucket = {}
+
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            self.model.config.save_pretrained(out)
+            if getattr(self.model, "generation_config", None) is not None:
+                self.model.generation_config.save_pretrained(out)
+        for key, whole in self.iter_full_tensors():
+            if tied and key == "lm_head.weight":
+                continue
+            if self.rank == 0:
+                bucket[key] = whole.to("cpu", copy=True).contiguous()
+                total += whole.numel() * whole.element_size()
+                if sum(t.numel() * t.element_size() for t in bucket.values()) >= bucket_bytes:
+                    flush()
+        flush()
+        if self.rank == 0:
+            (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+    def _load_sharded(self, path: str, name: str) -> None:
+        """The shards `_save_sharded` wrote, on any number of replicas (DCP reshards)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(Path(path) / f"{name}_dcp"))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rng = Path(path) / f"{name}_rng_{self.rank}.pt"
+        if rng.exists():
+            torch.set_rng_state(torch.load(rng, weights_only=False)["torch_rng"])
+        self.gather_full_weights()
+
     def load_pretrained(self, path: str, name: str) -> None:
         """The model, optimiser and RNG state that `save_pretrained(path, name)` wrote."""
         from safetensors.torch import load_file
+
+        if self.sharded:
+            self._load_sharded(path, name)
+            return
 
         src = Path(storage.local_copy(path))
         weights = {}
@@ -157,6 +286,9 @@ class DataParallel:
         torch.set_rng_state(state["torch_rng"])
 
     def _clip(self, grads: list[torch.Tensor]) -> float:
+        if self.sharded:  # the norm over every rank's shards (a collective)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip if self.grad_clip is not None else float("inf"))
+            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if self.grad_clip is None:
             return float(torch.norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
         return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip))

@@ -205,6 +205,18 @@ class SharedWeightWriter:
             self.pairs.append((name, view(self.flat, r)))
 
     @torch.no_grad()
+    def write_items(self, items) -> float:
+        """Copy (name, tensor) pairs in as they come (a sharded trainer gathers one tensor at a time),
+        then count the write; returns the seconds spent."""
+        start = time.perf_counter()
+        targets = dict(self.pairs)
+        for name, tensor in items:
+            if name in targets:
+                targets[name].copy_(tensor)
+        version(self.flat).add_(1)
+        return time.perf_counter() - start
+
+    @torch.no_grad()
     def write(self, state_dict: dict[str, torch.Tensor]) -> float:
         """Copy every tensor in, then count the write; returns the seconds spent."""
         start = time.perf_counter()
@@ -335,10 +347,15 @@ class WeightSource(OnNode):
             self._shared = SharedWeightWriter(path, size, regions, self.rollout_weights())
         finally:
             self.unlink(path)
+        if getattr(self, "sharded", False):
+            self._full = None  # from now on each update streams its gathered tensors into the file
 
     def write_shared_weights(self) -> float:
         """One sync: copy the weights into the memory the rollouts compute from; returns the seconds spent."""
-        return self._shared.write(self.rollout_weights())
+        seconds = self._shared.write(self.rollout_weights())
+        if getattr(self, "sharded", False):
+            self._full = None  # (gathered after a load; updates stream theirs)
+        return seconds
 
     def init_weight_sender(self, host: str, port: int, world_size: int) -> None:
         """GPU, vLLM: open the NCCL group with every engine worker (this is rank 0)."""

@@ -276,6 +276,12 @@ class RoleResources(_Strict):
     replicas: int = Field(1, ge=1, le=4096, description="Actors of this role (data-parallel ranks for the trainer).")
     num_cpus: float = Field(0.5, gt=0, le=1e6, description="CPUs reserved per actor in Ray's accounting.")
     num_gpus: float = Field(0.0, ge=0, le=1e6, description="GPUs per actor.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Trainer only: how its replicas split the model. `ddp`: each holds all weights, gradients and "
+        "optimizer state, and gradients are summed across replicas. `fsdp`: PyTorch FSDP2 (`fully_shard`, per decoder "
+        "layer) shards the parameters, gradients and optimizer state across the replicas (gloo on CPUs, NCCL on GPUs); "
+        "checkpoints add `policy_dcp/` (torch.distributed.checkpoint, reshardable to another replica count)."
+    )
 
 
 class ResourcesSpec(_Strict):
@@ -436,6 +442,13 @@ class JobSpec(_Strict):
         if not self.rewards and "reward" in self.roles and self.stages is None:  # (a pipeline's stages are checked one by one)
             what = "completions" if self.algo.rollouts else "held-out prompts' completions (data.eval_file)"
             raise _field_error(("rewards",), f"{self.algorithm.name} scores its {what} with the rewards: give at least one reward source")
+        for role in ("rollout", "reference", "reward", "critic"):
+            if getattr(self.resources, role).strategy != "ddp":
+                raise _field_error(("resources", role, "strategy"), "only the trainer's replicas shard the model (fsdp)")
+        if self.resources.trainer.strategy == "fsdp" and self.algo.produces != "policy":
+            raise _field_error(("resources", "trainer", "strategy"), f"fsdp shards a policy trainer; {self.algorithm.name} trains a reward model (use ddp)")
+        if self.resources.trainer.strategy == "fsdp" and self.model.lora:
+            raise _field_error(("resources", "trainer", "strategy"), "fsdp with model.lora is not supported yet: the adapters are small; use ddp")
         if self.model.lora and self.algo.produces != "policy":
             raise _field_error(("model", "lora"), f"{self.algorithm.name} trains a reward model: LoRA applies to a policy")
         if not self.algo.rollouts:
