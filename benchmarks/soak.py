@@ -5,8 +5,9 @@ of admission between the tenants (fair share), and whether all succeeded.
     python benchmarks/soak.py [--jobs-per-tenant 10] [--cpus 3]
     python benchmarks/soak.py --fault-every 20 --steps 8     # and SIGKILL a process of a running job every 20 s
 
-With `--fault-every S`, every S seconds one process of a running job is SIGKILLed, picked at random
-among its actors (reward, rollout, trainer) and its Python driver; it then prints each fault, the
+With `--fault-every S`, every S seconds one process of a running job (one that has trained a step
+since its last fault) is SIGKILLed, picked at random among its actors (reward, rollout, trainer)
+and its Python driver; it then prints each fault, the
 restart it caused, the steps it cost (the step reached when it struck, less the step the job resumed
 from) and whether every job still succeeded with each step reported once.
 
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault-every", type=float, default=0, help="SIGKILL a process of a running job every this many seconds (0: none).")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    os.environ.update(RAY_ENV)  # this process asks Ray's state API too (fault injection)
     sys.path.insert(0, str(ROOT))
     import httpx
 
@@ -114,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                 running = [j for j in jobs.values() if j["status"] in ("starting", "running", "cancelling")]
                 peak, samples = max(peak, len(running)), samples + 1
                 if args.fault_every and time.monotonic() >= next_fault:
-                    fault = inject_fault(rng, [j for j in running if j["status"] == "running" and j["step"] >= 1], dashboard)
+                    # A job that has trained since its last fault (not one still restarting from it).
+                    hit = {f["job"]: f["step"] for f in faults}
+                    ready = [j for j in running if j["status"] == "running" and j["step"] >= 1 and j["step"] > hit.get(j["id"], 0)]
+                    fault = inject_fault(rng, ready, dashboard)
                     if fault:
                         faults.append({**fault, "time": time.monotonic() - start_t})
                         next_fault = time.monotonic() + args.fault_every
