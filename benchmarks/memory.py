@@ -7,7 +7,8 @@ The model is the tiny tokenizer's Qwen2 made wide and deep enough (defaults: abo
 Each configuration runs in 2 fresh processes (ranks 0 and 1, one torch thread each, joined by gloo),
 which build the trainer, shard it (fsdp), take one warm-up step and `--steps` timed GRPO updates on
 the same synthetic batch, then report their peak RSS (`ru_maxrss`) and its rise over the process's
-RSS before the model was loaded. The rollouts' side of weight sync is not in it: a sharded trainer
+RSS before the model was loaded (glibc's MALLOC_MMAP_THRESHOLD_ set to 64 KiB for all alike, so freed
+tensors leave RSS). The rollouts' side of weight sync is not in it: a sharded trainer
 gathers its tensors one at a time after each update, as on the shared-memory path, and drops them.
 """
 
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     args = parser.parse_args(argv)
     import torch.multiprocessing as mp
+
+    # Freed tensors go back to the OS at once (glibc otherwise keeps large freed blocks in its heap,
+    # and RSS would show the high-water mark of the heap rather than of the tensors): for every config alike.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
 
     from orchestrator.tiny_model import init_model
     from workers.training import free_port

@@ -1,6 +1,7 @@
 """Where a GRPO step's time goes in our Orchestrator, and our samples/s next to TRL's GRPOTrainer.
 
     python benchmarks/step_breakdown.py [--spec examples/grpo.yaml] [--warmup 3] [--steps 20] [--skip-trl]
+    python benchmarks/step_breakdown.py --packing    # tokens/s with and without optim.micro_batch_tokens
 
 1. Runs the spec through the real `Orchestrator` on a local Ray (the same actors, placement and
    `train_step` as `rlhf train`, minus checkpoints and reporters), drops --warmup steps, and prints
@@ -231,6 +232,48 @@ def header(spec: JobSpec, built: bool, args: argparse.Namespace) -> str:
     ])
 
 
+def packing(hidden: int, layers: int, samples: int, max_response: int, budget: int, repeats: int) -> None:
+    """An update's tokens/s with and without token-budget micro-batches (`optim.micro_batch_tokens`),
+    on a batch whose completion lengths vary widely (uniform in 1..max_response), with the real
+    `PolicyTrainer` and the reference's log-prob pass (no Ray): the same loss, less padding."""
+    import torch
+
+    from orchestrator.core.batch import build_batch, micro_batches
+    from orchestrator.core.spec import OptimSpec, RolloutSpec
+    from orchestrator.tiny_model import init_model
+    from workers.common import batched_logprobs
+    from workers.trainer import PolicyTrainer
+
+    with tempfile.TemporaryDirectory(prefix="packing-") as tmp:
+        model_dir = str(init_model(Path(tmp) / "model", hidden_size=hidden, layers=layers))
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(3, 250, (int(torch.randint(4, 17, (1,), generator=g)),), generator=g).tolist() for _ in range(samples)]
+        lengths = torch.randint(1, max_response + 1, (samples,), generator=g)
+        valid = (torch.arange(max_response)[None] < lengths[:, None]).long()
+        batch = build_batch(prompts, torch.randint(3, 250, (samples, max_response), generator=g), valid, pad_id=259)
+        batch = batch.replace(advantages=torch.randn(samples, max_response, generator=g) * batch.response_mask)
+        real = int(batch.attention_mask.sum())
+        micro = 8
+        print(f"packing: Qwen2 hidden {hidden} x {layers} layers, {samples} samples, prompts 4-16 tokens, completions 1-{max_response} "
+              f"(mean {lengths.float().mean():.0f}); {real} real tokens of {batch.input_ids.numel()} padded; {torch.get_num_threads()} threads")
+        for label, tokens in (("micro_batch_size 8", None), (f"micro_batch_tokens {budget}", budget)):
+            parts = micro_batches(batch, micro, tokens)
+            computed = sum(p.input_ids.numel() for p in parts)
+            trainer = PolicyTrainer(model_dir, OptimSpec(lr=1e-5, prompts_per_step=samples, micro_batch_tokens=tokens),
+                                    RolloutSpec(n=1, max_new_tokens=max_response))
+            update, ref = [], []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                loss = trainer.train_step(batch, 1, 1, micro, True)["policy_loss"]
+                t1 = time.perf_counter()
+                batched_logprobs(trainer.model, batch, 1.0, micro, tokens)
+                update.append(t1 - t0)
+                ref.append(time.perf_counter() - t1)
+            u, r = statistics.median(update[1:]), statistics.median(ref[1:])
+            print(f"  {label:<24} {len(parts):>3} micro-batches, {computed:>6} tokens computed; update {u:.3f} s = {real / u:,.0f} tokens/s; "
+                  f"reference pass {r:.3f} s = {real / r:,.0f} tokens/s; loss {loss:.6f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", default=str(ROOT / "examples" / "grpo.yaml"), help="Job spec to run (GRPO, function rewards).")
@@ -238,7 +281,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="Measured steps per side.")
     parser.add_argument("--skip-trl", action="store_true", help="Only our Orchestrator's breakdown.")
     parser.add_argument("--skip-ours", action="store_true", help="Only TRL's run.")
+    parser.add_argument("--packing", action="store_true", help="Instead: an update's tokens/s with and without "
+                        "optim.micro_batch_tokens on completions of widely varying length (see `packing`).")
     args = parser.parse_args()
+    if args.packing:
+        packing(hidden=256, layers=4, samples=64, max_response=256, budget=4096, repeats=3)
+        return
     os.chdir(ROOT)  # the spec's relative paths (model, data) are relative to the repository
 
     with tempfile.TemporaryDirectory(prefix="step-breakdown-") as tmp:

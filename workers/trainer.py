@@ -118,8 +118,9 @@ class PolicyTrainer(WeightSource, DataParallel):
 
     # ------------------------------------------------------------ weights and checkpoints
     def rollout_weights(self) -> dict[str, torch.Tensor]:
-        if self.sharded:
-            return self._full  # rank 0, gathered after the last update (or load)
+        if self.sharded:  # rank 0: gathered after the last update or load; before any, names, shapes and dtypes only
+            return self._full if self._full is not None else {
+                k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in self.model.state_dict().items()}
         return merged_state_dict(self.model) if self.lora else self.model.state_dict()
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -102,7 +102,7 @@ class DataParallel:
         defaults = {k: v for k, v in self.optimizer.defaults.items() if k in ("lr", "betas", "eps", "weight_decay", "foreach")}
         self.optimizer = type(self.optimizer)([p for p in self.model.parameters() if p.requires_grad], **defaults)
         self.sharded = True
-        self.gather_full_weights()
+        self._full = None  # nothing to send yet: the rollouts start from the same checkpoint (see rollout_weights)
 
     def iter_full_tensors(self):
         """Sharded: the model's tensors one at a time, each gathered whole on every rank (every rank
