@@ -117,6 +117,17 @@ def decide(rec: dict[str, Any], ray: RayJobState | RayUnavailable | RayJobMissin
     return None
 
 
+def _demand(spec: dict) -> list[dict[str, float]]:
+    """The bundles a launched spec holds (what admission counts for it); none if it no longer validates."""
+    from orchestrator.core.layout import demand
+    from orchestrator.core.spec import JobSpec
+
+    try:
+        return demand(JobSpec.model_validate(spec))
+    except ValueError:
+        return []
+
+
 def waiting_for_admission(rec: dict[str, Any]) -> bool:
     """Recorded with its launch spec and not yet submitted to Ray. (A record without a launch spec
     comes from an API before the admission queue, which submitted at once.)"""
@@ -186,7 +197,8 @@ class Reconciler:
                 spec = {}
             note = (f"record rebuilt from Ray's job {job.submission_id} after the control plane's Redis lost it; "
                     "events and metrics reported before then are gone")
-            if not await self.store.rebuild(job.job_id, job.tenant, job.name, spec, job.submission_id, job.attempt - 1, job.started_at, note):
+            if not await self.store.rebuild(job.job_id, job.tenant, job.name, spec, job.submission_id, job.attempt - 1, job.started_at, note,
+                                            demand=_demand(spec)):
                 continue
             password = urlsplit(job.env.get("RLHF_REDIS_URL") or "").password
             if password and self.settings.job_credentials == "acl":

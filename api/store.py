@@ -122,7 +122,7 @@ class JobStore:
         return decode({k: str(v) for k, v in fields.items()})
 
     async def rebuild(self, job_id: str, tenant: str, name: str, launch_spec: dict, submission_id: str, restarts: int,
-                      started_at: float | None, note: str) -> bool:
+                      started_at: float | None, note: str, demand: list | None = None) -> bool:
         """Record again a job that runs in Ray but whose record Redis lost (data loss, a flushed
         database): `running`, from what its Ray submission carries. False if a record exists (another
         API process rebuilt it first). Its earlier events and metrics are gone; `note` says so."""
@@ -134,7 +134,7 @@ class JobStore:
             "tenant": tenant, "name": name, "status": "running", "seq": seq, "created_at": repr(started_at or now),
             "admitted_at": repr(started_at or now), "started_at": repr(started_at or now), "updated_at": repr(now), "step": 0,
             "spec": json.dumps(launch_spec), "launch_spec": json.dumps(launch_spec), "metadata": json.dumps({}),
-            "ray_submission_id": submission_id, "restarts": restarts,
+            "ray_submission_id": submission_id, "restarts": restarts, "demand": json.dumps(demand or []),
         }
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(job_key(job_id), mapping=fields)

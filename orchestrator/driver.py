@@ -235,14 +235,15 @@ class Orchestrator:
         # Engine options only the vLLM backend takes: tensor parallelism and sleep/wake when colocated.
         # The reference scores samples at the rollouts' temperature; a stage without rollouts (DPO) at 1.
         ref_temperature = spec.rollout.temperature if spec.algo.rollouts else 1.0
+        # A policy trainer's LoRA adapters, and the temperature it scores at when it is its own reference (LoRA).
+        policy_options = dict(lora=m.lora, reference_temperature=ref_temperature) if spec.algo.produces == "policy" else {}
         vllm_options = dict(tensor_parallel_size=spec.rollout.tensor_parallel_size, colocate=res.colocate) if spec.rollout.backend == "vllm" else {}
         makers = {
             "rollout": (rollout_class(spec.rollout.backend), lambda i: dict(model_path=m.path, n=spec.rollout.n, max_new_tokens=spec.rollout.max_new_tokens,
                                                    temperature=spec.rollout.temperature, top_p=spec.rollout.top_p, seed=opt.seed + i,
                                                    num_gpus=res.rollout.num_gpus, **common, **vllm_options)),
             "trainer": (trainer_class(spec.algorithm.name), lambda i: dict(model_path=spec.trained_model_path, optim=opt, rollout=spec.rollout,
-                                                                          num_gpus=res.trainer.num_gpus, lora=m.lora,
-                                                                          reference_temperature=ref_temperature, **common)),
+                                                                          num_gpus=res.trainer.num_gpus, **policy_options, **common)),
             "reward": (RewardWorker, lambda i: dict(sources=list(spec.rewards), tokenizer_path=m.path, num_gpus=res.reward.num_gpus, **common)),
             "reference": (Reference, lambda i: dict(model_path=m.path, temperature=ref_temperature,
                                                     micro_batch_size=opt.micro_batch_size, micro_batch_tokens=opt.micro_batch_tokens,

@@ -112,6 +112,7 @@ def test_a_record_redis_lost_is_rebuilt_from_ray_and_the_job_can_be_cancelled(al
     recovered = events_of(alpha, job_id, "recovered")
     assert len(recovered) == 1 and "after the control plane's Redis lost it" in recovered[0]["message"], recovered
     assert job_id in [j["id"] for j in alpha.get("/v1/jobs", params={"status": "running"}).json()["data"]]
+    assert decode(r.hgetall(job_key(job_id)))["demand"] == rec["demand"]  # admission counts what it holds again
     wait_until(lambda: len(metric_steps(alpha, job_id)) >= 2, 60, "metrics reported after the rebuild")
 
     assert alpha.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
