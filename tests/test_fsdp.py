@@ -1,6 +1,6 @@
 """FSDP2 (`resources.trainer.strategy: fsdp`) on a real local Ray with 2 trainer replicas on the
-CPU (gloo): the same losses and weights as DDP after 3 steps, and a resume from its sharded
-checkpoint that continues exactly."""
+CPU (gloo): the same losses and weights as DDP after 3 steps, a resume from its sharded checkpoint
+that continues exactly, and the same checkpoint resumed on one unsharded replica (resharded)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ pytestmark = pytest.mark.slow
 COMPARED = ("policy_loss", "grad_norm", "entropy", "kl", "reward/mean")
 
 
-def run(tiny_model, arith_file, out, strategy: str, steps: int = 3, resume_from=None):
+def run(tiny_model, arith_file, out, strategy: str, steps: int = 3, resume_from=None, replicas: int = 2):
     from tests.test_e2e import start
 
     spec = tiny_spec(tiny_model, arith_file, out, optim={"steps": steps, "lr": 1e-2, "kl_coef": 0.05, "prompts_per_step": 4},
-                     resources={"trainer": {"replicas": 2, "strategy": strategy}, "torch_threads": 1}, checkpoint={"every": 1})
+                     resources={"trainer": {"replicas": replicas, "strategy": strategy}, "torch_threads": 1}, checkpoint={"every": 1})
     orch = start(spec)
     try:
         first = 0 if resume_from is None else orch.load_checkpoint(resume_from)
@@ -59,3 +59,12 @@ def test_fsdp_matches_ddp_and_resumes_exactly(ray_session, tiny_model, arith_fil
         assert resumed_metrics[0][key] == pytest.approx(fsdp_metrics[2][key], rel=1e-6, abs=1e-9), key
     for name, tensor in fsdp_weights.items():
         assert torch.equal(resumed_weights[name], tensor), name
+
+    # The same checkpoint on one unsharded replica: DCP gathers the shards; the same step 3 up to float order.
+    single_metrics, single_weights, _ = run(tiny_model, arith_file, tmp_path / "single", "ddp", resume_from=step2, replicas=1)
+    assert [m["step"] for m in single_metrics] == [3]
+    for key in COMPARED:
+        assert single_metrics[0][key] == pytest.approx(fsdp_metrics[2][key], rel=1e-4, abs=1e-6), key
+    for name, tensor in fsdp_weights.items():
+        if "k_proj.bias" not in name:
+            torch.testing.assert_close(single_weights[name], tensor, rtol=1e-4, atol=1e-6, msg=name)

@@ -252,7 +252,7 @@ class DataParallel:
             (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
     def _load_sharded(self, path: str, name: str) -> None:
-        """The shards `_save_sharded` wrote, on any number of replicas (DCP reshards)."""
+        """The shards `_save_sharded` wrote, on any number of replicas, sharded or not (DCP reshards)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -263,17 +263,18 @@ class DataParallel:
         rng = Path(path) / f"{name}_rng_{self.rank}.pt"
         if rng.exists():
             torch.set_rng_state(torch.load(rng, weights_only=False)["torch_rng"])
-        self.gather_full_weights()
+        if self.sharded:
+            self.gather_full_weights()
 
     def load_pretrained(self, path: str, name: str) -> None:
         """The model, optimiser and RNG state that `save_pretrained(path, name)` wrote."""
         from safetensors.torch import load_file
 
-        if self.sharded:
-            self._load_sharded(path, name)
+        src = Path(storage.local_copy(path))
+        if self.sharded or ((src / f"{name}_dcp").exists() and not (src / f"{name}_optim.pt").exists()):
+            self._load_sharded(path, name)  # (also a sharded job's checkpoint resumed on unsharded replicas: DCP reshards)
             return
 
-        src = Path(storage.local_copy(path))
         weights = {}
         for f in sorted((src / name).glob("*.safetensors")):
             weights.update(load_file(f))
