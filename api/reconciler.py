@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ MISSING_GRACE_S = 60.0
 # Ray unreachable for this long (settings.ray_unreachable_deadline_s): the job is failed, not `running` forever.
 UNREACHABLE_DEADLINE_S = 600.0
 ORPHANS_KEY = f"{PREFIX}jobs:stop_when_reachable"
+JOB_ID = re.compile(r"job-[0-9a-f]{24}")  # as api/routers/jobs.py makes them
 
 
 def ray_failure_message(state: RayJobState) -> str:
@@ -188,6 +190,8 @@ class Reconciler:
             return 0
         rebuilt = 0
         for job in live:
+            if not JOB_ID.fullmatch(job.job_id):  # only ids this service gives (the metadata is anyone's who may submit to Ray)
+                continue
             rec = await self.store.get(job.job_id)
             if not job.tenant or (rec is not None and rec.get("tenant")):  # (a driver's writes alone leave a hash without one)
                 continue

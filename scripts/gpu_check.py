@@ -195,7 +195,9 @@ def main() -> int:
         from workers.common import load_model
 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(__import__("workers.training", fromlist=["free_port"]).free_port()))
+        from workers.training import free_port
+
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group("nccl" if CUDA else "gloo", rank=0, world_size=1)
         try:
             device = "cuda" if CUDA else "cpu"

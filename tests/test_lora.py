@@ -115,3 +115,10 @@ def test_grpo_with_lora_and_kl_runs_without_a_reference_actor(ray_session, tiny_
     ckpt = orch.spec.checkpoint_dir / "step_000002"
     assert (ckpt / "policy_adapter" / "adapter_config.json").exists() and (ckpt / "policy" / "tokenizer_config.json").exists()
     assert [e for e in read_jsonl(orch.spec.run_dir / "events.jsonl") if e["type"] == "checkpoint"]
+
+
+def test_a_target_module_the_model_lacks_is_named(tiny_model):
+    from workers.common import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"model.lora.target_modules=\['qkv_fused'\]: .*qkv_fused"):
+        PolicyTrainer(str(tiny_model), OptimSpec(lr=1e-3), RolloutSpec(), threads=1, lora=LoraSpec(target_modules=["qkv_fused"]))

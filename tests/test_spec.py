@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,23 @@ def test_weight_sync_accepts_the_paths_that_fit():
     assert parse_spec({**base(), "rollout": {"n": 4, "backend": "vllm", "weight_sync": "cuda_ipc"},
                        "resources": {**gpus, "colocate": True}}).rollout.weight_sync == "cuda_ipc"
     assert parse_spec(base()).rollout.weight_sync == "auto"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"output_dir": "s3://bucket/run"}, "resources.trainer.strategy: fsdp writes each replica's shards to one shared filesystem"),
+    ({"checkpoint": {"dir": "s3://bucket/ckpt"}}, "output_dir and checkpoint.dir must be local paths"),
+    ({"model": {"path": "/m", "lora": {"rank": 4}}}, "fsdp with model.lora is not supported yet"),
+    ({"algorithm": {"name": "rm"}}, "fsdp shards a policy trainer"),
+])
+def test_fsdp_is_refused_where_it_cannot_work(extra, message):
+    spec = {"model": {"path": "/m"}, "data": {"train_file": "/d"}, "rewards": [{"function": "accuracy"}],
+            "resources": {"trainer": {"replicas": 2, "strategy": "fsdp"}}, "optim": {"prompts_per_step": 4}, **extra}
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse_spec(spec)
+
+
+def test_only_the_trainer_shards():
+    spec = {"model": {"path": "/m"}, "data": {"train_file": "/d"}, "rewards": [{"function": "accuracy"}],
+            "resources": {"critic": {"strategy": "fsdp"}}}
+    with pytest.raises(SpecError, match=r"resources.critic.strategy: only the trainer's replicas shard the model"):
+        parse_spec(spec)

@@ -25,7 +25,12 @@ def apply_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
 
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, task_type="CAUSAL_LM",
                         target_modules=spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules))
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # e.g. a target module the model does not have
+        from workers.common import ModelLoadError
+
+        raise ModelLoadError(f"model.lora.target_modules={spec.target_modules!r}: {err}") from None
 
 
 def is_lora(model: torch.nn.Module) -> bool:

@@ -21,6 +21,7 @@ from api.storage import ArtifactStore
 from api.admission import Quota, never_fits
 from api.tenant_spec import TenantSpec
 from orchestrator.core.layout import demand
+from orchestrator.core.storage import is_url
 from orchestrator.core.records import TERMINAL
 
 MAX_SPEC_ENV_BYTES = 100_000
@@ -102,6 +103,9 @@ async def create_job(
     resolver = TenantSpec(tenant, request.app.state.registry, request.app.state.storage, store, settings.mlflow_tracking_uris)
     launch = await resolver.launch_spec(spec, job_id)
     check_carriable(launch)
+    if body.resources.trainer.strategy == "fsdp" and is_url(settings.storage_root):
+        raise APIError(422, "invalid_spec", "resources.trainer.strategy: fsdp writes each replica's shards to one shared filesystem, "
+                       "and this service keeps runs in an object store; use ddp", "resources.trainer.strategy")
     bundles = demand(body)
     quota = admission_quota(settings, tenant)
     if body.priority > quota.max_priority:

@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from orchestrator.core.algorithms import ALGORITHMS, ROLLOUT_BACKENDS, Algorithm
+from orchestrator.core.storage import is_url
 
 API_VERSION = "rlhf/v1"
 STAGE_REF = "stage:"  # `rewards[].model: "stage:NAME"`: the reward model an earlier stage of the job trains
@@ -94,9 +95,9 @@ class AlgorithmSpec(_Strict):
 class LoraSpec(_Strict):
     rank: int = Field(16, gt=0, le=4096, description="Rank r of each adapter (B: out x r, A: r x in).")
     alpha: float = Field(32.0, gt=0, le=1e6, description="Scale: the adapter adds (alpha / rank) * B A to each weight.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Linear layers that get adapters, by name suffix (`[q_proj, v_proj]`), or every linear "
-        "layer but the output head (`all-linear`)."
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=200)]] | Literal["all-linear"] = Field(
+        "all-linear", min_length=1, max_length=64, description="Linear layers that get adapters, by name suffix "
+        "(`[q_proj, v_proj]`), or every linear layer but the output head (`all-linear`)."
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
 
@@ -447,6 +448,9 @@ class JobSpec(_Strict):
                 raise _field_error(("resources", role, "strategy"), "only the trainer's replicas shard the model (fsdp)")
         if self.resources.trainer.strategy == "fsdp" and self.algo.produces != "policy":
             raise _field_error(("resources", "trainer", "strategy"), f"fsdp shards a policy trainer; {self.algorithm.name} trains a reward model (use ddp)")
+        if self.resources.trainer.strategy == "fsdp" and any(is_url(d) for d in (self.output_dir, self.checkpoint.dir) if d):
+            raise _field_error(("resources", "trainer", "strategy"), "fsdp writes each replica's shards to one shared "
+                               "filesystem: output_dir and checkpoint.dir must be local paths, not URLs")
         if self.resources.trainer.strategy == "fsdp" and self.model.lora:
             raise _field_error(("resources", "trainer", "strategy"), "fsdp with model.lora is not supported yet: the adapters are small; use ddp")
         if self.model.lora and self.algo.produces != "policy":

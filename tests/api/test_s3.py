@@ -57,6 +57,10 @@ def test_upload_train_and_resume_from_a_checkpoint_in_s3(s3, s3_api, keys, workd
         assert alpha.get(f"/v1/files/{file['id']}/content").text == ARITHMETIC
 
         body = job_body({"model": "tiny", "data": file["id"]}, workdir, "s3-job", 2, checkpoint={"every": 1, "keep_last": 1})
+        # FSDP's shards need one shared filesystem: refused at submit here, naming the field, recording nothing.
+        sharded = {**body, "resources": {**body["resources"], "trainer": {"replicas": 2, "strategy": "fsdp"}}, "optim": {**body["optim"], "prompts_per_step": 4}}
+        refused = alpha.post("/v1/jobs", json=sharded)
+        assert refused.status_code == 422 and refused.json()["error"]["param"] == "resources.trainer.strategy", refused.text
         job = alpha.post("/v1/jobs", json=body).json()
         done = wait_status(alpha, job["id"], {"succeeded", "failed", "cancelled"}, 240)
         assert done["status"] == "succeeded", done["error"]
