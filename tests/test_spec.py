@@ -127,7 +127,8 @@ def test_weight_sync_accepts_the_paths_that_fit():
     ({"output_dir": "s3://bucket/run"}, "resources.trainer.strategy: fsdp writes each replica's shards to one shared filesystem"),
     ({"checkpoint": {"dir": "s3://bucket/ckpt"}}, "output_dir and checkpoint.dir must be local paths"),
     ({"model": {"path": "/m", "lora": {"rank": 4}}}, "fsdp with model.lora is not supported yet"),
-    ({"algorithm": {"name": "rm"}}, "fsdp shards a policy trainer"),
+    ({"algorithm": {"name": "rm"}}, "fsdp shards the trainer of an RL algorithm (grpo, ppo); not yet rm's"),
+    ({"algorithm": {"name": "dpo"}}, "not yet dpo's"),
 ])
 def test_fsdp_is_refused_where_it_cannot_work(extra, message):
     spec = {"model": {"path": "/m"}, "data": {"train_file": "/d"}, "rewards": [{"function": "accuracy"}],

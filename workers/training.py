@@ -140,6 +140,12 @@ class DataParallel:
             for t in tensors:
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
+    def _global_max(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
     def _global_count(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         self._all_reduce_sum([t])
@@ -159,9 +165,17 @@ class DataParallel:
         num_seqs = self._global_count(float(len(mb)))
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for micro in micro_batches(mb, micro_batch_size, micro_batch_tokens):
+        parts = micro_batches(mb, micro_batch_size, micro_batch_tokens)
+        # Sharded, every forward and backward is a collective: each rank runs as many as the rank with
+        # the most micro-batches (token budgets cut shards of unlike lengths differently); the extra
+        # ones add nothing (loss times 0).
+        rounds = int(self._global_max(len(parts))) if self.sharded else len(parts)
+        for i in range(rounds):
             with self.autocast():
-                loss, stats = loss_fn(micro, num_tokens, num_seqs)
+                loss, stats = loss_fn(parts[i % len(parts)], num_tokens, num_seqs)
+            if i >= len(parts):
+                (loss * 0.0).backward()
+                continue
             loss.backward()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v

@@ -446,8 +446,9 @@ class JobSpec(_Strict):
         for role in ("rollout", "reference", "reward", "critic"):
             if getattr(self.resources, role).strategy != "ddp":
                 raise _field_error(("resources", role, "strategy"), "only the trainer's replicas shard the model (fsdp)")
-        if self.resources.trainer.strategy == "fsdp" and self.algo.produces != "policy":
-            raise _field_error(("resources", "trainer", "strategy"), f"fsdp shards a policy trainer; {self.algorithm.name} trains a reward model (use ddp)")
+        if self.resources.trainer.strategy == "fsdp" and not self.algo.rollouts:
+            raise _field_error(("resources", "trainer", "strategy"), f"fsdp shards the trainer of an RL algorithm (grpo, ppo); "
+                               f"not yet {self.algorithm.name}'s (use ddp)")
         if self.resources.trainer.strategy == "fsdp" and any(is_url(d) for d in (self.output_dir, self.checkpoint.dir) if d):
             raise _field_error(("resources", "trainer", "strategy"), "fsdp writes each replica's shards to one shared "
                                "filesystem: output_dir and checkpoint.dir must be local paths, not URLs")
