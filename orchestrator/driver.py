@@ -238,17 +238,23 @@ class Orchestrator:
         # A policy trainer's LoRA adapters, and the temperature it scores at when it is its own reference (LoRA).
         policy_options = dict(lora=m.lora, reference_temperature=ref_temperature) if spec.algo.produces == "policy" else {}
         vllm_options = dict(tensor_parallel_size=spec.rollout.tensor_parallel_size, colocate=res.colocate) if spec.rollout.backend == "vllm" else {}
+
+        def empty(role: str, i: int) -> dict:  # a sharded role's rank > 0 loads no weights: rank 0 sends its shards
+            return {"empty": True} if getattr(res, role).strategy == "fsdp" and i > 0 else {}
+
         makers = {
             "rollout": (rollout_class(spec.rollout.backend), lambda i: dict(model_path=m.path, n=spec.rollout.n, max_new_tokens=spec.rollout.max_new_tokens,
                                                    temperature=spec.rollout.temperature, top_p=spec.rollout.top_p, seed=opt.seed + i,
                                                    num_gpus=res.rollout.num_gpus, **common, **vllm_options)),
             "trainer": (trainer_class(spec.algorithm.name), lambda i: dict(model_path=spec.trained_model_path, optim=opt, rollout=spec.rollout,
-                                                                          num_gpus=res.trainer.num_gpus, **policy_options, **common)),
+                                                                          num_gpus=res.trainer.num_gpus, **policy_options, **common,
+                                                                          **empty("trainer", i))),
             "reward": (RewardWorker, lambda i: dict(sources=list(spec.rewards), tokenizer_path=m.path, num_gpus=res.reward.num_gpus, **common)),
             "reference": (Reference, lambda i: dict(model_path=m.path, temperature=ref_temperature,
                                                     micro_batch_size=opt.micro_batch_size, micro_batch_tokens=opt.micro_batch_tokens,
-                                                    num_gpus=res.reference.num_gpus, **common)),
-            "critic": (Critic, lambda i: dict(model_path=m.critic_path or m.path, optim=opt, num_gpus=res.critic.num_gpus, **common)),
+                                                    num_gpus=res.reference.num_gpus, **common, **empty("reference", i))),
+            "critic": (Critic, lambda i: dict(model_path=m.critic_path or m.path, optim=opt, num_gpus=res.critic.num_gpus, **common,
+                                              lora=m.lora if m.lora and m.lora.critic else None, **empty("critic", i))),
         }
         for role in spec.roles:
             cls, make_kwargs = makers[role]
@@ -256,6 +262,8 @@ class Orchestrator:
         self._init_data_parallel("trainer")
         if "critic" in self.groups:
             self._init_data_parallel("critic")
+        if "reference" in self.groups and res.reference.strategy == "fsdp":  # (plain reference replicas need no process group)
+            self._init_data_parallel("reference")
         self.setup_weight_sync()
         names = [f"{self.job_id}/{r}-{i}" for r, g in self.groups.items() for i in range(len(g))]
         self.reporter.event("actors_ready", f"{len(names)} actors up", actors=names)

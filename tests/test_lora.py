@@ -1,11 +1,12 @@
-"""LoRA on the policy (`model.lora`, peft): only the adapters train, the frozen base is the
+"""LoRA on the policy and the PPO critic (`model.lora`, peft): only the adapters train, the frozen base is the
 reference, rollouts and `policy/` get the merged weights under the base model's names, and a resume
-from the adapters is exact. The trainer as a plain class (no Ray), then a GRPO job with a KL penalty
+from the adapters is exact. The trainer as a plain class (no Ray), then a PPO job with a KL penalty
 on a real local Ray that starts no reference actor."""
 
 from __future__ import annotations
 
 import pytest
+import ray
 import torch
 
 from orchestrator.core.spec import LoraSpec, OptimSpec, RolloutSpec
@@ -97,23 +98,57 @@ def test_resume_from_the_adapters_is_exact(tiny_model, tmp_path):
         assert torch.equal(a, b), f"{name} differs after the same step on the resumed trainer"
 
 
+def test_a_lora_critic_trains_its_adapters_and_value_head_and_resumes_exactly(tiny_model, tmp_path):
+    """PPO's critic with `model.lora`: the base stays as loaded, the adapters and the new value head
+    learn (the value loss falls), and its checkpoint (those alone) resumes it exactly."""
+    from workers.critic import Critic
+
+    def critic():
+        return Critic(str(tiny_model), OptimSpec(critic_lr=1e-2, prompts_per_step=12, seed=5), threads=1, lora=LoraSpec(rank=4, alpha=8))
+
+    batch = varied_batch(seed=3)
+    first = critic()
+    base = {n: p.detach().clone() for n, p in first.model.named_parameters() if not p.requires_grad}
+    trained = sorted(n for n, p in first.model.named_parameters() if p.requires_grad)
+    assert trained and all("lora_" in n or ".score." in n for n in trained), trained
+    assert any(".score." in n for n in trained), "the value head is new: it must train"
+    losses = [first.train_step(batch, step, 1, None)["value_loss"] for step in range(1, 6)]
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, base[n]) for n, p in first.model.named_parameters() if n in base)
+
+    first.save(str(tmp_path))
+    saved = torch.load(tmp_path / "critic.pt", weights_only=False)["model"]
+    assert sorted(saved) == sorted(k for k in first.model.state_dict() if k in trained)
+    second = critic()
+    second.load(str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()))
+    a, b = first.train_step(batch, 6, 1, None), second.train_step(batch, 6, 1, None)
+    assert (a["value_loss"], a["value_clip_ratio"]) == (b["value_loss"], b["value_clip_ratio"])
+    torch.testing.assert_close(first.compute_values(batch)[0], second.compute_values(batch)[0], rtol=0, atol=0)
+
+
 @pytest.mark.slow
-def test_grpo_with_lora_and_kl_runs_without_a_reference_actor(ray_session, tiny_model, arith_file, tmp_path):
+def test_ppo_with_lora_and_kl_runs_without_a_reference_actor(ray_session, tiny_model, arith_file, tmp_path):
     from tests.conftest import read_jsonl, tiny_spec
     from tests.test_e2e import check_run, start
 
-    spec = tiny_spec(tiny_model, arith_file, tmp_path / "lora", optim={"steps": 2, "kl_coef": 0.05, "lr": 5e-2},
+    spec = tiny_spec(tiny_model, arith_file, tmp_path / "lora", algorithm={"name": "ppo"}, optim={"steps": 2, "kl_coef": 0.05, "lr": 5e-2},
                      model={"path": str(tiny_model), "lora": {"rank": 4, "alpha": 8, "target_modules": "all-linear"}},
                      checkpoint={"every": 2})
     orch = start(spec)
     try:
-        metrics = check_run(orch, tiny_model, {"rollout", "trainer", "reward"})  # no "reference"
+        metrics = check_run(orch, tiny_model, {"rollout", "trainer", "reward", "critic"})  # no "reference"
+        critic_trained = ray.get(orch.groups["critic"].actors[0].__ray_call__.remote(
+            lambda self: sorted(n for n, p in self.model.named_parameters() if p.requires_grad)))
     finally:
         orch.shutdown()
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: policy = base
     assert metrics[-1]["kl"] > 0  # then the adapters moved it away from the base
     ckpt = orch.spec.checkpoint_dir / "step_000002"
     assert (ckpt / "policy_adapter" / "adapter_config.json").exists() and (ckpt / "policy" / "tokenizer_config.json").exists()
+    # The critic has adapters too (and its value head): its checkpoint holds those alone.
+    assert critic_trained and all("lora_" in n or ".score." in n for n in critic_trained), critic_trained
+    assert sorted(torch.load(ckpt / "critic.pt", weights_only=False)["model"]) == critic_trained
     assert [e for e in read_jsonl(orch.spec.run_dir / "events.jsonl") if e["type"] == "checkpoint"]
 
 

@@ -127,7 +127,7 @@ def test_weight_sync_accepts_the_paths_that_fit():
     ({"output_dir": "s3://bucket/run"}, "resources.trainer.strategy: fsdp writes each replica's shards to one shared filesystem"),
     ({"checkpoint": {"dir": "s3://bucket/ckpt"}}, "output_dir and checkpoint.dir must be local paths"),
     ({"model": {"path": "/m", "lora": {"rank": 4}}}, "fsdp with model.lora is not supported yet"),
-    ({"algorithm": {"name": "rm"}}, "fsdp shards the trainer of an RL algorithm (grpo, ppo); not yet rm's"),
+    ({"algorithm": {"name": "rm"}}, "fsdp shards the roles of an RL algorithm (grpo, ppo); not yet rm's"),
     ({"algorithm": {"name": "dpo"}}, "not yet dpo's"),
 ])
 def test_fsdp_is_refused_where_it_cannot_work(extra, message):
@@ -137,8 +137,21 @@ def test_fsdp_is_refused_where_it_cannot_work(extra, message):
         parse_spec(spec)
 
 
-def test_only_the_trainer_shards():
-    spec = {"model": {"path": "/m"}, "data": {"train_file": "/d"}, "rewards": [{"function": "accuracy"}],
-            "resources": {"critic": {"strategy": "fsdp"}}}
-    with pytest.raises(SpecError, match=r"resources.critic.strategy: only the trainer's replicas shard the model"):
-        parse_spec(spec)
+def test_the_trainer_critic_and_reference_shard_and_nothing_else():
+    spec = {"model": {"path": "/m"}, "data": {"train_file": "/d"}, "rewards": [{"function": "accuracy"}], "algorithm": {"name": "ppo"},
+            "optim": {"prompts_per_step": 4, "kl_coef": 0.1}, "rollout": {"n": 2}}
+    sharded = {role: {"replicas": 2, "strategy": "fsdp"} for role in ("trainer", "critic", "reference")}
+    assert parse_spec({**spec, "resources": sharded}).sharded_roles == ["trainer", "critic", "reference"]
+    with pytest.raises(SpecError, match=r"resources.reward.strategy: the trainer's, critic's and reference's replicas shard"):
+        parse_spec({**spec, "resources": {"reward": {"strategy": "fsdp"}}})
+    with pytest.raises(SpecError, match=r"resources.critic.replicas: every fsdp replica takes part in each forward: 16 replicas "
+                                        r"need at least as many samples per step \(prompts_per_step \* rollout.n = 8\)"):
+        parse_spec({**spec, "resources": {"critic": {"replicas": 16, "strategy": "fsdp"}}})
+    with pytest.raises(SpecError, match=r"resources.critic.strategy: fsdp writes each replica's shards"):
+        parse_spec({**spec, "output_dir": "s3://b/run", "resources": {"critic": {"strategy": "fsdp"}}})
+    lora = {"model": {"path": "/m", "lora": {"rank": 4}}, "resources": {"critic": {"strategy": "fsdp"}}}
+    with pytest.raises(SpecError, match=r"resources.critic.strategy: fsdp with model.lora is not supported yet"):
+        parse_spec({**spec, **lora})
+    assert parse_spec({**spec, **lora, "model": {"path": "/m", "lora": {"rank": 4, "critic": False}}}).sharded_roles == ["critic"]
+    # The reference saves nothing: it may shard with runs in an object store.
+    assert parse_spec({**spec, "output_dir": "s3://b/run", "resources": {"reference": {"strategy": "fsdp"}}}).sharded_roles == ["reference"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -54,15 +54,31 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str, auto_class: str = "AutoModelForCausalLM", dtype: str = "float32", trust_remote_code: bool = False, device: torch.device | str = "cpu", **kwargs):
+def load_model(path: str, auto_class: str = "AutoModelForCausalLM", dtype: str = "float32", trust_remote_code: bool = False,
+               device: torch.device | str = "cpu", empty: bool = False, **kwargs):
+    """The model at `path` on `device`; with `empty`, built from its config on the meta device,
+    without weights (a sharded role's rank > 0: rank 0 sends each one its shards, workers/training.py)."""
     import transformers
 
     cls = getattr(transformers, auto_class)
     try:
+        if empty:
+            config = transformers.AutoConfig.from_pretrained(storage.local_copy(path), trust_remote_code=trust_remote_code, **kwargs)
+            with torch.device("meta"):
+                return cls.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         model = cls.from_pretrained(storage.local_copy(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kwargs)
     except Exception as err:
         raise ModelLoadError(f"cannot load {auto_class} from {path!r}: {type(err).__name__}: {err}") from None
     return model.to(device)
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout layer off: an RL role's forward must be the same in its update as when it
+    scored (eval mode), or on-policy ratios are not 1 and values are noisy (TRL and OpenRLHF do the same)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -99,17 +115,24 @@ def response_logprobs(model, batch: Batch, temperature: float = 1.0, with_entrop
 
 
 @torch.no_grad()
-def batched_logprobs(model, batch: Batch, temperature: float, micro_batch_size: int | None, micro_batch_tokens: int | None = None) -> torch.Tensor:
+def batched_logprobs(model, batch: Batch, temperature: float, micro_batch_size: int | None, micro_batch_tokens: int | None = None,
+                     rounds: Callable[[int], int] | None = None) -> torch.Tensor:
     """Response log-probs (b, R) of the whole batch, computed `micro_batch_size` rows or (with
-    `micro_batch_tokens`) a token budget of rows of like length at a time (core/batch.py)."""
-    if not micro_batch_tokens:
+    `micro_batch_tokens`) a token budget of rows of like length at a time (core/batch.py).
+    `rounds(n)`: how many forwards to run for n micro-batches (a sharded model runs as many as its
+    busiest rank: each forward is a collective); the extra ones repeat the last and are dropped."""
+    if micro_batch_tokens:
+        groups = [torch.tensor(rows, device=batch.input_ids.device) for rows in token_budget_groups(*row_lengths(batch), micro_batch_tokens)]
+    else:
         size = micro_batch_size or len(batch)
-        return torch.cat([response_logprobs(model, batch.select(slice(i, i + size)), temperature)[0] for i in range(0, len(batch), size)])
+        groups = [torch.arange(i, min(i + size, len(batch)), device=batch.input_ids.device) for i in range(0, len(batch), size)]
     out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.input_ids.device)
-    for rows in token_budget_groups(*row_lengths(batch), micro_batch_tokens):
-        index = torch.tensor(rows, device=batch.input_ids.device)
-        logprobs = response_logprobs(model, batch.select(index).trim(), temperature)[0]
-        out[index, : logprobs.shape[1]] = logprobs
+    for i in range(rounds(len(groups)) if rounds else len(groups)):
+        index = groups[min(i, len(groups) - 1)]
+        part = batch.select(index)
+        logprobs = response_logprobs(model, part.trim() if micro_batch_tokens else part, temperature)[0]
+        if i < len(groups):
+            out[index, : logprobs.shape[1]] = logprobs
     return out
 
 

@@ -3,7 +3,8 @@
 Only the adapters train. The rollouts, `policy/` in checkpoints and the next stage get the merged
 weights under the base model's own names (`merged_state_dict`); checkpoints also hold the adapters
 alone (`policy_adapter/`), from which a resume continues. The frozen base (adapters off) is the
-reference policy, so no second copy of the weights is needed.
+reference policy, so no second copy of the weights is needed. A PPO critic with LoRA trains its
+adapters and its value head (`apply_lora(..., "TOKEN_CLS")`); its checkpoint holds just those.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ if TYPE_CHECKING:
 ADAPTER_DIR = "policy_adapter"
 
 
-def apply_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
-    """The model with adapters on `spec.target_modules`; every base weight frozen."""
+def apply_lora(model: torch.nn.Module, spec: LoraSpec, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """The model with adapters on `spec.target_modules`; every base weight frozen (but a `TOKEN_CLS`
+    model's head, which peft trains whole: the critic's value head is new)."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, task_type="CAUSAL_LM",
+    head = {"exclude_modules": ["score", "classifier"]} if task_type != "CAUSAL_LM" else {}  # (trained whole, not adapted)
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, task_type=task_type, **head,
                         target_modules=spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules))
     try:
         return get_peft_model(model, config)

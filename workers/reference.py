@@ -8,20 +8,26 @@ import torch
 
 from orchestrator.core.batch import Batch
 from workers.common import batched_logprobs, configure_threads, load_model, pick_device
+from workers.training import Sharded
 
 
-class Reference:
+class Reference(Sharded):
+    """Replicas each score their shard of the batch; with `strategy: fsdp` they also shard the weights
+    (each forward is then a collective: `init_distributed` joins them)."""
+
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, temperature: float = 1.0,
                  micro_batch_size: int | None = None, num_gpus: float = 0, threads: int | None = None,
-                 micro_batch_tokens: int | None = None):
+                 micro_batch_tokens: int | None = None, empty: bool = False):
         configure_threads(threads)
         self.device = pick_device(num_gpus)
-        self.model = load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device).eval()
+        # empty: a sharded rank > 0 builds the model without weights; rank 0 sends its shards (init_distributed).
+        self.model = load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device, empty=empty).eval()
         self.model.requires_grad_(False)
         self.temperature, self.micro_batch_size, self.micro_batch_tokens = temperature, micro_batch_size, micro_batch_tokens
 
     def compute_logprobs(self, batch: Batch) -> tuple[torch.Tensor, float]:
         """(ref log-probs (b, R) on the CPU, seconds spent)."""
         start = time.perf_counter()
-        logprobs = batched_logprobs(self.model, batch.to(self.device), self.temperature, self.micro_batch_size, self.micro_batch_tokens)
+        logprobs = batched_logprobs(self.model, batch.to(self.device), self.temperature, self.micro_batch_size,
+                                    self.micro_batch_tokens, rounds=self.rounds)
         return (logprobs * batch.response_mask.to(self.device)).cpu(), time.perf_counter() - start

@@ -14,6 +14,7 @@ from orchestrator.core.batch import Batch
 from workers.common import (
     batched_logprobs,
     configure_threads,
+    disable_dropout,
     load_model,
     pick_device,
     response_logprobs,
@@ -31,12 +32,13 @@ class PolicyTrainer(WeightSource, DataParallel):
 
     def __init__(self, model_path: str, optim: OptimSpec, rollout: RolloutSpec, dtype: str = "float32",
                  trust_remote_code: bool = False, num_gpus: float = 0, threads: int | None = None,
-                 lora: LoraSpec | None = None, reference_temperature: float = 1.0):
+                 lora: LoraSpec | None = None, reference_temperature: float = 1.0, empty: bool = False):
         configure_threads(threads)
         torch.manual_seed(optim.seed)
         self.optim, self.rollout, self.reference_temperature = optim, rollout, reference_temperature
         self.device = pick_device(num_gpus)
-        self.model = load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device)
+        # empty: a sharded rank > 0 builds the model without weights; rank 0 sends its shards (init_distributed).
+        self.model = disable_dropout(load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device, empty=empty))
         if lora is not None:
             self.model = apply_lora(self.model, lora)
         self.lora = lora is not None
@@ -143,6 +145,8 @@ class PolicyTrainer(WeightSource, DataParallel):
     def load(self, path: str) -> None:
         if not self.lora:
             self.load_pretrained(path, "policy")
+            if self.sharded:  # what the first sync sends
+                self.gather_full_weights()
             return
         src = Path(storage.local_copy(path))
         load_adapter(self.model, src)

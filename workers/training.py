@@ -36,27 +36,15 @@ def mini_batches(batch: Batch, num_mini_batches: int, epochs: int, seed: int, st
             yield batch.select(index)
 
 
-class DataParallel:
-    """A trained role: `self.model`, `self.optimizer`, `self.device` and `self.grad_clip` are set
-    by the subclass; replicas join one process group and sum gradients across it."""
+class Sharded:
+    """Replicas of one role that may shard its model (FSDP2, `resources.<role>.strategy: fsdp`):
+    the process group, the sharding, and the collectives every rank must take part in. `self.model`
+    and `self.device` are set by the subclass; a trained role (`DataParallel`) also sets `self.optimizer`."""
 
     rank, world_size = 0, 1
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
     device: torch.device
-    grad_clip: float | None = None
-
-    mixed_precision = "no"
-
-    def configure_training(self, gradient_checkpointing: bool, mixed_precision: str) -> None:
-        """Activation checkpointing and bf16 autocast (the weights stay as loaded: fp32 master weights)."""
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.mixed_precision = mixed_precision
-
-    def autocast(self):
-        """The forward's precision: bf16 autocast with `mixed_precision: bf16`, else as loaded."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision == "bf16")
+    sharded = False  # FSDP2: parameters (and, trained, gradients and optimizer state) split across the replicas
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 listens; call on rank 0 before `init_distributed` on every rank."""
@@ -70,9 +58,6 @@ class DataParallel:
             pass
         return host, free_port()
 
-    sharded = False  # FSDP2: parameters, gradients and optimizer state split across the replicas
-    _full: dict[str, torch.Tensor] | None = None  # sharded, rank 0: the full weights after the last update (CPU)
-
     def init_distributed(self, master: tuple[str, int], rank: int, world_size: int, strategy: str = "ddp") -> None:
         self.rank, self.world_size = rank, world_size
         if world_size == 1:
@@ -84,14 +69,25 @@ class DataParallel:
 
     def _shard(self) -> None:
         """FSDP2: each decoder layer (the model's `_no_split_modules`), then the rest, sharded across
-        the replicas; the optimizer is made again over the sharded parameters."""
+        the replicas, and filled from rank 0's weights: the other ranks may have built the model on
+        the meta device (`load_model(empty=True)`), so no rank but 0 ever holds the whole model. A
+        trained role's optimizer is made again over the sharded parameters."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
+        full = self.model.state_dict() if self.rank == 0 else {}  # (rank 0: references, not a copy)
         blocks = set(getattr(self.model, "_no_split_modules", None) or [])
         for module in self.model.modules():
             if type(module).__name__ in blocks:
                 fully_shard(module)
         fully_shard(self.model)
+        if any(p.is_meta for p in self.model.parameters()) or any(b.is_meta for b in self.model.buffers()):
+            self.model.to_empty(device=self.device)
+        # Rank 0 sends each tensor whole, one at a time; every rank keeps its shard.
+        set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
+        for buffer in self.model.buffers():  # not sharded, and some (rotary frequencies) not in the state dict
+            dist.broadcast(buffer, 0)
         # Losses are normalised by the whole mini-batch's counts: gradients are summed across replicas
         # (as DDP's all-reduce does here), not averaged. A plain sum is also what gloo can reduce.
         # Each sharded module (every layer, and the root) reduces its own parameters' gradients.
@@ -99,16 +95,60 @@ class DataParallel:
             if isinstance(module, FSDPModule):
                 module.set_force_sum_reduction_for_comms(True)
                 module.set_gradient_divide_factor(1.0)
-        defaults = {k: v for k, v in self.optimizer.defaults.items() if k in ("lr", "betas", "eps", "weight_decay", "foreach")}
-        self.optimizer = type(self.optimizer)([p for p in self.model.parameters() if p.requires_grad], **defaults)
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None:
+            defaults = {k: v for k, v in optimizer.defaults.items() if k in ("lr", "betas", "eps", "weight_decay", "foreach")}
+            self.optimizer = type(optimizer)([p for p in self.model.parameters() if p.requires_grad], **defaults)
         self.sharded = True
-        self._full = None  # nothing to send yet: the rollouts start from the same checkpoint (see rollout_weights)
 
     def iter_full_tensors(self):
         """Sharded: the model's tensors one at a time, each gathered whole on every rank (every rank
         must iterate to the end): never a whole extra copy of the model."""
         for name, tensor in self.model.state_dict().items():
             yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
+
+    def rounds(self, count: int) -> int:
+        """How many forwards (and backwards) this rank runs for its `count` micro-batches: sharded,
+        each is a collective, so every rank runs as many as the rank with the most (token budgets cut
+        shards of unlike lengths differently); the extra ones are thrown away."""
+        return int(self._global_max(count)) if self.sharded else count
+
+    def _all_reduce_sum(self, tensors: list[torch.Tensor]) -> None:
+        if self.world_size > 1:
+            for t in tensors:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+    def _global_max(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def _global_count(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        self._all_reduce_sum([t])
+        return float(t.item())
+
+
+class DataParallel(Sharded):
+    """A trained role: `self.model`, `self.optimizer`, `self.device` and `self.grad_clip` are set
+    by the subclass; replicas join one process group and sum gradients across it (or shard, fsdp)."""
+
+    optimizer: torch.optim.Optimizer
+    grad_clip: float | None = None
+
+    mixed_precision = "no"
+    _full: dict[str, torch.Tensor] | None = None  # sharded, rank 0: the full weights after the last update (CPU)
+
+    def configure_training(self, gradient_checkpointing: bool, mixed_precision: str) -> None:
+        """Activation checkpointing and bf16 autocast (the weights stay as loaded: fp32 master weights)."""
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.mixed_precision = mixed_precision
+
+    def autocast(self):
+        """The forward's precision: bf16 autocast with `mixed_precision: bf16`, else as loaded."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision == "bf16")
 
     def gather_full_weights(self) -> None:
         """Sharded: rank 0 keeps the full weights on the CPU, for a sync path that reads them from
@@ -135,22 +175,6 @@ class DataParallel:
                 pass
         return {"timing/weight_sync": time.perf_counter() - start}
 
-    def _all_reduce_sum(self, tensors: list[torch.Tensor]) -> None:
-        if self.world_size > 1:
-            for t in tensors:
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
-
-    def _global_max(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
-
-    def _global_count(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        self._all_reduce_sum([t])
-        return float(t.item())
-
     def optimizer_step(self, mb: Batch, micro_batch_size: int | None, loss_fn: LossFn, micro_batch_tokens: int | None = None) -> dict[str, float]:
         """One optimiser step on this replica's share of a mini-batch, accumulated over micro-batches.
 
@@ -166,11 +190,7 @@ class DataParallel:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         parts = micro_batches(mb, micro_batch_size, micro_batch_tokens)
-        # Sharded, every forward and backward is a collective: each rank runs as many as the rank with
-        # the most micro-batches (token budgets cut shards of unlike lengths differently); the extra
-        # ones add nothing (loss times 0).
-        rounds = int(self._global_max(len(parts))) if self.sharded else len(parts)
-        for i in range(rounds):
+        for i in range(self.rounds(len(parts))):  # (sharded, the extra ones add nothing: loss times 0)
             with self.autocast():
                 loss, stats = loss_fn(parts[i % len(parts)], num_tokens, num_seqs)
             if i >= len(parts):
@@ -217,16 +237,19 @@ class DataParallel:
             self.model.save_pretrained(out / name)
             torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, out / f"{name}_optim.pt")
 
-    def _save_sharded(self, path: str, name: str) -> None:
+    def _save_sharded(self, path: str, name: str, hf: bool = True) -> None:
+        """Every rank writes its shards of the model and optimizer to `<path>/<name>_dcp/` and its RNG
+        state; with `hf`, rank 0 also writes `<path>/<name>/` in HF layout, gathered tensor by tensor."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         if storage.is_url(path):
-            raise ValueError("resources.trainer.strategy fsdp writes its shards to a shared filesystem: checkpoint.dir must be a local path")
+            raise ValueError("a sharded role (strategy fsdp) writes its shards to a shared filesystem: checkpoint.dir must be a local path")
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(Path(path) / f"{name}_dcp"))
         torch.save({"torch_rng": torch.get_rng_state()}, Path(path) / f"{name}_rng_{self.rank}.pt")
-        self._save_hf_in_buckets(Path(path) / name)
+        if hf:
+            self._save_hf_in_buckets(Path(path) / name)
 
     def _save_hf_in_buckets(self, out: Path, bucket_bytes: int = 256 << 20) -> None:
         """`out/` in HF layout from a sharded model: tensors gathered one at a time, written by rank 0
@@ -277,8 +300,6 @@ class DataParallel:
         rng = Path(path) / f"{name}_rng_{self.rank}.pt"
         if rng.exists():
             torch.set_rng_state(torch.load(rng, weights_only=False)["torch_rng"])
-        if self.sharded:
-            self.gather_full_weights()
 
     def load_pretrained(self, path: str, name: str) -> None:
         """The model, optimiser and RNG state that `save_pretrained(path, name)` wrote."""

@@ -103,9 +103,10 @@ async def create_job(
     resolver = TenantSpec(tenant, request.app.state.registry, request.app.state.storage, store, settings.mlflow_tracking_uris)
     launch = await resolver.launch_spec(spec, job_id)
     check_carriable(launch)
-    if body.resources.trainer.strategy == "fsdp" and is_url(settings.storage_root):
-        raise APIError(422, "invalid_spec", "resources.trainer.strategy: fsdp writes each replica's shards to one shared filesystem, "
-                       "and this service keeps runs in an object store; use ddp", "resources.trainer.strategy")
+    for role in (r for r in body.sharded_roles if r != "reference"):  # (the reference saves nothing)
+        if is_url(settings.storage_root):
+            raise APIError(422, "invalid_spec", f"resources.{role}.strategy: fsdp writes each replica's shards to one shared filesystem, "
+                           "and this service keeps runs in an object store; use ddp", f"resources.{role}.strategy")
     bundles = demand(body)
     quota = admission_quota(settings, tenant)
     if body.priority > quota.max_priority:

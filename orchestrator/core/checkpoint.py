@@ -1,6 +1,9 @@
 """Checkpoint layout: `<dir>/step_000012/` holds `policy/` (HF layout, loadable by any stage),
 `policy_optim.pt`, `critic.pt` (PPO) and `state.json`, written last, which marks it complete; an
 `rm` stage's checkpoints hold `reward_model/` (a sequence classifier with its tokenizer) instead of `policy/`.
+A sharded role (fsdp) writes `policy_dcp/` or `critic_dcp/` (torch.distributed.checkpoint: every
+replica's shards of the model and optimizer) and `<name>_rng_<rank>.pt` instead of the `.pt` files;
+LoRA adds `policy_adapter/`.
 
 The root may be a URL (`s3://...`, see core/storage.py): the same layout, written through fsspec.
 

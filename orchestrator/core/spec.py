@@ -100,6 +100,8 @@ class LoraSpec(_Strict):
         "(`[q_proj, v_proj]`), or every linear layer but the output head (`all-linear`)."
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    critic: bool = Field(True, description="PPO: the critic gets adapters too (same rank, alpha and targets; its value "
+                         "head trains whole); false trains the whole critic.")
 
 
 class ModelSpec(_Strict):
@@ -278,10 +280,12 @@ class RoleResources(_Strict):
     num_cpus: float = Field(0.5, gt=0, le=1e6, description="CPUs reserved per actor in Ray's accounting.")
     num_gpus: float = Field(0.0, ge=0, le=1e6, description="GPUs per actor.")
     strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="Trainer only: how its replicas split the model. `ddp`: each holds all weights, gradients and "
-        "optimizer state, and gradients are summed across replicas. `fsdp`: PyTorch FSDP2 (`fully_shard`, per decoder "
-        "layer) shards the parameters, gradients and optimizer state across the replicas (gloo on CPUs, NCCL on GPUs); "
-        "checkpoints add `policy_dcp/` (torch.distributed.checkpoint, reshardable to another replica count)."
+        "ddp", description="Trainer, critic and reference (GRPO, PPO): how the role's replicas split the model. `ddp`: each "
+        "holds all weights (and, trained, gradients and optimizer state), and gradients are summed across replicas. `fsdp`: "
+        "PyTorch FSDP2 (`fully_shard`, per decoder layer) shards the parameters, gradients and optimizer state across the "
+        "replicas (gloo on CPUs, NCCL on GPUs); only replica 0 reads the weights, the others are built empty and get their "
+        "shards from it. Checkpoints add `policy_dcp/` or `critic_dcp/` (torch.distributed.checkpoint, reshardable to "
+        "another replica count)."
     )
 
 
@@ -443,17 +447,24 @@ class JobSpec(_Strict):
         if not self.rewards and "reward" in self.roles and self.stages is None:  # (a pipeline's stages are checked one by one)
             what = "completions" if self.algo.rollouts else "held-out prompts' completions (data.eval_file)"
             raise _field_error(("rewards",), f"{self.algorithm.name} scores its {what} with the rewards: give at least one reward source")
-        for role in ("rollout", "reference", "reward", "critic"):
+        for role in ("rollout", "reward"):
             if getattr(self.resources, role).strategy != "ddp":
-                raise _field_error(("resources", role, "strategy"), "only the trainer's replicas shard the model (fsdp)")
-        if self.resources.trainer.strategy == "fsdp" and not self.algo.rollouts:
-            raise _field_error(("resources", "trainer", "strategy"), f"fsdp shards the trainer of an RL algorithm (grpo, ppo); "
-                               f"not yet {self.algorithm.name}'s (use ddp)")
-        if self.resources.trainer.strategy == "fsdp" and any(is_url(d) for d in (self.output_dir, self.checkpoint.dir) if d):
-            raise _field_error(("resources", "trainer", "strategy"), "fsdp writes each replica's shards to one shared "
-                               "filesystem: output_dir and checkpoint.dir must be local paths, not URLs")
-        if self.resources.trainer.strategy == "fsdp" and self.model.lora:
-            raise _field_error(("resources", "trainer", "strategy"), "fsdp with model.lora is not supported yet: the adapters are small; use ddp")
+                raise _field_error(("resources", role, "strategy"), "the trainer's, critic's and reference's replicas shard "
+                                   f"their model (fsdp), not the {role}'s")
+        for role in self.sharded_roles:
+            if not self.algo.rollouts:
+                raise _field_error(("resources", role, "strategy"), f"fsdp shards the roles of an RL algorithm (grpo, ppo); "
+                                   f"not yet {self.algorithm.name}'s (use ddp)")
+            if any(is_url(d) for d in (self.output_dir, self.checkpoint.dir) if d) and role != "reference":
+                raise _field_error(("resources", role, "strategy"), "fsdp writes each replica's shards to one shared "
+                                   "filesystem: output_dir and checkpoint.dir must be local paths, not URLs")
+            if self.samples_per_step < getattr(self.resources, role).replicas:
+                raise _field_error(("resources", role, "replicas"), f"every fsdp replica takes part in each forward: "
+                                   f"{getattr(self.resources, role).replicas} replicas need at least as many samples per step "
+                                   f"(prompts_per_step * rollout.n = {self.samples_per_step})")
+        for role in self.sharded_roles:
+            if self.model.lora and (role == "trainer" or (role == "critic" and self.model.lora.critic)):
+                raise _field_error(("resources", role, "strategy"), "fsdp with model.lora is not supported yet: the adapters are small; use ddp")
         if self.model.lora and self.algo.produces != "policy":
             raise _field_error(("model", "lora"), f"{self.algorithm.name} trains a reward model: LoRA applies to a policy")
         if not self.algo.rollouts:
@@ -558,6 +569,11 @@ class JobSpec(_Strict):
     @property
     def needs_critic(self) -> bool:
         return self.algo.critic
+
+    @property
+    def sharded_roles(self) -> list[str]:
+        """The roles whose replicas shard their model (`resources.<role>.strategy: fsdp`)."""
+        return [r for r in ("trainer", "critic", "reference") if getattr(self.resources, r).strategy == "fsdp"]
 
     @property
     def samples_per_step(self) -> int:
