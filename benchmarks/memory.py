@@ -7,7 +7,8 @@ The model is the tiny tokenizer's Qwen2 made wide and deep enough (defaults: abo
 Each configuration runs in 2 fresh processes (ranks 0 and 1, one torch thread each, joined by gloo),
 which build the trainer, shard it (fsdp), take one warm-up step and `--steps` timed GRPO updates on
 the same synthetic batch, then report their peak RSS (`ru_maxrss`) and its rise over the process's
-RSS before the model was loaded (glibc's MALLOC_MMAP_THRESHOLD_ set to 64 KiB for all alike, so freed
+RSS before the model was loaded, and that rise once the model is loaded (and sharded: rank 1 of
+fsdp builds it empty and gets its shards from rank 0, as the driver starts it) (glibc's MALLOC_MMAP_THRESHOLD_ set to 64 KiB for all alike, so freed
 tensors leave RSS). The rollouts' side of weight sync is not in it: a sharded trainer
 gathers its tensors one at a time after each update, as on the shared-memory path, and drops them.
 """
@@ -78,14 +79,16 @@ def main(argv: list[str] | None = None) -> int:
                 p.join(1800)
             results = [__import__("json").loads(Path(str(out) + f".{r}").read_text()) for r in range(2)]
             rows.append((name, results))
-        print(f"\n{'config':<10} {'peak RSS rank0 MiB':>19} {'rank1':>7} {'rise over base MiB':>19} {'vs ddp':>7} {'step s':>7} {'trained params':>15}")
+        print(f"\n{'config':<10} {'peak RSS rank0 MiB':>19} {'rank1':>7} {'rise over base MiB':>19} {'vs ddp':>7} "
+              f"{'load rise rank0':>16} {'rank1':>6} {'step s':>7} {'trained params':>15}")
         base = None
         for name, results in rows:
             rise = max(r["peak_mib"] - r["base_mib"] for r in results)
             base = rise if name == "ddp" else base
             ratio = f"{rise / base:.2f}x" if base else "-"
+            load = [r["load_mib"] - r["base_mib"] for r in results]
             print(f"{name:<10} {results[0]['peak_mib']:>19.0f} {results[1]['peak_mib']:>7.0f} {rise:>19.0f} {ratio:>7} "
-                  f"{statistics.median(results[0]['step_s']):>7.2f} {results[0]['trained'] / 1e6:>14.2f}M")
+                  f"{load[0]:>16.0f} {load[1]:>6.0f} {statistics.median(results[0]['step_s']):>7.2f} {results[0]['trained'] / 1e6:>14.2f}M")
     return 0
 
 
@@ -103,8 +106,10 @@ def run_replica(rank: int, world: int, port: int, model_dir: str, config: dict, 
     optim = OptimSpec(lr=1e-5, prompts_per_step=args.samples, gradient_checkpointing=config.get("checkpointing", False), seed=0)
     rollout = RolloutSpec(n=1, max_new_tokens=args.response)
     lora = LoraSpec(rank=16, alpha=32) if config.get("lora") else None
-    trainer = PolicyTrainer(model_dir, optim, rollout, threads=1, lora=lora)
+    # As the driver does: a sharded rank > 0 builds the model empty and gets its shards from rank 0.
+    trainer = PolicyTrainer(model_dir, optim, rollout, threads=1, lora=lora, empty=config["strategy"] == "fsdp" and rank > 0)
     trainer.init_distributed(("127.0.0.1", port), rank, world, config["strategy"])
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the high-water mark of loading (and sharding)
     g = torch.Generator().manual_seed(rank)
     per_rank = args.samples // world
     prompts = [torch.randint(3, 250, (16,), generator=g).tolist() for _ in range(per_rank)]
@@ -118,7 +123,7 @@ def run_replica(rank: int, world: int, port: int, model_dir: str, config: dict, 
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # (a DTensor counts its global size)
-    Path(out).write_text(json.dumps({"peak_mib": peak, "base_mib": base, "step_s": times[1:], "trained": trained}))
+    Path(out).write_text(json.dumps({"peak_mib": peak, "base_mib": base, "load_mib": loaded, "step_s": times[1:], "trained": trained}))
 
 
 if __name__ == "__main__":
