@@ -107,7 +107,7 @@ def run_replica(rank: int, world: int, port: int, model_dir: str, config: dict, 
     rollout = RolloutSpec(n=1, max_new_tokens=args.response)
     lora = LoraSpec(rank=16, alpha=32) if config.get("lora") else None
     # As the driver does: a sharded rank > 0 builds the model empty and gets its shards from rank 0.
-    trainer = PolicyTrainer(model_dir, optim, rollout, threads=1, lora=lora, empty=config["strategy"] == "fsdp" and rank > 0)
+    trainer = PolicyTrainer(model_dir, optim, rollout, threads=1, lora=lora, shard_rank=rank if config["strategy"] == "fsdp" else None)
     trainer.init_distributed(("127.0.0.1", port), rank, world, config["strategy"])
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the high-water mark of loading (and sharding)
     g = torch.Generator().manual_seed(rank)

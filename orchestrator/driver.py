@@ -239,8 +239,8 @@ class Orchestrator:
         policy_options = dict(lora=m.lora, reference_temperature=ref_temperature) if spec.algo.produces == "policy" else {}
         vllm_options = dict(tensor_parallel_size=spec.rollout.tensor_parallel_size, colocate=res.colocate) if spec.rollout.backend == "vllm" else {}
 
-        def empty(role: str, i: int) -> dict:  # a sharded role's rank > 0 loads no weights: rank 0 sends its shards
-            return {"empty": True} if getattr(res, role).strategy == "fsdp" and i > 0 else {}
+        def sharded(role: str, i: int) -> dict:  # in a sharded role only rank 0 reads the weights; it sends the others their shards
+            return {"shard_rank": i} if getattr(res, role).strategy == "fsdp" and getattr(res, role).replicas > 1 else {}
 
         makers = {
             "rollout": (rollout_class(spec.rollout.backend), lambda i: dict(model_path=m.path, n=spec.rollout.n, max_new_tokens=spec.rollout.max_new_tokens,
@@ -248,13 +248,13 @@ class Orchestrator:
                                                    num_gpus=res.rollout.num_gpus, **common, **vllm_options)),
             "trainer": (trainer_class(spec.algorithm.name), lambda i: dict(model_path=spec.trained_model_path, optim=opt, rollout=spec.rollout,
                                                                           num_gpus=res.trainer.num_gpus, **policy_options, **common,
-                                                                          **empty("trainer", i))),
+                                                                          **sharded("trainer", i))),
             "reward": (RewardWorker, lambda i: dict(sources=list(spec.rewards), tokenizer_path=m.path, num_gpus=res.reward.num_gpus, **common)),
             "reference": (Reference, lambda i: dict(model_path=m.path, temperature=ref_temperature,
                                                     micro_batch_size=opt.micro_batch_size, micro_batch_tokens=opt.micro_batch_tokens,
-                                                    num_gpus=res.reference.num_gpus, **common, **empty("reference", i))),
+                                                    num_gpus=res.reference.num_gpus, **common, **sharded("reference", i))),
             "critic": (Critic, lambda i: dict(model_path=m.critic_path or m.path, optim=opt, num_gpus=res.critic.num_gpus, **common,
-                                              lora=m.lora if m.lora and m.lora.critic else None, **empty("critic", i))),
+                                              lora=m.lora if m.lora and m.lora.critic else None, **sharded("critic", i))),
         }
         for role in spec.roles:
             cls, make_kwargs = makers[role]

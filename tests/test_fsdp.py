@@ -135,10 +135,10 @@ def _sharded_roles_rank(rank: int, port: int, model_dir: str, out: str) -> None:
 
     torch.set_num_threads(1)
     batch, result = varied_batch(seed=7), {}
-    empty = rank > 0
+    empty = rank > 0  # (rank 0 loads the weights on the CPU)
     optim = OptimSpec(critic_lr=1e-2, prompts_per_step=12, micro_batch_tokens=24, grad_clip=None, seed=3)
 
-    reference = Reference(model_dir, micro_batch_tokens=24, threads=1, empty=empty)
+    reference = Reference(model_dir, micro_batch_tokens=24, threads=1, shard_rank=rank)
     assert all(p.is_meta for p in reference.model.parameters()) == empty
     reference.init_distributed(("127.0.0.1", port), rank, 2, "fsdp")
     # Rank 0 scores the 2 shortest rows (one forward), rank 1 the 4 longest (several).
@@ -148,14 +148,14 @@ def _sharded_roles_rank(rank: int, port: int, model_dir: str, out: str) -> None:
     result["reference"] = {"rows": mine.tolist(), "logprobs": logprobs.tolist()}
     dist.destroy_process_group()
 
-    critic = Critic(model_dir, optim, threads=1, empty=empty)
+    critic = Critic(model_dir, optim, threads=1, shard_rank=rank)
     critic.init_distributed(("127.0.0.1", port + 1), rank, 2, "fsdp")
     half = batch.select(slice(0, 6) if rank == 0 else slice(6, 12))
     result["critic_loss"] = [critic.train_step(half, step, 1, None)["value_loss"] for step in (1, 2)]
     result["values"] = critic.compute_values(half)[0].tolist()
     dist.destroy_process_group()
 
-    trainer = PolicyTrainer(model_dir, optim, RolloutSpec(n=1, max_new_tokens=12), threads=1, empty=empty)
+    trainer = PolicyTrainer(model_dir, optim, RolloutSpec(n=1, max_new_tokens=12), threads=1, shard_rank=rank)
     trainer.init_distributed(("127.0.0.1", port + 2), rank, 2, "fsdp")
     full = dict(trainer.iter_full_tensors())  # what every rank gathers: rank 0's weights, as loaded
     result["trainer_weights"] = {k: v.sum().item() for k, v in full.items()}

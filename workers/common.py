@@ -68,21 +68,23 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_model(path: str, auto_class: str = "AutoModelForCausalLM", dtype: str = "float32", trust_remote_code: bool = False,
-               device: torch.device | str = "cpu", empty: bool = False, **kwargs):
-    """The model at `path` on `device`; with `empty`, built from its config on the meta device,
-    without weights (a sharded role's rank > 0: rank 0 sends each one its shards, workers/training.py)."""
+               device: torch.device | str = "cpu", shard_rank: int | None = None, **kwargs):
+    """The model at `path` on `device`. A replica of a sharded role (`shard_rank`, workers/training.py)
+    never puts the whole model on its device: rank 0 loads it on the CPU (sharding moves it to the
+    device layer by layer and sends the other ranks their shards); the others build it from its
+    config on the meta device, without weights."""
     import transformers
 
     cls = getattr(transformers, auto_class)
     try:
-        if empty:
+        if shard_rank:
             config = transformers.AutoConfig.from_pretrained(storage.local_copy(path), trust_remote_code=trust_remote_code, **kwargs)
             with torch.device("meta"):
                 return cls.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         model = cls.from_pretrained(storage.local_copy(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kwargs)
     except Exception as err:
         raise ModelLoadError(f"cannot load {auto_class} from {path!r}: {type(err).__name__}: {err}") from None
-    return model.to(device)
+    return model if shard_rank == 0 else model.to(device)
 
 
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:

@@ -20,14 +20,15 @@ if TYPE_CHECKING:
 
 class Critic(DataParallel):
     def __init__(self, model_path: str, optim: OptimSpec, dtype: str = "float32", trust_remote_code: bool = False,
-                 num_gpus: float = 0, threads: int | None = None, empty: bool = False, lora: LoraSpec | None = None):
+                 num_gpus: float = 0, threads: int | None = None, shard_rank: int | None = None,
+                 lora: LoraSpec | None = None):
         configure_threads(threads)
         torch.manual_seed(optim.seed + 1)
         self.device = pick_device(num_gpus)
         # A causal LM checkpoint loads into *ForTokenClassification with a fresh 1-output head.
-        # empty: a sharded rank > 0 (see PolicyTrainer).
+        # shard_rank: see PolicyTrainer.
         self.model = disable_dropout(load_model(model_path, "AutoModelForTokenClassification", dtype, trust_remote_code, self.device,
-                                                empty=empty, num_labels=1))  # (its head has a dropout before it)
+                                                shard_rank=shard_rank, num_labels=1))  # (its head has a dropout before it)
         if lora is not None:  # adapters, and the value head trained whole
             self.model = apply_lora(self.model, lora, task_type="TOKEN_CLS")
         self.lora = lora is not None

@@ -17,11 +17,11 @@ class Reference(Sharded):
 
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, temperature: float = 1.0,
                  micro_batch_size: int | None = None, num_gpus: float = 0, threads: int | None = None,
-                 micro_batch_tokens: int | None = None, empty: bool = False):
+                 micro_batch_tokens: int | None = None, shard_rank: int | None = None):
         configure_threads(threads)
         self.device = pick_device(num_gpus)
-        # empty: a sharded rank > 0 builds the model without weights; rank 0 sends its shards (init_distributed).
-        self.model = load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device, empty=empty).eval()
+        # shard_rank: this replica's rank in a sharded (fsdp) role: only rank 0 reads the weights (init_distributed shards them).
+        self.model = load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device, shard_rank=shard_rank).eval()
         self.model.requires_grad_(False)
         self.temperature, self.micro_batch_size, self.micro_batch_tokens = temperature, micro_batch_size, micro_batch_tokens
 

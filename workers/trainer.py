@@ -32,13 +32,13 @@ class PolicyTrainer(WeightSource, DataParallel):
 
     def __init__(self, model_path: str, optim: OptimSpec, rollout: RolloutSpec, dtype: str = "float32",
                  trust_remote_code: bool = False, num_gpus: float = 0, threads: int | None = None,
-                 lora: LoraSpec | None = None, reference_temperature: float = 1.0, empty: bool = False):
+                 lora: LoraSpec | None = None, reference_temperature: float = 1.0, shard_rank: int | None = None):
         configure_threads(threads)
         torch.manual_seed(optim.seed)
         self.optim, self.rollout, self.reference_temperature = optim, rollout, reference_temperature
         self.device = pick_device(num_gpus)
-        # empty: a sharded rank > 0 builds the model without weights; rank 0 sends its shards (init_distributed).
-        self.model = disable_dropout(load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device, empty=empty))
+        # shard_rank: this replica's rank in a sharded (fsdp) role: only rank 0 reads the weights (init_distributed shards them).
+        self.model = disable_dropout(load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device, shard_rank=shard_rank))
         if lora is not None:
             self.model = apply_lora(self.model, lora)
         self.lora = lora is not None

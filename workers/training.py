@@ -61,6 +61,7 @@ class Sharded:
     def init_distributed(self, master: tuple[str, int], rank: int, world_size: int, strategy: str = "ddp") -> None:
         self.rank, self.world_size = rank, world_size
         if world_size == 1:
+            self.model.to(self.device)  # (a lone rank 0 of an fsdp role loaded on the CPU: nothing to shard)
             return
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=rank, world_size=world_size)
@@ -70,12 +71,14 @@ class Sharded:
     def _shard(self) -> None:
         """FSDP2: each decoder layer (the model's `_no_split_modules`), then the rest, sharded across
         the replicas, and filled from rank 0's weights: the other ranks may have built the model on
-        the meta device (`load_model(empty=True)`), so no rank but 0 ever holds the whole model. A
-        trained role's optimizer is made again over the sharded parameters."""
+        the meta device (`load_model(shard_rank=r)`), so no rank but 0 ever holds the whole model. A
+        trained role's optimizer is made again over the sharded parameters. On a GPU, rank 0's model
+        was loaded on the CPU: `fully_shard` moves each layer to the device as it shards it."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
-        full = self.model.state_dict() if self.rank == 0 else {}  # (rank 0: references, not a copy)
+        # Rank 0: the loaded tensors (no copy), which stay where they are when sharding moves the parameters.
+        full = {k: v.detach() for k, v in self.model.state_dict().items()} if self.rank == 0 else {}
         blocks = set(getattr(self.model, "_no_split_modules", None) or [])
         for module in self.model.modules():
             if type(module).__name__ in blocks:
