@@ -202,3 +202,13 @@ def test_sharded_reference_critic_and_trainer_built_empty_match_one_replica(tiny
     loaded = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     for r in ranks:
         assert r["trainer_weights"] == {k: pytest.approx(v.sum().item(), rel=1e-6, abs=1e-6) for k, v in loaded.items()}
+
+
+def test_sharded_replicas_refuse_a_checkpoint_without_shards_by_name(tiny_model, tmp_path):
+    from orchestrator.core.spec import OptimSpec
+    from workers.critic import Critic
+
+    critic = Critic(str(tiny_model), OptimSpec(), threads=1)
+    critic.save(str(tmp_path))  # unsharded: critic.pt, no critic_dcp/
+    with pytest.raises(RuntimeError, match=r"was written by unsharded replicas \(it has no critic_dcp/\): resume it with strategy ddp"):
+        critic._load_sharded(str(tmp_path), "critic")  # what sharded replicas run on load

@@ -296,6 +296,9 @@ class DataParallel(Sharded):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        if not storage.isdir(storage.join(path, f"{name}_dcp")):
+            raise RuntimeError(f"checkpoint {path} was written by unsharded replicas (it has no {name}_dcp/): "
+                               f"resume it with strategy ddp, not fsdp")
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=str(Path(path) / f"{name}_dcp"))

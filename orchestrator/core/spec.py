@@ -462,7 +462,6 @@ class JobSpec(_Strict):
                 raise _field_error(("resources", role, "replicas"), f"every fsdp replica takes part in each forward: "
                                    f"{getattr(self.resources, role).replicas} replicas need at least as many samples per step "
                                    f"(prompts_per_step * rollout.n = {self.samples_per_step})")
-        for role in self.sharded_roles:
             if self.model.lora and (role == "trainer" or (role == "critic" and self.model.lora.critic)):
                 raise _field_error(("resources", role, "strategy"), "fsdp with model.lora is not supported yet: the adapters are small; use ddp")
         if self.model.lora and self.algo.produces != "policy":
