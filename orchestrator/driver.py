@@ -6,7 +6,10 @@ short method. Data moves between actors as one `Batch` of tensors through Ray's 
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import ray
 import torch
@@ -57,6 +60,21 @@ class PhaseTimeout(TimeoutError):
     """A phase of a step took longer than `fault_tolerance.call_timeout_s`."""
 
 
+def in_daemon_thread(fn, *args) -> Future:
+    """`fn(*args)` on a thread of this process, waited for like an actor call (`Orchestrator.wait`): a
+    call that hangs past the timeout fails the job and, being a daemon, does not keep the process alive."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # noqa: BLE001 - handed to whoever waits, as a remote call's error would be
+            future.set_exception(err)
+
+    threading.Thread(target=run, name="rewards", daemon=True).start()
+    return future
+
+
 class Orchestrator:
     # Whether the rollouts get the new weights after every step (an SFT stage syncs only to evaluate).
     syncs_every_step = True
@@ -76,6 +94,7 @@ class Orchestrator:
         # Behaviour log-probs feed off-policy ratios, KL and IS correction; an on-policy step without them skips them.
         self.need_logprobs = not self.on_policy or spec.needs_reference or spec.rollout.importance_sampling.enabled
         self.weight_sync: weight_sync.WeightSync | None = None  # the path `setup_weight_sync` prepares
+        self.local_rewards: RewardWorker | None = None  # the rewards, when computed in this process (`resources.reward_in`)
         self.current_step = 0
 
     # ------------------------------------------------------------ the loop
@@ -112,6 +131,12 @@ class Orchestrator:
         naming it. A call that failed (its actor lost) raises as soon as it is known, not after its
         peers, which may be blocked on it in a collective (DDP's all-reduce) until they time out."""
         limit = self.spec.fault_tolerance.call_timeout_s
+        timed_out = PhaseTimeout(f"the {phase} phase of step {self.current_step} did not finish within fault_tolerance.call_timeout_s={limit:g} s")
+        if isinstance(refs, Future):  # computed in this process (rewards in the driver)
+            try:
+                return refs.result(timeout=limit)
+            except FutureTimeout:
+                raise timed_out from None
         deadline = None if limit is None else time.monotonic() + limit
         pending = list(refs) if isinstance(refs, list) else [refs]
         while len(pending) > 1:
@@ -122,7 +147,7 @@ class Orchestrator:
         try:
             return ray.get(refs, timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
         except GetTimeoutError:
-            raise PhaseTimeout(f"the {phase} phase of step {self.current_step} did not finish within fault_tolerance.call_timeout_s={limit:g} s") from None
+            raise timed_out from None
 
     # ------------------------------------------------------------ phases
     def generate(self, step: int, timing: dict) -> Batch:
@@ -141,11 +166,11 @@ class Orchestrator:
         t0 = time.perf_counter()
         # Several consumers share one copy in the object store; a lone reward call takes the batch inline.
         batch_ref = ray.put(batch) if (self.reference_group is not None or "critic" in self.groups) else batch
-        reward_ref = self.groups["reward"].call("score", batch_ref)[0]
         reference = self.reference_group
         ref_refs = reference.call_sharded("compute_logprobs", batch) if reference is not None else None
         critic_refs = self.groups["critic"].call_sharded("compute_values", batch, whole=batch_ref) if "critic" in self.groups else None
-        scores, per_source, timing["reward"] = self.wait(reward_ref, "reward")
+        rewards = self.score_rewards(batch, batch_ref)
+        scores, per_source, timing["reward"] = self.wait(rewards, "reward")
         batch = batch.replace(scores=scores)
         if ref_refs is not None:
             results = self.wait(ref_refs, "reference")
@@ -157,6 +182,13 @@ class Orchestrator:
             timing["critic"] = max(t for _, t in results)
         timing["score"] = time.perf_counter() - t0
         return batch, per_source
+
+    def score_rewards(self, batch: Batch, shared=None):
+        """Start scoring `batch` with the job's rewards: in this process (a `Future`) or on the reward
+        actor (an ObjectRef, given `shared`, the batch's copy in the object store, if there is one)."""
+        if self.local_rewards is not None:
+            return in_daemon_thread(self.local_rewards.score, batch)
+        return self.groups["reward"].call("score", batch if shared is None else shared)[0]
 
     def advantages(self, batch: Batch, timing: dict) -> Batch:
         t0 = time.perf_counter()
@@ -259,6 +291,8 @@ class Orchestrator:
         for role in spec.roles:
             cls, make_kwargs = makers[role]
             self.groups[role] = spawn_group(cls, role, self.job_id, pg, layout, make_kwargs)
+        if spec.scores_with_rewards and spec.rewards_in_driver:  # (functions only: no device, no actor)
+            self.local_rewards = RewardWorker(list(spec.rewards), m.path, m.dtype, m.trust_remote_code, threads=res.torch_threads)
         self._init_data_parallel("trainer")
         if "critic" in self.groups:
             self._init_data_parallel("critic")

@@ -28,7 +28,7 @@ class Evaluator:
 
 
 def evaluate(orch, dataset: PromptDataset) -> dict[str, float]:
-    """Greedy generation on the rollout actors, scored by the reward actor; the policy is the trainer's
+    """Greedy generation on the rollout actors, scored by the job's rewards; the policy is the trainer's
     current one (an SFT stage syncs it first: it does not sync after every step)."""
     start = time.perf_counter()
     if not orch.syncs_every_step:
@@ -36,7 +36,7 @@ def evaluate(orch, dataset: PromptDataset) -> dict[str, float]:
     rollouts = orch.groups["rollout"]
     # (prompts, extras, step, greedy, with_logprobs): scoring needs no behaviour log-probs.
     batch = concat([b for b, _ in ray.get(rollouts.call_on_rows("generate", [dataset.prompt_ids, dataset.extras], 0, True, False))])
-    scores, per_source, _ = ray.get(orch.groups["reward"].call("score", batch)[0])
+    scores, per_source, _ = orch.wait(orch.score_rewards(batch), "eval reward")
     out = {f"eval/{label}/mean": values.nan_to_num(0.0).mean().item() for label, values in per_source.items()}
     out["eval/reward/mean"] = scores.mean().item()
     out["eval/response_length/mean"] = batch.response_mask.sum(1).mean().item()

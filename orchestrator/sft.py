@@ -12,8 +12,8 @@ from orchestrator.driver import Orchestrator
 
 
 class SFTOrchestrator(Orchestrator):
-    """The SFT stage: the policy trainer alone takes the steps; rollout and reward actors are
-    started only to evaluate (greedy generation scored by the job's rewards)."""
+    """The SFT stage: the policy trainer alone takes the steps; rollout actors (and a reward actor,
+    for a reward model) start only to evaluate (greedy generation scored by the job's rewards)."""
 
     syncs_every_step = False
 

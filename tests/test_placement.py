@@ -12,8 +12,25 @@ ACTOR = {"num_cpus": 0.5, "num_gpus": 0.0}
 
 
 def spec(**sections):
+    """A spec whose rewards run on a reward actor (the layout of every role); `resources` sections merge into that."""
     data = {"model": {"path": "m"}, "data": {"train_file": "d.jsonl"}, "rewards": [{"function": "accuracy"}]}
-    return parse_spec({**data, **sections})
+    resources = {"reward_in": "actor", **sections.pop("resources", {})}
+    return parse_spec({**data, **sections, "resources": resources})
+
+
+@pytest.mark.parametrize(("sections", "slots"), [
+    ({}, {"rollout": [0], "trainer": [1]}),
+    ({"algorithm": {"name": "ppo"}, "optim": {"kl_coef": 0.05}}, {"rollout": [0], "trainer": [1], "reference": [2], "critic": [3]}),
+    ({"algorithm": {"name": "sft"}, "data": {"train_file": "d.jsonl", "eval_file": "e.jsonl"}}, {"trainer": [0], "rollout": [1]}),
+], ids=["grpo", "ppo-kl", "sft-eval"])
+def test_function_rewards_in_the_driver_take_no_bundle(sections, slots):
+    layout = plan(spec(**sections, resources={"reward_in": "auto"}))
+    assert layout.slots == slots and layout.bundles == [CPU] * len(slots)
+
+
+def test_a_reward_model_gets_a_reward_actor_when_auto():
+    s = spec(rewards=[{"function": "accuracy"}, {"model": "rm"}], resources={"reward_in": "auto"})
+    assert not s.rewards_in_driver and plan(s).slots == {"rollout": [0], "trainer": [1], "reward": [2]}
 
 
 @pytest.mark.parametrize(("sections", "slots"), [

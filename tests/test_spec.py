@@ -13,8 +13,8 @@ def base() -> dict:
 
 
 @pytest.mark.parametrize(("name", "estimator", "roles"), [
-    ("grpo.yaml", "grpo", ["rollout", "trainer", "reward"]),
-    ("ppo.yaml", "gae", ["rollout", "trainer", "reward", "reference", "critic"]),  # kl_coef 0.05: a reference
+    ("grpo.yaml", "grpo", ["rollout", "trainer"]),  # function rewards: computed in the driver
+    ("ppo.yaml", "gae", ["rollout", "trainer", "reference", "critic"]),  # kl_coef 0.05: a reference
 ])
 def test_examples_validate(name, estimator, roles):
     spec = load_spec(ROOT / "examples" / name)
@@ -155,3 +155,15 @@ def test_the_trainer_critic_and_reference_shard_and_nothing_else():
     assert parse_spec({**spec, **lora, "model": {"path": "/m", "lora": {"rank": 4, "critic": False}}}).sharded_roles == ["critic"]
     # The reference saves nothing: it may shard with runs in an object store.
     assert parse_spec({**spec, "output_dir": "s3://b/run", "resources": {"reference": {"strategy": "fsdp"}}}).sharded_roles == ["reference"]
+
+
+def test_where_the_rewards_run():
+    functions = parse_spec(base())
+    assert functions.rewards_in_driver and "reward" not in functions.roles
+    assert "reward" in parse_spec({**base(), "resources": {"reward_in": "actor"}}).roles
+    with_model = {**base(), "rewards": [{"function": "accuracy"}, {"model": "/rm"}]}
+    assert not parse_spec(with_model).rewards_in_driver and "reward" in parse_spec(with_model).roles
+    with pytest.raises(SpecError, match=r"resources.reward_in: rewards.1 is a reward model, which runs on a reward actor"):
+        parse_spec({**with_model, "resources": {"reward_in": "driver"}})
+    # A stage that scores nothing (SFT without held-out prompts) has no rewards to place anywhere.
+    assert parse_spec({**base(), "algorithm": {"name": "sft"}, "rewards": []}).roles == ["trainer"]

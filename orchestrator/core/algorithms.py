@@ -21,15 +21,16 @@ class Algorithm:
     trainer: str  # import path of the policy trainer's worker class
     description: str = ""
     reference: bool = False  # always starts the frozen reference model (DPO's log-ratios), whatever optim.kl_coef
-    # What `data.eval_file` holds: "prompts" (greedy completions scored by the job's rewards, on
-    # rollout and reward actors) or "preference" (held-out pairs scored by the trainer itself).
+    # What `data.eval_file` holds: "prompts" (greedy completions of the rollout actors, scored by the
+    # job's rewards) or "preference" (held-out pairs scored by the trainer itself).
     eval_data: str = "prompts"
     # The checkpoint subdirectory holding the model a stage of it produces: "policy" (the next stage
     # starts from it) or "reward_model" (a later stage's `rewards: [{model: "stage:NAME"}]`).
     produces: str = "policy"
 
     def roles(self, kl_coef: float, evaluates: bool) -> list[str]:
-        """The roles a stage of this algorithm starts, in placement order."""
+        """The roles a stage of this algorithm needs, in placement order ("reward": its rewards, which the spec
+        may compute in the driver instead of on an actor; see JobSpec.roles)."""
         if not self.rollouts:
             # The trainer (and reference) alone take the steps; greedy generation and rewards serve only evaluation.
             roles = ["trainer", "reference"] if self.reference else ["trainer"]

@@ -3,7 +3,7 @@
 Pure, so that the control plane's admission queue counts a job's resources exactly as the driver
 will ask for them. Roles get separate bundles by default; with `resources.colocate`, replica i of
 rollout, trainer, reference and critic share bundle i (and its GPU, each taking a fraction). The
-reward actor always has its own bundle and one replica.
+reward actor, when the rewards are not computed in the driver, always has its own bundle and one replica.
 """
 
 from __future__ import annotations

@@ -293,8 +293,16 @@ class ResourcesSpec(_Strict):
     rollout: RoleResources = Field(default_factory=RoleResources, description="Rollout (generation) actors.")
     trainer: RoleResources = Field(default_factory=RoleResources, description="Policy trainer actors (data parallel).")
     reference: RoleResources = Field(default_factory=RoleResources, description="Frozen reference model.")
-    reward: RoleResources = Field(default_factory=RoleResources, description="Reward actor.")
+    reward: RoleResources = Field(default_factory=RoleResources, description="Reward actor (see `reward_in`).")
     critic: RoleResources = Field(default_factory=RoleResources, description="PPO critic.")
+    reward_in: Literal["auto", "driver", "actor"] = Field(
+        "auto",
+        description="Where the rewards are computed. `driver`: in the job's driver process, beside the reference and "
+        "critic calls (as veRL computes function rewards), so the job starts no reward actor and a step makes one Ray "
+        "call fewer; for functions only. `actor`: on a reward actor (`resources.reward`), which isolates reward code "
+        "that is slow, holds much memory or may crash, and is where a reward model runs. `auto`: the driver when every "
+        "reward source is a function, else an actor.",
+    )
     colocate: bool = Field(
         False,
         description="Put rollout, trainer, reference and critic replica i into one placement bundle (sharing its GPU) "
@@ -444,9 +452,12 @@ class JobSpec(_Strict):
                              "(each engine shares a GPU with one trainer rank)")
         if sync == "shared_memory" and (res.trainer.num_gpus > 0 or res.rollout.num_gpus > 0):
             raise ValueError("rollout.weight_sync shared_memory is for CPU trainers and rollouts (set num_gpus 0)")
-        if not self.rewards and "reward" in self.roles and self.stages is None:  # (a pipeline's stages are checked one by one)
+        if not self.rewards and self.scores_with_rewards and self.stages is None:  # (a pipeline's stages are checked one by one)
             what = "completions" if self.algo.rollouts else "held-out prompts' completions (data.eval_file)"
             raise _field_error(("rewards",), f"{self.algorithm.name} scores its {what} with the rewards: give at least one reward source")
+        if res.reward_in == "driver" and (models := [i for i, s in enumerate(self.rewards) if s.model]):
+            raise _field_error(("resources", "reward_in"), f"rewards.{models[0]} is a reward model, which runs on a reward "
+                               "actor: use reward_in auto or actor")
         for role in ("rollout", "reward"):
             if getattr(self.resources, role).strategy != "ddp":
                 raise _field_error(("resources", role, "strategy"), "the trainer's, critic's and reference's replicas shard "
@@ -555,10 +566,25 @@ class JobSpec(_Strict):
 
     @property
     def roles(self) -> list[str]:
-        """The roles this (single-stage) spec starts, in placement order. A LoRA policy's trainer is
-        its own reference (adapters off), so no reference actor starts."""
+        """The actors this (single-stage) spec starts, by role, in placement order. A LoRA policy's trainer
+        is its own reference (adapters off), so no reference actor starts; rewards computed in the driver
+        start no reward actor."""
         roles = self.algo.roles(self.optim.kl_coef, evaluates=self.data.eval_file is not None)
-        return [r for r in roles if r != "reference"] if self.model.lora else roles
+        dropped = {"reference"} if self.model.lora else set()
+        if self.rewards_in_driver:
+            dropped.add("reward")
+        return [r for r in roles if r not in dropped]
+
+    @property
+    def scores_with_rewards(self) -> bool:
+        """Whether this stage scores completions with `rewards` (its steps' rollouts, or held-out prompts')."""
+        return "reward" in self.algo.roles(self.optim.kl_coef, evaluates=self.data.eval_file is not None)
+
+    @property
+    def rewards_in_driver(self) -> bool:
+        """Whether the rewards are computed in the driver's process, without a reward actor (`resources.reward_in`)."""
+        where = self.resources.reward_in
+        return where == "driver" or (where == "auto" and all(s.function for s in self.rewards))
 
     @property
     def needs_reference(self) -> bool:

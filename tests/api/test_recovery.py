@@ -30,7 +30,8 @@ def alive_actor_pid(dashboard: str, name: str) -> int | None:
 
 def test_lost_actors_are_placed_again_and_each_step_is_reported_once(alpha, tiny, workdir, ray_head):
     steps = 30
-    body = job_body(tiny, workdir, "phoenix", steps, fault_tolerance={"max_restarts": 3}, checkpoint={"every": 2})
+    body = job_body(tiny, workdir, "phoenix", steps, fault_tolerance={"max_restarts": 3}, checkpoint={"every": 2},
+                    resources={"torch_threads": 1, "reward_in": "actor"})  # a reward actor to lose
     job_id = alpha.post("/v1/jobs", json=body).json()["id"]
     wait_status(alpha, job_id, {"running"}, 150)
     killed = []
