@@ -159,3 +159,19 @@ def test_concat_then_split_round_trips():
 def test_concat_of_one_is_that_batch():
     b = numbered(2)
     assert concat([b]) is b
+
+
+def test_pickling_keeps_every_field_and_sends_a_shard_without_the_rest():
+    import pickle
+
+    whole = numbered(64, groups=[i // 8 for i in range(64)], extras=[{"answer": g} for g in range(8)])
+    whole = whole.replace(scores=torch.arange(64, dtype=torch.bfloat16), values=None)
+    back = pickle.loads(pickle.dumps(whole, protocol=5))
+    for f in ("input_ids", "attention_mask", "response_mask", "group_ids", "logprobs", "scores"):
+        assert getattr(back, f).dtype == getattr(whole, f).dtype and torch.equal(getattr(back, f), getattr(whole, f)), f
+    assert (back.prompt_len, back.values, back.extras) == (1, None, whole.extras)
+    back.input_ids += 1  # writable, like any tensor
+    # A shard is a view of the whole batch's storage; it is sent as its own rows only.
+    shard = whole.split(8)[0]
+    assert len(pickle.dumps(shard, protocol=5)) < len(pickle.dumps(whole, protocol=5)) / 2
+    assert torch.equal(pickle.loads(pickle.dumps(shard, protocol=5)).input_ids, whole.input_ids[:8])
