@@ -1,6 +1,6 @@
 """Where a GRPO step's time goes in our Orchestrator, and our samples/s next to TRL's GRPOTrainer.
 
-    python benchmarks/step_breakdown.py [--spec examples/grpo.yaml] [--warmup 3] [--steps 20] [--skip-trl]
+    python benchmarks/step_breakdown.py [--spec examples/grpo.yaml] [--warmup 3] [--steps 20] [--skip-trl] [--rounds 1]
     python benchmarks/step_breakdown.py --packing    # tokens/s with and without optim.micro_batch_tokens
 
 1. Runs the spec through the real `Orchestrator` on a local Ray (the same actors, placement and
@@ -11,6 +11,11 @@
    timed per optimiser step with a TrainerCallback, and prints its median step and phases.
 3. Prints ours / TRL in samples/s, where samples/s = samples per step / median step time (and, as a
    check against other load on the machine, / the fastest step's time).
+
+With --rounds N the two sides run N times each, alternating (ours, TRL, TRL, ours, ...: each side
+first as often as the other, so a machine that drifts slower or faster favours neither), and the
+ratio is printed per round and over all rounds' measured steps pooled. On a shared 2-core machine
+one side's median moves by 10-15% from run to run; the pooled ratio moves less.
 
 If the spec's model path is missing, a tiny model (`rlhf init-model`) is built in a temp dir.
 Both sides use the same torch intra-op thread count (the spec's resources.torch_threads, else all cores).
@@ -281,6 +286,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="Measured steps per side.")
     parser.add_argument("--skip-trl", action="store_true", help="Only our Orchestrator's breakdown.")
     parser.add_argument("--skip-ours", action="store_true", help="Only TRL's run.")
+    parser.add_argument("--rounds", type=int, default=1, help="Runs of each side, alternating; ratios per round and pooled.")
     parser.add_argument("--packing", action="store_true", help="Instead: an update's tokens/s with and without "
                         "optim.micro_batch_tokens on completions of widely varying length (see `packing`).")
     args = parser.parse_args()
@@ -294,21 +300,35 @@ def main() -> None:
         spec, built = bench_spec(args.spec, scratch / "model", scratch / "run", args.warmup + args.steps)
         print(header(spec, built, args), flush=True)
         samples = spec.samples_per_step
-        ours = trl = None
-        if not args.skip_ours:
-            ours = print_ours(run_ours(spec, args.warmup), samples)
-            sys.stdout.flush()
-        if not args.skip_trl:
-            cfg = trl_config(spec, args.warmup, args.steps)
-            result = run_trl(cfg, scratch)
-            trl = print_trl(result, samples)
-            problems = check_trl_shape(result, cfg)
-            print("  TRL batch check: " + ("every measured step generated "
-                  f"{samples} completions ({cfg['prompts_per_step']} prompts x {cfg['n']}), one backward, {cfg['threads']} threads"
-                  if not problems else "MISMATCH\n    " + "\n    ".join(problems)))
-        if ours and trl:
-            print(f"\nours / TRL samples/s: {ours[0] / trl[0]:.2f}x at the median step ({ours[0]:.1f} vs {trl[0]:.1f}), "
-                  f"{ours[1] / trl[1]:.2f}x at the fastest step ({ours[1]:.1f} vs {trl[1]:.1f})")
+        steps: dict[str, list[float]] = {"ours": [], "trl": []}  # every round's measured step times, pooled
+        for r in range(args.rounds):
+            if args.rounds > 1:
+                print(f"\n======== round {r + 1} of {args.rounds}", flush=True)
+            ours = trl = None
+            sides = ["ours", "trl"] if r % 4 in (0, 3) else ["trl", "ours"]
+            for side in sides:
+                if side == "ours" and not args.skip_ours:
+                    rows = run_ours(spec, args.warmup)
+                    ours = print_ours(rows, samples)
+                    steps["ours"] += [row["timing/step"] for row in rows]
+                if side == "trl" and not args.skip_trl:
+                    cfg = trl_config(spec, args.warmup, args.steps)
+                    result = run_trl(cfg, scratch)
+                    trl = print_trl(result, samples)
+                    steps["trl"] += result["step_times"]
+                    problems = check_trl_shape(result, cfg)
+                    print("  TRL batch check: " + ("every measured step generated "
+                          f"{samples} completions ({cfg['prompts_per_step']} prompts x {cfg['n']}), one backward, {cfg['threads']} threads"
+                          if not problems else "MISMATCH\n    " + "\n    ".join(problems)))
+                sys.stdout.flush()
+            if ours and trl:
+                print(f"\nours / TRL samples/s: {ours[0] / trl[0]:.2f}x at the median step ({ours[0]:.1f} vs {trl[0]:.1f}), "
+                      f"{ours[1] / trl[1]:.2f}x at the fastest step ({ours[1]:.1f} vs {trl[1]:.1f})", flush=True)
+        if args.rounds > 1 and steps["ours"] and steps["trl"]:
+            med = {k: statistics.median(v) for k, v in steps.items()}
+            print(f"\nall {args.rounds} rounds pooled ({len(steps['ours'])} steps a side): ours / TRL samples/s "
+                  f"{med['trl'] / med['ours']:.2f}x at the median step ({samples / med['ours']:.1f} vs {samples / med['trl']:.1f}), "
+                  f"{min(steps['trl']) / min(steps['ours']):.2f}x at the fastest step")
 
 
 if __name__ == "__main__":
