@@ -131,12 +131,15 @@ class Orchestrator:
         naming it. A call that failed (its actor lost) raises as soon as it is known, not after its
         peers, which may be blocked on it in a collective (DDP's all-reduce) until they time out."""
         limit = self.spec.fault_tolerance.call_timeout_s
-        timed_out = PhaseTimeout(f"the {phase} phase of step {self.current_step} did not finish within fault_tolerance.call_timeout_s={limit:g} s")
+
+        def timed_out() -> PhaseTimeout:
+            return PhaseTimeout(f"the {phase} phase of step {self.current_step} did not finish within fault_tolerance.call_timeout_s={limit:g} s")
+
         if isinstance(refs, Future):  # computed in this process (rewards in the driver)
             try:
                 return refs.result(timeout=limit)
             except FutureTimeout:
-                raise timed_out from None
+                raise timed_out() from None
         deadline = None if limit is None else time.monotonic() + limit
         pending = list(refs) if isinstance(refs, list) else [refs]
         while len(pending) > 1:
@@ -147,7 +150,7 @@ class Orchestrator:
         try:
             return ray.get(refs, timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
         except GetTimeoutError:
-            raise timed_out from None
+            raise timed_out() from None
 
     # ------------------------------------------------------------ phases
     def generate(self, step: int, timing: dict) -> Batch:

@@ -123,3 +123,27 @@ def test_sigterm_under_the_control_plane_cancels_at_once(tiny_model, arith_file,
     final = read_jsonl(run_dir / "events.jsonl")[-1]
     assert (result.returncode, final["type"], final["status"]) == (130, "status", "cancelled"), (final, result.stderr[-2000:])
     assert final["message"] == "cancelled: received signal 15"
+
+
+def test_rewards_in_the_driver_are_waited_for_like_an_actor_call(tiny_model, arith_file, tmp_path):
+    """`Orchestrator.wait` on work of the driver's own thread: its value or its error, with no timeout
+    set (null), and a PhaseTimeout naming the phase when it hangs past call_timeout_s."""
+    import threading
+    from types import SimpleNamespace
+
+    from orchestrator.core.spec import parse_spec
+    from orchestrator.driver import Orchestrator, PhaseTimeout, in_daemon_thread
+
+    def driver(timeout):
+        spec = parse_spec(tiny_spec(tiny_model, arith_file, tmp_path / "run", fault_tolerance={"call_timeout_s": timeout}))
+        return SimpleNamespace(spec=spec, current_step=4)
+
+    assert Orchestrator.wait(driver(None), in_daemon_thread(lambda a, b: a + b, 2, 3), "reward") == 5
+    with pytest.raises(ZeroDivisionError):
+        Orchestrator.wait(driver(None), in_daemon_thread(lambda: 1 / 0), "reward")
+    release = threading.Event()
+    hung = in_daemon_thread(release.wait)
+    with pytest.raises(PhaseTimeout, match=r"^the reward phase of step 4 did not finish within fault_tolerance.call_timeout_s=0.2 s$"):
+        Orchestrator.wait(driver(0.2), hung, "reward")
+    release.set()
+    assert hung.result(timeout=5) is True
