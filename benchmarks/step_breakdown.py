@@ -168,11 +168,9 @@ def trl_config(spec: JobSpec, warmup: int, steps: int) -> dict[str, Any]:
 def run_trl(cfg: dict[str, Any], scratch: Path) -> dict[str, Any]:
     cfg_path, out_path = scratch / "trl_config.json", scratch / "trl_result.json"
     cfg_path.write_text(json.dumps(cfg))
-    from orchestrator.placement import ACTOR_ENV
-
-    # The same process environment our actors get (OMP_WAIT_POLICY=PASSIVE): with spinning OpenMP
-    # barriers a 2-thread torch process slows down many-fold whenever anything else wants a core.
-    env = {**os.environ, **ACTOR_ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # TRL as its users run it: libgomp's own waiting policy (no OMP_WAIT_POLICY, no GOMP_SPINCOUNT).
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(TOKENIZERS_PARALLELISM="false", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "_trl_grpo.py"), str(cfg_path), str(out_path)], check=True, env=env, cwd=ROOT)
     return json.loads(out_path.read_text())
 

@@ -55,7 +55,7 @@ def measure(size: str, repeats: int) -> dict:
     import torch
 
     from orchestrator.core.spec import OptimSpec, RolloutSpec
-    from orchestrator.placement import ACTOR_ENV
+    from orchestrator.placement import PASSIVE
     from orchestrator.tiny_model import init_model
     from orchestrator.weight_sync import share_memory
     from workers.rollout_vllm import VLLMRollout
@@ -65,7 +65,7 @@ def measure(size: str, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         init_model(tmp, hidden_size=hidden, layers=layers, seed=0)
         optim = OptimSpec(lr=1e-3, weight_decay=0.0)
-        env = {"env_vars": ACTOR_ENV}
+        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", **PASSIVE}}  # (as these numbers were first measured)
         trainer = ray.remote(PolicyTrainer).options(num_cpus=0, runtime_env=env).remote(tmp, optim, RolloutSpec())
         rollout = ray.remote(VLLMRollout).options(num_cpus=0, runtime_env=env).remote(tmp, n=1, max_new_tokens=4)
         state = ray.get(trainer.state_dict.remote())

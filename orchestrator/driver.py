@@ -21,7 +21,7 @@ from orchestrator.core.advantages import compute_advantages
 from orchestrator.core.batch import Batch, concat
 from orchestrator.core.data import PromptDataset, PromptSampler
 from orchestrator.core.spec import JobSpec
-from orchestrator.placement import ActorGroup, create_placement_group, plan, spawn_group
+from orchestrator.placement import ActorGroup, actor_env, create_placement_group, plan, spawn_group
 from orchestrator.registry import rollout_class, trainer_class
 from orchestrator.reporting import Reporter
 from workers.common import load_tokenizer
@@ -158,7 +158,7 @@ class Orchestrator:
         index = self.sampler.indices(step - 1)
         prompts = [self.dataset.prompt_ids[i] for i in index]
         extras = [self.dataset.extras[i] for i in index]
-        results = self.wait(self.groups["rollout"].call_on_rows("generate", [prompts, extras], step, False, self.need_logprobs), "generate")
+        results = self.wait(self.rollout_group.call_on_rows("generate", [prompts, extras], step, False, self.need_logprobs), "generate")
         batch = concat([b for b, _ in results])
         timing["generate_compute"] = max(t for _, t in results)
         timing["generate"] = time.perf_counter() - t0
@@ -217,6 +217,11 @@ class Orchestrator:
         return {**trainer_stats, **critic_stats, "lr": opt.lr}
 
     @property
+    def rollout_group(self) -> ActorGroup:
+        """Who samples the completions: the rollout actors, or the policy trainers themselves (`resources.rollout_in`)."""
+        return self.groups["trainer"] if self.spec.rollouts_in_trainer else self.groups["rollout"]
+
+    @property
     def reference_group(self) -> ActorGroup | None:
         """Who computes the reference log-probs: the reference actors, or a LoRA policy's trainers
         (their frozen base); None when the step needs none."""
@@ -231,6 +236,8 @@ class Orchestrator:
 
     def sync_weights(self, timing: dict | None = None) -> None:
         """Trainer rank 0's weights to every rollout actor, by the path `setup_weight_sync` chose."""
+        if self.weight_sync is None:  # the trainers sample with their own weights (`resources.rollout_in`)
+            return
         t0 = time.perf_counter()
         self.weight_sync.sync()
         if timing is not None:
@@ -239,6 +246,10 @@ class Orchestrator:
     def setup_weight_sync(self) -> None:
         """Pick how weights travel (`rollout.weight_sync`, see orchestrator/weight_sync.py) and prepare it;
         reported as a `weight_sync` event."""
+        if self.spec.rollouts_in_trainer:
+            self.reporter.event("weight_sync", "no weight sync: the trainers sample the completions with their own weights",
+                                method="none", reason="resources.rollout_in: the trainers are the rollouts")
+            return
         if "rollout" not in self.groups:  # an SFT stage that does not evaluate has no rollouts to sync
             return
         path = self.weight_sync = weight_sync.setup(self.spec, self.groups["trainer"], self.groups["rollout"], self.job_id)
@@ -272,6 +283,8 @@ class Orchestrator:
         ref_temperature = spec.rollout.temperature if spec.algo.rollouts else 1.0
         # A policy trainer's LoRA adapters, and the temperature it scores at when it is its own reference (LoRA).
         policy_options = dict(lora=m.lora, reference_temperature=ref_temperature) if spec.algo.produces == "policy" else {}
+        # A trainer that is also the rollout samples with replica i's rollout seed.
+        sampling = (lambda i: dict(sampling_seed=opt.seed + i)) if spec.rollouts_in_trainer else (lambda i: {})
         vllm_options = dict(tensor_parallel_size=spec.rollout.tensor_parallel_size, colocate=res.colocate) if spec.rollout.backend == "vllm" else {}
 
         def sharded(role: str, i: int) -> dict:  # in a sharded role only rank 0 reads the weights; it sends the others their shards
@@ -283,7 +296,7 @@ class Orchestrator:
                                                    num_gpus=res.rollout.num_gpus, **common, **vllm_options)),
             "trainer": (trainer_class(spec.algorithm.name), lambda i: dict(model_path=spec.trained_model_path, optim=opt, rollout=spec.rollout,
                                                                           num_gpus=res.trainer.num_gpus, **policy_options, **common,
-                                                                          **sharded("trainer", i))),
+                                                                          **sharded("trainer", i), **sampling(i))),
             "reward": (RewardWorker, lambda i: dict(sources=list(spec.rewards), tokenizer_path=m.path, num_gpus=res.reward.num_gpus, **common)),
             "reference": (Reference, lambda i: dict(model_path=m.path, temperature=ref_temperature,
                                                     micro_batch_size=opt.micro_batch_size, micro_batch_tokens=opt.micro_batch_tokens,
@@ -291,9 +304,10 @@ class Orchestrator:
             "critic": (Critic, lambda i: dict(model_path=m.critic_path or m.path, optim=opt, num_gpus=res.critic.num_gpus, **common,
                                               lora=m.lora if m.lora and m.lora.critic else None, **sharded("critic", i))),
         }
+        env = actor_env(spec)
         for role in spec.roles:
             cls, make_kwargs = makers[role]
-            self.groups[role] = spawn_group(cls, role, self.job_id, pg, layout, make_kwargs)
+            self.groups[role] = spawn_group(cls, role, self.job_id, pg, layout, make_kwargs, env)
         if spec.scores_with_rewards and spec.rewards_in_driver:  # (functions only: no device, no actor)
             self.local_rewards = RewardWorker(list(spec.rewards), m.path, m.dtype, m.trust_remote_code, threads=res.torch_threads)
         self._init_data_parallel("trainer")

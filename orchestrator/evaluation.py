@@ -33,7 +33,7 @@ def evaluate(orch, dataset: PromptDataset) -> dict[str, float]:
     start = time.perf_counter()
     if not orch.syncs_every_step:
         orch.sync_weights()
-    rollouts = orch.groups["rollout"]
+    rollouts = orch.rollout_group
     # (prompts, extras, step, greedy, with_logprobs): scoring needs no behaviour log-probs.
     batch = concat([b for b, _ in ray.get(rollouts.call_on_rows("generate", [dataset.prompt_ids, dataset.extras], 0, True, False))])
     scores, per_source, _ = orch.wait(orch.score_rewards(batch), "eval reward")

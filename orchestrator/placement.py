@@ -11,10 +11,32 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.core.batch import Batch, even_bounds
 from orchestrator.core.layout import COLOCATABLE, Layout, plan  # noqa: F401  (re-exported: the driver places by them)
+from orchestrator.core.spec import JobSpec
 
-# OpenMP threads that finish a parallel region spin before sleeping; with every actor using all
-# cores, an idle actor's spinning threads would steal the cores of the phase that runs next.
-ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+# OpenMP threads (libgomp, in torch's CPU builds) that finish a parallel region spin GOMP_SPINCOUNT
+# times (libgomp's default, with no OMP_WAIT_POLICY: 300000, about 3 ms) before they sleep. A process
+# that computes alone wants that: generate's many small ops find their threads awake (sleeping at once
+# made a 9.7M-parameter model's generate 20-30% slower, benchmarks/step_breakdown.py). A process that
+# computes beside another one must not: its spinning threads take the cores the other one waits for
+# (a 2-thread forward/backward ran 2-3x slower beside a busy process, up to 27x with OMP_WAIT_POLICY=active).
+SPIN = {"GOMP_SPINCOUNT": "300000"}  # (set, not left to libgomp: the raylet may pass on OMP_WAIT_POLICY=PASSIVE)
+PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
+
+
+def one_actor_at_a_time(spec: JobSpec) -> bool:
+    """Whether the job's actors compute one at a time: one replica per role, no critic (its values and
+    updates run beside the reference's and the trainer's) and no reward actor beside a reference."""
+    res, roles = spec.resources, spec.roles
+    if "critic" in roles or any(getattr(res, r).replicas > 1 for r in roles if r != "reward"):
+        return False
+    scorers = [r for r in ("reward", "reference") if r in roles] + (["trainer"] if spec.needs_reference and spec.model.lora else [])
+    return len(scorers) <= 1
+
+
+def actor_env(spec: JobSpec) -> dict[str, str]:
+    """The environment of the job's actors: OpenMP threads that spin while the actors compute one at a
+    time, that sleep at once where two compute together."""
+    return {"TOKENIZERS_PARALLELISM": "false", **(SPIN if one_actor_at_a_time(spec) else PASSIVE)}
 
 
 class ActorGroup:
@@ -57,8 +79,9 @@ def create_placement_group(layout: Layout, job_id: str, timeout_s: float = 120) 
     return pg
 
 
-def spawn_group(cls: type, role: str, job_id: str, pg: PlacementGroup, layout: Layout, make_kwargs) -> ActorGroup:
-    """Start the role's actors, named `<job>/<role>-<i>`; make_kwargs(i) gives replica i's constructor kwargs."""
+def spawn_group(cls: type, role: str, job_id: str, pg: PlacementGroup, layout: Layout, make_kwargs, env: dict[str, str]) -> ActorGroup:
+    """Start the role's actors, named `<job>/<role>-<i>`, with `env` (`actor_env`); make_kwargs(i) gives
+    replica i's constructor kwargs."""
     remote_cls = ray.remote(cls)
     actors = []
     for i, bundle_index in enumerate(layout.slots[role]):
@@ -67,7 +90,7 @@ def spawn_group(cls: type, role: str, job_id: str, pg: PlacementGroup, layout: L
                 name=f"{job_id}/{role}-{i}",
                 max_concurrency=1,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index),
-                runtime_env={"env_vars": ACTOR_ENV},
+                runtime_env={"env_vars": env},
                 **layout.actor_resources[role],
             ).remote(**make_kwargs(i))
         )

@@ -41,7 +41,7 @@ def check_run(orch: Orchestrator, model_dir, roles: set[str]) -> list[dict]:
     trainer = ray.get(orch.groups["trainer"].actors[0].state_dict.remote())
     before = initial_weights(model_dir)
     assert any(not torch.equal(before[k], trainer[k]) for k in trainer), "policy parameters did not change"
-    for rollout in orch.groups["rollout"].actors:
+    for rollout in orch.groups["rollout"].actors if "rollout" in orch.groups else []:
         synced = ray.get(rollout.state_dict.remote())
         assert all(torch.equal(synced[k], trainer[k]) for k in trainer), "rollout weights differ from the trainer's after sync"
     # Each role is its own named actor in its own process.
@@ -59,20 +59,32 @@ def check_run(orch: Orchestrator, model_dir, roles: set[str]) -> list[dict]:
     return metrics
 
 
+def untimed(metrics: list[dict]) -> list[dict]:
+    """A run's metrics without the ones a clock gives."""
+    return [{k: v for k, v in m.items() if k != "time" and not k.startswith(("timing/", "throughput/"))} for m in metrics]
+
+
 def test_grpo_end_to_end(ray_session, tiny_model, arith_file, tmp_path):
-    orch = start(tiny_spec(tiny_model, arith_file, tmp_path / "grpo"))
-    try:
-        metrics = check_run(orch, tiny_model, {"rollout", "trainer"})  # function rewards: computed in the driver
-    finally:
-        orch.shutdown()
+    # Rollout actors that get the weights through shared memory, then (the CPU default) trainers that
+    # sample with their own weights: the same seed gives the same completions, losses and rewards.
+    runs = {}
+    for rollout_in, roles in (("actor", {"rollout", "trainer"}), ("auto", {"trainer"})):  # function rewards: in the driver
+        orch = start(tiny_spec(tiny_model, arith_file, tmp_path / rollout_in, resources={"rollout_in": rollout_in}))
+        try:
+            runs[rollout_in] = check_run(orch, tiny_model, roles)
+        finally:
+            orch.shutdown()
+        runs[rollout_in + "/sync"] = [e for e in read_jsonl(orch.spec.run_dir / "events.jsonl") if e["type"] == "weight_sync"]
+        assert not list(Path("/dev/shm").glob(f"rlhf-weights-{orch.job_id}-*")), "the shared weights file was left behind"
+    metrics = runs["actor"]
     for key in ("reward/mean", "reward/std", "rewards/accuracy/mean", "rewards/length_penalty/mean", "frac_reward_zero_std",
                 "entropy", "clip_ratio", "policy_loss", "response_length/mean", "throughput/tokens_per_s",
                 "timing/generate", "timing/update", "timing/weight_sync", "timing/step"):
         assert key in metrics[-1], key
     assert "kl" not in metrics[-1]  # kl_coef 0: no reference model, no KL
-    sync = [e for e in read_jsonl(orch.spec.run_dir / "events.jsonl") if e["type"] == "weight_sync"]
-    assert [e["method"] for e in sync] == ["shared_memory"], "a CPU job on one node should sync through shared memory"
-    assert not list(Path("/dev/shm").glob(f"rlhf-weights-{orch.job_id}-*")), "the shared weights file was left behind"
+    assert [e["method"] for e in runs["actor/sync"]] == ["shared_memory"], "a CPU job on one node should sync through shared memory"
+    assert [e["method"] for e in runs["auto/sync"]] == ["none"] and "timing/weight_sync" not in runs["auto"][-1]
+    assert untimed(runs["actor"]) == untimed(runs["auto"]) and len(untimed(runs["auto"])[0]) > 10
 
 
 def test_grpo_through_the_object_store_with_a_reward_actor(ray_session, tiny_model, arith_file, tmp_path):
@@ -91,7 +103,7 @@ def test_ppo_end_to_end(ray_session, tiny_model, arith_file, tmp_path):
                      optim={"kl_coef": 0.05, "kl_in": "reward", "mini_batch_size": 8, "ppo_epochs": 2, "lr": 1e-3})
     orch = start(spec)
     try:
-        metrics = check_run(orch, tiny_model, {"rollout", "trainer", "reference", "critic"})
+        metrics = check_run(orch, tiny_model, {"trainer", "reference", "critic"})  # the trainer samples
     finally:
         orch.shutdown()
     assert {"kl", "value_loss", "critic/values/mean", "timing/reference", "timing/critic"} <= set(metrics[-1])
@@ -102,7 +114,7 @@ def test_data_parallel_trainers_stay_identical(ray_session, tiny_model, arith_fi
                      resources={"trainer": {"replicas": 2, "num_cpus": 0.25}, "rollout": {"replicas": 2, "num_cpus": 0.25}})
     orch = start(spec)
     try:
-        check_run(orch, tiny_model, {"rollout", "trainer"})
+        check_run(orch, tiny_model, {"trainer"})  # each trainer replica samples its share of the prompts
         w0, w1 = ray.get(orch.groups["trainer"].call("state_dict"))
         assert all(torch.equal(w0[k], w1[k]) for k in w0), "gloo all-reduce left the replicas apart"
     finally:

@@ -26,7 +26,7 @@ def run(tiny_model, arith_file, out, strategy: str, steps: int = 3, resume_from=
     roles = {role: {"replicas": replicas, "strategy": strategy, "num_cpus": 0.25} for role in ("trainer", "critic", "reference")}
     spec = tiny_spec(tiny_model, arith_file, out, algorithm={"name": "ppo"},
                      optim={"steps": steps, "lr": 1e-2, "critic_lr": 1e-2, "kl_coef": 0.05, "prompts_per_step": 4},
-                     resources={**roles, "torch_threads": 1}, checkpoint={"every": 1})
+                     resources={**roles, "torch_threads": 1, "rollout_in": "actor"}, checkpoint={"every": 1})
     orch = start(spec)
     try:
         first = 0 if resume_from is None else orch.load_checkpoint(resume_from)

@@ -134,7 +134,7 @@ def test_ppo_with_lora_and_kl_runs_without_a_reference_actor(ray_session, tiny_m
 
     spec = tiny_spec(tiny_model, arith_file, tmp_path / "lora", algorithm={"name": "ppo"}, optim={"steps": 2, "kl_coef": 0.05, "lr": 5e-2},
                      model={"path": str(tiny_model), "lora": {"rank": 4, "alpha": 8, "target_modules": "all-linear"}},
-                     checkpoint={"every": 2})
+                     checkpoint={"every": 2}, resources={"rollout_in": "actor"})  # a rollout actor, to get the merged weights
     orch = start(spec)
     try:
         metrics = check_run(orch, tiny_model, {"rollout", "trainer", "critic"})  # no "reference"

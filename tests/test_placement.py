@@ -12,9 +12,10 @@ ACTOR = {"num_cpus": 0.5, "num_gpus": 0.0}
 
 
 def spec(**sections):
-    """A spec whose rewards run on a reward actor (the layout of every role); `resources` sections merge into that."""
+    """A spec whose rewards run on a reward actor and completions on rollout actors (the layout of every
+    role); `resources` sections merge into that."""
     data = {"model": {"path": "m"}, "data": {"train_file": "d.jsonl"}, "rewards": [{"function": "accuracy"}]}
-    resources = {"reward_in": "actor", **sections.pop("resources", {})}
+    resources = {"reward_in": "actor", "rollout_in": "actor", **sections.pop("resources", {})}
     return parse_spec({**data, **sections, "resources": resources})
 
 
@@ -26,6 +27,22 @@ def spec(**sections):
 def test_function_rewards_in_the_driver_take_no_bundle(sections, slots):
     layout = plan(spec(**sections, resources={"reward_in": "auto"}))
     assert layout.slots == slots and layout.bundles == [CPU] * len(slots)
+
+
+@pytest.mark.parametrize(("sections", "slots"), [
+    ({}, {"trainer": [0]}),
+    ({"algorithm": {"name": "ppo"}, "optim": {"kl_coef": 0.05}}, {"trainer": [0], "reference": [1], "critic": [2]}),
+], ids=["grpo", "ppo-kl"])
+def test_a_cpu_trainer_that_samples_asks_for_the_rollouts_cpus_too(sections, slots):
+    layout = plan(spec(**sections, resources={"reward_in": "auto", "rollout_in": "auto", "rollout": {"num_cpus": 1.5}}))
+    assert layout.slots == slots
+    assert layout.bundles == [{"CPU": 2.0}] + [CPU] * (len(slots) - 1)  # trainer 0.5 + rollout 1.5
+    assert layout.actor_resources["trainer"] == {"num_cpus": 2.0, "num_gpus": 0.0}
+
+
+def test_a_gpu_trainer_that_samples_asks_for_one_device():
+    s = spec(resources={"rollout_in": "trainer", "trainer": {"num_gpus": 1}, "rollout": {"num_gpus": 1}})
+    assert plan(s).bundles == [{"CPU": 1.0, "GPU": 1.0}, CPU]  # trainer (and rollout), reward
 
 
 def test_a_reward_model_gets_a_reward_actor_when_auto():
@@ -125,3 +142,18 @@ def test_every_bundle_holds_what_its_actors_ask_for(resources):
         assert need["CPU"] == pytest.approx(bundle["CPU"])
         assert need["GPU"] <= bundle.get("GPU", 0.0) + 1e-9
     assert set(range(len(layout.bundles))) == {i for indices in layout.slots.values() for i in indices}  # no empty bundle
+
+
+@pytest.mark.parametrize(("sections", "alone"), [
+    ({"resources": {"rollout_in": "auto", "reward_in": "auto"}}, True),  # GRPO on CPUs: the trainer, then the driver's rewards
+    ({}, True),  # rollout, reward, trainer: each phase one actor
+    ({"optim": {"kl_coef": 0.1}, "resources": {"reward_in": "auto"}}, True),  # the reference beside the driver's rewards
+    ({"optim": {"kl_coef": 0.1}}, False),  # the reward actor beside the reference
+    ({"algorithm": {"name": "ppo"}, "resources": {"reward_in": "auto", "rollout_in": "auto"}}, False),  # the critic
+    ({"resources": {"trainer": {"replicas": 2}}}, False),  # two trainer replicas update together
+])
+def test_actors_spin_only_when_they_compute_one_at_a_time(sections, alone):
+    from orchestrator.placement import PASSIVE, SPIN, actor_env
+
+    env = actor_env(spec(**sections))
+    assert env == {"TOKENIZERS_PARALLELISM": "false", **(SPIN if alone else PASSIVE)}

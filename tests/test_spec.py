@@ -13,8 +13,8 @@ def base() -> dict:
 
 
 @pytest.mark.parametrize(("name", "estimator", "roles"), [
-    ("grpo.yaml", "grpo", ["rollout", "trainer"]),  # function rewards: computed in the driver
-    ("ppo.yaml", "gae", ["rollout", "trainer", "reference", "critic"]),  # kl_coef 0.05: a reference
+    ("grpo.yaml", "grpo", ["trainer"]),  # function rewards: computed in the driver; on CPUs the trainer samples
+    ("ppo.yaml", "gae", ["trainer", "reference", "critic"]),  # kl_coef 0.05: a reference
 ])
 def test_examples_validate(name, estimator, roles):
     spec = load_spec(ROOT / "examples" / name)
@@ -167,3 +167,31 @@ def test_where_the_rewards_run():
         parse_spec({**with_model, "resources": {"reward_in": "driver"}})
     # A stage that scores nothing (SFT without held-out prompts) has no rewards to place anywhere.
     assert parse_spec({**base(), "algorithm": {"name": "sft"}, "rewards": []}).roles == ["trainer"]
+
+
+def test_where_the_completions_are_sampled():
+    cpu = parse_spec(base())
+    assert cpu.rollouts_in_trainer and "rollout" not in cpu.roles
+    assert "rollout" in parse_spec({**base(), "resources": {"rollout_in": "actor"}}).roles
+    # auto keeps rollout actors wherever the trainer cannot sample, or GPUs are asked for.
+    for rollout, resources in [({"backend": "vllm"}, {}), ({"weight_sync": "object_store"}, {}), ({}, {"trainer": {"replicas": 2}}),
+                               ({}, {"trainer": {"num_gpus": 1}, "rollout": {"num_gpus": 1}}),
+                               ({}, {"trainer": {"replicas": 2, "strategy": "fsdp"}, "rollout": {"replicas": 2}})]:
+        spec = parse_spec({**base(), "rollout": {"n": 4, **rollout}, "resources": resources})
+        assert not spec.rollouts_in_trainer and "rollout" in spec.roles, (rollout, resources)
+    on_gpu = {"rollout_in": "trainer", "trainer": {"num_gpus": 1}, "rollout": {"num_gpus": 1}}
+    assert parse_spec({**base(), "resources": on_gpu}).roles == ["trainer"]
+    assert parse_spec({**base(), "algorithm": {"name": "sft"}, "rewards": []}).roles == ["trainer"]
+
+
+@pytest.mark.parametrize(("rollout", "resources", "why"), [
+    ({"backend": "vllm"}, {}, "rollout.backend vllm runs its engines in rollout actors"),
+    ({"weight_sync": "shared_memory"}, {}, "rollout.weight_sync is shared_memory, but nothing is synced"),
+    ({}, {"trainer": {"replicas": 2}}, r"resources.rollout.replicas \(1\) differs from resources.trainer.replicas \(2\)"),
+    ({}, {"trainer": {"replicas": 2, "strategy": "fsdp"}, "rollout": {"replicas": 2}}, "an fsdp trainer holds only a shard"),
+])
+def test_a_trainer_that_cannot_sample_is_refused(rollout, resources, why):
+    with pytest.raises(SpecError, match=r"resources.rollout_in: the trainer cannot also be the rollout: " + why):
+        parse_spec({**base(), "rollout": {"n": 4, **rollout}, "resources": {"rollout_in": "trainer", **resources}})
+    with pytest.raises(SpecError, match=r"resources.rollout_in: .*sft samples no completions each step"):
+        parse_spec({**base(), "algorithm": {"name": "sft"}, "rewards": [], "resources": {"rollout_in": "trainer"}})

@@ -80,6 +80,25 @@ def test_trainer_step_changes_parameters_and_sync_round_trips(tiny_model, batch,
     assert all(torch.equal(synced[k], after[k]) for k in after)
 
 
+@pytest.mark.parametrize("lora", [None, {"rank": 4, "target_modules": "all-linear"}], ids=["full", "lora"])
+def test_a_trainer_that_samples_draws_what_a_rollout_with_its_weights_draws(tiny_model, batch, lora):
+    from orchestrator.core.spec import LoraSpec
+
+    spec = RolloutSpec(n=3, max_new_tokens=6, temperature=1.0)
+    trainer = PolicyTrainer(str(tiny_model), optim(), spec, threads=2, sampling_seed=0, lora=LoraSpec(**lora) if lora else None)
+    trainer.train_step(with_advantages(batch), step=1, num_mini_batches=1, micro_batch_size=None, on_policy=True)
+    rollout = HFRollout(str(tiny_model), n=3, max_new_tokens=6, temperature=1.0, seed=0, threads=2)
+    rollout.load_weights(trainer.rollout_weights())  # (a LoRA trainer's merged weights)
+    for step, greedy in ((2, False), (3, True)):
+        ours, _ = trainer.generate(PROMPTS, EXTRAS, step, greedy)
+        theirs, _ = rollout.generate(PROMPTS, EXTRAS, step, greedy)
+        assert torch.equal(ours.input_ids, theirs.input_ids) and torch.equal(ours.response_mask, theirs.response_mask)
+        torch.testing.assert_close(ours.logprobs, theirs.logprobs, atol=1e-5, rtol=0)
+    assert trainer.model.training  # back to training after sampling
+    with pytest.raises(RuntimeError, match="this trainer does not generate"):
+        PolicyTrainer(str(tiny_model), optim(), spec, threads=2).generate(PROMPTS, EXTRAS, 1)
+
+
 def test_shared_memory_sync_writes_into_what_the_rollouts_compute_from(tiny_model, batch, tmp_path):
     # Two rollout replicas map one file; the trainer writes once and both generate with the new weights.
     path = str(tmp_path / "weights")

@@ -62,21 +62,17 @@ class RolloutBackend(Protocol):
         """The Ray node this actor runs on."""
 
 
-class HFRollout(OnNode):
-    """Samples `n` completions per prompt with transformers' `generate`."""
+class HFSampler:
+    """Sampling with transformers' `generate` from a model it is handed: the HF rollout's own, or, with
+    `resources.rollout_in: trainer`, the policy trainer's (workers/trainer.py)."""
 
-    def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, n: int = 4,
-                 max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                 num_gpus: float = 0, threads: int | None = None):
-        configure_threads(threads)
-        self.device = pick_device(num_gpus)
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
-        self.model = load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device).eval()
+    def __init__(self, tokenizer, n: int, max_new_tokens: int, temperature: float, top_p: float, seed: int):
+        self.tokenizer = tokenizer
         self.n, self.max_new_tokens, self.temperature, self.top_p, self.seed = n, max_new_tokens, temperature, top_p, seed
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], extras: list[dict[str, Any]], step: int, greedy: bool = False,
-                 with_logprobs: bool = True) -> tuple[Batch, float]:
+    def generate(self, model, device: torch.device, prompt_ids: list[list[int]], extras: list[dict[str, Any]], step: int,
+                 greedy: bool = False, with_logprobs: bool = True) -> tuple[Batch, float]:
         """Returns the step's Batch (with behaviour log-probs unless with_logprobs=False) and the seconds spent.
 
         An on-policy update with no KL needs no behaviour log-probs: skipping them saves keeping every
@@ -89,9 +85,9 @@ class HFRollout(OnNode):
         ids, mask = left_pad(prompt_ids, tok.pad_token_id)
         n = 1 if greedy else self.n
         sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
-        out = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=self.max_new_tokens,
             num_return_sequences=n,
             eos_token_id=tok.eos_token_id,
@@ -109,6 +105,22 @@ class HFRollout(OnNode):
             logprobs = logprobs_from_logits(logits / (1.0 if greedy else self.temperature), responses)
         batch = build_batch(prompt_ids, responses, response_mask, tok.pad_token_id, n, logprobs=logprobs, extras=extras)
         return batch, time.perf_counter() - start
+
+
+class HFRollout(OnNode):
+    """Samples `n` completions per prompt with transformers' `generate`."""
+
+    def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, n: int = 4,
+                 max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                 num_gpus: float = 0, threads: int | None = None):
+        configure_threads(threads)
+        self.device = pick_device(num_gpus)
+        self.model = load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device).eval()
+        self.sampler = HFSampler(load_tokenizer(model_path, trust_remote_code), n, max_new_tokens, temperature, top_p, seed)
+
+    def generate(self, prompt_ids: list[list[int]], extras: list[dict[str, Any]], step: int, greedy: bool = False,
+                 with_logprobs: bool = True) -> tuple[Batch, float]:
+        return self.sampler.generate(self.model, self.device, prompt_ids, extras, step, greedy, with_logprobs)
 
     def load_weights(self, state_dict: dict[str, Any]) -> float:
         """Copy the trainer's weights in (a state dict, or its `to_transport` form)."""

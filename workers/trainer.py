@@ -16,10 +16,12 @@ from workers.common import (
     configure_threads,
     disable_dropout,
     load_model,
+    load_tokenizer,
     pick_device,
     response_logprobs,
 )
 from workers.lora import apply_lora, load_adapter, merged_state_dict, save_adapter
+from workers.rollout import HFSampler
 from workers.training import DataParallel, mini_batches
 from workers.weight_transport import WeightSource
 
@@ -32,7 +34,8 @@ class PolicyTrainer(WeightSource, DataParallel):
 
     def __init__(self, model_path: str, optim: OptimSpec, rollout: RolloutSpec, dtype: str = "float32",
                  trust_remote_code: bool = False, num_gpus: float = 0, threads: int | None = None,
-                 lora: LoraSpec | None = None, reference_temperature: float = 1.0, shard_rank: int | None = None):
+                 lora: LoraSpec | None = None, reference_temperature: float = 1.0, shard_rank: int | None = None,
+                 sampling_seed: int | None = None):
         configure_threads(threads)
         torch.manual_seed(optim.seed)
         self.optim, self.rollout, self.reference_temperature = optim, rollout, reference_temperature
@@ -48,6 +51,24 @@ class PolicyTrainer(WeightSource, DataParallel):
         # foreach: one fused update over all tensors instead of a Python loop (13% of a tiny model's step).
         trained = [p for p in self.model.parameters() if p.requires_grad]  # with LoRA, the adapters only
         self.optimizer = torch.optim.AdamW(trained, lr=optim.lr, weight_decay=optim.weight_decay, foreach=True)
+        # With a sampling seed this actor is also the job's rollout (`resources.rollout_in: trainer`): it
+        # samples the step's completions from its own weights, as the HF rollout would with the same seed.
+        self.sampler = None
+        if sampling_seed is not None:
+            self.sampler = HFSampler(load_tokenizer(model_path, trust_remote_code), rollout.n, rollout.max_new_tokens,
+                                     rollout.temperature, rollout.top_p, sampling_seed)
+
+    # ------------------------------------------------------------ the rollout, when this actor is it
+    def generate(self, prompt_ids: list[list[int]], extras: list[dict], step: int, greedy: bool = False,
+                 with_logprobs: bool = True) -> tuple[Batch, float]:
+        """The HF rollout's `generate` (workers/rollout.py), from this trainer's weights: nothing to sync."""
+        if self.sampler is None:
+            raise RuntimeError("this trainer does not generate (resources.rollout_in)")
+        self.model.eval()
+        try:
+            return self.sampler.generate(self.model, self.device, prompt_ids, extras, step, greedy, with_logprobs)
+        finally:
+            self.model.train()
 
     # ------------------------------------------------------------ one step
     def train_step(self, batch: Batch, step: int, num_mini_batches: int, micro_batch_size: int | None, on_policy: bool,

@@ -4,21 +4,31 @@ Pure, so that the control plane's admission queue counts a job's resources exact
 will ask for them. Roles get separate bundles by default; with `resources.colocate`, replica i of
 rollout, trainer, reference and critic share bundle i (and its GPU, each taking a fraction). The
 reward actor, when the rewards are not computed in the driver, always has its own bundle and one replica.
+A trainer that also samples the completions (`resources.rollout_in`) asks for the rollout's CPUs too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.core.spec import JobSpec, RoleResources
+from orchestrator.core.spec import JobSpec
 
 COLOCATABLE = ("rollout", "trainer", "reference", "critic")
 
 
-def _bundle(res: RoleResources) -> dict[str, float]:
-    out = {"CPU": res.num_cpus}
-    if res.num_gpus:
-        out["GPU"] = res.num_gpus
+def needs(spec: JobSpec, role: str) -> dict[str, float]:
+    """What one actor of `role` asks Ray for: the role's resources, and for a trainer that is also the
+    rollout, the rollout's CPUs as well (generate and update take turns on one device)."""
+    res, own = spec.resources, getattr(spec.resources, role)
+    if role == "trainer" and spec.rollouts_in_trainer:
+        return {"num_cpus": own.num_cpus + res.rollout.num_cpus, "num_gpus": max(own.num_gpus, res.rollout.num_gpus)}
+    return {"num_cpus": own.num_cpus, "num_gpus": own.num_gpus}
+
+
+def _bundle(actor: dict[str, float]) -> dict[str, float]:
+    out = {"CPU": actor["num_cpus"]}
+    if actor["num_gpus"]:
+        out["GPU"] = actor["num_gpus"]
     return out
 
 
@@ -37,14 +47,14 @@ def plan(spec: JobSpec) -> Layout:
     roles = spec.roles
     bundles: list[dict[str, float]] = []
     slots: dict[str, list[int]] = {}
-    actor_resources = {r: {"num_cpus": getattr(res, r).num_cpus, "num_gpus": getattr(res, r).num_gpus} for r in roles}
+    actor_resources = {r: needs(spec, r) for r in roles}
     shared = [r for r in roles if r in COLOCATABLE] if res.colocate else []
     if shared:
         width = max(getattr(res, r).replicas for r in shared)
         for i in range(width):
             members = [r for r in shared if i < getattr(res, r).replicas]
-            gpus = max(getattr(res, r).num_gpus for r in members)
-            bundle = {"CPU": sum(getattr(res, r).num_cpus for r in members)}
+            gpus = max(actor_resources[r]["num_gpus"] for r in members)
+            bundle = {"CPU": sum(actor_resources[r]["num_cpus"] for r in members)}
             if gpus:
                 bundle["GPU"] = gpus
             bundles.append(bundle)
@@ -57,10 +67,9 @@ def plan(spec: JobSpec) -> Layout:
     for r in roles:
         if r in shared:
             continue
-        role_res = getattr(res, r)
-        replicas = 1 if r == "reward" else role_res.replicas
+        replicas = 1 if r == "reward" else getattr(res, r).replicas
         for _ in range(replicas):
-            bundles.append(_bundle(role_res))
+            bundles.append(_bundle(actor_resources[r]))
             slots.setdefault(r, []).append(len(bundles) - 1)
     return Layout(bundles, slots, actor_resources)
 

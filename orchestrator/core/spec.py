@@ -303,6 +303,15 @@ class ResourcesSpec(_Strict):
         "that is slow, holds much memory or may crash, and is where a reward model runs. `auto`: the driver when every "
         "reward source is a function, else an actor.",
     )
+    rollout_in: Literal["auto", "trainer", "actor"] = Field(
+        "auto",
+        description="Where the completions are sampled (`grpo`, `ppo`, with `rollout.backend: hf`). `trainer`: each policy "
+        "trainer replica samples its share of the prompts with its own weights (veRL's hybrid engine, TRL's one process): "
+        "no rollout actor starts, nothing is synced, and generate and update run in one process; the trainer asks for the "
+        "rollout's CPUs as well as its own. `actor`: rollout actors (`resources.rollout`), which get the weights after "
+        "every update (`rollout.weight_sync`). `auto`: the trainer when trainer and rollouts are on the CPU, the trainer "
+        "shards nothing (ddp), `rollout.weight_sync` is auto and the two roles have as many replicas; else actors.",
+    )
     colocate: bool = Field(
         False,
         description="Put rollout, trainer, reference and critic replica i into one placement bundle (sharing its GPU) "
@@ -458,6 +467,8 @@ class JobSpec(_Strict):
         if res.reward_in == "driver" and (models := [i for i, s in enumerate(self.rewards) if s.model]):
             raise _field_error(("resources", "reward_in"), f"rewards.{models[0]} is a reward model, which runs on a reward "
                                "actor: use reward_in auto or actor")
+        if res.rollout_in == "trainer" and (why := self._cannot_sample_in_trainer()):
+            raise _field_error(("resources", "rollout_in"), f"the trainer cannot also be the rollout: {why}; use rollout_in auto or actor")
         for role in ("rollout", "reward"):
             if getattr(self.resources, role).strategy != "ddp":
                 raise _field_error(("resources", role, "strategy"), "the trainer's, critic's and reference's replicas shard "
@@ -573,6 +584,8 @@ class JobSpec(_Strict):
         dropped = {"reference"} if self.model.lora else set()
         if self.rewards_in_driver:
             dropped.add("reward")
+        if self.rollouts_in_trainer:
+            dropped.add("rollout")
         return [r for r in roles if r not in dropped]
 
     @property
@@ -585,6 +598,30 @@ class JobSpec(_Strict):
         """Whether the rewards are computed in the driver's process, without a reward actor (`resources.reward_in`)."""
         where = self.resources.reward_in
         return where == "driver" or (where == "auto" and all(s.function for s in self.rewards))
+
+    @property
+    def rollouts_in_trainer(self) -> bool:
+        """Whether the policy trainer replicas also sample the completions, with no rollout actor (`resources.rollout_in`)."""
+        res = self.resources
+        if res.rollout_in == "auto":
+            return res.trainer.num_gpus == 0 and res.rollout.num_gpus == 0 and self._cannot_sample_in_trainer() is None
+        return res.rollout_in == "trainer"
+
+    def _cannot_sample_in_trainer(self) -> str | None:
+        """Why the policy trainer cannot sample the completions itself, if it cannot."""
+        res = self.resources
+        if not self.algo.rollouts:
+            return f"{self.algorithm.name} samples no completions each step"
+        if self.rollout.backend != "hf":
+            return f"rollout.backend {self.rollout.backend} runs its engines in rollout actors"
+        if res.trainer.strategy != "ddp":
+            return "an fsdp trainer holds only a shard of the weights"
+        if self.rollout.weight_sync != "auto":
+            return f"rollout.weight_sync is {self.rollout.weight_sync}, but nothing is synced"
+        if res.rollout.replicas != res.trainer.replicas:
+            return (f"resources.rollout.replicas ({res.rollout.replicas}) differs from resources.trainer.replicas "
+                    f"({res.trainer.replicas}), and each trainer replica samples its share")
+        return None
 
     @property
     def needs_reference(self) -> bool:

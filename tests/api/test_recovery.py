@@ -1,5 +1,5 @@
-"""Automatic recovery on the real Ray head, through the REST API: the reward, rollout and trainer
-actors' processes SIGKILLed one after another mid-job, and the real Python driver SIGKILLed. The
+"""Automatic recovery on the real Ray head, through the REST API: the reward actor's process, then
+the trainer's (which also samples the completions) twice, SIGKILLed one after another mid-job, and the real Python driver SIGKILLed. The
 job succeeds with a `restart` event per loss, and its metrics history has each step exactly once."""
 
 import os
@@ -35,7 +35,7 @@ def test_lost_actors_are_placed_again_and_each_step_is_reported_once(alpha, tiny
     job_id = alpha.post("/v1/jobs", json=body).json()["id"]
     wait_status(alpha, job_id, {"running"}, 150)
     killed = []
-    for role in ("reward", "rollout", "trainer"):
+    for role in ("reward", "trainer", "trainer"):  # (the trainers sample the completions: no rollout actor)
         # Training again since the last loss: a step newer than any reported before it.
         seen = max(metric_steps(alpha, job_id), default=0)
         wait_until(lambda: len(events_of(alpha, job_id, "restart")) == len(killed)
