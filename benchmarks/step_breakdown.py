@@ -124,7 +124,7 @@ def print_ours(rows: list[dict[str, float]], samples: int) -> float:
     for label, keys in PHASES:
         values = [v for r in rows if (v := phase_seconds(r, keys)) is not None]
         if not values:
-            print(f"  {label:<22}{'-':>10}{'-':>11}{'-':>10}   (role not in this job)")
+            print(f"  {label:<22}{'-':>10}{'-':>11}{'-':>10}   (not in this job)")
             continue
         med = statistics.median(values)
         print(f"  {label:<22}{med:>10.4f}{100 * med / step:>10.1f}%{min(values):>10.4f}")
@@ -136,7 +136,7 @@ def print_ours(rows: list[dict[str, float]], samples: int) -> float:
         "generate call (Ray + transfer)": [r["timing/generate"] - r["timing/generate_compute"] for r in rows],
         "score call (put + Ray + get)": [r["timing/score"] - max(r.get(f"timing/{k}", 0.0) for k in ("reward", "reference", "critic")) for r in rows],
         "update call (Ray + transfer)": [r["timing/update"] - r["timing/update_compute"] for r in rows],
-        "driver between phases": [r["timing/step"] - sum(r[f"timing/{k}"] for k in ("generate", "score", "advantages", "update", "weight_sync")) for r in rows],
+        "driver between phases": [r["timing/step"] - sum(r.get(f"timing/{k}", 0.0) for k in ("generate", "score", "advantages", "update", "weight_sync")) for r in rows],
     }
     print("  overhead by where it goes (medians):")
     for label, values in split.items():

@@ -14,12 +14,15 @@ from orchestrator.core.layout import COLOCATABLE, Layout, plan  # noqa: F401  (r
 from orchestrator.core.spec import JobSpec
 
 # OpenMP threads (libgomp, in torch's CPU builds) that finish a parallel region spin GOMP_SPINCOUNT
-# times (libgomp's default, with no OMP_WAIT_POLICY: 300000, about 3 ms) before they sleep. A process
-# that computes alone wants that: generate's many small ops find their threads awake (sleeping at once
-# made a 9.7M-parameter model's generate 20-30% slower, benchmarks/step_breakdown.py). A process that
-# computes beside another one must not: its spinning threads take the cores the other one waits for
-# (a 2-thread forward/backward ran 2-3x slower beside a busy process, up to 27x with OMP_WAIT_POLICY=active).
-SPIN = {"GOMP_SPINCOUNT": "300000"}  # (set, not left to libgomp: the raylet may pass on OMP_WAIT_POLICY=PASSIVE)
+# times before they sleep (libgomp's default, with no OMP_WAIT_POLICY: 300000, about 3 ms). An actor
+# that computes alone wants a short spin: generate's many small ops find their threads awake
+# (OMP_WAIT_POLICY=PASSIVE, no spin, made generate 20-30% slower). But not a long one: after a call
+# its spinning threads hold a core while the driver and the next actor take over (30000, about
+# 0.3 ms, gave the 0.5M-parameter GRPO example 5-10% more samples/s than 300000; 9.7M alike). And an
+# actor that computes beside another one must not spin at all: its threads take the cores the other
+# one waits for (a 2-thread forward/backward ran 2-3x slower beside a busy process, 27x with
+# OMP_WAIT_POLICY=active). Measured with benchmarks/step_breakdown.py.
+SPIN = {"GOMP_SPINCOUNT": "30000"}  # (set, not left to libgomp: the raylet may pass on OMP_WAIT_POLICY=PASSIVE)
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
 
 
