@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from api.settings import Settings
+from orchestrator.core.layout import driver_cpus
+from orchestrator.core.spec import JobSpec
 
 ENTRYPOINT = "python -m orchestrator.run --spec env:RLHF_SPEC_JSON"
 
@@ -105,11 +107,14 @@ class RayLauncher:
             runtime_env["env_vars"]["RLHF_STORAGE_OPTIONS"] = json.dumps(self.settings.storage_options)
         if self.settings.ray_working_dir:
             runtime_env["working_dir"] = self.settings.ray_working_dir
+        # A driver that computes the rewards asks Ray for their CPUs, as a reward actor would (admission counts them too).
+        cpus = driver_cpus(JobSpec.model_validate(spec))
         return await self._call(
             "submit_job",
             entrypoint=ENTRYPOINT + (" --resume" if restarts_used else ""),
             submission_id=submission_id or job_id,
             runtime_env=runtime_env,
+            **({"entrypoint_num_cpus": cpus} if cpus else {}),
             metadata={"tenant": tenant, "name": name, "rlhf_job_id": job_id, "attempt": str(restarts_used + 1)},
         )
 

@@ -157,3 +157,13 @@ def test_actors_spin_only_when_they_compute_one_at_a_time(sections, alone):
 
     env = actor_env(spec(**sections))
     assert env == {"TOKENIZERS_PARALLELISM": "false", **(SPIN if alone else PASSIVE)}
+
+
+def test_a_driver_that_computes_the_rewards_is_counted_with_their_cpus():
+    from orchestrator.core.layout import demand, driver_cpus
+
+    s = spec(resources={"reward_in": "auto", "rollout_in": "auto", "reward": {"num_cpus": 0.25}})
+    assert driver_cpus(s) == 0.25 and demand(s) == [{"CPU": 1.0}, {"CPU": 0.25}]  # trainer (+ rollout), then the driver
+    with_actor = spec()  # a reward actor: the driver asks for nothing
+    assert driver_cpus(with_actor) == 0.0 and demand(with_actor) == plan(with_actor).bundles
+    assert driver_cpus(spec(algorithm={"name": "sft"}, rewards=[], resources={"reward_in": "auto"})) == 0.0  # scores nothing

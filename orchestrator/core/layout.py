@@ -74,8 +74,17 @@ def plan(spec: JobSpec) -> Layout:
     return Layout(bundles, slots, actor_resources)
 
 
+def driver_cpus(spec: JobSpec) -> float:
+    """The CPUs the job's driver process asks Ray for (the Ray job's `entrypoint_num_cpus`): where it
+    computes the rewards itself (`resources.reward_in`), what the reward actor would have had."""
+    return max((stage.resources.reward.num_cpus for _, stage in spec.stage_specs() if stage.scores_with_rewards and stage.rewards_in_driver),
+               default=0.0)
+
+
 def demand(spec: JobSpec) -> list[dict[str, float]]:
-    """The bundles of the largest placement group the job holds at once (its stages run one after
-    another, each with its own)."""
+    """What the job holds at once: the bundles of its largest placement group (its stages run one
+    after another, each with its own), and its driver's CPUs (`driver_cpus`) as one more bundle."""
     layouts = [plan(stage).bundles for _, stage in spec.stage_specs()]
-    return max(layouts, key=lambda b: (sum(x.get("GPU", 0) for x in b), sum(x.get("CPU", 0) for x in b)))
+    largest = max(layouts, key=lambda b: (sum(x.get("GPU", 0) for x in b), sum(x.get("CPU", 0) for x in b)))
+    cpus = driver_cpus(spec)
+    return largest + ([{"CPU": cpus}] if cpus else [])

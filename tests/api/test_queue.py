@@ -23,12 +23,12 @@ def test_jobs_wait_for_room_in_order_and_a_waiting_job_never_reaches_ray(api, ke
 
         never = job_body(tiny, workdir, "huge", 2, resources={"trainer": {"num_cpus": 64}})
         err = assert_envelope(c.post("/v1/jobs", json=never), 422, "never_fits")
-        assert err["param"] == "resources" and "the job asks for 64.5 CPUs in all; the cluster has 4" in err["message"]
+        assert err["param"] == "resources" and "the job asks for 65 CPUs in all; the cluster has 4" in err["message"]
         assert assert_envelope(c.post("/v1/jobs", json={**job_body(tiny, workdir, "vip", 2), "priority": 5}), 422)["param"] == "priority"
 
-        # Two long jobs take 3 of the head's 4 CPUs (1.5 each: a rollout of 0.5, a trainer of 1; the
-        # rewards run in the driver); two more (1.5 each) wait.
-        cpus = {"trainer": {"num_cpus": 1.0}}
+        # Two long jobs take 3 of the head's 4 CPUs (1.5 each: a trainer of 0.5 that also samples, with
+        # the rollout's 0.5, and a driver that computes the rewards, with the reward's 0.5); two more wait.
+        cpus = {}
         long_jobs = [c.post("/v1/jobs", json=job_body(tiny, workdir, f"long{i}", 100000, resources=cpus)).json()["id"] for i in range(2)]
         short = {"model": "missing", "data": data}  # fails in preflight once admitted
         waiting = [c.post("/v1/jobs", json=job_body(short, workdir, f"short{i}", 2, resources=cpus)).json()["id"] for i in range(2)]
