@@ -108,7 +108,10 @@ class RayLauncher:
         if self.settings.ray_working_dir:
             runtime_env["working_dir"] = self.settings.ray_working_dir
         # A driver that computes the rewards asks Ray for their CPUs, as a reward actor would (admission counts them too).
-        cpus = driver_cpus(JobSpec.model_validate(spec))
+        try:
+            cpus = driver_cpus(JobSpec.model_validate(spec))
+        except ValueError:  # a recorded spec that no longer validates: its driver reports why, as before
+            cpus = 0.0
         return await self._call(
             "submit_job",
             entrypoint=ENTRYPOINT + (" --resume" if restarts_used else ""),

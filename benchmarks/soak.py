@@ -13,7 +13,8 @@ from) and whether every job still succeeded with each step reported once.
 
 Starts its own redis-server (AOF), Ray head (`--num-cpus`, default 3: room for two tiny jobs of 1.5
 CPUs) and API on free 127.0.0.1 ports, a tiny local model in the registry; each job is 2 GRPO steps,
-its rewards on a reward actor (`resources.reward_in: actor`: three actors of 0.5 CPU, three to kill).
+its rewards on a reward actor and its completions on a rollout actor (`resources.reward_in: actor`,
+`rollout_in: actor`: three actors of 0.5 CPU, three to kill, as the README's soak numbers were measured).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             def body(t: str, i: int) -> dict:
                 return {"name": f"{t}-{i}", "model": {"path": "tiny"}, "data": {"train_file": files[t], "max_prompt_length": 16},
                         "rollout": {"n": 4, "max_new_tokens": 4}, "rewards": [{"function": "accuracy"}],
-                        "optim": {"lr": 1e-4, "steps": args.steps, "prompts_per_step": 4}, "resources": {"torch_threads": 1, "reward_in": "actor"},
+                        "optim": {"lr": 1e-4, "steps": args.steps, "prompts_per_step": 4}, "resources": {"torch_threads": 1, "reward_in": "actor", "rollout_in": "actor"},
                         "checkpoint": {"every": 2}}
 
             # Tenant a's jobs first, then b's, all at once: fair share should still alternate.

@@ -16,12 +16,13 @@ from orchestrator.core.spec import JobSpec
 # OpenMP threads (libgomp, in torch's CPU builds) that finish a parallel region spin GOMP_SPINCOUNT
 # times before they sleep (libgomp's default, with no OMP_WAIT_POLICY: 300000, about 3 ms). An actor
 # that computes alone wants a short spin: generate's many small ops find their threads awake
-# (OMP_WAIT_POLICY=PASSIVE, no spin, made generate 20-30% slower). But not a long one: after a call
-# its spinning threads hold a core while the driver and the next actor take over (30000, about
-# 0.3 ms, gave the 0.5M-parameter GRPO example 5-10% more samples/s than 300000; 9.7M alike). And an
-# actor that computes beside another one must not spin at all: its threads take the cores the other
-# one waits for (a 2-thread forward/backward ran 2-3x slower beside a busy process, 27x with
-# OMP_WAIT_POLICY=active). Measured with benchmarks/step_breakdown.py.
+# (9.7M-parameter model, medians of 4 alternating runs: generate 1.41 s with OMP_WAIT_POLICY=PASSIVE,
+# 1.13 s with libgomp's default). But not a long one: after a call its spinning threads hold a core
+# while the driver and the next actor take over (benchmarks/step_breakdown.py, 0.5M GRPO example,
+# 2 runs each: 968 and 1007 samples/s with 30000 spins, about 0.3 ms; 881 and 925 with 300000; at
+# 9.7M no clear difference). And an actor that computes beside another one must not spin at all:
+# its threads take the cores the other one waits for (a 2-thread forward/backward beside a busy
+# process: 3.1-3.3 s with libgomp's default, 2.1 s passive).
 SPIN = {"GOMP_SPINCOUNT": "30000"}  # (set, not left to libgomp: the raylet may pass on OMP_WAIT_POLICY=PASSIVE)
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
 
