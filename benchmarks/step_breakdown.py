@@ -131,13 +131,20 @@ def print_ours(rows: list[dict[str, float]], samples: int) -> float:
     best = min(r["timing/step"] for r in rows)
     print(f"  {'step':<22}{step:>10.4f}{100.0:>10.1f}%{best:>10.4f}   (phase medians need not add up to it exactly)")
     print("  reward, reference and critic values run concurrently: overhead subtracts only the longest of them.")
-    # Where the overhead goes: each phase's driver-side time minus its actor-side compute.
-    split = {
-        "generate call (Ray + transfer)": [r["timing/generate"] - r["timing/generate_compute"] for r in rows],
-        "score call (put + Ray + get)": [r["timing/score"] - max(r.get(f"timing/{k}", 0.0) for k in ("reward", "reference", "critic")) for r in rows],
-        "update call (Ray + transfer)": [r["timing/update"] - r["timing/update_compute"] for r in rows],
-        "driver between phases": [r["timing/step"] - sum(r.get(f"timing/{k}", 0.0) for k in ("generate", "score", "advantages", "update", "weight_sync")) for r in rows],
-    }
+    # Where the overhead goes: each call's driver-side time minus its actor-side compute.
+    if "timing/step_call" in rows[0]:  # one call per step (JobSpec.steps_in_trainer)
+        inside = ("generate_compute", "reward", "advantages", "update_compute")
+        split = {
+            "step call (Ray + transfer)": [r["timing/step_call"] - sum(r[f"timing/{k}"] for k in inside) for r in rows],
+            "driver around the call": [r["timing/step"] - r["timing/step_call"] for r in rows],
+        }
+    else:
+        split = {
+            "generate call (Ray + transfer)": [r["timing/generate"] - r["timing/generate_compute"] for r in rows],
+            "score call (put + Ray + get)": [r["timing/score"] - max(r.get(f"timing/{k}", 0.0) for k in ("reward", "reference", "critic")) for r in rows],
+            "update call (Ray + transfer)": [r["timing/update"] - r["timing/update_compute"] for r in rows],
+            "driver between phases": [r["timing/step"] - sum(r.get(f"timing/{k}", 0.0) for k in ("generate", "score", "advantages", "update", "weight_sync")) for r in rows],
+        }
     print("  overhead by where it goes (medians):")
     for label, values in split.items():
         med = statistics.median(values)

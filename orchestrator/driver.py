@@ -18,7 +18,7 @@ from ray.exceptions import GetTimeoutError
 from orchestrator import evaluation, stopping, weight_sync
 from orchestrator.core import algos, checkpoint, storage
 from orchestrator.core.advantages import compute_advantages
-from orchestrator.core.batch import Batch, concat
+from orchestrator.core.batch import Batch, concat, tensors_from_wire
 from orchestrator.core.data import PromptDataset, PromptSampler
 from orchestrator.core.spec import JobSpec
 from orchestrator.placement import ActorGroup, actor_env, create_placement_group, plan, spawn_group
@@ -116,12 +116,15 @@ class Orchestrator:
     def train_step(self, step: int) -> dict[str, float]:
         timing: dict[str, float] = {}
         start = time.perf_counter()
-        batch = self.generate(step, timing)
-        batch, per_source = self.score(batch, timing)
-        batch = self.advantages(batch, timing)
-        metrics = self.update(batch, step, timing)
-        if not self.weights_in_update:
-            self.sync_weights(timing)
+        if self.spec.steps_in_trainer:  # a lone trainer that samples runs every phase below in one call
+            batch, per_source, metrics = self.whole_step(step, timing)
+        else:
+            batch = self.generate(step, timing)
+            batch, per_source = self.score(batch, timing)
+            batch = self.advantages(batch, timing)
+            metrics = self.update(batch, step, timing)
+            if not self.weights_in_update:
+                self.sync_weights(timing)
         timing["step"] = time.perf_counter() - start
         metrics.update(rollout_metrics(batch, per_source, self.spec, self.eos_token_id))
         return {**metrics, **self.throughput(batch, timing), **{f"timing/{k}": v for k, v in timing.items()}}
@@ -153,11 +156,14 @@ class Orchestrator:
             raise timed_out() from None
 
     # ------------------------------------------------------------ phases
+    def step_prompts(self, step: int) -> tuple[list[list[int]], list[dict]]:
+        """The step's prompts (token ids) and their data columns."""
+        index = self.sampler.indices(step - 1)
+        return [self.dataset.prompt_ids[i] for i in index], [self.dataset.extras[i] for i in index]
+
     def generate(self, step: int, timing: dict) -> Batch:
         t0 = time.perf_counter()
-        index = self.sampler.indices(step - 1)
-        prompts = [self.dataset.prompt_ids[i] for i in index]
-        extras = [self.dataset.extras[i] for i in index]
+        prompts, extras = self.step_prompts(step)
         results = self.wait(self.rollout_group.call_on_rows("generate", [prompts, extras], step, False, self.need_logprobs), "generate")
         batch = concat([b for b, _ in results])
         timing["generate_compute"] = max(t for _, t in results)
@@ -215,6 +221,21 @@ class Orchestrator:
             timing["critic_update_compute"] = critic_stats.pop("timing/critic_update_compute")
         timing["update"] = time.perf_counter() - t0
         return {**trainer_stats, **critic_stats, "lr": opt.lr}
+
+    def whole_step(self, step: int, timing: dict) -> tuple[Batch, dict[str, torch.Tensor], dict[str, float]]:
+        """generate, score, advantages and update as one call to the lone policy trainer
+        (`JobSpec.steps_in_trainer`): it samples, scores with the reward functions, and updates in place."""
+        t0 = time.perf_counter()
+        prompts, extras = self.step_prompts(step)
+        opt = self.spec.optim
+        [ref] = self.groups["trainer"].call("whole_step", prompts, extras, step, self.need_logprobs, self.num_mini_batches,
+                                            opt.micro_batch_size, self.on_policy)
+        batch, per_source, stats = self.wait(ref, "step")
+        per_source = tensors_from_wire(per_source)
+        for phase in ("generate_compute", "reward", "advantages", "update_compute"):
+            timing[phase] = stats.pop(f"timing/{phase}")
+        timing["step_call"] = time.perf_counter() - t0
+        return batch, per_source, {**stats, "lr": opt.lr}
 
     @property
     def rollout_group(self) -> ActorGroup:
@@ -283,8 +304,9 @@ class Orchestrator:
         ref_temperature = spec.rollout.temperature if spec.algo.rollouts else 1.0
         # A policy trainer's LoRA adapters, and the temperature it scores at when it is its own reference (LoRA).
         policy_options = dict(lora=m.lora, reference_temperature=ref_temperature) if spec.algo.produces == "policy" else {}
-        # A trainer that is also the rollout samples with replica i's rollout seed.
-        sampling = (lambda i: dict(sampling_seed=opt.seed + i)) if spec.rollouts_in_trainer else (lambda i: {})
+        # A trainer that is also the rollout samples with replica i's rollout seed; a lone one runs whole steps.
+        whole_steps = dict(step_spec=spec) if spec.steps_in_trainer else {}
+        sampling = (lambda i: dict(sampling_seed=opt.seed + i, **whole_steps)) if spec.rollouts_in_trainer else (lambda i: {})
         vllm_options = dict(tensor_parallel_size=spec.rollout.tensor_parallel_size, colocate=res.colocate) if spec.rollout.backend == "vllm" else {}
 
         def sharded(role: str, i: int) -> dict:  # in a sharded role only rank 0 reads the weights; it sends the others their shards

@@ -65,8 +65,9 @@ def untimed(metrics: list[dict]) -> list[dict]:
 
 
 def test_grpo_end_to_end(ray_session, tiny_model, arith_file, tmp_path):
-    # Rollout actors that get the weights through shared memory, then (the CPU default) trainers that
-    # sample with their own weights: the same seed gives the same completions, losses and rewards.
+    # Rollout actors that get the weights through shared memory, then (the CPU default) a trainer that
+    # samples with its own weights and runs each step in one call (JobSpec.steps_in_trainer): the same
+    # seed gives the same completions, losses and rewards.
     runs = {}
     for rollout_in, roles in (("actor", {"rollout", "trainer"}), ("auto", {"trainer"})):  # function rewards: in the driver
         orch = start(tiny_spec(tiny_model, arith_file, tmp_path / rollout_in, resources={"rollout_in": rollout_in}))
@@ -84,6 +85,7 @@ def test_grpo_end_to_end(ray_session, tiny_model, arith_file, tmp_path):
     assert "kl" not in metrics[-1]  # kl_coef 0: no reference model, no KL
     assert [e["method"] for e in runs["actor/sync"]] == ["shared_memory"], "a CPU job on one node should sync through shared memory"
     assert [e["method"] for e in runs["auto/sync"]] == ["none"] and "timing/weight_sync" not in runs["auto"][-1]
+    assert "timing/step_call" in runs["auto"][-1] and "timing/step_call" not in metrics[-1]
     assert untimed(runs["actor"]) == untimed(runs["auto"]) and len(untimed(runs["auto"])[0]) > 10
 
 

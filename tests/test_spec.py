@@ -184,6 +184,17 @@ def test_where_the_completions_are_sampled():
     assert parse_spec({**base(), "algorithm": {"name": "sft"}, "rewards": []}).roles == ["trainer"]
 
 
+def test_when_a_step_is_one_call_to_the_trainer():
+    assert parse_spec(base()).steps_in_trainer  # a lone CPU trainer that samples, function rewards, no reference, no critic
+    # Anything else in the step, or a second replica to split the batch with, keeps the driver's phases.
+    for changes in [{"resources": {"rollout_in": "actor"}}, {"resources": {"reward_in": "actor"}},
+                    {"optim": {"kl_coef": 0.1}}, {"algorithm": {"name": "ppo"}},
+                    {"resources": {"trainer": {"replicas": 2}, "rollout": {"replicas": 2}}},
+                    {"rewards": [{"model": "rm"}]}]:
+        spec = parse_spec({**base(), **{k: {**base().get(k, {}), **v} if isinstance(v, dict) else v for k, v in changes.items()}})
+        assert not spec.steps_in_trainer, changes
+
+
 @pytest.mark.parametrize(("rollout", "resources", "why"), [
     ({"backend": "vllm"}, {}, "rollout.backend vllm runs its engines in rollout actors"),
     ({"weight_sync": "shared_memory"}, {}, "rollout.weight_sync is shared_memory, but nothing is synced"),

@@ -99,6 +99,34 @@ def test_a_trainer_that_samples_draws_what_a_rollout_with_its_weights_draws(tiny
         PolicyTrainer(str(tiny_model), optim(), spec, threads=2).generate(PROMPTS, EXTRAS, 1)
 
 
+def test_a_whole_step_in_the_trainer_is_the_drivers_phases_in_one_call(tiny_model, arith_file, tmp_path):
+    # generate, reward functions, advantages and update in one call give what the driver's phases give.
+    from orchestrator.core.advantages import compute_advantages
+    from orchestrator.core.spec import parse_spec
+    from tests.conftest import tiny_spec
+
+    spec = parse_spec(tiny_spec(tiny_model, arith_file, tmp_path / "run", rollout={"n": 3, "max_new_tokens": 6}))
+    assert spec.steps_in_trainer
+    whole = PolicyTrainer(str(tiny_model), spec.optim, spec.rollout, threads=2, sampling_seed=0, step_spec=spec)
+    phases = PolicyTrainer(str(tiny_model), spec.optim, spec.rollout, threads=2, sampling_seed=0)
+    rewards = RewardWorker(list(spec.rewards), str(tiny_model), threads=2)
+    for step in (1, 2):
+        batch, per_source, stats = whole.whole_step(PROMPTS, EXTRAS, step, False, 1, None, True)
+        expected, _ = phases.generate(PROMPTS, EXTRAS, step, False, False)
+        scores, expected_sources, _ = rewards.score(expected)
+        expected = compute_advantages(expected.replace(scores=scores), spec)
+        expected_stats = phases.train_step(expected, step, 1, None, True)
+        assert torch.equal(batch.input_ids, expected.input_ids) and torch.equal(batch.scores, expected.scores)
+        assert torch.equal(batch.advantages, expected.advantages) and batch.advantages.abs().sum() > 0
+        assert per_source.keys() == expected_sources.keys() == {"accuracy", "length_penalty"}
+        assert all(torch.equal(torch.from_numpy(per_source[k]), expected_sources[k]) for k in per_source)
+        assert {k: v for k, v in stats.items() if not k.startswith("timing/")} == {k: v for k, v in expected_stats.items() if not k.startswith("timing/")}
+        assert {"timing/generate_compute", "timing/reward", "timing/advantages", "timing/update_compute"} <= stats.keys()
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), phases.state_dict().values()))
+    with pytest.raises(RuntimeError, match="does not run whole steps"):
+        phases.whole_step(PROMPTS, EXTRAS, 3, False, 1, None, True)
+
+
 def test_shared_memory_sync_writes_into_what_the_rollouts_compute_from(tiny_model, batch, tmp_path):
     # Two rollout replicas map one file; the trainer writes once and both generate with the new weights.
     path = str(tmp_path / "weights")

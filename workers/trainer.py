@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from orchestrator.core import algos, storage
-from orchestrator.core.batch import Batch
+from orchestrator.core.advantages import compute_advantages
+from orchestrator.core.batch import Batch, tensors_to_wire
 from workers.common import (
     batched_logprobs,
     configure_threads,
@@ -21,12 +22,13 @@ from workers.common import (
     response_logprobs,
 )
 from workers.lora import apply_lora, load_adapter, merged_state_dict, save_adapter
+from workers.reward import RewardWorker
 from workers.rollout import HFSampler
 from workers.training import DataParallel, mini_batches
 from workers.weight_transport import WeightSource
 
 if TYPE_CHECKING:  # the workers take the spec's typed sections; pydantic is not needed to run them
-    from orchestrator.core.spec import LoraSpec, OptimSpec, RolloutSpec
+    from orchestrator.core.spec import JobSpec, LoraSpec, OptimSpec, RolloutSpec
 
 
 class PolicyTrainer(WeightSource, DataParallel):
@@ -35,7 +37,7 @@ class PolicyTrainer(WeightSource, DataParallel):
     def __init__(self, model_path: str, optim: OptimSpec, rollout: RolloutSpec, dtype: str = "float32",
                  trust_remote_code: bool = False, num_gpus: float = 0, threads: int | None = None,
                  lora: LoraSpec | None = None, reference_temperature: float = 1.0, shard_rank: int | None = None,
-                 sampling_seed: int | None = None):
+                 sampling_seed: int | None = None, step_spec: JobSpec | None = None):
         configure_threads(threads)
         torch.manual_seed(optim.seed)
         self.optim, self.rollout, self.reference_temperature = optim, rollout, reference_temperature
@@ -57,6 +59,10 @@ class PolicyTrainer(WeightSource, DataParallel):
         if sampling_seed is not None:
             self.sampler = HFSampler(load_tokenizer(model_path, trust_remote_code), rollout.n, rollout.max_new_tokens,
                                      rollout.temperature, rollout.top_p, sampling_seed)
+        # With the job's spec it runs whole steps (`JobSpec.steps_in_trainer`): its reward functions too.
+        self.step_spec, self.rewards = step_spec, None
+        if step_spec is not None:
+            self.rewards = RewardWorker(list(step_spec.rewards), model_path, dtype, trust_remote_code, threads=threads)
 
     # ------------------------------------------------------------ the rollout, when this actor is it
     def generate(self, prompt_ids: list[list[int]], extras: list[dict], step: int, greedy: bool = False,
@@ -69,6 +75,22 @@ class PolicyTrainer(WeightSource, DataParallel):
             return self.sampler.generate(self.model, self.device, prompt_ids, extras, step, greedy, with_logprobs)
         finally:
             self.model.train()
+
+    def whole_step(self, prompt_ids: list[list[int]], extras: list[dict], step: int, with_logprobs: bool, num_mini_batches: int,
+                   micro_batch_size: int | None, on_policy: bool) -> tuple[Batch, dict[str, Any], dict[str, float]]:
+        """Sample, score, advantages, update: the driver's phases (orchestrator/driver.py) in one call,
+        for a job with `JobSpec.steps_in_trainer`. Returns the scored batch, each reward's scores (as
+        `tensors_to_wire` sends them), and the update's stats with each phase's seconds (`timing/...`)."""
+        if self.rewards is None:
+            raise RuntimeError("this trainer does not run whole steps (JobSpec.steps_in_trainer)")
+        batch, generate_s = self.generate(prompt_ids, extras, step, False, with_logprobs)
+        scores, per_source, reward_s = self.rewards.score(batch)
+        start = time.perf_counter()
+        batch = compute_advantages(batch.replace(scores=scores), self.step_spec)
+        advantages_s = time.perf_counter() - start
+        stats = self.train_step(batch, step, num_mini_batches, micro_batch_size, on_policy)
+        stats.update({"timing/generate_compute": generate_s, "timing/reward": reward_s, "timing/advantages": advantages_s})
+        return batch, tensors_to_wire(per_source), stats
 
     # ------------------------------------------------------------ one step
     def train_step(self, batch: Batch, step: int, num_mini_batches: int, micro_batch_size: int | None, on_policy: bool,

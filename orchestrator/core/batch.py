@@ -99,9 +99,18 @@ def _to_wire(value: Any) -> Any:
 
 
 def _from_wire(state: dict[str, Any]) -> Batch:
-    # Arrays Ray hands back may be read-only views of its object store: those are copied, to stay writable.
-    return Batch(**{name: torch.from_numpy(v if v.flags.writeable else v.copy()) if isinstance(v, np.ndarray) else v
-                    for name, v in state.items()})
+    return Batch(**tensors_from_wire(state))
+
+
+def tensors_to_wire(values: dict[str, Any]) -> dict[str, Any]:
+    """A dict's CPU tensors as numpy arrays, for a Ray call to return (as `Batch` pickles itself)."""
+    return {k: _to_wire(v) for k, v in values.items()}
+
+
+def tensors_from_wire(values: dict[str, Any]) -> dict[str, Any]:
+    """`tensors_to_wire` undone. Arrays Ray hands back may be read-only views of its object store:
+    those are copied, to stay writable."""
+    return {k: torch.from_numpy(v if v.flags.writeable else v.copy()) if isinstance(v, np.ndarray) else v for k, v in values.items()}
 
 
 def even_bounds(total: int, parts: int) -> list[tuple[int, int]]:
