@@ -185,12 +185,13 @@ def test_where_the_completions_are_sampled():
 
 
 def test_when_a_step_is_one_call_to_the_trainer():
-    assert parse_spec(base()).steps_in_trainer  # a lone CPU trainer that samples, function rewards, no reference, no critic
-    # Anything else in the step, or a second replica to split the batch with, keeps the driver's phases.
+    assert parse_spec(base()).steps_in_trainer  # a lone CPU trainer that samples, built-in rewards, no reference, no critic
+    # Anything else in the step, reward code from an import path (its hang named in the driver), or a
+    # second replica to split the batch with, keeps the driver's phases.
     for changes in [{"resources": {"rollout_in": "actor"}}, {"resources": {"reward_in": "actor"}},
                     {"optim": {"kl_coef": 0.1}}, {"algorithm": {"name": "ppo"}},
                     {"resources": {"trainer": {"replicas": 2}, "rollout": {"replicas": 2}}},
-                    {"rewards": [{"model": "rm"}]}]:
+                    {"rewards": [{"model": "rm"}]}, {"rewards": [{"function": "my_rewards:score"}]}]:
         spec = parse_spec({**base(), **{k: {**base().get(k, {}), **v} if isinstance(v, dict) else v for k, v in changes.items()}})
         assert not spec.steps_in_trainer, changes
 

@@ -308,8 +308,8 @@ class ResourcesSpec(_Strict):
         description="Where the completions are sampled (`grpo`, `ppo`, with `rollout.backend: hf`). `trainer`: each policy "
         "trainer replica samples its share of the prompts with its own weights (veRL's hybrid engine, TRL's one process): "
         "no rollout actor starts, nothing is synced, and generate and update run in one process; the trainer asks for the "
-        "rollout's CPUs as well as its own. A lone trainer replica with function rewards and no reference or critic "
-        "runs each whole step (sample, rewards, advantages, update) in one call, the rewards in its process. `actor`: rollout actors (`resources.rollout`), which get the weights after "
+        "rollout's CPUs as well as its own. A lone trainer replica with built-in reward functions and no reference or "
+        "critic runs each whole step (sample, rewards, advantages, update) in one call, the rewards in its process. `actor`: rollout actors (`resources.rollout`), which get the weights after "
         "every update (`rollout.weight_sync`). `auto`: the trainer when trainer and rollouts are on the CPU, the trainer "
         "shards nothing (ddp), `rollout.weight_sync` is auto and the two roles have as many replicas; else actors.",
     )
@@ -611,11 +611,13 @@ class JobSpec(_Strict):
     @property
     def steps_in_trainer(self) -> bool:
         """Whether a step is one call to the policy trainer: a lone trainer replica that samples the
-        completions (`rollouts_in_trainer`), scored by reward functions (`rewards_in_driver`), with no
+        completions (`rollouts_in_trainer`), scored by built-in reward functions only, with no
         reference or critic in the step, also computes the rewards and advantages before its update
-        (TRL's one process, without a Ray round trip per phase)."""
-        return (self.rollouts_in_trainer and self.scores_with_rewards and self.rewards_in_driver and not self.needs_reference
-                and not self.needs_critic and self.resources.trainer.replicas == 1)
+        (TRL's one process, without a Ray round trip per phase). Reward code from an import path
+        stays in the driver (`rewards_in_driver`), where a hang is named as the reward phase's."""
+        builtin_rewards = all(s.function and ":" not in s.function for s in self.rewards)  # (`pkg.module:fn` is an import path)
+        return (self.rollouts_in_trainer and self.scores_with_rewards and self.rewards_in_driver and builtin_rewards
+                and not self.needs_reference and not self.needs_critic and self.resources.trainer.replicas == 1)
 
     def _cannot_sample_in_trainer(self) -> str | None:
         """Why the policy trainer cannot sample the completions itself, if it cannot."""
