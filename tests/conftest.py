@@ -119,6 +119,21 @@ def stop_group(proc: subprocess.Popen, timeout: float = 15) -> None:
         pass
 
 
+def _ensure_ray_token() -> None:
+    """~/.ray/auth_token, made once under a lock: a head started without one writes its own, and two
+    sessions starting heads at once (pytest-xdist's workers) would each write a different token."""
+    import fcntl
+
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path, generate_and_save_token
+
+    path = _get_default_token_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / "auth_token.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists() or not path.read_text().strip():
+            generate_and_save_token()
+
+
 class RayHead:
     """`ray start --head --block` on free loopback ports, with its dashboard (job submission) and
     4 logical CPUs. Started by `pytest_sessionstart`, waited for by the `ray_head` fixture."""
@@ -135,6 +150,7 @@ class RayHead:
             "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent),
             "--metrics-export-port", str(metrics), "--num-cpus", "4", "--temp-dir", temp, "--disable-usage-stats",
         ]
+        _ensure_ray_token()
         self.log = open(Path(temp) / "ray-start.log", "w")
         self.proc = subprocess.Popen(cmd, env={**os.environ, **RAY_ENV}, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -164,13 +180,21 @@ class RayHead:
 _RAY_HEAD = pytest.StashKey[RayHead]()
 
 
+def _xdist_controller(config) -> bool:
+    """Whether this process only hands tests to pytest-xdist's workers (each runs its own session)."""
+    return config.pluginmanager.getplugin("dsession") is not None
+
+
 def pytest_sessionstart(session):
     # The head takes seconds to start; collecting the tests (importing torch, transformers and vLLM)
     # keeps one core busy for longer, so the head starts now, beside the collection.
-    session.config.stash[_RAY_HEAD] = RayHead()
+    if not _xdist_controller(session.config):
+        session.config.stash[_RAY_HEAD] = RayHead()
 
 
 def pytest_collection_finish(session):
+    if _RAY_HEAD not in session.config.stash:
+        return
     if not any("ray_head" in getattr(item, "fixturenames", ()) for item in session.items):
         session.config.stash[_RAY_HEAD].stop()  # none of the selected tests needs it
 

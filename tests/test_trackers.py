@@ -132,7 +132,9 @@ def test_tensorboard_and_wandb_offline_get_every_step(ray_session, tiny_model, a
     assert '"train_file"' in config and str(arith_file) in config
 
     (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    records = list(wandb_records(run_file))
+    # run.finish() returns once wandb-core has the exit; its writer may still be flushing the file.
+    records = wait_until(lambda: (rs := list(wandb_records(run_file))) and rs[-1].WhichOneof("record_type") == "exit" and rs,
+                         30, "W&B's writer to close the offline run file")
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run.display_name == job_id and run.run_id == job_id and run.project == "rlhf-tests"
     assert {"suite:trackers", "tenant:team-a", "stage:grpo"} <= set(run.tags)
