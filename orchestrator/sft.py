@@ -12,8 +12,9 @@ from orchestrator.driver import Orchestrator
 
 
 class SFTOrchestrator(Orchestrator):
-    """The SFT stage: the policy trainer alone takes the steps; rollout actors (and a reward actor,
-    for a reward model) start only to evaluate (greedy generation scored by the job's rewards)."""
+    """The SFT stage: the policy trainer alone takes the steps; to evaluate (greedy generation scored
+    by the job's rewards), the trainer generates too (`resources.rollout_in`) or rollout actors
+    start, and a reward actor for a reward model."""
 
     syncs_every_step = False
 

@@ -32,7 +32,8 @@ def test_function_rewards_in_the_driver_take_no_bundle(sections, slots):
 @pytest.mark.parametrize(("sections", "slots"), [
     ({}, {"trainer": [0]}),
     ({"algorithm": {"name": "ppo"}, "optim": {"kl_coef": 0.05}}, {"trainer": [0], "reference": [1], "critic": [2]}),
-], ids=["grpo", "ppo-kl"])
+    ({"algorithm": {"name": "sft"}, "data": {"train_file": "d.jsonl", "eval_file": "e.jsonl"}}, {"trainer": [0]}),  # it evaluates
+], ids=["grpo", "ppo-kl", "sft-eval"])
 def test_a_cpu_trainer_that_samples_asks_for_the_rollouts_cpus_too(sections, slots):
     layout = plan(spec(**sections, resources={"reward_in": "auto", "rollout_in": "auto", "rollout": {"num_cpus": 1.5}}))
     assert layout.slots == slots

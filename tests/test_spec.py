@@ -167,6 +167,11 @@ def test_where_the_rewards_run():
         parse_spec({**with_model, "resources": {"reward_in": "driver"}})
     # A stage that scores nothing (SFT without held-out prompts) has no rewards to place anywhere.
     assert parse_spec({**base(), "algorithm": {"name": "sft"}, "rewards": []}).roles == ["trainer"]
+    # An SFT stage that evaluates held-out prompts: its trainer writes their greedy completions too.
+    sft_eval = {**base(), "algorithm": {"name": "sft"}, "data": {**base()["data"], "eval_file": "e.jsonl"}}
+    spec = parse_spec(sft_eval)
+    assert spec.roles == ["trainer"] and spec.rollouts_in_trainer and not spec.steps_in_trainer
+    assert parse_spec({**sft_eval, "resources": {"rollout_in": "actor"}}).roles == ["trainer", "rollout"]
 
 
 def test_where_the_completions_are_sampled():
@@ -182,6 +187,11 @@ def test_where_the_completions_are_sampled():
     on_gpu = {"rollout_in": "trainer", "trainer": {"num_gpus": 1}, "rollout": {"num_gpus": 1}}
     assert parse_spec({**base(), "resources": on_gpu}).roles == ["trainer"]
     assert parse_spec({**base(), "algorithm": {"name": "sft"}, "rewards": []}).roles == ["trainer"]
+    # An SFT stage that evaluates held-out prompts: its trainer writes their greedy completions too.
+    sft_eval = {**base(), "algorithm": {"name": "sft"}, "data": {**base()["data"], "eval_file": "e.jsonl"}}
+    spec = parse_spec(sft_eval)
+    assert spec.roles == ["trainer"] and spec.rollouts_in_trainer and not spec.steps_in_trainer
+    assert parse_spec({**sft_eval, "resources": {"rollout_in": "actor"}}).roles == ["trainer", "rollout"]
 
 
 def test_when_a_step_is_one_call_to_the_trainer():

@@ -305,7 +305,8 @@ class ResourcesSpec(_Strict):
     )
     rollout_in: Literal["auto", "trainer", "actor"] = Field(
         "auto",
-        description="Where the completions are sampled (`grpo`, `ppo`, with `rollout.backend: hf`). `trainer`: each policy "
+        description="Where the completions are sampled (`grpo`, `ppo`, and `sft`'s held-out evaluation, with "
+        "`rollout.backend: hf`). `trainer`: each policy "
         "trainer replica samples its share of the prompts with its own weights (veRL's hybrid engine, TRL's one process): "
         "no rollout actor starts, nothing is synced, and generate and update run in one process; the trainer asks for the "
         "rollout's CPUs as well as its own. A lone trainer replica with built-in reward functions and no reference or "
@@ -616,14 +617,14 @@ class JobSpec(_Strict):
         (TRL's one process, without a Ray round trip per phase). Reward code from an import path
         stays in the driver (`rewards_in_driver`), where a hang is named as the reward phase's."""
         builtin_rewards = all(s.function and ":" not in s.function for s in self.rewards)  # (`pkg.module:fn` is an import path)
-        return (self.rollouts_in_trainer and self.scores_with_rewards and self.rewards_in_driver and builtin_rewards
+        return (self.algo.rollouts and self.rollouts_in_trainer and self.scores_with_rewards and self.rewards_in_driver and builtin_rewards
                 and not self.needs_reference and not self.needs_critic and self.resources.trainer.replicas == 1)
 
     def _cannot_sample_in_trainer(self) -> str | None:
         """Why the policy trainer cannot sample the completions itself, if it cannot."""
         res = self.resources
-        if not self.algo.rollouts:
-            return f"{self.algorithm.name} samples no completions each step"
+        if not self.algo.rollouts and "rollout" not in self.algo.roles(self.optim.kl_coef, evaluates=self.data.eval_file is not None):
+            return f"{self.algorithm.name} samples no completions each step, nor held-out prompts' (data.eval_file)"
         if self.rollout.backend != "hf":
             return f"rollout.backend {self.rollout.backend} runs its engines in rollout actors"
         if res.trainer.strategy != "ddp":
