@@ -230,7 +230,7 @@ class Orchestrator:
         opt = self.spec.optim
         [ref] = self.groups["trainer"].call("whole_step", prompts, extras, step, self.need_logprobs, self.num_mini_batches,
                                             opt.micro_batch_size, self.on_policy)
-        batch, per_source, stats = self.wait(ref, "step")
+        batch, per_source, stats = self.wait(ref, "generate, reward and update")
         per_source = tensors_from_wire(per_source)
         for phase in ("generate_compute", "reward", "advantages", "update_compute"):
             timing[phase] = stats.pop(f"timing/{phase}")

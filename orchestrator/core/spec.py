@@ -306,12 +306,12 @@ class ResourcesSpec(_Strict):
     rollout_in: Literal["auto", "trainer", "actor"] = Field(
         "auto",
         description="Where the completions are sampled (`grpo`, `ppo`, and `sft`'s held-out evaluation, with "
-        "`rollout.backend: hf`). `trainer`: each policy "
-        "trainer replica samples its share of the prompts with its own weights (veRL's hybrid engine, TRL's one process): "
-        "no rollout actor starts, nothing is synced, and generate and update run in one process; the trainer asks for the "
-        "rollout's CPUs as well as its own. A lone trainer replica with built-in reward functions and no reference or "
-        "critic runs each whole step (sample, rewards, advantages, update) in one call, the rewards in its process. `actor`: rollout actors (`resources.rollout`), which get the weights after "
-        "every update (`rollout.weight_sync`). `auto`: the trainer when trainer and rollouts are on the CPU, the trainer "
+        "`rollout.backend: hf`). `trainer`: each policy trainer replica samples its share of the prompts with its own "
+        "weights (veRL's hybrid engine, TRL's one process): no rollout actor starts, nothing is synced, and generate and "
+        "update run in one process; the trainer asks for the rollout's CPUs as well as its own. A lone trainer replica "
+        "with built-in reward functions and no reference or critic runs each whole step (sample, rewards, advantages, "
+        "update) in one call, the rewards in its process. `actor`: rollout actors (`resources.rollout`), which get the "
+        "weights after every update (`rollout.weight_sync`). `auto`: the trainer when trainer and rollouts are on the CPU, the trainer "
         "shards nothing (ddp), `rollout.weight_sync` is auto and the two roles have as many replicas; else actors.",
     )
     colocate: bool = Field(
