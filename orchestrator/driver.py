@@ -244,11 +244,11 @@ class Orchestrator:
 
     @property
     def reference_group(self) -> ActorGroup | None:
-        """Who computes the reference log-probs: the reference actors, or a LoRA policy's trainers
-        (their frozen base); None when the step needs none."""
+        """Who computes the reference log-probs: the reference actors, or the policy trainers (a LoRA
+        policy's frozen base, or a copy: `resources.reference_in`); None when the step needs none."""
         if "reference" in self.groups:
             return self.groups["reference"]
-        return self.groups["trainer"] if self.spec.needs_reference and self.spec.model.lora else None
+        return self.groups["trainer"] if self.spec.reference_in_trainer else None
 
     @property
     def weights_in_update(self) -> bool:
@@ -304,6 +304,8 @@ class Orchestrator:
         ref_temperature = spec.rollout.temperature if spec.algo.rollouts else 1.0
         # A policy trainer's LoRA adapters, and the temperature it scores at when it is its own reference (LoRA).
         policy_options = dict(lora=m.lora, reference_temperature=ref_temperature) if spec.algo.produces == "policy" else {}
+        if spec.reference_copy_in_trainer:  # (and keeps a frozen copy of the weights to score with)
+            policy_options["reference_copy"] = True
         # A trainer that is also the rollout samples with replica i's rollout seed; a lone one runs whole steps.
         whole_steps = dict(step_spec=spec) if spec.steps_in_trainer else {}
         sampling = (lambda i: dict(sampling_seed=opt.seed + i, **whole_steps)) if spec.rollouts_in_trainer else (lambda i: {})

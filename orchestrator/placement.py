@@ -33,7 +33,7 @@ def one_actor_at_a_time(spec: JobSpec) -> bool:
     res, roles = spec.resources, spec.roles
     if "critic" in roles or any(getattr(res, r).replicas > 1 for r in roles if r != "reward"):
         return False
-    scorers = [r for r in ("reward", "reference") if r in roles] + (["trainer"] if spec.needs_reference and spec.model.lora else [])
+    scorers = [r for r in ("reward", "reference") if r in roles] + (["trainer"] if spec.reference_in_trainer else [])
     return len(scorers) <= 1
 
 

@@ -105,7 +105,7 @@ def test_ppo_end_to_end(ray_session, tiny_model, arith_file, tmp_path):
                      optim={"kl_coef": 0.05, "kl_in": "reward", "mini_batch_size": 8, "ppo_epochs": 2, "lr": 1e-3})
     orch = start(spec)
     try:
-        metrics = check_run(orch, tiny_model, {"trainer", "reference", "critic"})  # the trainer samples
+        metrics = check_run(orch, tiny_model, {"trainer", "critic"})  # on CPUs the trainer samples and keeps the reference
     finally:
         orch.shutdown()
     assert {"kl", "value_loss", "critic/values/mean", "timing/reference", "timing/critic"} <= set(metrics[-1])

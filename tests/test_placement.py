@@ -15,7 +15,7 @@ def spec(**sections):
     """A spec whose rewards run on a reward actor and completions on rollout actors (the layout of every
     role); `resources` sections merge into that."""
     data = {"model": {"path": "m"}, "data": {"train_file": "d.jsonl"}, "rewards": [{"function": "accuracy"}]}
-    resources = {"reward_in": "actor", "rollout_in": "actor", **sections.pop("resources", {})}
+    resources = {"reward_in": "actor", "rollout_in": "actor", "reference_in": "actor", **sections.pop("resources", {})}
     return parse_spec({**data, **sections, "resources": resources})
 
 
@@ -39,6 +39,13 @@ def test_a_cpu_trainer_that_samples_asks_for_the_rollouts_cpus_too(sections, slo
     assert layout.slots == slots
     assert layout.bundles == [{"CPU": 2.0}] + [CPU] * (len(slots) - 1)  # trainer 0.5 + rollout 1.5
     assert layout.actor_resources["trainer"] == {"num_cpus": 2.0, "num_gpus": 0.0}
+
+
+def test_a_cpu_trainer_that_keeps_the_reference_asks_for_its_cpus_too():
+    layout = plan(spec(algorithm={"name": "ppo"}, optim={"kl_coef": 0.05},
+                       resources={"reward_in": "auto", "rollout_in": "auto", "reference_in": "auto", "reference": {"num_cpus": 1.5}}))
+    assert layout.slots == {"trainer": [0], "critic": [1]}
+    assert layout.bundles == [{"CPU": 2.5}, CPU]  # trainer 0.5 + rollout 0.5 + reference 1.5; critic
 
 
 def test_a_gpu_trainer_that_samples_asks_for_one_device():

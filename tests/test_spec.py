@@ -14,7 +14,7 @@ def base() -> dict:
 
 @pytest.mark.parametrize(("name", "estimator", "roles"), [
     ("grpo.yaml", "grpo", ["trainer"]),  # function rewards: computed in the driver; on CPUs the trainer samples
-    ("ppo.yaml", "gae", ["trainer", "reference", "critic"]),  # kl_coef 0.05: a reference
+    ("ppo.yaml", "gae", ["trainer", "critic"]),  # kl_coef 0.05: a reference, on CPUs a copy in the trainer
 ])
 def test_examples_validate(name, estimator, roles):
     spec = load_spec(ROOT / "examples" / name)
@@ -192,6 +192,21 @@ def test_where_the_completions_are_sampled():
     spec = parse_spec(sft_eval)
     assert spec.roles == ["trainer"] and spec.rollouts_in_trainer and not spec.steps_in_trainer
     assert parse_spec({**sft_eval, "resources": {"rollout_in": "actor"}}).roles == ["trainer", "rollout"]
+
+
+def test_where_the_reference_is_kept():
+    kl = {**base(), "optim": {**base()["optim"], "kl_coef": 0.1}}
+    cpu = parse_spec(kl)
+    assert cpu.reference_copy_in_trainer and cpu.reference_in_trainer and "reference" not in cpu.roles
+    assert "reference" in parse_spec({**kl, "resources": {"reference_in": "actor"}}).roles
+    # auto keeps a reference actor on GPUs or where a model is sharded; a LoRA policy is its own, with no copy.
+    for resources in [{"trainer": {"num_gpus": 1}, "reference": {"num_gpus": 1}}, {"reference": {"replicas": 2, "strategy": "fsdp"}}]:
+        assert "reference" in parse_spec({**kl, "resources": resources}).roles, resources
+    lora = parse_spec({**kl, "model": {"path": "m", "lora": {"rank": 4}}})
+    assert lora.reference_in_trainer and not lora.reference_copy_in_trainer and "reference" not in lora.roles
+    assert not parse_spec(base()).reference_in_trainer  # kl_coef 0: no reference at all
+    with pytest.raises(SpecError, match=r"resources.reference_in: the trainer cannot keep the reference: a sharded \(fsdp\)"):
+        parse_spec({**kl, "resources": {"reference_in": "trainer", "reference": {"replicas": 2, "strategy": "fsdp"}}})
 
 
 def test_when_a_step_is_one_call_to_the_trainer():

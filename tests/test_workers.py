@@ -218,6 +218,20 @@ def test_reference_is_frozen(tiny_model):
     assert not any(p.requires_grad for p in ref.model.parameters())
 
 
+def test_a_trainer_that_keeps_the_reference_scores_as_the_reference_actor_does(tiny_model, batch):
+    ref = Reference(str(tiny_model), threads=2)
+    trainer = PolicyTrainer(str(tiny_model), optim(), RolloutSpec(), threads=2, reference_copy=True)
+    trainer.train_step(with_advantages(batch), step=1, num_mini_batches=1, micro_batch_size=None, on_policy=True)
+    ours, _ = trainer.compute_logprobs(batch)  # after an update: the copy stayed as it was
+    theirs, _ = ref.compute_logprobs(batch)
+    assert torch.equal(ours, theirs)
+    policy = Reference(str(tiny_model), threads=2)
+    policy.model.load_state_dict(trainer.state_dict())
+    assert not torch.equal(policy.compute_logprobs(batch)[0], theirs)  # (while the trained weights moved)
+    with pytest.raises(RuntimeError, match="this trainer is not the reference"):
+        PolicyTrainer(str(tiny_model), optim(), RolloutSpec(), threads=2).compute_logprobs(batch)
+
+
 def test_critic_values_and_update(tiny_model, batch):
     critic = Critic(str(tiny_model), optim(critic_lr=1e-3), threads=2)  # (at 1e-2 Adam overshoots this tiny batch's returns)
     values, _ = critic.compute_values(batch)

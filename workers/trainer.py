@@ -37,7 +37,7 @@ class PolicyTrainer(WeightSource, DataParallel):
     def __init__(self, model_path: str, optim: OptimSpec, rollout: RolloutSpec, dtype: str = "float32",
                  trust_remote_code: bool = False, num_gpus: float = 0, threads: int | None = None,
                  lora: LoraSpec | None = None, reference_temperature: float = 1.0, shard_rank: int | None = None,
-                 sampling_seed: int | None = None, step_spec: JobSpec | None = None):
+                 sampling_seed: int | None = None, step_spec: JobSpec | None = None, reference_copy: bool = False):
         configure_threads(threads)
         torch.manual_seed(optim.seed)
         self.optim, self.rollout, self.reference_temperature = optim, rollout, reference_temperature
@@ -47,6 +47,11 @@ class PolicyTrainer(WeightSource, DataParallel):
         if lora is not None:
             self.model = apply_lora(self.model, lora)
         self.lora = lora is not None
+        # The reference, when this trainer keeps it (`resources.reference_in`): a frozen copy of the starting weights.
+        self.reference_model = None
+        if reference_copy:
+            self.reference_model = load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device).eval()
+            self.reference_model.requires_grad_(False)
         self.model.train()
         self.configure_training(optim.gradient_checkpointing, optim.mixed_precision)
         self.grad_clip = optim.grad_clip
@@ -145,21 +150,25 @@ class PolicyTrainer(WeightSource, DataParallel):
             stats["approx_kl_behaviour"] = (algos.masked_sum(0.5 * (logprobs.detach() - mb.logprobs) ** 2, mask) / max(num_tokens, 1)).item()
         return loss, stats
 
-    # ------------------------------------------------------------ the reference, for a LoRA policy
+    # ------------------------------------------------------------ the reference, when this actor is it
     def compute_logprobs(self, batch: Batch) -> tuple[torch.Tensor, float]:
-        """The reference's log-probs (b, R), as the Reference actor gives them: a LoRA policy's frozen
-        base, its adapters off (the reference role is then this actor, with no copy of the weights)."""
-        if not self.lora:
-            raise RuntimeError("only a LoRA trainer is its own reference (model.lora)")
+        """The reference's log-probs (b, R), as the Reference actor gives them: from the frozen copy this
+        trainer keeps (`resources.reference_in`), or a LoRA policy's frozen base, its adapters off."""
+        if self.reference_model is None and not self.lora:
+            raise RuntimeError("this trainer is not the reference (resources.reference_in, model.lora)")
         start = time.perf_counter()
-        self.model.eval()
-        try:
-            with self.model.disable_adapter():
-                logprobs = batched_logprobs(self.model, batch.to(self.device), self.reference_temperature,
-                                            self.optim.micro_batch_size, self.optim.micro_batch_tokens)
-        finally:
-            self.model.train()
-        return (logprobs * batch.response_mask.to(self.device)).cpu(), time.perf_counter() - start
+        batch = batch.to(self.device)
+        opt = self.optim
+        if self.reference_model is not None:
+            logprobs = batched_logprobs(self.reference_model, batch, self.reference_temperature, opt.micro_batch_size, opt.micro_batch_tokens)
+        else:
+            self.model.eval()
+            try:
+                with self.model.disable_adapter():
+                    logprobs = batched_logprobs(self.model, batch, self.reference_temperature, opt.micro_batch_size, opt.micro_batch_tokens)
+            finally:
+                self.model.train()
+        return (logprobs * batch.response_mask).cpu(), time.perf_counter() - start
 
     # ------------------------------------------------------------ weights and checkpoints
     def rollout_weights(self) -> dict[str, torch.Tensor]:

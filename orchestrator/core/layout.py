@@ -4,7 +4,8 @@ Pure, so that the control plane's admission queue counts a job's resources exact
 will ask for them. Roles get separate bundles by default; with `resources.colocate`, replica i of
 rollout, trainer, reference and critic share bundle i (and its GPU, each taking a fraction). The
 reward actor, when the rewards are not computed in the driver, always has its own bundle and one replica.
-A trainer that also samples the completions (`resources.rollout_in`) asks for the rollout's CPUs too.
+A trainer that also samples the completions (`resources.rollout_in`) or keeps the reference
+(`resources.reference_in`) asks for the rollout's or the reference's CPUs too.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ COLOCATABLE = ("rollout", "trainer", "reference", "critic")
 
 def needs(spec: JobSpec, role: str) -> dict[str, float]:
     """What one actor of `role` asks Ray for: the role's resources, and for a trainer that is also the
-    rollout, the rollout's CPUs as well (generate and update take turns on one device)."""
+    rollout or keeps the reference, their CPUs as well (the phases take turns on one device)."""
     res, own = spec.resources, getattr(spec.resources, role)
-    if role == "trainer" and spec.rollouts_in_trainer:
-        return {"num_cpus": own.num_cpus + res.rollout.num_cpus, "num_gpus": max(own.num_gpus, res.rollout.num_gpus)}
-    return {"num_cpus": own.num_cpus, "num_gpus": own.num_gpus}
+    ask = {"num_cpus": own.num_cpus, "num_gpus": own.num_gpus}
+    if role == "trainer":  # what the trainer does in place of a rollout or a reference actor
+        for other in [r for r, inside in (("rollout", spec.rollouts_in_trainer), ("reference", spec.reference_copy_in_trainer)) if inside]:
+            extra = getattr(res, other)
+            ask = {"num_cpus": ask["num_cpus"] + extra.num_cpus, "num_gpus": max(ask["num_gpus"], extra.num_gpus)}
+    return ask
 
 
 def _bundle(actor: dict[str, float]) -> dict[str, float]:

@@ -314,6 +314,15 @@ class ResourcesSpec(_Strict):
         "weights after every update (`rollout.weight_sync`). `auto`: the trainer when trainer and rollouts are on the CPU, the trainer "
         "shards nothing (ddp), `rollout.weight_sync` is auto and the two roles have as many replicas; else actors.",
     )
+    reference_in: Literal["auto", "trainer", "actor"] = Field(
+        "auto",
+        description="Where the reference log-probs are computed (`grpo`, `ppo` with `optim.kl_coef` > 0). `trainer`: each "
+        "policy trainer replica keeps a frozen copy of the starting weights beside the trained ones and scores its share "
+        "with it: no reference actor starts (one process and its start-up fewer), at the cost of a second copy of the "
+        "weights in the trainer's memory. `actor`: reference actors (`resources.reference`). `auto`: the trainer when "
+        "trainer and reference are on the CPU and neither shards its model (ddp); else actors. A LoRA policy's trainer is "
+        "always its own reference (its frozen base, adapters off), with no copy.",
+    )
     colocate: bool = Field(
         False,
         description="Put rollout, trainer, reference and critic replica i into one placement bundle (sharing its GPU) "
@@ -469,6 +478,8 @@ class JobSpec(_Strict):
         if res.reward_in == "driver" and (models := [i for i, s in enumerate(self.rewards) if s.model]):
             raise _field_error(("resources", "reward_in"), f"rewards.{models[0]} is a reward model, which runs on a reward "
                                "actor: use reward_in auto or actor")
+        if res.reference_in == "trainer" and self.needs_reference and (why := self._cannot_score_reference_in_trainer()):
+            raise _field_error(("resources", "reference_in"), f"the trainer cannot keep the reference: {why}; use reference_in auto or actor")
         if res.rollout_in == "trainer" and (why := self._cannot_sample_in_trainer()):
             raise _field_error(("resources", "rollout_in"), f"the trainer cannot also be the rollout: {why}; use rollout_in auto or actor")
         for role in ("rollout", "reward"):
@@ -580,10 +591,10 @@ class JobSpec(_Strict):
     @property
     def roles(self) -> list[str]:
         """The actors this (single-stage) spec starts, by role, in placement order. A LoRA policy's trainer
-        is its own reference (adapters off), so no reference actor starts; rewards computed in the driver
-        start no reward actor."""
+        is its own reference (adapters off), and so is a trainer that keeps a copy (`reference_in`): no
+        reference actor starts; rewards computed in the driver start no reward actor."""
         roles = self.algo.roles(self.optim.kl_coef, evaluates=self.data.eval_file is not None)
-        dropped = {"reference"} if self.model.lora else set()
+        dropped = {"reference"} if self.model.lora or self.reference_copy_in_trainer else set()
         if self.rewards_in_driver:
             dropped.add("reward")
         if self.rollouts_in_trainer:
@@ -608,6 +619,30 @@ class JobSpec(_Strict):
         if res.rollout_in == "auto":
             return res.trainer.num_gpus == 0 and res.rollout.num_gpus == 0 and self._cannot_sample_in_trainer() is None
         return res.rollout_in == "trainer"
+
+    @property
+    def reference_in_trainer(self) -> bool:
+        """Whether the policy trainers compute the reference log-probs, with no reference actor: a LoRA
+        policy's (its frozen base), or a copy of the weights kept in the trainer (`resources.reference_in`)."""
+        return self.needs_reference and (bool(self.model.lora) or self.reference_copy_in_trainer)
+
+    @property
+    def reference_copy_in_trainer(self) -> bool:
+        """Whether each policy trainer keeps a frozen copy of the starting weights as the reference (`resources.reference_in`)."""
+        res = self.resources
+        if self.model.lora or not self.needs_reference or self._cannot_score_reference_in_trainer():
+            return False
+        return res.reference_in == "trainer" or (res.reference_in == "auto" and res.trainer.num_gpus == 0 and res.reference.num_gpus == 0)
+
+    def _cannot_score_reference_in_trainer(self) -> str | None:
+        """Why the policy trainer cannot keep the reference model itself, if it cannot."""
+        if not self.algo.rollouts:
+            return f"{self.algorithm.name}'s trainer scores its pairs against a reference actor"
+        if self.model.lora:
+            return None  # (its frozen base is the reference already)
+        if "fsdp" in (self.resources.trainer.strategy, self.resources.reference.strategy):
+            return "a sharded (fsdp) trainer or reference holds only a shard of the weights"
+        return None
 
     @property
     def steps_in_trainer(self) -> bool:
