@@ -167,11 +167,6 @@ def test_where_the_rewards_run():
         parse_spec({**with_model, "resources": {"reward_in": "driver"}})
     # A stage that scores nothing (SFT without held-out prompts) has no rewards to place anywhere.
     assert parse_spec({**base(), "algorithm": {"name": "sft"}, "rewards": []}).roles == ["trainer"]
-    # An SFT stage that evaluates held-out prompts: its trainer writes their greedy completions too.
-    sft_eval = {**base(), "algorithm": {"name": "sft"}, "data": {**base()["data"], "eval_file": "e.jsonl"}}
-    spec = parse_spec(sft_eval)
-    assert spec.roles == ["trainer"] and spec.rollouts_in_trainer and not spec.steps_in_trainer
-    assert parse_spec({**sft_eval, "resources": {"rollout_in": "actor"}}).roles == ["trainer", "rollout"]
 
 
 def test_where_the_completions_are_sampled():
@@ -207,6 +202,12 @@ def test_where_the_reference_is_kept():
     assert not parse_spec(base()).reference_in_trainer  # kl_coef 0: no reference at all
     with pytest.raises(SpecError, match=r"resources.reference_in: the trainer cannot keep the reference: a sharded \(fsdp\)"):
         parse_spec({**kl, "resources": {"reference_in": "trainer", "reference": {"replicas": 2, "strategy": "fsdp"}}})
+    # DPO scores its pairs against a reference actor; with LoRA its trainer's frozen base is the reference.
+    dpo = {k: v for k, v in {**base(), "algorithm": {"name": "dpo"}, "resources": {"reference_in": "trainer"}}.items() if k != "rewards"}
+    with pytest.raises(SpecError, match=r"resources.reference_in: the trainer cannot keep the reference: dpo's trainer scores"):
+        parse_spec(dpo)
+    assert parse_spec({**dpo, "model": {"path": "m", "lora": {"rank": 4}}}).roles == ["trainer"]
+    assert "reference" in parse_spec({**dpo, "resources": {}}).roles
 
 
 def test_when_a_step_is_one_call_to_the_trainer():

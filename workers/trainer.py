@@ -22,6 +22,7 @@ from workers.common import (
     response_logprobs,
 )
 from workers.lora import apply_lora, load_adapter, merged_state_dict, save_adapter
+from workers.reference import Reference
 from workers.reward import RewardWorker
 from workers.rollout import HFSampler
 from workers.training import DataParallel, mini_batches
@@ -47,11 +48,12 @@ class PolicyTrainer(WeightSource, DataParallel):
         if lora is not None:
             self.model = apply_lora(self.model, lora)
         self.lora = lora is not None
-        # The reference, when this trainer keeps it (`resources.reference_in`): a frozen copy of the starting weights.
-        self.reference_model = None
+        # The reference, when this trainer keeps it (`resources.reference_in`): the Reference role's own class,
+        # a frozen copy of the starting weights, in this process.
+        self.reference = None
         if reference_copy:
-            self.reference_model = load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device).eval()
-            self.reference_model.requires_grad_(False)
+            self.reference = Reference(model_path, dtype, trust_remote_code, temperature=reference_temperature, num_gpus=num_gpus,
+                                       micro_batch_size=optim.micro_batch_size, micro_batch_tokens=optim.micro_batch_tokens, threads=threads)
         self.model.train()
         self.configure_training(optim.gradient_checkpointing, optim.mixed_precision)
         self.grad_clip = optim.grad_clip
@@ -154,21 +156,19 @@ class PolicyTrainer(WeightSource, DataParallel):
     def compute_logprobs(self, batch: Batch) -> tuple[torch.Tensor, float]:
         """The reference's log-probs (b, R), as the Reference actor gives them: from the frozen copy this
         trainer keeps (`resources.reference_in`), or a LoRA policy's frozen base, its adapters off."""
-        if self.reference_model is None and not self.lora:
+        if self.reference is not None:
+            return self.reference.compute_logprobs(batch)
+        if not self.lora:
             raise RuntimeError("this trainer is not the reference (resources.reference_in, model.lora)")
         start = time.perf_counter()
-        batch = batch.to(self.device)
-        opt = self.optim
-        if self.reference_model is not None:
-            logprobs = batched_logprobs(self.reference_model, batch, self.reference_temperature, opt.micro_batch_size, opt.micro_batch_tokens)
-        else:
-            self.model.eval()
-            try:
-                with self.model.disable_adapter():
-                    logprobs = batched_logprobs(self.model, batch, self.reference_temperature, opt.micro_batch_size, opt.micro_batch_tokens)
-            finally:
-                self.model.train()
-        return (logprobs * batch.response_mask).cpu(), time.perf_counter() - start
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                logprobs = batched_logprobs(self.model, batch.to(self.device), self.reference_temperature,
+                                            self.optim.micro_batch_size, self.optim.micro_batch_tokens)
+        finally:
+            self.model.train()
+        return (logprobs * batch.response_mask.to(self.device)).cpu(), time.perf_counter() - start
 
     # ------------------------------------------------------------ weights and checkpoints
     def rollout_weights(self) -> dict[str, torch.Tensor]:

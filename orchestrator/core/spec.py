@@ -636,10 +636,10 @@ class JobSpec(_Strict):
 
     def _cannot_score_reference_in_trainer(self) -> str | None:
         """Why the policy trainer cannot keep the reference model itself, if it cannot."""
-        if not self.algo.rollouts:
-            return f"{self.algorithm.name}'s trainer scores its pairs against a reference actor"
         if self.model.lora:
             return None  # (its frozen base is the reference already)
+        if not self.algo.rollouts:
+            return f"{self.algorithm.name}'s trainer scores its pairs against a reference actor"
         if "fsdp" in (self.resources.trainer.strategy, self.resources.reference.strategy):
             return "a sharded (fsdp) trainer or reference holds only a shard of the weights"
         return None
