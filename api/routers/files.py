@@ -23,7 +23,7 @@ from api.deps import CurrentTenant, StoreDep
 from api.errors import APIError
 from api.routers import error_responses
 from api.schemas import FileDeleted, FileList, FilePublic
-from orchestrator.core.data import DataError, check_upload
+from orchestrator.core.rows import DataError, check_upload
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 

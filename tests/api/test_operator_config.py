@@ -8,7 +8,7 @@ import pytest
 from api.registry import Registry, RegistryError
 from api.storage import ArtifactStore, tenant_dirname
 from orchestrator.core.algorithms import BUILTIN_REWARDS
-from orchestrator.core.data import DataError, check_upload
+from orchestrator.core.rows import DataError, check_upload
 from workers.rewards import BUILTIN
 
 
