@@ -23,19 +23,22 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _skip_scikit_learn() -> None:
+def _skip_unused_imports() -> None:
     # Where scikit-learn is installed (MLflow brings it), transformers imports it with its generation
     # code, for assisted decoding's candidate thresholds, which no role uses: 1.7 s of CPU at every
-    # actor's start (8.1 -> 5.7 s for a reference actor here). It stays importable by reward code.
+    # actor's start (8.1 -> 5.7 s for a reference actor here). SciPy (0.25 s) it imports for the
+    # object-detection losses. Both stay importable by reward code.
     import transformers.utils
     import transformers.utils.import_utils
 
     if "transformers.generation.candidate_generator" not in sys.modules:
         transformers.utils.is_sklearn_available = transformers.utils.import_utils.is_sklearn_available = lambda: False
+    if "transformers.loss.loss_for_object_detection" not in sys.modules:
+        transformers.utils.is_scipy_available = transformers.utils.import_utils.is_scipy_available = lambda: False
 
 
 _quiet_transformers()
-_skip_scikit_learn()
+_skip_unused_imports()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
