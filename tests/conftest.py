@@ -192,6 +192,17 @@ def pytest_sessionstart(session):
         session.config.stash[_RAY_HEAD] = RayHead()
 
 
+def pytest_collection_modifyitems(config, items):
+    # Files with more real-job (`slow`) tests first, each file's tests in their own order: under
+    # pytest-xdist (`--dist loadfile`) the long files then start early and the short ones fill the
+    # end, instead of one long file running alone at the end. Serially it changes nothing but order.
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    first_seen = {path: i for i, path in reversed(list(enumerate(item.path for item in items)))}
+    items.sort(key=lambda item: (-slow[item.path], first_seen[item.path]))
+
+
 def pytest_collection_finish(session):
     if _RAY_HEAD not in session.config.stash:
         return

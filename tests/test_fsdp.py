@@ -77,23 +77,29 @@ def test_fsdp_ppo_matches_ddp_and_resumes_exactly(ray_session, tiny_model, arith
             torch.testing.assert_close(single_weights[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def _uneven_rank(rank: int, port: int, model_dir: str, strategy: str, out: str) -> None:
+def _uneven_rank(rank: int, port: int, model_dir: str, out: str) -> None:
+    """Rank `rank` of 2 trainer replicas, DDP then FSDP (a process group each), on unlike shares."""
     import json
+
+    import torch.distributed as dist
 
     from orchestrator.core.spec import OptimSpec, RolloutSpec
     from tests.test_packing import varied_batch
     from workers.trainer import PolicyTrainer
 
     torch.set_num_threads(1)
-    trainer = PolicyTrainer(model_dir, OptimSpec(lr=1e-2, prompts_per_step=12, micro_batch_tokens=24, grad_clip=None),
-                            RolloutSpec(n=1, max_new_tokens=12), threads=1)
-    trainer.init_distributed(("127.0.0.1", port), rank, 2, strategy)
-    batch = varied_batch(seed=7)
+    batch, result = varied_batch(seed=7), {}
     # Rank 0 gets the 2 shortest rows (one micro-batch), rank 1 the 4 longest (several): unlike counts.
     order = (batch.response_mask.sum(1) + batch.attention_mask[:, : batch.prompt_len].sum(1)).argsort()
     mine = batch.select(order[:2] if rank == 0 else order[-4:])
-    stats = trainer.optimizer_step(mine, None, lambda mb, t, s: trainer._loss(mb, True, t, s), 24)
-    Path(out).write_text(json.dumps({"parts": len(micro_batches(mine, None, 24)), **stats}))
+    for i, strategy in enumerate(("ddp", "fsdp")):
+        trainer = PolicyTrainer(model_dir, OptimSpec(lr=1e-2, prompts_per_step=12, micro_batch_tokens=24, grad_clip=None),
+                                RolloutSpec(n=1, max_new_tokens=12), threads=1)
+        trainer.init_distributed(("127.0.0.1", port + i), rank, 2, strategy)
+        stats = trainer.optimizer_step(mine, None, lambda mb, t, s: trainer._loss(mb, True, t, s), 24)
+        result[strategy] = {"parts": len(micro_batches(mine, None, 24)), **stats}
+        dist.destroy_process_group()
+    Path(out).write_text(json.dumps(result))
 
 
 def test_fsdp_with_unlike_micro_batch_counts_per_rank_matches_ddp(tiny_model, tmp_path):
@@ -102,22 +108,20 @@ def test_fsdp_with_unlike_micro_batch_counts_per_rank_matches_ddp(tiny_model, tm
 
     from workers.training import free_port
 
-    results = {}
-    for strategy in ("ddp", "fsdp"):
-        ctx, port = multiprocessing.get_context("spawn"), free_port()
-        procs = [ctx.Process(target=_uneven_rank, args=(r, port, str(tiny_model), strategy, str(tmp_path / f"{strategy}{r}"))) for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(120)  # a rank left waiting in a collective would hang here: the test then fails
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        assert [p.exitcode for p in procs] == [0, 0], f"{strategy}: a rank did not finish"
-        results[strategy] = [json.loads((tmp_path / f"{strategy}{r}").read_text()) for r in range(2)]
-    assert results["fsdp"][0]["parts"] < results["fsdp"][1]["parts"]
+    ctx, port = multiprocessing.get_context("spawn"), free_port()
+    procs = [ctx.Process(target=_uneven_rank, args=(r, port, str(tiny_model), str(tmp_path / f"rank{r}"))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)  # a rank left waiting in a collective would hang here: the test then fails
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0], "a rank did not finish"
+    ranks = [json.loads((tmp_path / f"rank{r}").read_text()) for r in range(2)]
+    assert ranks[0]["fsdp"]["parts"] < ranks[1]["fsdp"]["parts"]
     for key in ("policy_loss", "grad_norm"):
-        assert results["fsdp"][0][key] == pytest.approx(results["ddp"][0][key], rel=1e-4), key
+        assert ranks[0]["fsdp"][key] == pytest.approx(ranks[0]["ddp"][key], rel=1e-4), key
 
 
 def _sharded_roles_rank(rank: int, port: int, model_dir: str, out: str) -> None:
