@@ -137,15 +137,16 @@ def waiting_for_admission(rec: dict[str, Any]) -> bool:
 
 
 class Reconciler:
-    SWEEP_EVERY = 5  # rounds between sweeps of the Redis users of ended jobs
-    ADOPT_EVERY = 20  # rounds between looks for running Ray jobs whose records Redis lost (and the first round)
+    # In reconcile intervals, and kept in time, not rounds (a round that waits on a busy Ray is longer):
+    SWEEP_EVERY = 5  # between sweeps of the Redis users of ended jobs
+    ADOPT_EVERY = 20  # between looks for running Ray jobs whose records Redis lost (and at the first round)
     CAPACITY_TTL_S = 5.0
 
     def __init__(self, store: JobStore, launcher: RayLauncher, settings: Settings):
         self.store, self.launcher, self.settings = store, launcher, settings
         self.interval_s = settings.reconcile_interval_s
         self._sem = asyncio.Semaphore(8)
-        self._rounds = 0
+        self._last: dict[str, float] = {}  # chore -> when it last ran (time.monotonic())
         self._wake = asyncio.Event()
         self._capacity: tuple[float, Capacity] | None = None
         self._unreachable: dict[str, float] = {}  # job id -> when Ray first failed to answer about it (this process)
@@ -173,11 +174,18 @@ class Reconciler:
         await asyncio.gather(*(self._one(job_id) for job_id in ids))
         await self.stop_orphans()
         await self.admit(ids)
-        if self._rounds % self.ADOPT_EVERY == 0:
+        if self._due("adopt", self.ADOPT_EVERY):
             await self.rebuild_lost_records()
-        self._rounds += 1
-        if self._rounds % self.SWEEP_EVERY == 1:
+        if self._due("sweep", self.SWEEP_EVERY):
             await self.store.drop_job_users(keep=self._still_running)
+
+    def _due(self, chore: str, intervals: int) -> bool:
+        """Whether `chore` last ran `intervals` reconcile intervals ago or more (or never); if so it runs now."""
+        now = time.monotonic()
+        if chore in self._last and now - self._last[chore] < intervals * self.interval_s:
+            return False
+        self._last[chore] = now
+        return True
 
     async def rebuild_lost_records(self) -> int:
         """Record again the jobs running in Ray whose records Redis has lost (their Ray submission

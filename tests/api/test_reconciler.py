@@ -156,3 +156,28 @@ def test_a_resubmitted_attempt_gets_its_grace_period_again():
 
 def test_attempts_have_their_own_submission_ids():
     assert [submission_id("job-abc", r) for r in range(3)] == ["job-abc", "job-abc-attempt2", "job-abc-attempt3"]
+
+
+def test_chores_come_round_by_time_however_long_the_rounds(monkeypatch):
+    """Looking for lost records every ADOPT_EVERY intervals means seconds, not rounds: a round that
+    waits on a busy Ray (seconds, not the interval's 0.5 s) must not push a rebuild past a minute."""
+    from api.reconciler import Reconciler
+    from api.settings import Settings
+
+    clock = [100.0]
+    monkeypatch.setattr("api.reconciler.time.monotonic", lambda: clock[0])
+    rec = Reconciler(None, None, Settings(reconcile_interval_s=0.5))
+    period = Reconciler.ADOPT_EVERY * 0.5
+    assert rec._due("adopt", Reconciler.ADOPT_EVERY)  # at the first round
+    ran = []
+    for _ in range(10):  # rounds of 3 s each
+        clock[0] += 3.0
+        ran.append(rec._due("adopt", Reconciler.ADOPT_EVERY))
+    assert ran == [False, False, False, True, False, False, False, True, False, False]  # at 12 and 24 s: the first round >= 10 s on
+    clock[0] += 6.0
+    assert rec._due("adopt", Reconciler.ADOPT_EVERY)  # (12 s after the last)
+    clock[0] += period - 0.01
+    assert not rec._due("adopt", Reconciler.ADOPT_EVERY)
+    clock[0] += 0.01
+    assert rec._due("adopt", Reconciler.ADOPT_EVERY)
+    assert rec._due("sweep", Reconciler.SWEEP_EVERY)  # chores keep their own clocks
