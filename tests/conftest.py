@@ -196,7 +196,7 @@ def pytest_collection_modifyitems(config, items):
     # Files with more real-job (`slow`) tests first, each file's tests in their own order: under
     # pytest-xdist (`--dist loadfile`) the long files then start early and the short ones fill the
     # end, instead of one long file running alone at the end. Serially it changes nothing but order.
-    slow: dict[str, int] = {}
+    slow: dict[Path, int] = {}
     for item in items:
         slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
     first_seen = {path: i for i, path in reversed(list(enumerate(item.path for item in items)))}
