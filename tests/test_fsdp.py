@@ -77,7 +77,7 @@ def test_fsdp_ppo_matches_ddp_and_resumes_exactly(ray_session, tiny_model, arith
             torch.testing.assert_close(single_weights[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def _uneven_rank(rank: int, port: int, model_dir: str, out: str) -> None:
+def _uneven_rank(rank: int, ports: list[int], model_dir: str, out: str) -> None:
     """Rank `rank` of 2 trainer replicas, DDP then FSDP (a process group each), on unlike shares."""
     import json
 
@@ -95,7 +95,7 @@ def _uneven_rank(rank: int, port: int, model_dir: str, out: str) -> None:
     for i, strategy in enumerate(("ddp", "fsdp")):
         trainer = PolicyTrainer(model_dir, OptimSpec(lr=1e-2, prompts_per_step=12, micro_batch_tokens=24, grad_clip=None),
                                 RolloutSpec(n=1, max_new_tokens=12), threads=1)
-        trainer.init_distributed(("127.0.0.1", port + i), rank, 2, strategy)
+        trainer.init_distributed(("127.0.0.1", ports[i]), rank, 2, strategy)
         stats = trainer.optimizer_step(mine, None, lambda mb, t, s: trainer._loss(mb, True, t, s), 24)
         result[strategy] = {"parts": len(micro_batches(mine, None, 24)), **stats}
         dist.destroy_process_group()
@@ -108,8 +108,8 @@ def test_fsdp_with_unlike_micro_batch_counts_per_rank_matches_ddp(tiny_model, tm
 
     from workers.training import free_port
 
-    ctx, port = multiprocessing.get_context("spawn"), free_port()
-    procs = [ctx.Process(target=_uneven_rank, args=(r, port, str(tiny_model), str(tmp_path / f"rank{r}"))) for r in range(2)]
+    ctx, ports = multiprocessing.get_context("spawn"), [free_port(), free_port()]  # a process group for each strategy
+    procs = [ctx.Process(target=_uneven_rank, args=(r, ports, str(tiny_model), str(tmp_path / f"rank{r}"))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
