@@ -17,6 +17,7 @@ from tests.conftest import read_jsonl, tiny_spec
 
 pytestmark = pytest.mark.slow
 
+WEIGHT_ATOL = 1e-5  # after 3 Adam steps of lr 1e-2, for weights reduced in another order (see below)
 COMPARED = ("policy_loss", "grad_norm", "entropy", "kl", "reward/mean", "value_loss", "critic/values/mean")
 
 
@@ -54,7 +55,10 @@ def test_fsdp_ppo_matches_ddp_and_resumes_exactly(ray_session, tiny_model, arith
             # so Adam turns float noise (which differs between the two reductions) into steps of up to lr.
             assert (fsdp_weights[name] - tensor).abs().max() <= 3 * 1e-2 + 1e-6, name
             continue
-        torch.testing.assert_close(fsdp_weights[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+        # Elsewhere Adam amplifies float noise less, but an element with a tiny second moment can still move a
+        # few 1e-6 apart (seen on an AMD EPYC: 1 of 16,384 o_proj weights, 1.8e-6). A real fault (a gradient
+        # scaled or dropped) moves many elements by ~lr = 1e-2: 1e-5 is a thousand times below that.
+        torch.testing.assert_close(fsdp_weights[name], tensor, rtol=1e-4, atol=WEIGHT_ATOL, msg=name)
     step2 = ckpts / "step_000002"
     assert (step2 / "policy_dcp" / ".metadata").exists() and (step2 / "policy" / "config.json").exists()
     assert (step2 / "critic_dcp" / ".metadata").exists() and not (step2 / "critic.pt").exists()
@@ -74,7 +78,7 @@ def test_fsdp_ppo_matches_ddp_and_resumes_exactly(ray_session, tiny_model, arith
         assert single_metrics[0][key] == pytest.approx(fsdp_metrics[2][key], rel=1e-4, abs=1e-6), key
     for name, tensor in fsdp_weights.items():
         if "k_proj.bias" not in name:
-            torch.testing.assert_close(single_weights[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(single_weights[name], tensor, rtol=1e-4, atol=WEIGHT_ATOL, msg=name)
 
 
 def _uneven_rank(rank: int, ports: list[int], model_dir: str, out: str) -> None:
