@@ -312,10 +312,11 @@ class Reconciler:
             await self.resubmit(rec or await self.store.get(job_id), decision)
         elif isinstance(decision, Transition):
             error = {"error": decision.error} if decision.error is not None else {}
-            await self.store.transition(job_id, decision.status, decision.message, **error)
             if (decision.error or {}).get("code") == "ray_unreachable":
                 # Failed while Ray could not be asked: if it comes back with the job still running, stop it.
+                # Listed before the record says failed, so that no moment (or crash) has one without the other.
                 await self.store.redis.sadd(ORPHANS_KEY, job_id)
+            await self.store.transition(job_id, decision.status, decision.message, **error)
 
     async def stop_orphans(self) -> None:
         """Stop the Ray jobs of records failed while Ray was unreachable, once Ray answers again: no job

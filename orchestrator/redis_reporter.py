@@ -64,7 +64,13 @@ class RedisReporter:
             self._put("a status change", lambda pipe: self._transition(keys=keys, args=args, client=pipe))
             return
         record = json.dumps(event_record(type, message, data, now), default=str)
-        listing = _checkpoints_beside(data["path"]) if type == "checkpoint" and data.get("path") else None
+        listing = None
+        if type == "checkpoint" and data.get("path"):
+            try:
+                listing = _checkpoints_beside(data["path"])
+            except OSError as err:  # the record keeps its last list rather than lose it to a storage error
+                print(f"warning: job {self.job_id}: could not list the checkpoints beside {data['path']} ({err.__class__.__name__}: {err}); "
+                      "its record keeps the list of the checkpoint before", file=sys.stderr)
 
         def write(pipe):
             pipe.xadd(events_key(self.job_id), {"data": record})
@@ -168,15 +174,19 @@ class RedisReporter:
             print(message, file=sys.stderr)
 
 
-def _checkpoints_beside(path: str) -> list[dict]:
+def _checkpoints_beside(path: str, attempts: int = 3, wait_s: float = 0.5) -> list[dict]:
     """The finished checkpoints in the directory of the one just saved (after pruning), as the
-    driver sees them: the API may share no filesystem with the driver."""
+    driver sees them: the API may share no filesystem with the driver. Object stores fail now and
+    then: tried `attempts` times before the last OSError is raised."""
     from pathlib import Path
 
     from orchestrator.core import storage
     from orchestrator.core.checkpoint import listing
 
-    try:
-        return listing(path.rstrip("/").rsplit("/", 1)[0] if storage.is_url(path) else Path(path).parent)
-    except OSError:
-        return []
+    root = path.rstrip("/").rsplit("/", 1)[0] if storage.is_url(path) else Path(path).parent
+    for _ in range(attempts - 1):
+        try:
+            return listing(root)
+        except OSError:
+            time.sleep(wait_s)
+    return listing(root)

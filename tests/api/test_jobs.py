@@ -146,3 +146,55 @@ def test_history_pagination_and_sse_of_an_ended_job(alpha, redis_url):
 
     assert [json.loads(i["data"])["step"] for i in items[:-1]] == [3, 4, 5]
     assert_envelope(alpha.get(f"/v1/jobs/{job_id}/events", params={"after": "not-an-id"}), 422)
+
+
+def test_a_checkpoint_list_that_cannot_be_read_keeps_the_last_one(alpha, redis_url, tmp_path, capfd):
+    import json
+
+    from orchestrator.redis_reporter import RedisReporter
+
+    job_id = make_record(redis_url, "alpha", "ckpts")
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step_000001").mkdir(parents=True)
+    (ckpts / "step_000001" / "state.json").write_text(json.dumps({"step": 1, "time": 1.0}))
+    rep = RedisReporter(redis_url, job_id)
+    rep.event("checkpoint", "saved step 1", step=1, path=str(ckpts / "step_000001"))
+    # Step 2's state.json cannot be read (a directory: an OSError, as a flaky object store gives).
+    (ckpts / "step_000002" / "state.json").mkdir(parents=True)
+    rep.event("checkpoint", "saved step 2", step=2, path=str(ckpts / "step_000002"))
+    rep.close()
+    assert [c["step"] for c in alpha.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]] == [1]
+    assert f"could not list the checkpoints beside {ckpts / 'step_000002'} (IsADirectoryError" in capfd.readouterr().err
+    events = alpha.get(f"/v1/jobs/{job_id}/events").json()["data"]
+    assert [e["data"]["step"] for e in events if e["type"] == "checkpoint"] == [1, 2]
+
+
+def test_a_job_failed_for_an_unreachable_ray_is_listed_to_stop_before_its_record_says_failed(redis_url):
+    """Else a crash (or a reader) between the two writes sees a failed record whose Ray job nobody
+    will stop once Ray is back."""
+    from types import SimpleNamespace
+
+    from api.reconciler import ORPHANS_KEY, Reconciler, Transition
+    from api.store import JobStore
+    from tests.api.conftest import run_async
+
+    job_id = make_record(redis_url, "alpha", "unreachable", status="running")
+
+    async def fail_it():
+        store = JobStore(redis_url)
+        listed_at_transition = []
+        transition = store.transition
+
+        async def watched(*args, **kwargs):
+            listed_at_transition.append(await store.redis.sismember(ORPHANS_KEY, job_id))
+            return await transition(*args, **kwargs)
+
+        store.transition = watched
+        try:
+            await Reconciler(store, None, SimpleNamespace(reconcile_interval_s=1.0)).act(
+                job_id, Transition("failed", "failed: Ray unreachable", {"code": "ray_unreachable", "message": "gone"}))
+            return listed_at_transition, (await store.get(job_id))["status"], await store.redis.srem(ORPHANS_KEY, job_id)
+        finally:
+            await store.close()
+
+    assert run_async(fail_it()) == ([1], "failed", 1)

@@ -75,7 +75,7 @@ def test_upload_train_and_resume_from_a_checkpoint_in_s3(s3, s3_api, keys, workd
         assert [json.loads(line)["step"] for line in metrics] == [1, 2]
 
         ckpts = alpha.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]
-        assert [c["step"] for c in ckpts] == [2] and ckpts[0]["bytes"] > 0
+        assert [c["step"] for c in ckpts] == [2] and ckpts[0]["bytes"] > 0, alpha.get(f"/v1/jobs/{job['id']}/logs", params={"tail": 40}).json()["logs"]
         with alpha.stream("GET", f"/v1/jobs/{job['id']}/checkpoints/{ckpts[0]['id']}/content") as r:
             assert r.status_code == 200
             names = tarfile.open(fileobj=io.BytesIO(r.read())).getnames()
