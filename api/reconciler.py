@@ -314,7 +314,7 @@ class Reconciler:
             error = {"error": decision.error} if decision.error is not None else {}
             if (decision.error or {}).get("code") == "ray_unreachable":
                 # Failed while Ray could not be asked: if it comes back with the job still running, stop it.
-                # Listed before the record says failed, so that no moment (or crash) has one without the other.
+                # Listed before the record says failed: no moment (or crash) shows a failed record whose job nobody will stop.
                 await self.store.redis.sadd(ORPHANS_KEY, job_id)
             await self.store.transition(job_id, decision.status, decision.message, **error)
 
