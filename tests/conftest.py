@@ -192,13 +192,14 @@ def pytest_sessionstart(session):
         session.config.stash[_RAY_HEAD] = RayHead()
 
 
-# Core-seconds each heavy file took in one serial run (`-n 0`, /proc/stat around each test, an AMD
-# EPYC with 2 cores, 2026-11-28; 1,657 in all). Only their order matters: see below.
+# Core-seconds each heavy file took in one serial run (`python benchmarks/suite_cost.py --per-file`:
+# /proc/stat around each test, an AMD EPYC with 2 cores, 2026-11-28; 2,039 in all). Only their order
+# matters: see below.
 FILE_COST = {
-    "test_fsdp.py": 303, "api/test_recovery.py": 220, "test_interruptions.py": 162, "test_entrypoint.py": 161,
-    "test_e2e.py": 127, "api/test_e2e.py": 105, "test_preference_e2e.py": 104, "api/test_s3.py": 69,
-    "test_pipeline.py": 60, "test_trackers.py": 57, "test_vllm_cpu.py": 53, "api/test_ui.py": 52, "test_lora.py": 41,
-    "api/test_openapi.py": 37, "api/test_queue.py": 35, "api/test_jobs.py": 23, "test_workers.py": 15,
+    "test_fsdp.py": 357, "api/test_recovery.py": 241, "test_entrypoint.py": 196, "test_interruptions.py": 191,
+    "test_e2e.py": 152, "test_preference_e2e.py": 118, "api/test_e2e.py": 118, "api/test_s3.py": 85,
+    "test_pipeline.py": 84, "test_trackers.py": 81, "test_vllm_cpu.py": 77, "api/test_ui.py": 55, "api/test_queue.py": 48,
+    "api/test_openapi.py": 48, "test_lora.py": 45, "api/test_jobs.py": 32, "test_workers.py": 29,
 }
 SLOW_TEST_COST = 30  # a file not in the table: this much per real-job (`slow`) test, 0 per other test
 
