@@ -108,7 +108,7 @@ def test_a_record_redis_lost_is_rebuilt_from_ray_and_the_job_can_be_cancelled(al
     assert alpha.get(f"/v1/jobs/{job_id}").status_code == 404
 
     # The reconciler finds the job running in Ray and records it again; the driver's reports flow again.
-    job = wait_until(lambda: (j := alpha.get(f"/v1/jobs/{job_id}")).status_code == 200 and j.json(), 60, "the rebuilt record")
+    job = wait_until(lambda: (j := alpha.get(f"/v1/jobs/{job_id}")).status_code == 200 and j.json(), 180, "the rebuilt record")
     assert job["status"] == "running" and job["name"] == "amnesia" and job["spec"]["name"] == "amnesia"
     recovered = events_of(alpha, job_id, "recovered")
     assert len(recovered) == 1 and "after the control plane's Redis lost it" in recovered[0]["message"], recovered

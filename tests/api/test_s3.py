@@ -62,7 +62,7 @@ def test_upload_train_and_resume_from_a_checkpoint_in_s3(s3, s3_api, keys, workd
         refused = alpha.post("/v1/jobs", json=sharded)
         assert refused.status_code == 422 and refused.json()["error"]["param"] == "resources.trainer.strategy", refused.text
         job = alpha.post("/v1/jobs", json=body).json()
-        done = wait_status(alpha, job["id"], {"succeeded", "failed", "cancelled"}, 240)
+        done = wait_status(alpha, job["id"], {"succeeded", "failed", "cancelled"}, 480)
         assert done["status"] == "succeeded", done["error"]
 
         # The run directory is in S3: metrics and events copied there, the newest checkpoint only (keep_last 1).
@@ -86,6 +86,6 @@ def test_upload_train_and_resume_from_a_checkpoint_in_s3(s3, s3_api, keys, workd
 
         # A second job starts from that checkpoint by id: its model comes back from S3.
         second = alpha.post("/v1/jobs", json=job_body({"model": ckpts[0]["id"], "data": file["id"]}, workdir, "s3-next", 1)).json()
-        done = wait_status(alpha, second["id"], {"succeeded", "failed", "cancelled"}, 240)
+        done = wait_status(alpha, second["id"], {"succeeded", "failed", "cancelled"}, 480)
         assert done["status"] == "succeeded", done["error"]
         assert run.replace(job["id"], second["id"]) + "checkpoints/step_000001/state.json" in keys_under(s3, "store/tenants/alpha/runs/")
