@@ -96,12 +96,12 @@ def test_every_field_has_a_description():
     walk(JobSpec)
 
 
-def test_readme_spec_reference_is_current():
+def test_docs_spec_reference_is_current():
     from orchestrator.core.spec import reference_markdown
 
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- spec-reference:start -->\n", 1)[1].split("\n<!-- spec-reference:end -->", 1)[0]
-    assert block == reference_markdown(), "README's job spec reference is stale: regenerate it"
+    page = (ROOT / "docs" / "spec.md").read_text()
+    block = page.split("<!-- spec-reference:start -->\n", 1)[1].split("\n<!-- spec-reference:end -->", 1)[0]
+    assert block == reference_markdown(), "docs/spec.md's job spec reference is stale: regenerate it (see that page)"
 
 
 @pytest.mark.parametrize("rollout, resources, message", [
