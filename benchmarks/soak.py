@@ -14,7 +14,7 @@ from) and whether every job still succeeded with each step reported once.
 Starts its own redis-server (AOF), Ray head (`--num-cpus`, default 3: room for two tiny jobs of 1.5
 CPUs) and API on free 127.0.0.1 ports, a tiny local model in the registry; each job is 2 GRPO steps,
 its rewards on a reward actor and its completions on a rollout actor (`resources.reward_in: actor`,
-`rollout_in: actor`: three actors of 0.5 CPU, three to kill, as the README's soak numbers were measured).
+`rollout_in: actor`: three actors of 0.5 CPU, three to kill, as docs/benchmarks.md's soak numbers were measured).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Where the test suite's CPU goes: the numbers behind README's test-time paragraph.
+"""Where the test suite's CPU goes: the numbers behind docs/benchmarks.md's test-suite section.
 
-    python benchmarks/suite_cost.py                       # the README's test command, as configured
+    python benchmarks/suite_cost.py                       # the README's first test command, as configured
     python benchmarks/suite_cost.py --per-file            # one process (-n 0), plus each file's CPU
     python benchmarks/suite_cost.py -- -m slow -x         # pytest arguments after --
 
