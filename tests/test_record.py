@@ -53,12 +53,12 @@ def test_record_creates_the_file(tmp_path):
     assert not list(tmp_path.glob(".*.tmp")), "the temporary file was left behind"
 
 
-def test_provenance_line_names_commit_date_machine_and_command(tmp_path):
+def test_provenance_line_names_command_commit_date_machine_and_load(tmp_path):
     path = tmp_path / "b.md"
     block = record("x", "n", command="python benchmarks/x.py --k 1", path=path)
     line = block.splitlines()[1]
     assert re.fullmatch(r"_Recorded by `python benchmarks/x\.py --k 1` at commit ([0-9a-f]{4,}(\+dirty)?|unknown), "
-                        r"\d{4}-\d\d-\d\d \d\d:\d\d UTC, on .+, \d+ cores\._", line), line
+                        r"\d{4}-\d\d-\d\d \d\d:\d\d UTC, on .+, \d+ cores, load average \d+\.\d\._", line), line
 
 
 def test_machine_reads_the_cpu_model_and_core_count():
