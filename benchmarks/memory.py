@@ -1,7 +1,7 @@
 """Peak memory per trainer replica and step time: DDP vs FSDP2 vs LoRA (and with activation
 checkpointing), 2 replicas of the real `PolicyTrainer` on gloo, one run.
 
-    python benchmarks/memory.py [--hidden 1024] [--layers 8] [--steps 3] [--configs ddp,fsdp,lora,ddp+ckpt,fsdp+ckpt]
+    python benchmarks/memory.py [--hidden 1024] [--layers 8] [--steps 3] [--configs ddp,fsdp,lora,ddp+ckpt,fsdp+ckpt] [--no-record]
 
 The model is the tiny tokenizer's Qwen2 made wide and deep enough (defaults: about 110M parameters).
 Each configuration runs in 2 fresh processes (ranks 0 and 1, one torch thread each, joined by gloo),
@@ -11,6 +11,7 @@ RSS before the model was loaded, and that rise once the model is loaded (and sha
 fsdp builds it empty and gets its shards from rank 0, as the driver starts it) (glibc's MALLOC_MMAP_THRESHOLD_ set to 64 KiB for all alike, so freed
 tensors leave RSS). The rollouts' side of weight sync is not in it: a sharded trainer
 gathers its tensors one at a time after each update, as on the shared-memory path, and drops them.
+The table goes to docs/benchmarks.md (section `memory`, benchmarks/record.py) unless --no-record.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.record import markdown_table, record
 
 CONFIGS = {
     "ddp": dict(strategy="ddp"),
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=8, help="Samples per update (4 per replica).")
     parser.add_argument("--response", type=int, default=96, help="Response tokens per sample.")
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--no-record", action="store_true", help="print only; leave docs/benchmarks.md as it is")
     args = parser.parse_args(argv)
     import torch.multiprocessing as mp
 
@@ -65,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = AutoConfig.from_pretrained(model_dir)
         params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_config(cfg).parameters())
-        print(f"model: Qwen2, hidden {args.hidden}, {args.layers} layers, {params / 1e6:.0f}M parameters (fp32); 2 replicas, gloo, "
-              f"{args.samples} samples x ({16} prompt + {args.response} response) tokens per update, {args.steps} timed updates")
+        setup = (f"model: Qwen2, hidden {args.hidden}, {args.layers} layers, {params / 1e6:.0f}M parameters (fp32); 2 replicas, gloo, "
+                 f"{args.samples} samples x ({16} prompt + {args.response} response) tokens per update, {args.steps} timed updates")
+        print(setup)
         rows = []
         for name in args.configs.split(","):
             out = Path(tmp) / f"{name}.json"
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{'config':<10} {'peak RSS rank0 MiB':>19} {'rank1':>7} {'rise over base MiB':>19} {'vs ddp':>7} "
               f"{'load rise rank0':>16} {'rank1':>6} {'step s':>7} {'trained params':>15}")
         base = None
+        table = []
         for name, results in rows:
             rise = max(r["peak_mib"] - r["base_mib"] for r in results)
             base = rise if name == "ddp" else base
@@ -89,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
             load = [r["load_mib"] - r["base_mib"] for r in results]
             print(f"{name:<10} {results[0]['peak_mib']:>19.0f} {results[1]['peak_mib']:>7.0f} {rise:>19.0f} {ratio:>7} "
                   f"{load[0]:>16.0f} {load[1]:>6.0f} {statistics.median(results[0]['step_s']):>7.2f} {results[0]['trained'] / 1e6:>14.2f}M")
+            table.append([name, f"{results[0]['peak_mib']:.0f} / {results[1]['peak_mib']:.0f}", f"{rise:.0f}", ratio,
+                          f"{load[0]:.0f} / {load[1]:.0f}", f"{statistics.median(results[0]['step_s']):.2f}",
+                          f"{results[0]['trained'] / 1e6:.1f}M"])
+    if not args.no_record:
+        headers = ["config", "peak RSS rank 0 / rank 1 (MiB)", "rise over base (MiB)", "vs ddp",
+                   "load rise rank 0 / rank 1 (MiB)", "step (s)", "trained parameters"]
+        record("memory", setup + ".\n\n" + markdown_table(headers, table), title="Memory per trainer replica")
     return 0
 
 
