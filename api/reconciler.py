@@ -171,6 +171,8 @@ class Reconciler:
 
     async def reconcile_once(self) -> None:
         ids = await self.store.active_ids()
+        if self.settings.job_credentials == "acl":
+            await self.restore_job_users(ids)
         await asyncio.gather(*(self._one(job_id) for job_id in ids))
         await self.stop_orphans()
         await self.admit(ids)
@@ -186,6 +188,12 @@ class Reconciler:
             return False
         self._last[chore] = now
         return True
+
+    async def restore_job_users(self, ids: list[str]) -> None:
+        """Redis restarted from its AOF keeps the job records but not the jobs' users: recreated here,
+        within a round, so that the drivers (retrying meanwhile) report again and lose nothing."""
+        for job_id in await self.store.restore_job_users(ids):
+            log.warning("recreated the Redis user of job %s (Redis had lost it: restarted without an ACL file?)", job_id)
 
     async def rebuild_lost_records(self) -> int:
         """Record again the jobs running in Ray whose records Redis has lost (their Ray submission
@@ -214,7 +222,7 @@ class Reconciler:
                 continue
             password = urlsplit(job.env.get("RLHF_REDIS_URL") or "").password
             if password and self.settings.job_credentials == "acl":
-                await self.store.restore_job_user(job.job_id, job.tenant, unquote(password))
+                await self.store.restore_job_user(job.job_id, unquote(password))
             log.warning("rebuilt the lost record of job %s (tenant %s) from Ray's job %s", job.job_id, job.tenant, job.submission_id)
             rebuilt += 1
         return rebuilt
@@ -253,7 +261,7 @@ class Reconciler:
     async def _submit(self, rec: dict[str, Any]) -> None:
         job_id, tenant = rec["id"], rec["tenant"]
         try:
-            user = await self.store.job_user(job_id, tenant) if self.settings.job_credentials == "acl" else None
+            user = await self.store.job_user(job_id) if self.settings.job_credentials == "acl" else None
             await self.launcher.submit(job_id, tenant, rec.get("name") or "", rec["launch_spec"], redis_user=user)
         except RayUnavailable as err:
             await self.store.set_fields(job_id, queue={"position": 1, "reason": f"Ray is unavailable: {err}"})
@@ -271,7 +279,7 @@ class Reconciler:
         job_id, restart = rec["id"], decision.restart
         new_id = submission_id(job_id, restart)
         try:
-            user = await self.store.job_user(job_id, rec["tenant"]) if self.settings.job_credentials == "acl" else None
+            user = await self.store.job_user(job_id) if self.settings.job_credentials == "acl" else None
             await self.launcher.submit(job_id, rec["tenant"], rec.get("name") or "", rec["launch_spec"], redis_user=user,
                                        submission_id=new_id, restarts_used=restart)
         except RayUnavailable as err:

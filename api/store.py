@@ -15,9 +15,12 @@ from orchestrator.core.records import (
     ACTIVE_KEY,
     COUNTS_KEY,
     PREFIX,
+    SETTLE_LUA,
     STATUSES,
     TERMINAL,
     TRANSITION_LUA,
+    control_key,
+    effective_status,
     event_record,
     events_key,
     job_key,
@@ -29,11 +32,20 @@ from orchestrator.core.records import (
 
 SEQ_KEY = f"{PREFIX}jobs:seq"
 JOB_USER_PREFIX = "rlhf."  # + the job id: the Redis ACL user of one job
+# All a job's reporter sends (orchestrator/redis_reporter.py): no scripts (a script's loop would hold
+# Redis from every tenant), nothing that lists or counts the keyspace.
+JOB_USER_COMMANDS = ("auth", "hello", "ping", "select", "reset", "multi", "exec", "discard", "watch", "unwatch",
+                     "hget", "hmget", "hset", "xadd", "xrange", "xdel")
+ACL_HASH_FIELD = "acl_sha256"  # in the control hash: how the job user is recreated after Redis lost it
 FILE_SEQ_KEY = f"{PREFIX}files:seq"
 IDEMPOTENCY_TTL_S = 24 * 3600
 _JSON_FIELDS = ("metrics", "error", "metadata", "spec", "checkpoints", "launch_spec", "demand", "queue")
 _FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at", "admitted_at", "resubmitted_at")
 _INT_FIELDS = ("step", "total_steps", "seq", "priority", "restarts")
+# Fields a job's processes write, in the job hash (the control plane's copy of id and tenant is there
+# for reading only); everything else the record has lives in the control hash, out of the job's reach.
+_JOB_WRITES = ("status", "step", "total_steps", "metrics", "error", "checkpoints", "started_at", "finished_at",
+               "updated_at", "restarts", "reporter_mark")
 
 
 def _idem_key(tenant: str, key: str) -> str:
@@ -49,6 +61,10 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 return 1
 """
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _glob_escape(text: str) -> str:
@@ -69,20 +85,43 @@ def decode_file(raw: dict[str, str]) -> dict[str, Any]:
 
 
 def decode(raw: dict[str, str]) -> dict[str, Any]:
+    """Typed fields; one that does not parse (a job's processes may write anything into the job hash)
+    reads as unset, so one job's garbage fails no reader of the records (the reconciler's round)."""
     rec: dict[str, Any] = dict(raw)
-    for f in _JSON_FIELDS:
-        rec[f] = json.loads(raw[f]) if raw.get(f) else None
-    for f in _FLOAT_FIELDS:
-        rec[f] = float(raw[f]) if raw.get(f) else None
-    for f in _INT_FIELDS:
-        rec[f] = int(raw[f]) if raw.get(f) else None
+    for fields, parse in ((_JSON_FIELDS, json.loads), (_FLOAT_FIELDS, float), (_INT_FIELDS, int)):
+        for f in fields:
+            try:
+                rec[f] = parse(raw[f]) if raw.get(f) else None
+            except (ValueError, TypeError, RecursionError):
+                rec[f] = None
     return rec
+
+
+def merge(job: dict[str, str], control: dict[str, str]) -> dict[str, Any] | None:
+    """One record from the job hash (what the job reports) and the control hash (what only the control
+    plane writes, and wins): None without a control hash (a driver's writes alone are no record). The
+    status is effective_status's; restarts the larger count (the driver's own, the control plane's resubmissions)."""
+    if not control:
+        return None
+    reported = {k: v for k, v in job.items() if k in _JOB_WRITES}
+    rec = {**reported, **{k: v for k, v in control.items() if k != ACL_HASH_FIELD}}
+    rec["status"] = effective_status(job.get("status"), control.get("status")) or "queued"
+    rec["restarts"] = str(max(_int(job.get("restarts")), _int(control.get("restarts"))))
+    return decode(rec)
+
+
+def _int(text: str | None) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0
 
 
 class JobStore:
     def __init__(self, url: str):
         self.redis = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30)
         self._transition = self.redis.register_script(TRANSITION_LUA)
+        self._settle = self.redis.register_script(SETTLE_LUA)
         self._reserve = self.redis.register_script(RESERVE_LUA)
 
     async def close(self) -> None:
@@ -103,41 +142,43 @@ class JobStore:
         if not await self._reserve(keys=[tenant_status_key(tenant, "queued"), tenant_jobs_key(tenant), *active],
                                    args=[max_active or 2**62, seq, job_id]):
             return None
-        fields = {
-            "id": job_id, "tenant": tenant, "name": name, "status": "queued", "seq": seq,
-            "created_at": repr(now), "updated_at": repr(now), "step": 0,
+        control = {
+            "id": job_id, "tenant": tenant, "name": name, "status": "queued", "seq": seq, "created_at": repr(now),
             "spec": json.dumps(spec), "metadata": json.dumps(metadata), "ray_submission_id": job_id,
         }
         if idempotency_key:
-            fields["idempotency_key"] = idempotency_key
+            control["idempotency_key"] = idempotency_key
         for key, value in extra.items():  # launch_spec, demand (JSON), priority
-            fields[key] = json.dumps(value) if key in _JSON_FIELDS else value
+            control[key] = json.dumps(value) if key in _JSON_FIELDS else value
+        job = {"id": job_id, "tenant": tenant, "status": "queued", "updated_at": repr(now), "step": 0}
         event = event_record("status", "queued", {"status": "queued"}, now)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(job_key(job_id), mapping=fields)
+        pipe.hset(control_key(job_id), mapping=control)
+        pipe.hset(job_key(job_id), mapping=job)
         pipe.hincrby(COUNTS_KEY, "queued", 1)
         pipe.sadd(ACTIVE_KEY, job_id)
         pipe.xadd(events_key(job_id), {"data": json.dumps(event)})
         await pipe.execute()
-        return decode({k: str(v) for k, v in fields.items()})
+        return merge({k: str(v) for k, v in job.items()}, {k: str(v) for k, v in control.items()})
 
     async def rebuild(self, job_id: str, tenant: str, name: str, launch_spec: dict, submission_id: str, restarts: int,
                       started_at: float | None, note: str, demand: list | None = None) -> bool:
         """Record again a job that runs in Ray but whose record Redis lost (data loss, a flushed
         database): `running`, from what its Ray submission carries. False if a record exists (another
         API process rebuilt it first). Its earlier events and metrics are gone; `note` says so."""
-        if not await self.redis.hsetnx(job_key(job_id), "id", job_id):
+        if not await self.redis.hsetnx(control_key(job_id), "id", job_id):
             return False
         now = time.time()
         seq = await self.redis.incr(SEQ_KEY)
-        fields = {
+        control = {
             "tenant": tenant, "name": name, "status": "running", "seq": seq, "created_at": repr(started_at or now),
-            "admitted_at": repr(started_at or now), "started_at": repr(started_at or now), "updated_at": repr(now), "step": 0,
-            "spec": json.dumps(launch_spec), "launch_spec": json.dumps(launch_spec), "metadata": json.dumps({}),
-            "ray_submission_id": submission_id, "restarts": restarts, "demand": json.dumps(demand or []),
+            "admitted_at": repr(started_at or now), "spec": json.dumps(launch_spec), "launch_spec": json.dumps(launch_spec),
+            "metadata": json.dumps({}), "ray_submission_id": submission_id, "restarts": restarts, "demand": json.dumps(demand or []),
         }
+        job = {"id": job_id, "tenant": tenant, "status": "running", "started_at": repr(started_at or now), "updated_at": repr(now)}
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(job_key(job_id), mapping=fields)
+        pipe.hset(control_key(job_id), mapping=control)
+        pipe.hset(job_key(job_id), mapping=job)
         pipe.zadd(tenant_jobs_key(tenant), {job_id: seq})
         pipe.zadd(tenant_status_key(tenant, "running"), {job_id: seq})
         pipe.hincrby(COUNTS_KEY, "running", 1)
@@ -146,45 +187,59 @@ class JobStore:
         await pipe.execute()
         return True
 
-    async def restore_job_user(self, job_id: str, tenant: str, password: str) -> None:
+    async def restore_job_user(self, job_id: str, password: str) -> None:
         """Create the job's Redis user again with the password its processes hold (after Redis lost it)."""
-        await self._set_job_user(job_id, tenant, password)
+        await self.redis.hset(control_key(job_id), ACL_HASH_FIELD, _sha256(password))
+        await self._set_job_user(job_id, _sha256(password))
 
     async def delete(self, job_id: str) -> None:
         """Remove a job that never reached Ray (its launch failed), as if it had not been created."""
-        raw = await self.redis.hgetall(job_key(job_id))
+        raw = await self.redis.hgetall(control_key(job_id))
         if not raw:
             return
         pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(job_key(job_id), events_key(job_id), metrics_key(job_id))
+        pipe.delete(job_key(job_id), events_key(job_id), metrics_key(job_id), control_key(job_id))
         pipe.zrem(tenant_jobs_key(raw["tenant"]), job_id)
         pipe.zrem(tenant_status_key(raw["tenant"], raw["status"]), job_id)
         pipe.hincrby(COUNTS_KEY, raw["status"], -1)
         pipe.srem(ACTIVE_KEY, job_id)
         await pipe.execute()
         await self.redis.execute_command("ACL", "DELUSER", JOB_USER_PREFIX + job_id)
+        await self._save_acl()
 
     async def add_event(self, job_id: str, type: str, message: str, **data: Any) -> None:
         """An event the API itself reports (admission); statuses go through `transition`."""
         await self.redis.xadd(events_key(job_id), {"data": json.dumps(event_record(type, message, data, time.time()))})
 
     async def set_fields(self, job_id: str, **fields: Any) -> None:
-        """Fields of a job the status script does not own (admission: admitted_at, queue)."""
+        """Fields of a job the status script does not own (admission: admitted_at, queue), in its control hash."""
         mapping = {k: json.dumps(v) if k in _JSON_FIELDS else repr(v) if isinstance(v, float) else v for k, v in fields.items() if v is not None}
         gone = [k for k, v in fields.items() if v is None]
         pipe = self.redis.pipeline(transaction=True)
         if mapping:
-            pipe.hset(job_key(job_id), mapping=mapping)
+            pipe.hset(control_key(job_id), mapping=mapping)
         if gone:
-            pipe.hdel(job_key(job_id), *gone)
+            pipe.hdel(control_key(job_id), *gone)
         await pipe.execute()
 
     async def get(self, job_id: str, tenant: str | None = None) -> dict | None:
-        """The record, or None if there is none or it belongs to another tenant."""
-        raw = await self.redis.hgetall(job_key(job_id))
-        if not raw or (tenant is not None and raw.get("tenant") != tenant):
+        """The record, or None if there is none or it belongs to another tenant. A status the job
+        reported that the shared indexes do not show yet is brought into them (`settle`)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(job_key(job_id))
+        pipe.hgetall(control_key(job_id))
+        job, control = await pipe.execute()
+        rec = merge(job, control)
+        if rec is None or (tenant is not None and rec.get("tenant") != tenant):
             return None
-        return decode(raw)
+        if rec["status"] != control.get("status"):
+            await self.settle(job_id)
+        return rec
+
+    async def settle(self, job_id: str) -> str | None:
+        """Move the job in the shared indexes (tenant status sets, counters, active set) to the status it
+        reported, by effective_status's rule: what a job cannot write itself. The status now."""
+        return await self._settle(keys=[job_key(job_id), events_key(job_id), control_key(job_id)], args=[PREFIX, job_id])
 
     async def list(self, tenant: str, limit: int, after: str | None = None, status: str | None = None) -> tuple[list[dict], bool] | None:
         """Newest first. None when `after` is not one of this tenant's jobs."""
@@ -196,8 +251,10 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids[:limit]:
             pipe.hgetall(job_key(job_id))
+            pipe.hgetall(control_key(job_id))
         raws = await pipe.execute()
-        return [decode(r) for r in raws if r], len(ids) > limit
+        recs = [merge(job, control) for job, control in zip(raws[::2], raws[1::2])]
+        return [r for r in recs if r is not None], len(ids) > limit
 
     async def _cursor(self, index: str, after: str | None) -> str | None:
         """The ZREVRANGEBYSCORE bound just below `after` in a tenant's index (None: not in it)."""
@@ -227,21 +284,58 @@ class JobStore:
 
     # --- a job's own Redis user -------------------------------------------------------------------
 
-    async def job_user(self, job_id: str, tenant: str) -> tuple[str, str]:
-        """(user, password) of a Redis ACL user that reaches this job's record, events and metrics,
-        its tenant's status indexes and the two shared counters the status script keeps, and
-        nothing else: what the job's processes (driver, actors, reward code) hold."""
-        return await self._set_job_user(job_id, tenant, secrets.token_hex(24))
-
-    async def _set_job_user(self, job_id: str, tenant: str, password: str) -> tuple[str, str]:
-        user = JOB_USER_PREFIX + job_id
-        keys = [job_key(job_id), events_key(job_id), metrics_key(job_id), tenant_status_key(_glob_escape(tenant), "*"),
-                COUNTS_KEY, ACTIVE_KEY]
-        await self.redis.execute_command(
-            "ACL", "SETUSER", user, "reset", "on", f">{password}", *(f"~{k}" for k in keys), "resetchannels",
-            "-@all", "+@connection", "+@read", "+@write", "+@scripting", "+@transaction", "-@dangerous",
-        )
+    async def job_user(self, job_id: str) -> tuple[str, str]:
+        """(user, password) of a Redis ACL user that reaches this job's record, events and metrics and
+        nothing else (JOB_USER_COMMANDS on those three keys): what the job's processes (driver, actors,
+        reward code) hold. The control hash keeps the password's SHA-256, to recreate the user."""
+        password = secrets.token_hex(24)
+        await self.redis.hset(control_key(job_id), ACL_HASH_FIELD, _sha256(password))
+        user, _ = await self._set_job_user(job_id, _sha256(password))
         return user, password
+
+    async def _set_job_user(self, job_id: str, sha256: str) -> tuple[str, str]:
+        user = JOB_USER_PREFIX + job_id
+        keys = [job_key(job_id), events_key(job_id), metrics_key(job_id)]
+        await self.redis.execute_command(
+            "ACL", "SETUSER", user, "reset", "on", f"#{sha256}", *(f"~{_glob_escape(k)}" for k in keys), "resetchannels",
+            "-@all", *(f"+{c}" for c in JOB_USER_COMMANDS),
+        )
+        await self._save_acl()
+        return user, sha256
+
+    _acl_file: bool | None = None  # whether Redis has an ACL file (None: not asked yet)
+
+    async def _save_acl(self) -> None:
+        """Write the users into Redis's ACL file where it has one (the deploy manifests give it one), so
+        that a restarted Redis has them at once; without one the reconciler recreates them (restore_job_users)."""
+        if self._acl_file is False:
+            return
+        try:
+            await self.redis.execute_command("ACL", "SAVE")
+            self._acl_file = True
+        except aioredis.ResponseError as err:
+            if "ACL file" not in str(err):
+                raise
+            self._acl_file = False
+
+    async def restore_job_users(self, ids: list[str]) -> list[str]:
+        """Recreate the Redis users that the active jobs among `ids` hold but Redis has lost (ACL users
+        are not in the AOF: a restarted Redis keeps the records and forgets the users), with their
+        passwords' hashes: the jobs' reports flow again. The ids of the users recreated."""
+        users = set(await self.redis.execute_command("ACL", "USERS"))
+        missing = [i for i in ids if JOB_USER_PREFIX + i not in users]
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in missing:
+            pipe.hmget(control_key(job_id), ACL_HASH_FIELD, "status")
+        restored = []
+        for job_id, (sha256, status) in zip(missing, await pipe.execute()):
+            if sha256 and status not in TERMINAL:  # (a job waiting for admission has no user yet)
+                await self._set_job_user(job_id, sha256)
+                now = await self.redis.hget(control_key(job_id), ACL_HASH_FIELD)
+                if now and now != sha256:  # resubmitted meanwhile, with a new password: that one holds
+                    await self._set_job_user(job_id, now)
+                restored.append(job_id)
+        return restored
 
     async def drop_job_users(self, keep) -> int:
         """Delete the ACL users of jobs for which `await keep(job_id)` is false; how many went."""
@@ -249,6 +343,7 @@ class JobStore:
         gone = [u for u in users if not await keep(u[len(JOB_USER_PREFIX):])]
         if gone:
             await self.redis.execute_command("ACL", "DELUSER", *gone)
+            await self._save_acl()
         return len(gone)
 
     # --- files ----------------------------------------------------------------------------------

@@ -86,14 +86,15 @@ _CODES = {SpecError: "invalid_spec", DataError: "invalid_data", ModelLoadError: 
           PhaseTimeout: "timeout", RestartsExhausted: "actor_died"}
 
 
-def reporters_from_env(job_id: str) -> list[Any]:
-    """Reporters configured by the launcher's environment (the control plane sets RLHF_REDIS_URL)."""
+def reporters_from_env(job_id: str, history: Path | None = None) -> list[Any]:
+    """Reporters configured by the launcher's environment (the control plane sets RLHF_REDIS_URL).
+    `history`: the run directory's metrics.jsonl, which a resumed job's Redis history is completed from."""
     out: list[Any] = []
     url = os.environ.get("RLHF_REDIS_URL")
     if url:
         from orchestrator.redis_reporter import RedisReporter
 
-        out.append(RedisReporter(url, job_id))
+        out.append(RedisReporter(url, job_id, history))
     return out
 
 
@@ -127,7 +128,7 @@ def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False,
     # Experiment trackers first: a warning about one (its server down) then reaches the run dir and
     # Redis before the job's final status does.
     trackers = tracker_reporters(spec, job_id, lambda message, **data: reporter.event("warning", message, **data))
-    reporter = MultiReporter(*trackers, file_reporter, *mirror, *reporters_from_env(job_id), *(extra_reporters or []))
+    reporter = MultiReporter(*trackers, file_reporter, *mirror, *reporters_from_env(job_id, file_reporter.metrics_path), *(extra_reporters or []))
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     stopping.reset()
     stopping.install()

@@ -76,3 +76,50 @@ def test_a_redis_restart_mid_job_loses_no_step_and_repeats_none(tmp_path):
         assert client.hget(job_key(job_id), "status") == "succeeded" and client.hget(job_key(job_id), "step") == "12"
     finally:
         stop_group(server)
+
+
+def test_a_resumed_driver_brings_back_the_steps_a_dead_one_never_sent(tmp_path):
+    """A driver killed inside a Redis outage took its queued writes with it; the run directory has
+    them. The resumed driver's rewind completes the stream from metrics.jsonl: each step once, in order,
+    with the file's values, however often it rewinds."""
+    from api.store import JobStore
+    from orchestrator.reporting import FileReporter
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    (tmp_path / "redis").mkdir()
+    server = start_redis(port, tmp_path / "redis")
+    job_id = "job-lost-writes"
+    try:
+        async def record():
+            store = JobStore(url)
+            await store.create(job_id, "acme", "lost", {"name": "lost"}, {}, None)
+            await store.close()
+
+        asyncio.run(record())
+        run_dir = FileReporter(tmp_path / "run")
+        dead = RedisReporter(url, job_id)  # the first driver: its steps 1-3 and 5 reached Redis, 4 and 6-10 died with it
+        for step in range(1, 11):
+            values = {"stage_index": 0.0, "reward/mean": step / 10}
+            run_dir.metrics(step, {"stage": "train", **values})
+            if step in (1, 2, 3, 5):
+                dead.metrics(step, values)
+        dead.close()
+        run_dir.rewind(8)  # the resumed driver: back to its checkpoint at step 8, in the run directory first
+        resumed = RedisReporter(url, job_id, history=run_dir.metrics_path)
+        try:
+            resumed.rewind(8)
+            for step in (9, 10):
+                values = {"stage_index": 0.0, "reward/mean": step / 100}
+                run_dir.metrics(step, {"stage": "train", **values})
+                resumed.metrics(step, values)
+            resumed.rewind(10)  # (an actor lost at the end: nothing to add or remove)
+        finally:
+            resumed.close()
+        client = redis.Redis(port=port, decode_responses=True)
+        stream = [json.loads(f["data"]) for _, f in client.xrange(metrics_key(job_id))]
+        lines = [json.loads(line) for line in run_dir.metrics_path.read_text().splitlines()]
+        assert [m["step"] for m in stream] == list(range(1, 11))
+        assert [m["values"] for m in stream] == [{k: v for k, v in line.items() if k not in ("step", "time", "stage")} for line in lines]
+    finally:
+        stop_group(server)

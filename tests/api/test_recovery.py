@@ -88,8 +88,16 @@ def test_a_killed_driver_is_resubmitted_and_resumes_from_its_checkpoint(alpha, t
 def test_a_record_redis_lost_is_rebuilt_from_ray_and_the_job_can_be_cancelled(alpha, tiny, workdir, ray_head, redis_url):
     import redis
 
-    from api.store import JOB_USER_PREFIX, decode
-    from orchestrator.core.records import COUNTS_KEY, events_key, job_key, metrics_key, tenant_jobs_key, tenant_status_key
+    from api.store import JOB_USER_PREFIX, merge
+    from orchestrator.core.records import (
+        COUNTS_KEY,
+        control_key,
+        events_key,
+        job_key,
+        metrics_key,
+        tenant_jobs_key,
+        tenant_status_key,
+    )
 
     job_id = alpha.post("/v1/jobs", json=job_body(tiny, workdir, "amnesia", 100000)).json()["id"]
     wait_status(alpha, job_id, {"running"}, 150)
@@ -97,9 +105,9 @@ def test_a_record_redis_lost_is_rebuilt_from_ray_and_the_job_can_be_cancelled(al
 
     # Redis loses the job: its record, history, index entries and Redis user (as a flushed or lost database would).
     r = redis.Redis.from_url(redis_url, decode_responses=True)
-    rec = decode(r.hgetall(job_key(job_id)))
+    rec = merge(r.hgetall(job_key(job_id)), r.hgetall(control_key(job_id)))
     pipe = r.pipeline(transaction=True)
-    pipe.delete(job_key(job_id), events_key(job_id), metrics_key(job_id))
+    pipe.delete(job_key(job_id), events_key(job_id), metrics_key(job_id), control_key(job_id))
     pipe.zrem(tenant_jobs_key("alpha"), job_id)
     pipe.zrem(tenant_status_key("alpha", rec["status"]), job_id)
     pipe.hincrby(COUNTS_KEY, rec["status"], -1)
@@ -113,7 +121,7 @@ def test_a_record_redis_lost_is_rebuilt_from_ray_and_the_job_can_be_cancelled(al
     recovered = events_of(alpha, job_id, "recovered")
     assert len(recovered) == 1 and "after the control plane's Redis lost it" in recovered[0]["message"], recovered
     assert job_id in [j["id"] for j in alpha.get("/v1/jobs", params={"status": "running"}).json()["data"]]
-    assert decode(r.hgetall(job_key(job_id)))["demand"] == rec["demand"]  # admission counts what it holds again
+    assert merge(r.hgetall(job_key(job_id)), r.hgetall(control_key(job_id)))["demand"] == rec["demand"]  # admission counts what it holds again
     wait_until(lambda: len(metric_steps(alpha, job_id)) >= 2, 60, "metrics reported after the rebuild")
 
     assert alpha.post(f"/v1/jobs/{job_id}/cancel").status_code == 200

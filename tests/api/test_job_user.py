@@ -1,0 +1,217 @@
+"""A job's own Redis user (`JobStore.job_user`) reaches its job's three keys and nothing else, and
+what a job writes there moves no decision of the control plane. Real redis-server, the real API
+(its reconciler brings the shared indexes in line and recreates lost users), and the driver's real
+reporter holding the job's credentials."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+
+from api.store import JOB_USER_PREFIX, JobStore
+from orchestrator.core.records import (
+    ACTIVE_KEY,
+    COUNTS_KEY,
+    control_key,
+    events_key,
+    job_key,
+    metrics_key,
+    tenant_jobs_key,
+    tenant_status_key,
+)
+from orchestrator.redis_reporter import RedisReporter
+from tests.api.conftest import make_record, run_async, wait_until
+
+
+def admitted_job(redis_url: str, tenant: str, name: str) -> tuple[str, str]:
+    """A job record as the admission queue leaves it (launch spec, admitted, its own Redis user): (job id,
+    the Redis URL its processes get)."""
+    import uuid
+
+    job_id = "job-" + uuid.uuid4().hex[:24]
+
+    async def go():
+        store = JobStore(redis_url)
+        try:
+            await store.create(job_id, tenant, name, {"name": name}, {}, None, launch_spec={"name": name, "output_dir": f"/runs/{job_id}"},
+                               demand=[{"CPU": 1.0}], priority=0)
+            await store.set_fields(job_id, admitted_at=time.time())
+            return await store.job_user(job_id)
+        finally:
+            await store.close()
+
+    user, password = run_async(go())
+    return job_id, redis_url.replace("redis://", f"redis://{user}:{password}@")
+
+
+@pytest.fixture()
+def mine(redis_url):
+    return admitted_job(redis_url, "alpha", "mine")
+
+
+def listed(client, status: str) -> list[str]:
+    return [j["id"] for j in client.get("/v1/jobs", params={"status": status, "limit": 100}).json()["data"]]
+
+
+def test_a_jobs_user_reaches_its_own_keys_only(mine, redis_url):
+    job_id, url = mine
+    theirs = make_record(redis_url, "beta", "theirs")
+    job = redis.Redis.from_url(url, decode_responses=True)
+    denied = [
+        # the keyspace: every tenant's job and file ids
+        ("SCAN", "0"), ("KEYS", "*"), ("RANDOMKEY",), ("DBSIZE",),
+        # what the control plane shares: the active set (removing a queued job there left it queued for good), counters, indexes
+        ("SMEMBERS", ACTIVE_KEY), ("SREM", ACTIVE_KEY, theirs), ("HINCRBY", COUNTS_KEY, "running", 1),
+        ("ZRANGE", tenant_status_key("alpha", "queued"), 0, -1), ("DEL", tenant_status_key("alpha", "queued")),
+        ("ZREM", tenant_status_key("beta", "queued"), theirs), ("ZADD", tenant_jobs_key("beta"), 1, job_id),
+        # another job, its own control hash, and scripts (a script's endless loop would hold Redis from every tenant)
+        ("HGETALL", job_key(theirs)), ("HSET", job_key(theirs), "status", "failed"), ("XADD", events_key(theirs), "*", "data", "{}"),
+        ("HSET", control_key(job_id), "tenant", "beta"), ("HGETALL", control_key(job_id)),
+        ("EVAL", "return 1", 0), ("FUNCTION", "LIST"), ("CONFIG", "GET", "maxmemory"), ("ACL", "LIST"), ("FLUSHALL",),
+    ]
+    allowed = []
+    for command in denied:
+        try:
+            job.execute_command(*command)
+            allowed.append(command[0])
+        except redis.exceptions.NoPermissionError:
+            pass
+    assert allowed == []
+    # Its own keys, as the reporter uses them:
+    assert job.hget(job_key(job_id), "tenant") == "alpha"
+    assert job.xadd(metrics_key(job_id), {"data": json.dumps({"step": 1, "time": 1.0, "values": {}})})
+    assert len(job.xrange(metrics_key(job_id))) == 1
+
+
+def test_the_reporter_with_a_jobs_user_reports_and_the_control_plane_indexes_it(mine, alpha, capfd):
+    job_id, url = mine
+    assert job_id in listed(alpha, "queued")
+    rep = RedisReporter(url, job_id)
+    try:
+        rep.event("status", "starting", status="starting", job_id=job_id)
+        rep.event("status", "running", status="running", total_steps=3)
+        for step in (1, 2, 3):
+            rep.metrics(step, {"reward/mean": step / 10})
+        rep.event("restart", "an actor died", restart=1)
+        rep.rewind(2)
+        rep.metrics(3, {"reward/mean": 0.5})
+    finally:
+        rep.close()
+    assert "could not write" not in capfd.readouterr().err
+    # The shared indexes follow what the job reported (the API's reconciler settles them): listing by status works.
+    wait_until(lambda: job_id in listed(alpha, "running") and job_id not in listed(alpha, "queued"), 30, "the job listed as running")
+    job = alpha.get(f"/v1/jobs/{job_id}").json()
+    assert (job["status"], job["step"], job["total_steps"], job["restarts"]) == ("running", 3, 3, 1)
+    assert job["metrics"] == {"reward/mean": 0.5}
+    metrics = alpha.get(f"/v1/jobs/{job_id}/metrics").json()["data"]
+    assert [(m["step"], m["values"]) for m in metrics] == [(1, {"reward/mean": 0.1}), (2, {"reward/mean": 0.2}), (3, {"reward/mean": 0.5})]
+    events = alpha.get(f"/v1/jobs/{job_id}/events").json()["data"]
+    assert [e["data"]["status"] for e in events if e["type"] == "status"] == ["queued", "starting", "running"]
+
+    rep = RedisReporter(url, job_id)
+    try:
+        rep.event("status", "running", status="running")  # late: not applied, no event
+        rep.event("status", "succeeded", status="succeeded", step=3)
+    finally:
+        rep.close()
+    wait_until(lambda: job_id in listed(alpha, "succeeded"), 30, "the job listed as succeeded")
+    assert job_id not in listed(alpha, "running")
+    events = alpha.get(f"/v1/jobs/{job_id}/events").json()["data"]
+    assert [e["data"]["status"] for e in events if e["type"] == "status"] == ["queued", "starting", "running", "succeeded"]
+
+
+def test_what_a_job_writes_into_its_record_moves_no_decision_of_the_control_plane(mine, redis_url, alpha, beta):
+    job_id, url = mine
+
+    async def run_it():
+        store = JobStore(redis_url)
+        try:
+            await store.transition(job_id, "running", "running")
+        finally:
+            await store.close()
+
+    run_async(run_it())
+    job = redis.Redis.from_url(url, decode_responses=True)
+    # Everything its user may write into its own hash: the tenant, the spec it is resubmitted with,
+    # what admission counts, its Ray job, its restarts; a status taken back; numbers that are not.
+    job.hset(job_key(job_id), mapping={
+        "tenant": "beta", "launch_spec": json.dumps({"name": "evil", "output_dir": "/etc"}), "demand": "[]", "priority": 100,
+        "admitted_at": "", "ray_submission_id": "job-someone-else", "seq": 1, "status": "queued", "restarts": -5,
+        "step": "many", "metrics": "{not json", "created_at": "[",
+    })
+    assert beta.get(f"/v1/jobs/{job_id}").status_code == 404
+    assert job_id not in listed(beta, "running") and job_id not in listed(beta, "queued")
+    shown = alpha.get(f"/v1/jobs/{job_id}")
+    assert shown.status_code == 200, shown.text
+    assert (shown.json()["status"], shown.json()["priority"], shown.json()["ray_submission_id"]) == ("running", 0, job_id)
+    assert job_id in listed(alpha, "running")
+
+    async def read():
+        store = JobStore(redis_url)
+        try:
+            return await store.get(job_id)
+        finally:
+            await store.close()
+
+    rec = run_async(read())
+    assert rec["tenant"] == "alpha" and rec["launch_spec"] == {"name": "mine", "output_dir": f"/runs/{job_id}"}
+    assert rec["demand"] == [{"CPU": 1.0}] and rec["admitted_at"] is not None and rec["restarts"] == 0
+    assert rec["step"] is None and rec["metrics"] is None  # garbage reads as unset: no reader fails on it
+
+
+def test_a_job_user_redis_lost_comes_back_with_the_password_the_job_holds(mine, redis_url):
+    job_id, url = mine
+    admin = redis.Redis.from_url(redis_url)
+    job = redis.Redis.from_url(url)
+    assert job.ping()
+    admin.execute_command("ACL", "DELUSER", JOB_USER_PREFIX + job_id)  # as a Redis restarted from its AOF forgets it
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis.from_url(url).ping()
+
+    def pings():
+        try:
+            return redis.Redis.from_url(url).ping()
+        except redis.exceptions.AuthenticationError:
+            return False
+
+    wait_until(pings, 30, f"the API's reconciler to recreate the Redis user of job {job_id}")
+    with pytest.raises(redis.exceptions.NoPermissionError):  # as narrow as before
+        redis.Redis.from_url(url).execute_command("SCAN", "0")
+
+
+def test_the_shipped_redis_keeps_job_users_across_a_restart(tmp_path):
+    """docker-compose.yml's Redis (an ACL file beside the AOF, as deploy/k8s/redis.yaml has too), run
+    here: a job's user is back with the restarted Redis, before any reconciler round."""
+    import subprocess
+
+    import yaml
+
+    from tests.conftest import ROOT, free_port, stop_group
+
+    command = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["redis"]["command"]
+    assert command[0] == "redis-server" and "--aclfile" in command
+    args = [str(tmp_path / a.removeprefix("/data/")) if a.startswith("/data/") else a for a in command[1:]]
+    (tmp_path / "users.acl").touch()  # (the entrypoint's touch)
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def start():
+        proc = subprocess.Popen(["redis-server", *args, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_until(redis.Redis(port=port).ping, 15, f"redis-server on port {port}")
+        return proc
+
+    server = start()
+    try:
+        job_id, job_url = admitted_job(url, "alpha", "kept")
+        server.terminate()
+        server.wait(15)
+        server = start()
+        assert redis.Redis.from_url(job_url).hget(job_key(job_id), "tenant") == b"alpha"
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            redis.Redis.from_url(job_url).execute_command("DBSIZE")
+    finally:
+        stop_group(server)
