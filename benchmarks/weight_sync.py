@@ -54,6 +54,7 @@ def measure(size: str, repeats: int) -> dict:
     import ray
     import torch
 
+    from orchestrator import waits
     from orchestrator.core.spec import OptimSpec, RolloutSpec
     from orchestrator.placement import PASSIVE
     from orchestrator.tiny_model import init_model
@@ -91,7 +92,7 @@ def measure(size: str, repeats: int) -> dict:
         copy(), via_object_store()  # first touch of every page
         object_store_s = best(via_object_store, repeats)
         assert same_weights(), "object store sync: engine weights differ from the trainer's"
-        failed = share_memory(trainer, [rollout], f"bench-{size}")
+        failed = share_memory(trainer, [rollout], f"bench-{size}", lambda refs, phase: waits.wait(refs, phase, None))
         if failed:
             raise SystemExit(f"shared memory sync is not possible here: {failed}")
         via_shared_memory()

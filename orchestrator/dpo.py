@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import ray
 import torch
 
 from orchestrator.core.batch import Batch
@@ -22,7 +21,7 @@ class DPOOrchestrator(PreferenceOrchestrator):
     def pairs(self, dataset: PreferenceDataset, index: list[int], timing: dict) -> Batch:
         batch = super().pairs(dataset, index, timing)
         t0 = time.perf_counter()
-        results = ray.get(self.reference_group.call_sharded("compute_logprobs", batch))
+        results = self.wait(self.reference_group.call_sharded("compute_logprobs", batch), "reference")
         timing["reference_compute"] = max(t for _, t in results)
         timing["reference"] = time.perf_counter() - t0
         return batch.replace(ref_logprobs=torch.cat([lp for lp, _ in results]))

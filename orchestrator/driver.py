@@ -9,13 +9,11 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError
 
-from orchestrator import evaluation, stopping, weight_sync
+from orchestrator import evaluation, stopping, waits, weight_sync
 from orchestrator.core import algos, checkpoint, storage
 from orchestrator.core.advantages import compute_advantages
 from orchestrator.core.batch import Batch, concat, tensors_from_wire
@@ -24,6 +22,7 @@ from orchestrator.core.spec import JobSpec
 from orchestrator.placement import ActorGroup, actor_env, create_placement_group, plan, spawn_group
 from orchestrator.registry import rollout_class, trainer_class
 from orchestrator.reporting import Reporter
+from orchestrator.waits import PhaseTimeout  # noqa: F401  (re-exported: run.py names its error code)
 from workers.common import load_tokenizer
 from workers.critic import Critic
 from workers.reference import Reference
@@ -54,10 +53,6 @@ def rollout_metrics(batch: Batch, per_source: dict[str, torch.Tensor], spec: Job
         out["critic/values/mean"] = algos.masked_mean(batch.values, mask).item()
     out["advantages/mean"] = algos.masked_mean(batch.advantages, mask).item()
     return out
-
-
-class PhaseTimeout(TimeoutError):
-    """A phase of a step took longer than `fault_tolerance.call_timeout_s`."""
 
 
 def in_daemon_thread(fn, *args) -> Future:
@@ -130,30 +125,9 @@ class Orchestrator:
         return {**metrics, **self.throughput(batch, timing), **{f"timing/{k}": v for k, v in timing.items()}}
 
     def wait(self, refs, phase: str):
-        """`ray.get`, bounded by `fault_tolerance.call_timeout_s`: a phase that hangs fails the job,
-        naming it. A call that failed (its actor lost) raises as soon as it is known, not after its
-        peers, which may be blocked on it in a collective (DDP's all-reduce) until they time out."""
-        limit = self.spec.fault_tolerance.call_timeout_s
-
-        def timed_out() -> PhaseTimeout:
-            return PhaseTimeout(f"the {phase} phase of step {self.current_step} did not finish within fault_tolerance.call_timeout_s={limit:g} s")
-
-        if isinstance(refs, Future):  # computed in this process (rewards in the driver)
-            try:
-                return refs.result(timeout=limit)
-            except FutureTimeout:
-                raise timed_out() from None
-        deadline = None if limit is None else time.monotonic() + limit
-        pending = list(refs) if isinstance(refs, list) else [refs]
-        while len(pending) > 1:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
-            if not ready:
-                break
-            ray.get(ready)  # raises if that call failed
-        try:
-            return ray.get(refs, timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
-        except GetTimeoutError:
-            raise timed_out() from None
+        """The results of actor calls (or of a `Future`), bounded by `fault_tolerance.call_timeout_s`:
+        a phase that hangs fails the job, naming it and the step (none before the first)."""
+        return waits.wait(refs, phase, self.spec.fault_tolerance.call_timeout_s, self.current_step)
 
     # ------------------------------------------------------------ phases
     def step_prompts(self, step: int) -> tuple[list[list[int]], list[dict]]:
@@ -273,7 +247,7 @@ class Orchestrator:
             return
         if "rollout" not in self.groups:  # an SFT stage that does not evaluate has no rollouts to sync
             return
-        path = self.weight_sync = weight_sync.setup(self.spec, self.groups["trainer"], self.groups["rollout"], self.job_id)
+        path = self.weight_sync = weight_sync.setup(self.spec, self.groups["trainer"], self.groups["rollout"], self.job_id, self.wait)
         self.reporter.event("weight_sync", f"weights sync by {path.method} ({path.reason})", method=path.method, reason=path.reason)
 
     def evaluate(self, dataset: PromptDataset) -> dict[str, float]:
@@ -334,6 +308,7 @@ class Orchestrator:
             self.groups[role] = spawn_group(cls, role, self.job_id, pg, layout, make_kwargs, env)
         if spec.scores_with_rewards and spec.rewards_in_driver:  # (functions only: no device, no actor)
             self.local_rewards = RewardWorker(list(spec.rewards), m.path, m.dtype, m.trust_remote_code, threads=res.torch_threads)
+        self.wait_started()
         self._init_data_parallel("trainer")
         if "critic" in self.groups:
             self._init_data_parallel("critic")
@@ -342,6 +317,13 @@ class Orchestrator:
         self.setup_weight_sync()
         names = [f"{self.job_id}/{r}-{i}" for r, g in self.groups.items() for i in range(len(g))]
         self.reporter.event("actors_ready", f"{len(names)} actors up", actors=names)
+
+    def wait_started(self) -> None:
+        """Every actor constructed (its model loaded), within `fault_tolerance.start_timeout_s`: the
+        phases' own deadline (`call_timeout_s`) then never has to cover a model's loading."""
+        refs = [actor.__ray_ready__.remote() for group in self.groups.values() for actor in group.actors]
+        waits.wait(refs, f"start ({', '.join(self.groups)})", self.spec.fault_tolerance.start_timeout_s,
+                   setting="fault_tolerance.start_timeout_s")
 
     def actor_names(self) -> dict[str, str]:
         """Actor id (hex) -> `job/role-i`: how the job names its actors (in events and in Ray's dashboard)."""
@@ -362,9 +344,9 @@ class Orchestrator:
 
     def _init_data_parallel(self, role: str) -> None:
         group = self.groups[role]
-        master = ray.get(group.actors[0].address.remote())
+        master = self.wait(group.actors[0].address.remote(), f"{role} process group")
         strategy = getattr(self.spec.resources, role).strategy
-        ray.get(group.call_each("init_distributed", [(master, rank, len(group), strategy) for rank in range(len(group))]))
+        self.wait(group.call_each("init_distributed", [(master, rank, len(group), strategy) for rank in range(len(group))]), f"{role} process group")
 
     def save_checkpoint(self, step: int) -> None:
         path = checkpoint.step_dir(self.spec.checkpoint_dir, step)  # a Path, or a URL (core/storage.py)
@@ -373,7 +355,7 @@ class Orchestrator:
         refs = self.groups["trainer"].call("save", str(path))
         if "critic" in self.groups:
             refs += self.groups["critic"].call("save", str(path))
-        ray.get(refs)
+        self.wait(refs, "checkpoint save")
         model_dir = storage.join(path, self.spec.algo.produces)  # `policy/` or `reward_model/`
         if storage.isdir(model_dir) and not storage.exists(storage.join(model_dir, "tokenizer_config.json")):
             # With its tokenizer, it is a complete model: the next stage's model.path, a later stage's reward model, or anyone's.
@@ -387,6 +369,6 @@ class Orchestrator:
         refs = self.groups["trainer"].call("load", str(path))
         if "critic" in self.groups:
             refs += self.groups["critic"].call("load", str(path))
-        ray.get(refs)
+        self.wait(refs, "checkpoint load")
         self.sync_weights()
         return checkpoint.read_state(path)["step"]

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import time
 
-import ray
-
 from orchestrator.core.batch import concat
 from orchestrator.core.data import PromptDataset
 
@@ -35,7 +33,7 @@ def evaluate(orch, dataset: PromptDataset) -> dict[str, float]:
         orch.sync_weights()
     rollouts = orch.rollout_group
     # (prompts, extras, step, greedy, with_logprobs): scoring needs no behaviour log-probs.
-    batch = concat([b for b, _ in ray.get(rollouts.call_on_rows("generate", [dataset.prompt_ids, dataset.extras], 0, True, False))])
+    batch = concat([b for b, _ in orch.wait(rollouts.call_on_rows("generate", [dataset.prompt_ids, dataset.extras], 0, True, False), "eval generate")])
     scores, per_source, _ = orch.wait(orch.score_rewards(batch), "eval reward")
     out = {f"eval/{label}/mean": values.nan_to_num(0.0).mean().item() for label, values in per_source.items()}
     out["eval/reward/mean"] = scores.mean().item()

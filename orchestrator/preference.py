@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import time
 
-import ray
-
 from orchestrator.core.batch import Batch
 from orchestrator.core.data import PreferenceDataset, preference_batch
 from orchestrator.driver import Orchestrator
@@ -33,7 +31,7 @@ class PreferenceOrchestrator(Orchestrator):
         batch = self.pairs(self.dataset, self.sampler.indices(step - 1), timing)
         t0 = time.perf_counter()
         micro = self.spec.optim.micro_batch_size
-        results = ray.get(self.groups["trainer"].call_sharded(self.step_method, batch, step, micro, *self.trainer_args()))
+        results = self.wait(self.groups["trainer"].call_sharded(self.step_method, batch, step, micro, *self.trainer_args()), "update")
         timing["update_compute"] = max(r.pop("timing/update_compute") for r in results)
         timing["update"] = time.perf_counter() - t0
         stats = results[0]  # every replica holds the all-reduced values
@@ -51,7 +49,7 @@ class PreferenceOrchestrator(Orchestrator):
         totals: dict[str, float] = {}
         for lo in range(0, len(dataset), size):
             index = list(range(lo, min(lo + size, len(dataset))))
-            stats = ray.get(getattr(trainer, self.eval_method).remote(self.pairs(dataset, index, {}), micro, *self.trainer_args()))
+            stats = self.wait(getattr(trainer, self.eval_method).remote(self.pairs(dataset, index, {}), micro, *self.trainer_args()), "eval")
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v * len(index)
         out = {f"eval/{k}": v / len(dataset) for k, v in totals.items()}

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import time
 
-import ray
-
 from orchestrator.core.data import sft_batch
 from orchestrator.driver import Orchestrator
 
@@ -21,7 +19,7 @@ class SFTOrchestrator(Orchestrator):
     def train_step(self, step: int) -> dict[str, float]:
         start = time.perf_counter()
         batch = sft_batch(self.dataset, self.sampler.indices(step - 1), self.pad_token_id)
-        results = ray.get(self.groups["trainer"].call_sharded("sft_step", batch, step, self.spec.optim.micro_batch_size))
+        results = self.wait(self.groups["trainer"].call_sharded("sft_step", batch, step, self.spec.optim.micro_batch_size), "update")
         compute = max(r.pop("timing/update_compute") for r in results)
         stats = results[0]  # every replica holds the all-reduced values
         elapsed = time.perf_counter() - start

@@ -126,6 +126,7 @@ def test_data_parallel_trainers_stay_identical(ray_session, tiny_model, arith_fi
 def test_shared_memory_declines_a_trainer_whose_tensors_do_not_fit(ray_session, tiny_model, tmp_path):
     # A rollout of another shape: the trainer's tensors do not map onto its file, so the job would
     # fall back to the object store (with this reason in its weight_sync event) and leave no file behind.
+    from orchestrator import waits
     from orchestrator.weight_sync import share_memory
     from orchestrator.tiny_model import init_model
     from workers.rollout import HFRollout
@@ -136,7 +137,7 @@ def test_shared_memory_declines_a_trainer_whose_tensors_do_not_fit(ray_session, 
     trainer = ray.remote(PolicyTrainer).options(num_cpus=0).remote(str(tiny_model), OptimSpec(lr=1e-3), RolloutSpec())
     rollout = ray.remote(HFRollout).options(num_cpus=0).remote(str(other))
     try:
-        reason = share_memory(trainer, [rollout], "mismatch-test")
+        reason = share_memory(trainer, [rollout], "mismatch-test", lambda refs, phase: waits.wait(refs, phase, 300))
     finally:
         ray.kill(trainer), ray.kill(rollout)
     assert reason.startswith("the trainer's tensors do not map onto the engine's") and "trainer has torch.float32 (260, 128)" in reason

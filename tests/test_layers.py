@@ -125,3 +125,45 @@ def test_the_control_plane_loads_no_torch():
 
     code = "import sys, api.main; heavy = {'torch', 'transformers'} & set(sys.modules); assert not heavy, heavy"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+# The one timed wait for actor calls (fault_tolerance.call_timeout_s); ray.wait may stand elsewhere
+# only with a deadline of its own (a placement group's readiness).
+TIMED_WAIT = "orchestrator/waits.py"
+
+
+def untimed_waits(root: Path) -> list[str]:
+    """`file:line` of every `ray.get` outside the timed wait, and of every `ray.wait` there without a `timeout=`."""
+    found = []
+    for pkg in PACKAGES:
+        for path in sorted((root / pkg).rglob("*.py")):
+            where = path.relative_to(root).as_posix()
+            if where == TIMED_WAIT:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.ImportFrom) and node.module == "ray" and {a.name for a in node.names} & {"get", "wait"}:
+                    found.append(f"{where}:{node.lineno} imports ray.get or ray.wait")
+                if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+                        and node.func.value.id == "ray" and node.func.attr in ("get", "wait")):
+                    continue
+                timed = node.func.attr == "wait" and any(k.arg == "timeout" and not (isinstance(k.value, ast.Constant) and k.value.value is None)
+                                                         for k in node.keywords)
+                if not timed:
+                    found.append(f"{where}:{node.lineno} ray.{node.func.attr}")
+    return found
+
+
+def test_every_actor_wait_is_timed():
+    """Every stage kind, evaluation, checkpoints and weight sync wait through orchestrator/waits.py."""
+    assert (ROOT / TIMED_WAIT).exists()
+    assert not untimed_waits(ROOT), f"waits without fault_tolerance.call_timeout_s: {untimed_waits(ROOT)}"
+
+
+def test_an_untimed_wait_would_be_found(tmp_path):
+    for name in PACKAGES:
+        (tmp_path / name).mkdir()
+    (tmp_path / "orchestrator" / "stage.py").write_text(
+        "import ray\nfrom ray import get\n\ndef f(refs, pg):\n    ray.wait([pg.ready()], timeout=5)\n    ray.wait(refs, timeout=None)\n"
+        "    return ray.get(refs)\n")
+    assert untimed_waits(tmp_path) == ["orchestrator/stage.py:2 imports ray.get or ray.wait", "orchestrator/stage.py:6 ray.wait",
+                                      "orchestrator/stage.py:7 ray.get"]

@@ -56,23 +56,24 @@ def test_every_path_the_spec_names_has_a_class():
 
 # Stand-ins for the actor groups: `setup` hands them to `share_memory`, replaced here.
 GROUP = SimpleNamespace(actors=[None])
+WAIT = None  # (the replaced `share_memory` makes no call to wait for)
 
 
 def test_shared_memory_that_cannot_be_set_up_falls_back_to_the_object_store(monkeypatch):
-    monkeypatch.setattr(weight_sync, "share_memory", lambda trainer, rollouts, tag: "the engine is not on the CPU")
-    path = weight_sync.setup(spec(), GROUP, GROUP, "job")
+    monkeypatch.setattr(weight_sync, "share_memory", lambda trainer, rollouts, tag, wait: "the engine is not on the CPU")
+    path = weight_sync.setup(spec(), GROUP, GROUP, "job", WAIT)
     assert (path.method, path.reason, path.in_update) == ("object_store", "the engine is not on the CPU", False)
 
 
 def test_shared_memory_named_in_the_spec_raises_why_it_cannot(monkeypatch):
-    monkeypatch.setattr(weight_sync, "share_memory", lambda trainer, rollouts, tag: "the engine is not on the CPU")
+    monkeypatch.setattr(weight_sync, "share_memory", lambda trainer, rollouts, tag, wait: "the engine is not on the CPU")
     with pytest.raises(RuntimeError, match="rollout.weight_sync: shared_memory is not possible: the engine is not on the CPU"):
-        weight_sync.setup(spec({"weight_sync": "shared_memory"}), GROUP, GROUP, "job")
+        weight_sync.setup(spec({"weight_sync": "shared_memory"}), GROUP, GROUP, "job", WAIT)
 
 
 def test_shared_memory_that_is_set_up_is_kept(monkeypatch):
-    monkeypatch.setattr(weight_sync, "share_memory", lambda trainer, rollouts, tag: None)
-    path = weight_sync.setup(spec(), GROUP, GROUP, "job")
+    monkeypatch.setattr(weight_sync, "share_memory", lambda trainer, rollouts, tag, wait: None)
+    path = weight_sync.setup(spec(), GROUP, GROUP, "job", WAIT)
     assert (path.method, path.reason, path.in_update) == ("shared_memory", "trainer and rollouts on the CPU", True)
 
 

@@ -345,9 +345,15 @@ class CheckpointSpec(_Strict):
 
 class FaultToleranceSpec(_Strict):
     call_timeout_s: float | None = Field(
-        3600.0, gt=0, le=7 * 24 * 3600, description="Longest wait for one phase of a step (generate, reward, reference, critic, "
-        "update) before the job fails with a `timeout` error naming it: a reward function or rollout that hangs ends the job "
-        "instead of holding its resources forever (null: wait forever)."
+        3600.0, gt=0, le=7 * 24 * 3600, description="Longest wait for one call on the job's actors (a phase of a step in every "
+        "stage kind: generate, reward, reference, critic, update, weight sync; held-out evaluation; a checkpoint save or load) "
+        "before the job fails with a `timeout` error naming the phase: a reward function, rollout or trainer that hangs ends "
+        "the job instead of holding its resources forever (null: wait forever)."
+    )
+    start_timeout_s: float | None = Field(
+        3600.0, gt=0, le=7 * 24 * 3600, description="Longest wait for the job's actors to start (each loads its model) "
+        "before the job fails with a `timeout` error naming the roles; counted apart from `call_timeout_s`, so that a short "
+        "call deadline does not have to cover loading a large model (null: wait forever)."
     )
     max_restarts: int = Field(
         3, ge=0, le=100, description="How many times the job recovers by itself, in all, from a lost process: an actor or its "
