@@ -50,7 +50,7 @@ def accuracy_by_kind(model_dir: Path, rows: list[dict]) -> dict[str, float]:
 
     make = _make_data()
     rollout = HFRollout(str(model_dir), n=1, max_new_tokens=6)
-    tok = rollout.tokenizer
+    tok = rollout.sampler.tokenizer
     prompts = [tok(r["prompt"], add_special_tokens=False).input_ids for r in rows]
     batch, _ = rollout.generate(prompts, [{}] * len(rows), step=0, greedy=True)
     texts = [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(batch.responses, batch.response_mask)]
@@ -101,6 +101,7 @@ def run_demo(out: str | Path = "runs/arith-demo", seed: int = 0, quick: bool = F
 # the demo alone applies it, to replies sampled for held-out prompts.
 
 PREFERENCE = Path(__file__).resolve().parents[1] / "examples" / "preference"
+QUICK_PROMPTS = 16  # held-out prompts a `--quick` run scores each policy on
 
 
 def _preference_data():
@@ -140,7 +141,7 @@ def hidden_scores(model_dir: Path, prompts: list[str], seed: int, samples: int =
 
     score = _preference_data().hidden_score
     rollout = HFRollout(str(model_dir), n=samples, max_new_tokens=10, temperature=1.0, seed=seed)
-    tok = rollout.tokenizer
+    tok = rollout.sampler.tokenizer
     ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
     out = {}
     for kind, greedy in (("sampled", False), ("greedy", True)):
@@ -202,6 +203,7 @@ def run_preference_demo(out: str | Path = "runs/pref-demo", seed: int = 0, quick
             return code
     elapsed = time.time() - start
     prompts = [json.loads(line)["prompt"] for line in (out / "data" / "test.jsonl").read_text().splitlines()]
+    prompts = prompts[:QUICK_PROMPTS] if quick else prompts
     finals = {e["stage"]: Path(e["path"]) for e in map(json.loads, (out / "events.jsonl").read_text().splitlines()) if e["type"] == "checkpoint"}
     dpo_final = [json.loads(line) for line in (out / "dpo" / "events.jsonl").read_text().splitlines() if '"checkpoint"' in line][-1]
     policies = {"initial": out / "model", "after SFT": finals["sft"] / "policy", "after PPO": finals["ppo"] / "policy",
