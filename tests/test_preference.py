@@ -33,11 +33,10 @@ def softplus(x: float) -> float:
 # ---------------------------------------------------------------- losses
 
 
-def test_sequence_logprobs_sum_or_average_over_the_mask():
+def test_sequence_logprobs_sum_over_the_mask():
     logprobs = t64([[-1.0, -2.0, -3.0], [-4.0, -9.0, -9.0]])
     mask = t64([[1, 1, 1], [1, 0, 0]])
     assert_close(algos.sequence_logprobs(logprobs, mask), t64([-6.0, -4.0]), **EXACT)
-    assert_close(algos.sequence_logprobs(logprobs, mask, average=True), t64([-2.0, -4.0]), **EXACT)
 
 
 def test_bradley_terry_by_hand():
@@ -54,6 +53,7 @@ def test_bradley_terry_by_hand():
 # Pair 1: the policy prefers the rejected one: ratios -0.5 and +0.5, h = -1.
 PAIRS = dict(chosen_logps=t64([-1.0, -2.5]), rejected_logps=t64([-3.0, -1.5]),
              ref_chosen_logps=t64([-2.0, -2.0]), ref_rejected_logps=t64([-2.0, -2.0]))
+ONE_TOKEN = (t64([1.0, 1.0]), t64([1.0, 1.0]))  # completion lengths: IPO's averages are the sums
 
 
 @pytest.mark.parametrize("loss_type, beta, eps, expected", [
@@ -70,11 +70,28 @@ PAIRS = dict(chosen_logps=t64([-1.0, -2.5]), rejected_logps=t64([-3.0, -1.5]),
     ("hinge", 0.25, 0.0, [0.5, 1.25]),
 ])
 def test_dpo_losses_by_hand(loss_type, beta, eps, expected):
-    losses, chosen, rejected = algos.dpo_loss(**PAIRS, beta=beta, loss_type=loss_type, label_smoothing=eps)
+    losses, chosen, rejected = algos.dpo_loss(**PAIRS, beta=beta, loss_type=loss_type, label_smoothing=eps, lengths=ONE_TOKEN)
     assert_close(losses, t64(expected), **EXACT)
     # Implicit rewards beta * (log pi - log ref), whatever the loss.
     assert_close(chosen, t64([beta * 1.0, beta * -0.5]), **EXACT)
     assert_close(rejected, t64([beta * -1.0, beta * 0.5]), **EXACT)
+
+
+def test_ipo_averages_its_margin_over_lengths_but_its_rewards_are_on_sums_as_trl():
+    # One pair: the chosen completion has 4 tokens and log-ratio +2 in all (+0.5 per token), the
+    # rejected one 1 token and +1.5. TRL's IPO loss takes the averaged margin h' = 0.5 - 1.5 = -1:
+    # (h' - 1 / (2 beta))^2 = (-1 - 1)^2 = 4 at beta 0.5. Its `rewards/*` are beta times the summed
+    # log-ratios: 1.0 and 0.75, chosen ahead (accuracy 1), where averaged ones (0.25, 0.75) would flip it.
+    losses, chosen, rejected = algos.dpo_loss(t64([-6.0]), t64([-0.5]), t64([-8.0]), t64([-2.0]), beta=0.5,
+                                              loss_type="ipo", lengths=(t64([4.0]), t64([1.0])))
+    assert_close(losses, t64([4.0]), **EXACT)
+    assert_close((chosen, rejected), (t64([1.0]), t64([0.75])), **EXACT)
+    assert (chosen > rejected).all()
+
+
+def test_ipo_without_lengths_is_refused():
+    with pytest.raises(ValueError, match="ipo loss averages each log-ratio over its completion: pass lengths"):
+        algos.dpo_loss(**PAIRS, loss_type="ipo")
 
 
 def test_dpo_gradient_raises_chosen_and_lowers_rejected():
@@ -350,6 +367,7 @@ def test_reward_trainer_steps_and_saves_a_model_reward_sources_load(tiny_model, 
 
 @pytest.mark.parametrize("loss_type, at_start", [("sigmoid", math.log(2)), ("ipo", (1 / (2 * 0.1)) ** 2), ("hinge", 1.0)])
 def test_dpo_trainer_starts_at_the_reference(tiny_model, pairs, loss_type, at_start):
+    from workers.common import response_logprobs
     from workers.dpo import DPOTrainer
     from workers.reference import Reference
 
@@ -362,8 +380,18 @@ def test_dpo_trainer_starts_at_the_reference(tiny_model, pairs, loss_type, at_st
     first = trainer.dpo_step(batch, 1, 4, spec.algorithm)
     assert_close(first["loss"], at_start, rtol=1e-4, atol=1e-4)
     assert abs(first["rewards/margins"]) < 1e-4 and first["rewards/accuracies"] == 0.0
-    assert first["logps/chosen"] < 0 and first["logps/rejected"] < 0
+    # TRL's `logps/*`, whatever the loss: each completion's summed log-probs (here the reference's), averaged over pairs.
+    summed = algos.sequence_logprobs(ref, batch.response_mask)
+    assert_close((first["logps/chosen"], first["logps/rejected"]), (summed[0::2].mean().item(), summed[1::2].mean().item()),
+                 rtol=1e-5, atol=1e-5)
     second = trainer.dpo_step(batch, 2, None, spec.algorithm)
     assert second["loss"] < first["loss"] and second["rewards/margins"] > 0  # one step towards the chosen ones
     held_out = trainer.dpo_eval(batch, None, spec.algorithm)
     assert set(held_out) == {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"}
+    # ... and TRL's `rewards/*`: beta times the summed log-ratios to the reference, of the trained policy.
+    with torch.no_grad():
+        policy = algos.sequence_logprobs(response_logprobs(trainer.model, batch)[0], batch.response_mask)
+    rewards = 0.1 * (policy - summed)
+    assert_close((held_out["rewards/chosen"], held_out["rewards/rejected"]), (rewards[0::2].mean().item(), rewards[1::2].mean().item()),
+                 rtol=1e-4, atol=1e-5)
+    assert held_out["rewards/accuracies"] == (rewards[0::2] > rewards[1::2]).float().mean().item()

@@ -35,11 +35,12 @@ class DPOTrainer(PolicyTrainer):
 
     def _loss(self, mb: Batch, num_seqs: float, algorithm: AlgorithmSpec) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean loss over the whole mini-batch's pairs (num_seqs / 2) and TRL's DPOTrainer metrics."""
-        average = algorithm.loss_type == "ipo"  # IPO on length-averaged log-probs, as TRL
-        logps = algos.sequence_logprobs(response_logprobs(self.model, mb)[0], mb.response_mask, average)
-        ref = algos.sequence_logprobs(mb.ref_logprobs, mb.response_mask, average)
+        # Summed log-probs for every loss and metric, as TRL; IPO averages its margin over the lengths itself.
+        logps = algos.sequence_logprobs(response_logprobs(self.model, mb)[0], mb.response_mask)
+        ref = algos.sequence_logprobs(mb.ref_logprobs, mb.response_mask)
+        lengths = mb.response_mask.sum(1)
         losses, chosen, rejected = algos.dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], algorithm.beta,
-                                                  algorithm.loss_type, algorithm.label_smoothing)
+                                                  algorithm.loss_type, algorithm.label_smoothing, (lengths[0::2], lengths[1::2]))
         pairs = max(num_seqs / 2, 1.0)
         loss = losses.sum() / pairs
         mean = lambda x: x.detach().sum().item() / pairs  # noqa: E731

@@ -252,17 +252,13 @@ def value_loss(
 
 
 # ---------------------------------------------------------------- preference losses
-# Pairs: p = number of (chosen, rejected) pairs. Sequence log-probs are summed (or averaged) over
-# each completion's tokens by `sequence_logprobs`.
+# Pairs: p = number of (chosen, rejected) pairs. Sequence log-probs are summed over each
+# completion's tokens by `sequence_logprobs`.
 
 
-def sequence_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """log pi(y | x) = sum_t log pi(y_t | x, y_<t) over the masked tokens: (b, t) -> (b,).
-
-    With average=True, divided by the number of masked tokens (IPO's length-normalised log-probs, as TRL).
-    """
-    total = masked_sum(logprobs, mask, dim=1)
-    return total / mask.sum(1).clamp(min=1) if average else total
+def sequence_logprobs(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log pi(y | x) = sum_t log pi(y_t | x, y_<t) over the masked tokens: (b, t) -> (b,)."""
+    return masked_sum(logprobs, mask, dim=1)
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
@@ -287,30 +283,35 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    lengths: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Direct preference losses, per pair. All inputs are sequence log-probs (p,).
+    """Direct preference losses, per pair. All inputs are summed sequence log-probs (p,), as TRL's.
 
     h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)), the policy's log-ratio margin.
       sigmoid: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
                DPO (Rafailov et al. 2023, arXiv:2305.18290, eq. 7); eps > 0 is conservative DPO, which
                treats each label as flipped with probability eps (Mitchell 2023, "A note on DPO with
-               noisy preferences and relationship to IPO"; TRL's `label_smoothing`).
-      ipo:     (h - 1 / (2 beta))^2, IPO (Azar et al. 2023, arXiv:2310.12036, eq. 17); TRL feeds it
-               length-averaged log-probs (`sequence_logprobs(average=True)`).
+               noisy preferences and relationship to IPO"), as earlier TRL releases' `sigmoid` did: TRL
+               1.16's `sigmoid` ignores `label_smoothing` (only its `robust`, `exo_pair` and `aot` use it).
+      ipo:     (h' - 1 / (2 beta))^2, IPO (Azar et al. 2023, arXiv:2310.12036, eq. 17) with h' the margin
+               of length-averaged log-ratios, each divided by its completion's token count
+               (`lengths` = (chosen counts, rejected counts), required), as TRL.
       hinge:   max(0, 1 - beta h), the SLiC hinge (Zhao et al. 2023, arXiv:2305.10425).
     Returns (losses (p,), chosen rewards (p,), rejected rewards (p,)); the implicit rewards
-    beta (log pi - log ref) are detached, for metrics.
+    beta (log pi - log ref), on summed log-probs whatever the loss (TRL's `rewards/*`), are detached.
     """
     chosen_ratio = chosen_logps - ref_chosen_logps
     rejected_ratio = rejected_logps - ref_rejected_logps
-    h = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
-        logsig = torch.nn.functional.logsigmoid
+        h, logsig = chosen_ratio - rejected_ratio, torch.nn.functional.logsigmoid
         losses = -(1 - label_smoothing) * logsig(beta * h) - label_smoothing * logsig(-beta * h)
     elif loss_type == "ipo":
+        if lengths is None:
+            raise ValueError("the ipo loss averages each log-ratio over its completion: pass lengths=(chosen, rejected) token counts")
+        h = chosen_ratio / lengths[0].clamp(min=1) - rejected_ratio / lengths[1].clamp(min=1)
         losses = (h - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * h)
+        losses = torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
     else:
         raise ValueError(f"unknown DPO loss {loss_type!r}; expected sigmoid, ipo or hinge")
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
