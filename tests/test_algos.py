@@ -242,6 +242,16 @@ def test_grpo_constant_or_singleton_group_gives_zero_advantage():
     assert_close(adv, torch.zeros(4, 2, dtype=F64), **TIGHT)
 
 
+def test_grpo_eps_by_hand():
+    # One group (0, 2e-4): deviations +-1e-4, std sqrt(2) 1e-4. TRL's eps 1e-4 gives 1 / (sqrt(2) + 1) = sqrt(2) - 1;
+    # the default 1e-6 gives 1 / (sqrt(2) + 0.01): the eps decides how far a near-tie is pushed apart.
+    scores, ids, mask = t64([0.0, 2e-4]), torch.tensor([0, 0]), torch.ones(2, 1, dtype=F64)
+    trl = math.sqrt(2) - 1
+    assert_close(algos.grpo_advantages(scores, ids, mask, eps=1e-4), t64([[-trl], [trl]]), **TIGHT)
+    ours = 1 / (math.sqrt(2) + 0.01)
+    assert_close(algos.grpo_advantages(scores, ids, mask), t64([[-ours], [ours]]), **TIGHT)
+
+
 def test_rloo_is_scaled_dr_grpo():
     # A_rloo = n / (n - 1) * (r - mean): for group sizes 3 and 2 the factors are 3/2 and 2.
     scores, ids = t64(SCORES), torch.tensor(IDS)
@@ -645,3 +655,67 @@ def test_logprobs_and_entropy_are_float32_and_stable():
     ref = torch.distributions.Categorical(logits=logits.float())
     assert_close(lp, ref.log_prob(torch.tensor([[0]])), rtol=1e-5, atol=1e-5)
     assert_close(ent, ref.entropy(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- metrics under TRL's names, from the trainer
+
+
+@pytest.fixture(scope="module")
+def uneven_batch():
+    """Four samples of one prompt with responses of 4, 3, 1 and 2 tokens: a token mean and a mean of
+    per-sequence means differ on it, and so do micro-batches of two rows (7 and 3 tokens)."""
+    from orchestrator.core.batch import Batch
+
+    lengths = [4, 3, 1, 2]
+    mask = right_padded_mask(lengths, 4).float()
+    ids = torch.randint(3, 200, (4, 6), generator=gen(21))
+    return Batch(input_ids=ids, attention_mask=torch.cat([torch.ones(4, 2, dtype=torch.long), mask.long()], 1), response_mask=mask,
+                 group_ids=torch.zeros(4, dtype=torch.long), prompt_len=2, advantages=torch.zeros(4, 4))
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_entropy_bonus_and_metric_are_a_token_mean_whatever_the_loss_aggregation(tiny_model, uneven_batch, agg):
+    """TRL's GRPOTrainer: entropy bonus = coef x (sum of token entropies / tokens), `entropy` the same mean.
+    With zero advantages and no KL the whole loss is -H, so the step's gradient is that of the token mean
+    of the mini-batch, accumulated here over two micro-batches of unlike token counts (TRL's, at one micro-batch)."""
+    from orchestrator.core.spec import OptimSpec, RolloutSpec
+    from workers.common import response_logprobs
+    from workers.trainer import PolicyTrainer
+
+    optim = OptimSpec(lr=1e-3, seed=0, loss_agg=agg, entropy_coef=1.0, grad_clip=None)
+    # A low temperature: the random model's near-uniform token entropies (all ~ln V) would hide the weighting.
+    rollout = RolloutSpec(max_new_tokens=8, temperature=0.02)
+    trainer = PolicyTrainer(str(tiny_model), optim, rollout, threads=1)
+    by_hand = PolicyTrainer(str(tiny_model), optim, rollout, threads=1)
+    _, entropy = response_logprobs(by_hand.model, uneven_batch, rollout.temperature, with_entropy=True, entropy_grad=True)
+    token_mean = algos.masked_sum(entropy, uneven_batch.response_mask) / uneven_batch.response_mask.sum()
+    (-token_mean).backward()
+    grad_norm = torch.norm(torch.stack([q.grad.norm() for q in by_hand.model.parameters() if q.grad is not None])).item()
+    # The per-sequence mean differs from the token mean on this batch: the test tells them apart.
+    assert algos.masked_mean(entropy, uneven_batch.response_mask, dim=1).mean().item() != pytest.approx(token_mean.item(), rel=0.01)
+
+    stats = trainer.train_step(uneven_batch, 1, num_mini_batches=1, micro_batch_size=2, on_policy=True)
+    assert stats["entropy"] == pytest.approx(token_mean.item(), rel=1e-5)
+    assert stats["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
+
+
+def test_kl_metric_is_a_token_mean_whatever_the_loss_aggregation():
+    """TRL logs `kl` as the token mean of k3 over the batch's response tokens; so does the driver, under
+    any `loss_agg` (the loss's own KL term is `kl_loss`, aggregated as the loss is)."""
+    from orchestrator.core.batch import Batch
+    from orchestrator.core.spec import parse_spec
+    from orchestrator.driver import rollout_metrics
+
+    mask = right_padded_mask([2, 1], 2)
+    # k3 = exp(ref - logp) - (ref - logp) - 1 on the 3 response tokens: ref - logp = 0 and -ln 2 (row 0), ln 2 (row 1):
+    # 0, 1/2 - 1 + ln 2 and 2 - 1 - ln 2. Their token mean is 1/6; the mean of the rows' means is 0.2017.
+    ln2 = math.log(2)
+    logp, ref = t64([[-1.0, -1.0], [-1.0, -5.0]]), t64([[-1.0, -1.0 - ln2], [-1.0 + ln2, -9.0]])
+    k3 = [0.0, 0.5 - 1 + ln2, 2 - 1 - ln2]
+    batch = Batch(input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3, dtype=torch.long),
+                  response_mask=mask, group_ids=torch.tensor([0, 0]), prompt_len=1, logprobs=logp, ref_logprobs=ref,
+                  scores=t64([1.0, 0.0]), advantages=torch.zeros(2, 2, dtype=F64))
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        spec = parse_spec({"model": {"path": "m"}, "data": {"train_file": "d.jsonl"}, "rewards": [{"function": "accuracy"}],
+                           "rollout": {"n": 2}, "optim": {"prompts_per_step": 1, "kl_coef": 0.1, "loss_agg": agg}})
+        assert rollout_metrics(batch, {}, spec, eos_token_id=0)["kl"] == pytest.approx(1 / 6, rel=1e-12) == sum(k3) / 3

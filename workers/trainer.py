@@ -144,7 +144,8 @@ class PolicyTrainer(WeightSource, DataParallel):
             kl_loss = algos.aggregate_loss(kl, mask, **agg)
             loss = loss + opt.kl_coef * kl_loss
             stats["kl_loss"] = kl_loss.item()
-        ent = algos.aggregate_loss(entropy, mask, **agg)
+        # A token mean whatever loss_agg is, as TRL's entropy bonus and `entropy` metric (the mini-batch's tokens).
+        ent = algos.aggregate_loss(entropy, mask, "token-mean", num_tokens=num_tokens)
         if opt.entropy_coef:
             loss = loss - opt.entropy_coef * ent
         stats.update(entropy=ent.item(), clip_ratio=(clipped.sum() / max(num_tokens, 1)).item())
