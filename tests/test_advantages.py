@@ -78,6 +78,23 @@ def test_outcome_estimators(algorithm, expected, tol):
     assert out.token_rewards is None and out.returns is None
 
 
+def test_grpo_std_eps_is_the_specs():
+    # Groups (1, 0) and (3, 1): deviations +-0.5 and +-1, stds 1/sqrt(2) and sqrt(2); eps 0.25 as asked.
+    out = compute_advantages(batch(), spec({"name": "grpo", "adv_std_eps": 0.25}))
+    a, b = 0.5 / (R + 0.25), 1.0 / (math.sqrt(2) + 0.25)
+    assert_close(out.advantages, per_sample([a, -a, b, -b]), **TIGHT)
+    # The default stays 1e-6, so the same seed gives the same metrics as before the setting existed (TRL: 1e-4).
+    assert spec().algorithm.adv_std_eps == 1e-6
+
+
+@pytest.mark.parametrize("eps, bound", [(0, "greater than 0"), (-1e-4, "greater than 0"), (2, "less than or equal to 1")])
+def test_a_bad_std_eps_names_the_field(eps, bound):
+    from orchestrator.core.spec import SpecError
+
+    with pytest.raises(SpecError, match=f"algorithm.adv_std_eps: .*{bound}"):
+        spec({"name": "grpo", "adv_std_eps": eps})
+
+
 def test_kl_in_reward_is_subtracted_from_each_score():
     # r_i - beta * sum_t k1_t with beta = 0.5: (1 - 0.25, 0, 3 - 0.5, 1); RLOO then gives +-0.75, +-1.5.
     s = spec({"name": "grpo", "advantage_estimator": "rloo"}, kl_coef=0.5, kl_in="reward", kl_estimator="k1")

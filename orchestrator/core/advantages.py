@@ -17,7 +17,7 @@ def compute_advantages(batch: Batch, spec: JobSpec) -> Batch:
     if est in algos.OUTCOME_ESTIMATORS:
         # A sequence-level KL penalty for outcome estimators: r_i - beta * sum_t kl_t.
         scores = batch.scores - kl_coef * kl.sum(1) if kl is not None and kl_coef else batch.scores
-        kwargs = {"norm_by_std": spec.algorithm.norm_adv_by_std} if est == "grpo" else {}
+        kwargs = {"norm_by_std": spec.algorithm.norm_adv_by_std, "eps": spec.algorithm.adv_std_eps} if est == "grpo" else {}
         return batch.replace(advantages=algos.OUTCOME_ESTIMATORS[est](scores, batch.group_ids, mask, **kwargs))
     token_rewards = algos.token_level_rewards(batch.scores, mask, kl, kl_coef)
     if est == "reinforce_pp":

@@ -65,6 +65,10 @@ class AlgorithmSpec(_Strict):
     norm_adv_by_std: bool = Field(
         True, description="GRPO only: divide group-centred rewards by the group std (false gives Dr. GRPO's scaling)."
     )
+    adv_std_eps: float = Field(
+        1e-6, gt=0, le=1, description="GRPO with `norm_adv_by_std` only: the eps of A = (r - mean) / (std + eps), which "
+        "bounds the advantages of a group whose rewards barely differ. 1e-6 as verl; TRL's GRPOTrainer uses 1e-4."
+    )
     loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
         "sigmoid",
         description="`dpo` only: `sigmoid` (DPO, Rafailov et al. 2023), `ipo` (Azar et al. 2023; on length-averaged "
@@ -76,7 +80,8 @@ class AlgorithmSpec(_Strict):
     )
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="`dpo` with `loss_type: sigmoid` only: the probability that a preference label is "
-        "flipped (conservative DPO, as TRL's `label_smoothing`); 0 is plain DPO."
+        "flipped (conservative DPO, Mitchell 2023, as earlier TRL releases' `sigmoid`); 0 is plain DPO. Not TRL 1.16's: its "
+        "`sigmoid` loss ignores `label_smoothing` (only its `robust`, `exo_pair` and `aot` losses read it)."
     )
 
     @property
@@ -258,9 +263,16 @@ class OptimSpec(_Strict):
     kl_coef: float = Field(0.0, ge=0, le=1e6, description="KL penalty coefficient (0 = no reference model at all).")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (http://joschu.net/blog/kl-approx.html).")
     kl_in: Literal["loss", "reward"] = Field("loss", description="Apply the KL penalty in the loss (GRPO) or in the token rewards (PPO).")
-    entropy_coef: float = Field(0.0, ge=-1e6, le=1e6, description="Entropy bonus coefficient.")
+    entropy_coef: float = Field(0.0, ge=-1e6, le=1e6, description="Entropy bonus coefficient: the loss subtracts it times "
+                                "the mini-batch's token mean of the entropy, whatever `loss_agg` is (as TRL's GRPOTrainer).")
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
-        "token-mean", description="How per-token losses become one number."
+        "token-mean", description="How per-token losses (the policy term and the KL term) become one number, each "
+        "normalised by the whole mini-batch's counts, whatever the micro-batches. `token-mean`: sum over tokens / tokens "
+        "(TRL's `loss_type: dapo` at any gradient accumulation; TRL's `bnpo` only with one micro-batch, as `bnpo` averages "
+        "each micro-batch's tokens). `seq-mean-token-mean`: each sequence's token mean, averaged over sequences (TRL's "
+        "`grpo`). `seq-mean-token-sum-norm`: token sums / (sequences x `rollout.max_new_tokens`) (TRL's `dr_grpo`, with "
+        "`max_completion_length`). Whatever this is, the entropy bonus and the `entropy` metric are the mini-batch's "
+        "token mean and the `kl` metric the step's (TRL's, with one micro-batch)."
     )
     grad_clip: float | None = Field(1.0, gt=0, le=1e12, description="Max global gradient norm (null = no clipping).")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor (GAE, REINFORCE++).")
