@@ -5,7 +5,7 @@
       qwen-0.5b:
         path: /models/Qwen2.5-0.5B-Instruct      # a local directory, an fsspec URL, or a hub id
         tenants: ["*"]                           # who may use it ("*": every tenant)
-        trust_remote_code: false                 # may a spec that names it set model.trust_remote_code
+        trust_remote_code: false                 # may this model run its repository's code (a checkpoint's never)
     reward_functions:
       math-verify: my_rewards.math:verify        # name -> import path, installed on the cluster
 
@@ -35,7 +35,8 @@ class RegisteredModel(BaseModel):
 
     path: str = Field(..., min_length=1, description="Local directory, fsspec URL or hub id of the model.")
     tenants: list[str] = Field(default_factory=lambda: ["*"], description="Tenants that may use it; '*' is every tenant.")
-    trust_remote_code: bool = Field(False, description="Whether a spec naming this model may run the model repository's code.")
+    trust_remote_code: bool = Field(False, description="Whether this model may run its repository's code where a spec asks for it "
+                                    "(api/tenant_spec.py): its entry decides for it alone, never for another model of the same job.")
     description: str = ""
 
     def allows(self, tenant: str) -> bool:

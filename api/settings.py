@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     upload_tmp_dir: str | None = Field(None, description="Local directory where uploads are staged while checked (default: the system's).")
     max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest file `POST /v1/files` takes (then 413).")
     max_body_bytes: int = Field(64 << 10, ge=1024, description="Largest JSON request body, e.g. a job spec (then 413).")
+    max_job_stages: int = Field(16, ge=1, description="Most `stages` a job spec may have (then 422, before the spec is validated: "
+                                "each stage is a whole spec to build and check).")
+    max_job_rewards: int = Field(16, ge=1, description="Most reward sources in a job spec's `rewards`, and in each stage's (then 422, "
+                                 "before the spec is validated).")
     requests_per_minute: int = Field(600, ge=1, description="Requests a tenant may make per minute, all endpoints (then 429 with Retry-After).")
     max_streams_per_tenant: int = Field(8, ge=1, description="Live SSE streams a tenant may hold open at once (then 429).")
     max_streams: int = Field(256, ge=1, description="Live SSE streams the API holds open at once, all tenants (then 503).")

@@ -8,7 +8,10 @@ path (the trusted entrypoints, `rlhf train` and `ray job submit`, keep both):
     rewards[].function                       a built-in reward, or a reward function the operator registered
     rewards[].model                          a registry model, ckpt-... of its own, or stage:NAME (its pipeline)
     output_dir, checkpoint.dir               refused: the server puts every run under the tenant's area
-    model.trust_remote_code                  only where every model the spec names is registered with it
+    model.trust_remote_code                  the policy's, and the default of every other model's own flag below
+    model.critic_trust_remote_code,          each model's own: only where the registry entry of that model
+      rm_trust_remote_code,                  allows it (a checkpoint's never); the launch spec spells out
+      rewards[].trust_remote_code            every model's, so no model ever runs with another's trust
 
 The same holds inside `stages[]`. Each refusal is a 422 naming the field; nothing is read first.
 """
@@ -57,15 +60,11 @@ class TenantSpec:
             if spec.get(param) is not None:
                 raise refused(param, "the server chooses where a job's run directory goes; leave it out")
         self._check_tracking_uri(spec)
-        out["model"], models = await self._models(spec["model"])
-        if spec["model"].get("trust_remote_code"):
-            blocked = [n for n in models if not (n in self.registry.models and self.registry.models[n].trust_remote_code)]
-            if blocked:
-                raise refused("model.trust_remote_code", f"not allowed for {', '.join(map(repr, blocked))} (the operator's registry "
-                              "allows it per model; checkpoints never)")
+        out["model"] = await self._models(spec["model"])
+        policy_trust = spec["model"]["trust_remote_code"]
         algorithm = spec["algorithm"]["name"]
         out["data"] = await self._data(spec["data"], algorithm, "data")
-        out["rewards"] = [await self._reward(r, f"rewards.{i}") for i, r in enumerate(spec.get("rewards") or [])]
+        out["rewards"] = [await self._reward(r, f"rewards.{i}", policy_trust) for i, r in enumerate(spec.get("rewards") or [])]
         out["checkpoint"] = self._checkpoint(spec.get("checkpoint") or {}, "checkpoint")
         if spec.get("stages"):
             out["stages"] = []
@@ -76,7 +75,7 @@ class TenantSpec:
                 if stage.get("data") is not None:
                     stage["data"] = await self._data(stage["data"], kind, f"{where}.data")
                 if stage.get("rewards") is not None:
-                    stage["rewards"] = [await self._reward(r, f"{where}.rewards.{j}") for j, r in enumerate(stage["rewards"])]
+                    stage["rewards"] = [await self._reward(r, f"{where}.rewards.{j}", policy_trust) for j, r in enumerate(stage["rewards"])]
                 if stage.get("checkpoint") is not None:
                     stage["checkpoint"] = self._checkpoint(stage["checkpoint"], f"{where}.checkpoint")
                 out["stages"].append(stage)
@@ -98,14 +97,28 @@ class TenantSpec:
             raise refused(f"{where}.dir", "the server chooses where checkpoints go (under the job's run directory); leave it out")
         return section
 
-    async def _models(self, model: dict) -> tuple[dict, list[str]]:
-        out, named = {**model}, []
-        for field in ("path", "critic_path", "rm_path"):
+    async def _models(self, model: dict) -> dict:
+        out = {**model}
+        for field, flag in (("path", "trust_remote_code"), ("critic_path", "critic_trust_remote_code"), ("rm_path", "rm_trust_remote_code")):
             ref = model.get(field)
             if ref is not None:
                 out[field] = await self._model(ref, f"model.{field}", want="policy")
-                named.append(ref)
-        return out, named
+                out[flag] = self._trust(ref, f"model.{field}", model.get(flag), f"model.{flag}", model["trust_remote_code"])
+        return out
+
+    def _trust(self, ref: str, param: str, own: bool | None, own_param: str, policy: bool) -> bool:
+        """Whether the model `ref` (named at `param`) may run its repository's code: as its own flag asks
+        (`own_param`), else as the policy's does, and only where the registry entry of that model allows it."""
+        asked = policy if own is None else own
+        if not asked:
+            return False
+        entry = None if CHECKPOINT_ID.match(ref) else self.registry.model_for(ref, self.tenant)
+        if entry is not None and entry.trust_remote_code:
+            return True
+        why = f"{param} is {ref!r}, whose repository code may not run (the operator's registry allows it per model; checkpoints never)"
+        if own is None:  # asked by the policy's flag, which is every model's default
+            raise refused("model.trust_remote_code", f"{why}; the policy's flag is the default of every model's own: set {own_param}: false")
+        raise refused(own_param, why)
 
     async def _model(self, ref: str, param: str, want: str) -> str:
         """A registry model's path, or the directory of one of the tenant's checkpoints."""
@@ -152,7 +165,7 @@ class TenantSpec:
             out[field] = self.storage.url(rec["path"])
         return out
 
-    async def _reward(self, source: dict, where: str) -> dict:
+    async def _reward(self, source: dict, where: str, policy_trust: bool) -> dict:
         out = {**source}
         fn, model = source.get("function"), source.get("model")
         if fn is not None:
@@ -168,4 +181,6 @@ class TenantSpec:
         if model is not None and not model.startswith(STAGE_REF):
             out["model"] = await self._model(model, f"{where}.model", want="reward_model")
             out["name"] = source.get("name") or model
+            out["trust_remote_code"] = self._trust(model, f"{where}.model", source.get("trust_remote_code"), f"{where}.trust_remote_code",
+                                                   policy_trust)
         return out

@@ -272,7 +272,8 @@ class Orchestrator:
         self.reporter.event("placement", f"placing {', '.join(spec.roles)} in {len(layout.bundles)} bundles", bundles=layout.bundles)
         pg = self.placement_group = create_placement_group(layout, self.job_id)
         m, opt = spec.model, spec.optim
-        common = dict(dtype=m.dtype, trust_remote_code=m.trust_remote_code, threads=res.torch_threads)
+        common = dict(dtype=m.dtype, threads=res.torch_threads)
+        trust = m.trust_remote_code  # the policy's; every other model loads with its own (spec.py: a trust decision per model)
         # Engine options only the vLLM backend takes: tensor parallelism and sleep/wake when colocated.
         # The reference scores samples at the rollouts' temperature; a stage without rollouts (DPO) at 1.
         ref_temperature = spec.rollout.temperature if spec.algo.rollouts else 1.0
@@ -291,15 +292,16 @@ class Orchestrator:
         makers = {
             "rollout": (rollout_class(spec.rollout.backend), lambda i: dict(model_path=m.path, n=spec.rollout.n, max_new_tokens=spec.rollout.max_new_tokens,
                                                    temperature=spec.rollout.temperature, top_p=spec.rollout.top_p, seed=opt.seed + i,
-                                                   num_gpus=res.rollout.num_gpus, **common, **vllm_options)),
+                                                   num_gpus=res.rollout.num_gpus, trust_remote_code=trust, **common, **vllm_options)),
             "trainer": (trainer_class(spec.algorithm.name), lambda i: dict(model_path=spec.trained_model_path, optim=opt, rollout=spec.rollout,
-                                                                          num_gpus=res.trainer.num_gpus, **policy_options, **common,
+                                                                          num_gpus=res.trainer.num_gpus, trust_remote_code=spec.trained_model_trust, **policy_options, **common,
                                                                           **sharded("trainer", i), **sampling(i))),
-            "reward": (RewardWorker, lambda i: dict(sources=list(spec.rewards), tokenizer_path=m.path, num_gpus=res.reward.num_gpus, **common)),
+            "reward": (RewardWorker, lambda i: dict(sources=spec.reward_sources, tokenizer_path=m.path, num_gpus=res.reward.num_gpus,
+                                                    trust_remote_code=trust, **common)),
             "reference": (Reference, lambda i: dict(model_path=m.path, temperature=ref_temperature,
                                                     micro_batch_size=opt.micro_batch_size, micro_batch_tokens=opt.micro_batch_tokens,
-                                                    num_gpus=res.reference.num_gpus, **common, **sharded("reference", i))),
-            "critic": (Critic, lambda i: dict(model_path=m.critic_path or m.path, optim=opt, num_gpus=res.critic.num_gpus, **common,
+                                                    num_gpus=res.reference.num_gpus, trust_remote_code=trust, **common, **sharded("reference", i))),
+            "critic": (Critic, lambda i: dict(model_path=m.critic_path or m.path, optim=opt, num_gpus=res.critic.num_gpus, trust_remote_code=m.critic_trust, **common,
                                               lora=m.lora if m.lora and m.lora.critic else None, **sharded("critic", i))),
         }
         env = actor_env(spec)
@@ -307,7 +309,7 @@ class Orchestrator:
             cls, make_kwargs = makers[role]
             self.groups[role] = spawn_group(cls, role, self.job_id, pg, layout, make_kwargs, env)
         if spec.scores_with_rewards and spec.rewards_in_driver:  # (functions only: no device, no actor)
-            self.local_rewards = RewardWorker(list(spec.rewards), m.path, m.dtype, m.trust_remote_code, threads=res.torch_threads)
+            self.local_rewards = RewardWorker(spec.reward_sources, m.path, m.dtype, trust, threads=res.torch_threads)
         self.wait_started()
         self._init_data_parallel("trainer")
         if "critic" in self.groups:
@@ -360,7 +362,7 @@ class Orchestrator:
         if storage.isdir(model_dir) and not storage.exists(storage.join(model_dir, "tokenizer_config.json")):
             # With its tokenizer, it is a complete model: the next stage's model.path, a later stage's reward model, or anyone's.
             with storage.local_dir_for(model_dir) as out:
-                load_tokenizer(self.spec.trained_model_path, self.spec.model.trust_remote_code).save_pretrained(out)
+                load_tokenizer(self.spec.trained_model_path, self.spec.trained_model_trust).save_pretrained(out)
         checkpoint.finish(path, step, self.spec)
         checkpoint.prune(self.spec.checkpoint_dir, self.spec.checkpoint.keep_last)
         self.reporter.event("checkpoint", f"saved step {step} to {path}", step=step, path=str(path))

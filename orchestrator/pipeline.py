@@ -87,10 +87,10 @@ def _data_tokenizer(spec: JobSpec, policy_tokenizer):
     if path == spec.model.path:
         return policy_tokenizer
     try:
-        AutoConfig.from_pretrained(storage.local_copy(path), trust_remote_code=spec.model.trust_remote_code)
+        AutoConfig.from_pretrained(storage.local_copy(path), trust_remote_code=spec.trained_model_trust)
     except Exception as err:
         raise ModelLoadError(f"model.rm_path={path!r} does not load: {type(err).__name__}: {err}") from None
-    return load_tokenizer(path, spec.model.trust_remote_code)
+    return load_tokenizer(path, spec.trained_model_trust)
 
 
 def connect_ray(spec: JobSpec) -> None:
@@ -183,7 +183,8 @@ def resume_changes(saved: dict, now: dict, first_stage: bool = True) -> list[str
 def with_stage_models(stage: Stage, stages: list[Stage]) -> Stage:
     """The stage with each `rewards[].model: "stage:NAME"` resolved, as it starts, to the reward model
     that the earlier stage NAME trained: its final checkpoint's `reward_model/` (pinned, so it outlives
-    `checkpoint.keep_last`). In metrics the source is named NAME unless it has a `name`."""
+    `checkpoint.keep_last`), loaded with the trust of the model that stage trained from. In metrics the
+    source is named NAME unless it has a `name`."""
     sources = list(stage.spec.rewards)
     for i, source in enumerate(sources):
         if not source.stage:
@@ -193,7 +194,7 @@ def with_stage_models(stage: Stage, stages: list[Stage]) -> Stage:
         if not storage.exists(storage.join(path, "config.json")):
             raise ModelLoadError(f"stages.{stage.index} ({stage.name}): rewards.{i}.model: {source.model!r} is stage "
                                  f"{earlier.name}'s final reward model, but {path} does not exist")
-        sources[i] = source.model_copy(update={"model": str(path), "name": source.label})
+        sources[i] = source.model_copy(update={"model": str(path), "name": source.label, "trust_remote_code": earlier.spec.trained_model_trust})
     if sources == list(stage.spec.rewards):
         return stage
     return dataclasses.replace(stage, spec=stage.spec.model_copy(update={"rewards": sources}))

@@ -233,3 +233,52 @@ def test_a_trainer_that_cannot_sample_is_refused(rollout, resources, why):
         parse_spec({**base(), "rollout": {"n": 4, **rollout}, "resources": {"rollout_in": "trainer", **resources}})
     with pytest.raises(SpecError, match=r"resources.rollout_in: .*sft samples no completions each step"):
         parse_spec({**base(), "algorithm": {"name": "sft"}, "rewards": [], "resources": {"rollout_in": "trainer"}})
+
+
+def test_each_model_has_its_own_trust():
+    """`model.trust_remote_code` is the policy's and the default of every other model's own flag; a
+    model's own flag wins; a flag for a model the spec does not name, or for code that is no model, is refused."""
+    trusting = {**base(), "model": {"path": "m", "trust_remote_code": True}}
+    spec = parse_spec({**trusting, "rewards": [{"model": "r"}, {"model": "q", "trust_remote_code": False}, {"function": "accuracy"}]})
+    assert [s.trust_remote_code for s in spec.reward_sources] == [True, False, None]
+    assert [s.trust_remote_code for s in spec.rewards] == [None, False, None]  # (the spec itself as given)
+    model = parse_spec({**trusting, "model": {**trusting["model"], "critic_path": "c", "critic_trust_remote_code": False}}).model
+    assert (model.trust_remote_code, model.critic_trust, model.rm_trust) == (True, False, True)
+    rm = parse_spec({**trusting, "algorithm": {"name": "rm"}, "rewards": [],
+                     "model": {**trusting["model"], "rm_path": "b", "rm_trust_remote_code": False}})
+    assert (rm.trained_model_path, rm.trained_model_trust) == ("b", False)
+    for change, field in [
+        ({"model": {"path": "m", "critic_trust_remote_code": True}}, "model.critic_trust_remote_code"),
+        ({"model": {"path": "m", "rm_trust_remote_code": False}}, "model.rm_trust_remote_code"),
+        ({"rewards": [{"function": "accuracy", "trust_remote_code": True}]}, "rewards.0.trust_remote_code"),
+        ({"rewards": [{"model": "stage:rm", "trust_remote_code": True}], "stages": [{"name": "rm", "algorithm": {"name": "rm"}}]},
+         "rewards.0.trust_remote_code"),
+    ]:
+        with pytest.raises(SpecError) as e:
+            parse_spec({**base(), **change})
+        assert f"{field}: " in str(e.value)
+
+
+def test_a_stages_reward_model_has_the_trust_of_the_model_its_stage_trains(tmp_path):
+    from orchestrator.core import checkpoint
+    from orchestrator.pipeline import Stage, with_stage_models
+
+    spec = parse_spec({**base(), "model": {"path": "m", "trust_remote_code": True, "rm_path": "b", "rm_trust_remote_code": False},
+                       "output_dir": str(tmp_path), "stages": [
+                           {"name": "rm", "algorithm": {"name": "rm"}, "rewards": []},
+                           {"name": "grpo", "rewards": [{"model": "stage:rm"}]}]})
+    stages = [Stage(name, i, s, None, None, i + 1, i + 1) for i, (name, s) in enumerate(spec.stage_specs())]
+    final = checkpoint.step_dir(stages[0].spec.checkpoint_dir, 1) / "reward_model"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    (source,) = with_stage_models(stages[1], stages).spec.reward_sources
+    assert (source.model, source.trust_remote_code) == (str(final), False)  # rm_path's trust, not the policy's
+
+
+def test_stage_specs_are_built_once():
+    spec = parse_spec({**base(), "stages": [{"name": "a"}, {"name": "b", "optim": {"lr": 0.5}}]})
+    first, again = spec.stage_specs(), spec.stage_specs()
+    assert all(a is b for (_, a), (_, b) in zip(first, again))  # validation built them; placement and the pipeline reuse them
+    assert spec == parse_spec({**base(), "stages": [{"name": "a"}, {"name": "b", "optim": {"lr": 0.5}}]})
+    renamed = spec.model_copy(update={"name": "other"})
+    assert [s.name for _, s in renamed.stage_specs()] == ["other", "other"]  # a copy's own, not the original's

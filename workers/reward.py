@@ -63,7 +63,9 @@ class RewardModel:
 class RewardWorker:
     """Scores a Batch: decodes prompts and completions and calls every source.
 
-    `sources` are the job spec's reward sources, weighted and summed.
+    `sources` are the job spec's reward sources (`JobSpec.reward_sources`), weighted and summed.
+    `trust_remote_code` is the tokenizer's (the policy's); each reward model loads with its own
+    source's flag alone, unset meaning no remote code: a model's trust is never another's.
     """
 
     def __init__(self, sources: list[RewardSource], tokenizer_path: str, dtype: str = "float32", trust_remote_code: bool = False,
@@ -73,7 +75,7 @@ class RewardWorker:
         device = pick_device(num_gpus)
         self.sources = []
         for s in sources:
-            fn = resolve_function(s.function) if s.function else RewardModel(s.model, dtype, trust_remote_code, device)
+            fn = resolve_function(s.function) if s.function else RewardModel(s.model, dtype, bool(s.trust_remote_code), device)
             self.sources.append((s.label, fn, s.weight, dict(s.kwargs)))
 
     def score(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:

@@ -69,7 +69,7 @@ class PolicyTrainer(WeightSource, DataParallel):
         # With the job's spec it runs whole steps (`JobSpec.steps_in_trainer`): its reward functions too.
         self.step_spec, self.rewards = step_spec, None
         if step_spec is not None:
-            self.rewards = RewardWorker(list(step_spec.rewards), model_path, dtype, trust_remote_code, threads=threads)
+            self.rewards = RewardWorker(step_spec.reward_sources, model_path, dtype, trust_remote_code, threads=threads)
 
     # ------------------------------------------------------------ the rollout, when this actor is it
     def generate(self, prompt_ids: list[list[int]], extras: list[dict], step: int, greedy: bool = False,

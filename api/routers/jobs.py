@@ -9,7 +9,10 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentTenant, LauncherDep, SettingsDep, StorageDep, StoreDep
 from api.errors import APIError, not_found
@@ -29,6 +32,22 @@ MAX_SPEC_ENV_BYTES = 100_000
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 JobId = Annotated[str, Path(description="Job id (`job-...`).", max_length=128)]
+
+
+class DocumentedAs:
+    """A body documented (OpenAPI) as `model`, which FastAPI only parses to a dict on the event loop."""
+
+    def __init__(self, model: type):
+        self.model = model
+
+    def __get_pydantic_json_schema__(self, core_schema, handler):
+        return handler(self.model.__pydantic_core_schema__)
+
+
+# The spec is bounded, then validated and placed in a worker thread (`validated`): a spec that takes
+# long to check (each stage is a whole spec) holds up no other request.
+JobBody = Annotated[dict[str, Any], DocumentedAs(JobCreate),
+                    Body(openapi_examples={"grpo": {"summary": "Tiny GRPO job", "value": JobCreate.model_config["json_schema_extra"]["examples"][0]}})]
 
 
 def job_public(rec: dict[str, Any], settings: Settings, storage: ArtifactStore | None = None) -> dict[str, Any]:
@@ -82,7 +101,7 @@ def _body_hash(raw: bytes) -> str:
     responses=error_responses(400, 401, 409, 413, 422, 429, 503),
 )
 async def create_job(
-    body: Annotated[JobCreate, Body(openapi_examples={"grpo": {"summary": "Tiny GRPO job", "value": JobCreate.model_config["json_schema_extra"]["examples"][0]}})],
+    raw: JobBody,
     request: Request,
     response: Response,
     tenant: CurrentTenant,
@@ -98,6 +117,7 @@ async def create_job(
     reward names) to what the job runs on and record the job (`queued`). The admission queue submits
     it to Ray (a Ray job whose submission id is the job id) once its resources are free; a job that
     could never fit the cluster is a 422 now. Nothing runs in the API's process."""
+    body, bundles = await run_in_threadpool(validated, raw, settings)
     spec, name = body.spec_dict(), body.name
     job_id = "job-" + uuid.uuid4().hex[:24]
     resolver = TenantSpec(tenant, request.app.state.registry, request.app.state.storage, store, settings.mlflow_tracking_uris)
@@ -107,7 +127,6 @@ async def create_job(
         if is_url(settings.storage_root):
             raise APIError(422, "invalid_spec", f"resources.{role}.strategy: fsdp writes each replica's shards to one shared filesystem, "
                            "and this service keeps runs in an object store; use ddp", f"resources.{role}.strategy")
-    bundles = demand(body)
     quota = admission_quota(settings, tenant)
     if body.priority > quota.max_priority:
         raise APIError(422, "invalid_spec", f"priority: {body.priority} is above your tenant's max_priority ({quota.max_priority})", "priority")
@@ -130,6 +149,31 @@ async def create_job(
         raise
     request.app.state.reconciler.wake()  # admission at once, not at the next round
     return job_public(rec, settings, request.app.state.storage)
+
+
+def validated(raw: dict[str, Any], settings: Settings) -> tuple[JobCreate, list[dict[str, float]]]:
+    """The spec and what it holds at once (its bundles), its lists bounded before any of it is validated.
+    Validation errors are FastAPI's own (422 naming each field)."""
+    check_lengths(raw, settings)
+    try:
+        body = JobCreate.model_validate(raw)
+    except ValidationError as err:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)]) from None
+    return body, demand(body)
+
+
+def check_lengths(raw: dict[str, Any], settings: Settings) -> None:
+    """The work a spec causes grows with its lists (each stage is a whole spec, each reward source is
+    copied into every stage's): refuse long ones before doing any of it."""
+    stages = raw.get("stages")
+    lists = [("stages", stages, "max_job_stages"), ("rewards", raw.get("rewards"), "max_job_rewards")]
+    if isinstance(stages, list) and len(stages) <= settings.max_job_stages:
+        lists += [(f"stages.{i}.rewards", s.get("rewards"), "max_job_rewards") for i, s in enumerate(stages) if isinstance(s, dict)]
+    for param, items, setting in lists:
+        limit = getattr(settings, setting)
+        if isinstance(items, list) and len(items) > limit:
+            raise APIError(422, "invalid_spec", f"{param}: {len(items)} items, more than this service takes ({limit}: setting "
+                           f"{setting}, RLHF_API_{setting.upper()})", param)
 
 
 def admission_quota(settings: Settings, tenant: str) -> Quota:

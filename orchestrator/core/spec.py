@@ -112,18 +112,43 @@ class LoraSpec(_Strict):
 class ModelSpec(_Strict):
     path: str = Field(..., min_length=1, max_length=4096, description="Local directory (`save_pretrained` layout) or hub id of the policy model.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype of every role.")
-    trust_remote_code: bool = Field(False, description="Allow the model repository's own Python code to run.")
+    trust_remote_code: bool = Field(
+        False, description="Allow the policy's repository code (`model.path`'s) to run. It is also the default of every "
+        "other model's own flag (`critic_trust_remote_code`, `rm_trust_remote_code`, `rewards[].trust_remote_code`); over "
+        "REST each model's is allowed only where the registry entry of that model allows it."
+    )
     critic_path: str | None = Field(None, description="PPO: model for the critic's backbone (default: the policy's).")
+    critic_trust_remote_code: bool | None = Field(
+        None, description="Allow `critic_path`'s repository code to run (default: `trust_remote_code`)."
+    )
     rm_path: str | None = Field(
         None, description="`rm`: model whose backbone the reward model is trained from, with its own tokenizer (default: the "
         "model the stage starts from: the policy, e.g. the SFT stage's)."
     )
+    rm_trust_remote_code: bool | None = Field(None, description="Allow `rm_path`'s repository code to run (default: `trust_remote_code`).")
     lora: LoraSpec | None = Field(
         None, description="Train LoRA adapters (peft) instead of every weight of the policy: only the adapters have "
         "gradients and optimizer state; the reference is the trainer's own frozen base (adapters off: no reference actor, "
         "no second copy of the weights); rollouts get the merged weights; checkpoints hold the adapters (`policy_adapter/`) "
         "and the merged model in HF layout (`policy/`). Unset: full fine-tuning."
     )
+
+    @model_validator(mode="after")
+    def _trust_names_a_model(self) -> ModelSpec:
+        for path, flag in (("critic_path", "critic_trust_remote_code"), ("rm_path", "rm_trust_remote_code")):
+            if getattr(self, flag) is not None and getattr(self, path) is None:
+                raise _field_error((flag,), f"is the trust of model.{path}, which is not set (the policy's is trust_remote_code)")
+        return self
+
+    @property
+    def critic_trust(self) -> bool:
+        """Whether the critic's model may run its repository's code (without `critic_path` it is the policy's model)."""
+        return self.trust_remote_code if self.critic_trust_remote_code is None else self.critic_trust_remote_code
+
+    @property
+    def rm_trust(self) -> bool:
+        """Whether `rm_path`'s model may run its repository's code."""
+        return self.trust_remote_code if self.rm_trust_remote_code is None else self.rm_trust_remote_code
 
 
 class DataSpec(_Strict):
@@ -192,6 +217,10 @@ class RewardSource(_Strict):
         None, description="Path of a sequence-classification reward model (one logit), or `stage:NAME`: the reward model "
         "that the earlier `rm` stage NAME of this pipeline trains (its final checkpoint's `reward_model/`)."
     )
+    trust_remote_code: bool | None = Field(
+        None, description="`model` only: allow the reward model's repository code to run (default: `model.trust_remote_code`). "
+        "A `stage:NAME` reward model has the trust of the model its stage trains from."
+    )
     name: str | None = Field(None, description="Name in metrics (`rewards/<name>/mean`); defaults to the function's or model's name.")
     weight: float = Field(1.0, ge=-1e6, le=1e6, description="Weight of this source in the summed reward.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the function.")
@@ -208,6 +237,9 @@ class RewardSource(_Strict):
     def _one_source(self) -> "RewardSource":
         if (self.function is None) == (self.model is None):
             raise ValueError("give exactly one of 'function' or 'model'")
+        if self.trust_remote_code is not None and (self.function is not None or self.stage):
+            what = "a function" if self.function is not None else "a stage's reward model, which has the trust of the model its stage trains from"
+            raise _field_error(("trust_remote_code",), f"is a reward model's; this source is {what}")
         return self
 
     @property
@@ -561,9 +593,18 @@ class JobSpec(_Strict):
         stage i > 0 is set when it starts (stage i-1's final checkpoint)."""
         if self.stages is None:
             return [(None, self)]
+        # Built once per spec object (validation, placement and the pipeline all ask), kept beside the fields as a
+        # cached_property would be: equality and dumps ignore it. A `model_copy` carries the original's, so they are
+        # kept with the id of the spec they were built for.
+        built = self.__dict__.get("_built_stage_specs")
+        if built is None or built[0] != id(self):
+            built = self.__dict__["_built_stage_specs"] = (id(self), self._build_stage_specs())
+        return list(built[1])
+
+    def _build_stage_specs(self) -> list[tuple[str, JobSpec]]:
         # Only the job spec's own sections (a subclass, e.g. the API's JobCreate, adds `metadata`).
         base = self.model_dump(exclude={"stages", *(set(type(self).model_fields) - set(JobSpec.model_fields))})
-        out = []
+        out, rms = [], []  # rms: the earlier stages that train a reward model
         for i, stage in enumerate(self.stages):
             # A section given as null overrides nothing.
             override = {k: v for k, v in stage.model_dump(exclude_unset=True, exclude={"name"}).items() if v is not None}
@@ -577,11 +618,12 @@ class JobSpec(_Strict):
                                      for e in err.errors())
                 raise ValueError(f"stages.{i} ({stage.name}): {problems}") from None
             for j, source in enumerate(stage_spec.rewards):
-                rms = [name for name, earlier in out if earlier.algo.produces == "reward_model"]
                 if source.stage and source.stage not in rms:
                     raise ValueError(f"stages.{i} ({stage.name}): rewards.{j}.model: {source.model!r} names no earlier stage "
                                      f"that trains a reward model (earlier rm stages: {rms})")
             out.append((stage.name, stage_spec))
+            if stage_spec.algo.produces == "reward_model":
+                rms.append(stage.name)
         return out
 
     # Derived values, never stored back into the spec.
@@ -599,6 +641,18 @@ class JobSpec(_Strict):
     @property
     def algo(self) -> Algorithm:
         return ALGORITHMS[self.algorithm.name]
+
+    @property
+    def trained_model_trust(self) -> bool:
+        """Whether `trained_model_path`'s model may run its repository's code."""
+        return self.model.rm_trust if self.algo.produces == "reward_model" and self.model.rm_path else self.model.trust_remote_code
+
+    @property
+    def reward_sources(self) -> list[RewardSource]:
+        """`rewards`, each reward model with its own trust decision spelled out (unset: `model.trust_remote_code`).
+        Workers load a reward model with its source's flag alone; unset there means no remote code."""
+        return [s.model_copy(update={"trust_remote_code": self.model.trust_remote_code})
+                if s.model and not s.stage and s.trust_remote_code is None else s for s in self.rewards]
 
     @property
     def trained_model_path(self) -> str:
