@@ -62,9 +62,15 @@ def preflight(spec: JobSpec):
     """Everything that can be checked before any actor starts: tokenizer, model config, data, rewards."""
     from transformers import AutoConfig
 
-    from workers.common import load_tokenizer
+    from workers.common import check_model_path, load_tokenizer
     from workers.reward import resolve_function
 
+    m = spec.model  # every model the spec names: a missing local directory fails here, before any actor starts
+    named = {"model.path": m.path, "model.critic_path": m.critic_path, "model.rm_path": m.rm_path,
+             **{f"rewards.{i}.model": r.model for i, r in enumerate(spec.rewards) if not r.stage}}
+    for field, path in named.items():
+        if path:
+            check_model_path(path, field, ask_hub=True)
     try:
         AutoConfig.from_pretrained(storage.local_copy(spec.model.path), trust_remote_code=spec.model.trust_remote_code)
     except Exception as err:

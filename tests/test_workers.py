@@ -309,3 +309,34 @@ def test_builtin_accuracy_reads_the_first_number():
     assert accuracy([""] * 3, ["12", " 12 and 5", "x"], answer=[12, 12, 12]) == [1.0, 1.0, 0.0]
     assert accuracy([""], ["7 then 12"], answer=[12], position="last") == [1.0]
     assert regex_match([""] * 2, ["42", "42x"], pattern=r"-?\d+", full=True) == [1.0, 0.0]
+
+
+def test_a_missing_model_directory_fails_at_once_naming_the_field(tiny_model, arith_file, tmp_path, monkeypatch):
+    """Not a hub lookup with retries ending in "check your internet connection" (half a minute here):
+    the driver's preflight names the field and the directory before any actor starts."""
+    from orchestrator.core.spec import parse_spec
+    from orchestrator.pipeline import preflight
+    from tests.conftest import tiny_spec
+    from workers.common import ModelLoadError, check_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    spec = parse_spec(tiny_spec(tiny_model, arith_file, tmp_path / "run", model={"path": "runs/nope-model"}))
+    with pytest.raises(ModelLoadError, match=rf"^model\.path='runs/nope-model': no such model directory \({tmp_path}/runs/nope-model\)$"):
+        preflight(spec)
+    spec = parse_spec(tiny_spec(tiny_model, arith_file, tmp_path / "run", algorithm={"name": "ppo"}, model={"critic_path": "/nope/critic"}))
+    with pytest.raises(ModelLoadError, match=r"^model\.critic_path='/nope/critic': no such model directory \(/nope/critic\)$"):
+        preflight(spec)
+    for path in ("./nope", "/abs/nope", "~/nope", "a/b/c", "runs/nope-model"):
+        with pytest.raises(ModelLoadError, match=r"no such model directory \(/.*nope.*\)$|no such model directory \(/.*a/b/c\)$"):
+            check_model_path(path, "model.path")
+    check_model_path(str(tiny_model), "model.path")
+    # An id the hub could hold is asked for once, not retried: it has none, or cannot be reached from here.
+    with pytest.raises(ModelLoadError, match=r"^model\.path='nope-org/nope-model': no such model directory .*, and the model hub "):
+        check_model_path("nope-org/nope-model", "model.path", ask_hub=True)
+    # With the hub off, any missing model fails and says why.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"^model\.path='nope-org/nope-model': .*, and the model hub is off \(HF_HUB_OFFLINE\)$"):
+        check_model_path("nope-org/nope-model", "model.path", ask_hub=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -47,6 +48,49 @@ class ModelLoadError(RuntimeError):
     """A model or tokenizer that cannot be loaded; the message names the path."""
 
 
+# A model id the hub could hold: `name` or `owner/name` (huggingface_hub's repo-id rules, 96 characters at most).
+_HUB_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
+_OFF = ("1", "true", "yes", "on")
+
+
+def hub_allowed() -> bool:
+    """Whether a model may come from the hub: not when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set."""
+    return not any(os.environ.get(name, "").strip().lower() in _OFF for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_model_path(path: str, field: str = "model path", ask_hub: bool = False) -> None:
+    """A ModelLoadError naming `field` and `path`, at once, unless `path` is a local directory, a URL,
+    or a hub id the hub may be asked for. A missing path that can only be local (absolute, `./`, `~`,
+    nested, under a local directory: `runs/x` when `runs/` is here; not a hub id) fails, as does any
+    missing one with the hub off. With `ask_hub`, a hub id is asked for once (about 2 s with no network),
+    not through transformers' retries (half a minute, ending in "check your internet connection")."""
+    if storage.is_url(path) or os.path.isdir(path):
+        return
+    where = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path):
+        raise ModelLoadError(f"{field}={path!r} is a file ({where}), not a model directory")
+    owner = path.split("/", 1)[0] if "/" in path else ""
+    looks_local = (os.path.isabs(path) or path.startswith((".", "~")) or not _HUB_ID.match(path) or len(path) > 96
+                   or "--" in path or ".." in path or (owner and os.path.isdir(owner)))
+    if looks_local:
+        raise ModelLoadError(f"{field}={path!r}: no such model directory ({where})")
+    if not hub_allowed():
+        raise ModelLoadError(f"{field}={path!r}: no such model directory ({where}), and the model hub is off (HF_HUB_OFFLINE)")
+    missing = _not_on_hub(path) if ask_hub else None
+    if missing:
+        raise ModelLoadError(f"{field}={path!r}: no such model directory ({where}), and {missing}")
+
+
+def _not_on_hub(repo_id: str) -> str | None:
+    """Why the hub cannot give the model `repo_id`, or None if it has it."""
+    from huggingface_hub import repo_exists
+
+    try:
+        return None if repo_exists(repo_id) else "the model hub has no model by that id"
+    except Exception as err:  # noqa: BLE001 - any failure to ask is the answer: the hub cannot give it
+        return f"the model hub cannot be asked for it ({type(err).__name__}: {err})"
+
+
 def configure_threads(threads: int | None) -> int:
     """Set torch's intra-op threads; default to every core this process may use."""
     n = threads or len(os.sched_getaffinity(0))
@@ -61,6 +105,7 @@ def pick_device(num_gpus: float) -> torch.device:
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_model_path(path, "model.path")
     try:
         tok = AutoTokenizer.from_pretrained(storage.local_copy(path), trust_remote_code=trust_remote_code)
     except Exception as err:
@@ -79,6 +124,7 @@ def load_model(path: str, auto_class: str = "AutoModelForCausalLM", dtype: str =
     import transformers
 
     cls = getattr(transformers, auto_class)
+    check_model_path(path)
     try:
         if shard_rank:
             config = transformers.AutoConfig.from_pretrained(storage.local_copy(path), trust_remote_code=trust_remote_code, **kwargs)
