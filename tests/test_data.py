@@ -3,6 +3,7 @@ import json
 import pytest
 
 from orchestrator.core.data import DataError, PromptSampler, load_prompts
+from orchestrator.core.rows import check_upload
 from workers.common import load_tokenizer
 
 
@@ -35,6 +36,18 @@ def test_missing_prompt_column_is_named(tmp_path, tok):
     p = write(tmp_path, [json.dumps({"prompt": "a"}), json.dumps({"question": "b"})])
     with pytest.raises(DataError, match=r"d.jsonl:2: missing column 'prompt'"):
         load_prompts(p, tok)
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ('{"prompt": "b", "n": ' + "9" * 5000 + "}", "Exceeds the limit"),  # past Python's int digit limit
+    ('{"prompt": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+])
+def test_rows_the_json_parser_cannot_take_are_named(tmp_path, tok, bad, problem):
+    p = write(tmp_path, [json.dumps({"prompt": "a"}), bad])
+    with pytest.raises(DataError, match=rf"d.jsonl:2: unreadable JSON: .*{problem}"):
+        load_prompts(p, tok)
+    with pytest.raises(DataError, match=rf"^upload.jsonl:2: unreadable JSON: .*{problem}"):
+        check_upload(p, "train", "upload.jsonl")
 
 
 def test_missing_file(tmp_path, tok):

@@ -71,6 +71,10 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DataError(f"{path}:{lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
+                except ValueError as err:  # an integer past Python's digit limit (sys.set_int_max_str_digits)
+                    raise DataError(f"{path}:{lineno}: unreadable JSON: {err}") from None
+                except RecursionError:
+                    raise DataError(f"{path}:{lineno}: unreadable JSON: nested too deeply") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
                 yield f"{path}:{lineno}", row
