@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     )
     upload_tmp_dir: str | None = Field(None, description="Local directory where uploads are staged while checked (default: the system's).")
     max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest file `POST /v1/files` takes (then 413).")
+    max_files_per_tenant: int = Field(1000, ge=1, description="Uploaded files a tenant may keep at once (then 429 until it "
+                                      "deletes one).")
+    max_storage_bytes_per_tenant: int = Field(
+        20 << 30, ge=1, description="Bytes of uploaded files a tenant may keep at once (then 413 until it deletes some). Run "
+        "directories and checkpoints are not counted: a job's are bounded by its steps and `checkpoint.keep_last`.")
     max_body_bytes: int = Field(64 << 10, ge=1024, description="Largest JSON request body, e.g. a job spec (then 413).")
     max_job_stages: int = Field(16, ge=1, description="Most `stages` a job spec may have (then 422, before the spec is validated: "
                                 "each stage is a whole spec to build and check).")

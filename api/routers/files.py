@@ -14,6 +14,7 @@ import time
 import uuid
 from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import StreamingResponse
@@ -21,8 +22,10 @@ from starlette.datastructures import UploadFile
 
 from api.deps import CurrentTenant, StoreDep
 from api.errors import APIError
+from api.file_quota import FileQuota
 from api.routers import error_responses
 from api.schemas import FileDeleted, FileList, FilePublic
+from api.tenant_spec import FILE_ID
 from orchestrator.core.rows import DataError, check_upload
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -44,7 +47,7 @@ def file_not_found(file_id: str) -> APIError:
 
 
 async def owned_file(store, file_id: str, tenant: str) -> dict[str, Any]:
-    rec = await store.get_file(file_id, tenant)
+    rec = await store.get_file(file_id, tenant) if FILE_ID.match(file_id) else None  # (only ids of ours reach Redis)
     if rec is None:
         raise file_not_found(file_id)
     return rec
@@ -65,12 +68,15 @@ UPLOAD_BODY = {
 
 
 @router.post("", status_code=201, response_model=FilePublic, summary="Upload a file", openapi_extra={"requestBody": UPLOAD_BODY},
-             responses=error_responses(400, 401, 413, 415, 422))
+             responses=error_responses(400, 401, 413, 415, 422, 429))
 async def upload_file(request: Request, tenant: CurrentTenant, store: StoreDep) -> dict[str, Any]:
-    """Stream the file in, check every row for its purpose, keep it under the tenant's area. The key
-    is checked before a byte of the body is read."""
+    """Stream the file in, check every row for its purpose, keep it under the tenant's area. The key,
+    and whether the tenant is at its storage quota already, are checked before a byte of the body is
+    read; the file is counted against the quota (`max_files_per_tenant`, 429;
+    `max_storage_bytes_per_tenant`, 413) once its size is known, and released when it is deleted."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(415, "unsupported_media_type", "Send the file as multipart/form-data with fields `file` and `purpose`.", None)
+    await file_quota(request, store).check_room(tenant)
     try:
         form = await request.form(max_files=1, max_fields=1, max_part_size=1024)
     except Exception as err:  # python-multipart and Starlette raise several kinds for a malformed body
@@ -101,13 +107,25 @@ async def _store_upload(request: Request, tenant: str, store, file: UploadFile, 
             rows = await asyncio.to_thread(check_upload, local, purpose, name)
         except DataError as err:
             raise APIError(422, "invalid_file", f"file: {err}", "file") from None
-        await asyncio.to_thread(storage.put_file, local, storage.file_path(tenant, file_id, ext))
+        quota = file_quota(request, store)
+        await quota.reserve(tenant, file_id, size)
+        try:
+            await asyncio.to_thread(storage.put_file, local, storage.file_path(tenant, file_id, ext))
+            return await store.create_file(file_id, tenant, {
+                "filename": name, "purpose": purpose, "bytes": size, "rows": rows, "created_at": repr(time.time()),
+                "path": storage.file_path(tenant, file_id, ext),
+            })
+        except BaseException:
+            await asyncio.to_thread(storage.remove, storage.file_path(tenant, file_id, ext))
+            await quota.release(tenant, file_id)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return await store.create_file(file_id, tenant, {
-        "filename": name, "purpose": purpose, "bytes": size, "rows": rows, "created_at": repr(time.time()),
-        "path": storage.file_path(tenant, file_id, ext),
-    })
+
+
+def file_quota(request: Request, store) -> FileQuota:
+    settings = request.app.state.settings
+    return FileQuota(store.redis, settings.max_files_per_tenant, settings.max_storage_bytes_per_tenant)
 
 
 def _copy(src, dest: FsPath) -> int:
@@ -147,8 +165,15 @@ async def get_file(file_id: FileId, tenant: CurrentTenant, store: StoreDep) -> d
 async def file_content(file_id: FileId, tenant: CurrentTenant, store: StoreDep, request: Request) -> StreamingResponse:
     rec = await owned_file(store, file_id, tenant)
     storage = request.app.state.storage
-    headers = {"Content-Disposition": f'attachment; filename="{rec["filename"].replace(chr(34), "")}"', "Content-Length": str(rec["bytes"])}
+    headers = {"Content-Disposition": attachment(rec["filename"]), "Content-Length": str(rec["bytes"])}
     return StreamingResponse(stream_file(storage, rec["path"]), media_type="application/octet-stream", headers=headers)
+
+
+def attachment(filename: str) -> str:
+    """A Content-Disposition header for any file name: headers are Latin-1, so the name goes as RFC 6266's
+    `filename*` (RFC 5987: UTF-8, percent-encoded), with a plain ASCII `filename` for older clients."""
+    plain = "".join(c if " " <= c <= "~" and c not in '"\\%' else "_" for c in filename)
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 async def stream_file(storage, path: str):
@@ -164,8 +189,9 @@ async def stream_file(storage, path: str):
 async def delete_file(file_id: FileId, tenant: CurrentTenant, store: StoreDep, request: Request) -> dict[str, Any]:
     """Remove the file and its record. A job that has started read its data at the start; a later
     resume of it cannot."""
-    rec = await store.delete_file(file_id, tenant)
+    rec = await store.delete_file(file_id, tenant) if FILE_ID.match(file_id) else None
     if rec is None:
         raise file_not_found(file_id)
     await asyncio.to_thread(request.app.state.storage.remove, rec["path"])
+    await file_quota(request, store).release(tenant, file_id)
     return {"id": file_id, "object": "file", "deleted": True}
