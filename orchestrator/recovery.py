@@ -6,24 +6,94 @@ tears down its actors and placement group, places them again and resumes from it
 (api/reconciler.py). Both draw on one budget, `fault_tolerance.max_restarts`: the control plane
 passes what is already spent in RLHF_RESTARTS_USED. Errors of the job itself (bad data, a reward
 function that raises, a model that does not load, a phase timeout) are not retried: they would
-fail the same way again.
+fail the same way again. Nor is the loss of the Ray cluster itself (its head restarted under the
+job: the GCS answers with another cluster id): nothing of the job is left to place again, and the
+driver reports it as `ray_job_lost` (RayClusterLost), as the control plane does for a job that
+Ray no longer knows.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
-from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import (
+    AuthenticationError,
+    NodeDiedError,
+    ObjectLostError,
+    RayActorError,
+    RayTaskError,
+    RpcError,
+    WorkerCrashedError,
+)
 
 RESTARTS_USED_ENV = "RLHF_RESTARTS_USED"
+# After a lost process, how long the driver waits for a Ray head that does not answer (restarting)
+# before it calls the cluster lost. Ray's own limit for a driver cut off from its GCS is 60 s
+# (gcs_rpc_server_reconnect_timeout_s), after which the driver process is ended anyway.
+HEAD_WAIT_S = 30.0
+_PROBE_TIMEOUT_S = 3
+
+
+class RayClusterLost(RuntimeError):
+    """The Ray cluster the job ran on is gone (its head restarted): code `ray_job_lost`."""
+
+
+def cluster_restarted(err: BaseException) -> bool:
+    """Whether `err` is Ray's answer to a driver whose GCS has been replaced: a new head (another
+    cluster id) refuses the old cluster's clients with `WrongClusterID`, as an AuthenticationError."""
+    if isinstance(err, RayTaskError) and isinstance(getattr(err, "cause", None), BaseException):
+        return cluster_restarted(err.cause)
+    return isinstance(err, AuthenticationError) and "WrongClusterID" in str(getattr(err, "message", err))
+
+
+def cluster_lost_error(err: BaseException) -> RayClusterLost:
+    return RayClusterLost("the Ray cluster this job ran on was restarted under it (its head answers with another cluster id, "
+                          f"WrongClusterID): the job's actors and placement groups went with it; {cause_line_short(err)}")
+
+
+def check_cluster(died: str, err: BaseException, wait_s: float = HEAD_WAIT_S) -> None:
+    """Raise RayClusterLost if the Ray head this driver joined is gone: it answers with another
+    cluster id, or not at all for `wait_s`. A lost worker node or actor leaves the head as it was."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    # The driver's own GCS client: it raises on a refusal, where ray.nodes() and the like abort the
+    # whole process once the head has been replaced (a failed CHECK in Ray's global state accessor).
+    gcs = ray._private.worker.global_worker.gcs_client
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            gcs.internal_kv_exists(b"rlhf-cluster-probe", None, timeout=_PROBE_TIMEOUT_S)
+            return
+        except AuthenticationError as probe:
+            if cluster_restarted(probe):
+                raise cluster_lost_error(probe) from err
+            return  # another refusal: not this question's to answer; the restart meets it
+        except RpcError as probe:  # no answer: the head is down (or restarting)
+            if time.monotonic() > deadline:
+                raise RayClusterLost(f"{died} died and the Ray head has not answered for {wait_s:.0f} s since "
+                                     f"({cause_line_short(probe)}): the job is presumed lost with its cluster") from err
+        time.sleep(1.0)
 
 
 def lost_process(err: BaseException, names: dict[str, str]) -> str | None:
     """What died, in words (`actor job-1/reward-0 (RewardWorker)`), if `err` is the loss of a process
-    rather than an error of the job; else None. `names`: actor id (hex) -> the job's name for it."""
+    that a restart can replace; else None (an error of the job). `names`: actor id (hex) -> the job's
+    name for it. Raises RayClusterLost when the whole cluster went (see check_cluster)."""
+    if cluster_restarted(err):
+        raise cluster_lost_error(err) from err
+    died = _what_died(err, names)
+    if died is not None:
+        check_cluster(died, err)
+    return died
+
+
+def _what_died(err: BaseException, names: dict[str, str]) -> str | None:
     if isinstance(err, RayTaskError) and isinstance(getattr(err, "cause", None), BaseException):
-        return lost_process(err.cause, names)
+        return _what_died(err.cause, names)
     if isinstance(err, RayActorError):
         if err.actor_init_failed:  # its constructor raised: a model that does not load, a bad reward
             return None
@@ -43,6 +113,12 @@ def cause_line(err: BaseException) -> str:
     """The error's message as one line, for the restart event and the final error."""
     text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
     return f"{type(err).__name__}: {text}"[:500]
+
+
+def cause_line_short(err: BaseException) -> str:
+    """Ray's own message without its advice (an AuthenticationError appends a paragraph about tokens)."""
+    text = str(getattr(err, "message", None) or err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
 class RestartBudget:

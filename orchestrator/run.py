@@ -23,7 +23,12 @@ from orchestrator import stopping
 from orchestrator.core.data import DataError
 from orchestrator.core.spec import JobSpec, SpecError, load_spec, read_spec_file
 from orchestrator.driver import PhaseTimeout
-from orchestrator.recovery import RestartsExhausted
+from orchestrator.recovery import (
+    RayClusterLost,
+    RestartsExhausted,
+    cluster_lost_error,
+    cluster_restarted,
+)
 from orchestrator.stopping import Cancelled, StopRequested
 from workers.common import ModelLoadError
 from workers.reward import RewardError
@@ -68,6 +73,8 @@ def describe_error(err: BaseException) -> tuple[str, str]:
 
     if isinstance(err, RayTaskError) and getattr(err, "cause", None) is not None:
         return describe_error(err.cause)
+    if cluster_restarted(err):  # met outside a stage's recovery (e.g. while releasing its actors)
+        return "ray_job_lost", str(cluster_lost_error(err))
     if isinstance(err, RayActorError):
         text = str(err)
         for cls in (ModelLoadError, RewardError, DataError):
@@ -83,7 +90,7 @@ def describe_error(err: BaseException) -> tuple[str, str]:
 
 
 _CODES = {SpecError: "invalid_spec", DataError: "invalid_data", ModelLoadError: "model_load_error", RewardError: "reward_error",
-          PhaseTimeout: "timeout", RestartsExhausted: "actor_died"}
+          PhaseTimeout: "timeout", RestartsExhausted: "actor_died", RayClusterLost: "ray_job_lost"}
 
 
 def reporters_from_env(job_id: str, history: Path | None = None) -> list[Any]:

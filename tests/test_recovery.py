@@ -83,3 +83,93 @@ def test_max_restarts_is_bounded(value):
 
     with pytest.raises(ValidationError, match="max_restarts"):
         FaultToleranceSpec(max_restarts=value)
+
+
+# --- a Ray head restarted under a running job (issue 27, item 12) ------------------------------------
+
+# What Ray 2.60 raises in a driver whose head was replaced, word for word (seen with a real restart below).
+WRONG_CLUSTER = "RPC error: WrongClusterID: Perhaps the client is accessing GCS after it has restarted."
+
+
+def test_a_replaced_head_is_the_jobs_loss_not_an_internal_error_nor_a_lost_process():
+    from ray.exceptions import AuthenticationError
+
+    from orchestrator.recovery import RayClusterLost
+    from orchestrator.run import describe_error
+
+    err = AuthenticationError(WRONG_CLUSTER)
+    with pytest.raises(RayClusterLost, match="restarted under it"):
+        lost_process(err, NAMES)  # no restart is spent on it: nothing of the job is left to place again
+    code, message = describe_error(err)
+    assert code == "ray_job_lost" and "WrongClusterID" in message and "token" not in message, message
+    assert describe_error(RayClusterLost("x")) == ("ray_job_lost", "x")
+
+
+HEAD_RESTART_DRIVER = r'''
+import json, sys, time
+import ray
+from orchestrator.recovery import lost_process
+from orchestrator.run import describe_error
+
+ray.init(address=sys.argv[1], log_to_driver=False)
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def ping(self):
+        return 1
+
+actor = Probe.remote()
+ray.get(actor.ping.remote(), timeout=60)
+print("READY", flush=True)
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    try:
+        ray.get(actor.ping.remote(), timeout=10)
+    except Exception as err:
+        try:
+            died = lost_process(err, {})
+            print(json.dumps({"died": died}), flush=True)
+        except Exception as lost:
+            print(json.dumps({"raised": type(lost).__name__, "error": describe_error(lost)}), flush=True)
+        sys.exit(0)
+    time.sleep(0.5)
+print(json.dumps({"timeout": True}), flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_a_head_restarted_under_a_driver_is_reported_as_ray_job_lost(monkeypatch, tmp_path):
+    """A real head, stopped and started again on the same ports (a new cluster id) while a driver
+    runs: the driver's lost actor is classified as the cluster's loss, with no restart spent."""
+    import subprocess
+    import sys
+
+    import tests.conftest as shared
+
+    ports = [shared.free_port() for _ in range(5)]  # the same five ports for both heads
+
+    def head():
+        it = iter(ports)
+        monkeypatch.setattr(shared, "free_port", lambda: next(it))
+        return shared.RayHead()
+
+    first = head().wait_up()
+    log = tmp_path / "driver.out"
+    second = None
+    with open(log, "w") as out:
+        driver = subprocess.Popen([sys.executable, "-c", HEAD_RESTART_DRIVER, first.address], cwd=shared.ROOT, stdout=out,
+                                  stderr=subprocess.STDOUT, env={**shared.os.environ, **shared.RAY_ENV}, start_new_session=True)
+    try:
+        wait_until(lambda: "READY" in log.read_text(), 120, "the driver's actor")
+        first.stop()
+        second = head().wait_up()
+        driver.wait(150)
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        # RayClusterLost, never {"died": ...} (a restart spent on placing actors in a cluster that is gone).
+        assert lines and lines[-1].get("raised") == "RayClusterLost", log.read_text()[-3000:]
+        assert lines[-1]["error"][0] == "ray_job_lost", lines[-1]
+    finally:
+        shared.stop_group(driver)
+        first.stop()
+        if second is not None:
+            second.stop()

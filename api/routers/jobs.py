@@ -14,9 +14,11 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from api import redact
 from api.deps import CurrentTenant, LauncherDep, SettingsDep, StorageDep, StoreDep
 from api.errors import APIError, not_found
 from api.launcher import RayJobMissing, RayUnavailable
+from api.reconciler import JOB_ID
 from api.routers import error_responses
 from api.schemas import JobCreate, JobList, JobPublic, JobStatus
 from api.settings import Settings
@@ -53,7 +55,7 @@ JobBody = Annotated[dict[str, Any], DocumentedAs(JobCreate),
 def job_public(rec: dict[str, Any], settings: Settings, storage: ArtifactStore | None = None) -> dict[str, Any]:
     """The record as its tenant sees it: the spec as submitted (ids and names), and no server path."""
     if storage is not None and rec.get("error"):
-        rec = {**rec, "error": storage.hide(rec["error"], rec["tenant"])}
+        rec = {**rec, "error": redact.for_job(rec, storage)(rec["error"])}
     return {
         "id": rec["id"],
         "object": "job",
@@ -79,7 +81,9 @@ def job_public(rec: dict[str, Any], settings: Settings, storage: ArtifactStore |
 
 async def owned_job(store, job_id: str, tenant: str) -> dict[str, Any]:
     """The tenant's job, or 404 (another tenant's job is indistinguishable from none)."""
-    rec = await store.get(job_id, tenant)
+    # Only an id of the shape this service gives reaches Redis: `job-x:events` would name the job's
+    # event stream, whose read fails (a 500 that told apart another tenant's job from none).
+    rec = await store.get(job_id, tenant) if JOB_ID.fullmatch(job_id) else None
     if rec is None:
         raise not_found(job_id)
     return rec
