@@ -43,6 +43,11 @@ class Settings(BaseSettings):
         description="MLflow tracking URIs a tenant's spec may name over REST (`trackers.mlflow.tracking_uri`); "
         "any other is refused, since the driver would write to it from the cluster.",
     )
+    wandb_online: bool = Field(
+        False, description="Whether a tenant's spec may ask for `trackers.wandb.mode: online` over REST. Off: refused (422), "
+        "since an online run streams the job's config and metrics to the entity the tenant names, with whatever W&B key "
+        "the operator gave the cluster; `offline` (written under the run directory) is always allowed.",
+    )
     storage_root: str = Field(
         "artifacts", description="Root of the artifact store: tenants' uploads, run directories and checkpoints, one area per "
         "tenant. A local directory (every Ray node must see it at the same path) or an fsspec URL such as `s3://bucket/rlhf`."

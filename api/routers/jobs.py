@@ -25,6 +25,7 @@ from api.settings import Settings
 from api.storage import ArtifactStore
 from api.admission import Quota, never_fits
 from api.tenant_spec import TenantSpec
+from api.trackers_policy import check_wandb_mode
 from orchestrator.core.layout import demand
 from orchestrator.core.storage import is_url
 from orchestrator.core.records import TERMINAL
@@ -125,6 +126,7 @@ async def create_job(
     spec, name = body.spec_dict(), body.name
     job_id = "job-" + uuid.uuid4().hex[:24]
     resolver = TenantSpec(tenant, request.app.state.registry, request.app.state.storage, store, settings.mlflow_tracking_uris)
+    check_wandb_mode(spec, settings.wandb_online)
     launch = await resolver.launch_spec(spec, job_id)
     check_carriable(launch)
     for role in (r for r in body.sharded_roles if r != "reference"):  # (the reference saves nothing)
