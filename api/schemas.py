@@ -123,13 +123,15 @@ class EventPublic(BaseModel):
     type: str = Field(..., description="status, placement, actors_ready, checkpoint, warning, error, resumed, ...")
     message: str = ""
     created_at: float = Field(..., description="Unix time (s).")
-    data: dict[str, Any] = Field(default_factory=dict, description="The event's fields (`status`, `error`, `step`, `path`, ...).")
+    data: dict[str, Any] = Field(default_factory=dict, description="The event's fields (`status`, `error`, `step`, `path`, ...). "
+                                 "Paths are relative to the tenant's area (`runs/<job id>/...`); a model or file is named as the "
+                                 "spec named it (`tiny`, `file-...`, `ckpt-...`).")
 
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"id": "1764190030100-0", "object": "job.event", "type": "checkpoint", "message": "saved step 2 to /runs/x/checkpoints/step_000002",
-                 "created_at": 1764190030.1, "data": {"step": 2, "path": "/runs/x/checkpoints/step_000002"}}
+                {"id": "1764190030100-0", "object": "job.event", "type": "checkpoint", "message": "saved step 2 to runs/job-4f1c2b9a0d3e4b5c6d7e8f90/checkpoints/step_000002",
+                 "created_at": 1764190030.1, "data": {"step": 2, "path": "runs/job-4f1c2b9a0d3e4b5c6d7e8f90/checkpoints/step_000002"}}
             ]
         }
     )

@@ -9,8 +9,11 @@ come from the operator's keys file, and are still reduced to a safe directory na
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import re
+import stat
 from pathlib import Path
 from typing import IO
 
@@ -93,11 +96,45 @@ class ArtifactStore:
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
+    def open_inside(self, path: str, root: str) -> IO[bytes]:
+        """`path` opened for reading if it is a regular file under `root` (a resolved directory),
+        reached through no symbolic link; else an OSError. What a tenant downloads from its area
+        must not lead out of it, even through a link put there after a listing."""
+        if not self.local:
+            return self.fs.open(path, "rb")  # an object store has no links
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # (a FIFO must not block the read)
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else os.path.realpath(path)
+            if not stat.S_ISREG(os.fstat(fd).st_mode) or not real.startswith(root.rstrip("/") + "/"):
+                raise FileNotFoundError(errno.ENOENT, "not a regular file inside the directory", path)
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def size_of(self, f) -> int:
+        """Bytes of a file opened by `open_inside`."""
+        return os.fstat(f.fileno()).st_size if self.local else int(f.size)
+
     def walk_files(self, path: str) -> list[tuple[str, str, int]]:
-        """(full path, path relative to `path`, size) of every file under a directory, sorted."""
+        """(full path, path relative to `path`, size) of every regular file under a directory,
+        sorted. Symbolic links are left out and never followed, to files or to directories."""
+        if self.local:
+            return _walk_local(path)
         found = self.fs.find(path, detail=True)
         out = []
         for full, info in sorted(found.items()):
-            rel = full[len(path.rstrip("/")) + 1:] if not self.local else str(Path(full).relative_to(path))
-            out.append((full, rel, int(info.get("size") or 0)))
+            out.append((full, full[len(path.rstrip("/")) + 1:], int(info.get("size") or 0)))
         return out
+
+
+def _walk_local(root: str) -> list[tuple[str, str, int]]:
+    out = []
+    for folder, _, names in os.walk(root, followlinks=False):  # a link to a directory is listed, not entered
+        for name in names:
+            full = os.path.join(folder, name)
+            info = os.lstat(full)
+            if stat.S_ISREG(info.st_mode):
+                out.append((full, os.path.relpath(full, root), info.st_size))
+    return sorted(out)

@@ -224,8 +224,12 @@ def run_stage(stage: Stage, model_path: str, tokenizer, job_id: str, reporter, r
             if resume_from is not None:
                 start = orch.load_checkpoint(resume_from)
             if stage.name:
-                reporter.event("stage", f"stage {stage.name} ({orch.spec.algorithm.name}) runs steps {start + 1}..{stage.last_step} from {model_path}",
-                               algorithm=orch.spec.algorithm.name, model_path=model_path, first_step=stage.first_step, last_step=stage.last_step)
+                # The message names where the model comes from, not its path (a tenant reads it); the
+                # path stays in the data for the run directory's reader (the API redacts it).
+                source = "model.path" if model_path == stage.spec.model.path else "the policy of the stages before it"
+                reporter.event("stage", f"stage {stage.name} ({orch.spec.algorithm.name}) runs steps {start + 1}..{stage.last_step} from {source}",
+                               algorithm=orch.spec.algorithm.name, model=source, model_path=model_path, first_step=stage.first_step,
+                               last_step=stage.last_step)
             orch.fit(start)
             return
         except Exception as err:

@@ -4,6 +4,7 @@ each downloadable as a tar archive by the job's owner."""
 from __future__ import annotations
 
 import asyncio
+import io
 import tarfile
 import threading
 from typing import Annotated, Any, AsyncIterator
@@ -11,6 +12,7 @@ from typing import Annotated, Any, AsyncIterator
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import StreamingResponse
 
+from api import redact
 from api.deps import CurrentTenant, StoreDep
 from api.errors import APIError
 from api.routers import error_responses
@@ -54,7 +56,8 @@ async def checkpoint_content(job_id: JobId, checkpoint: CheckpointId, tenant: Cu
     if not root.startswith(storage.tenant_root(tenant) + "/") or not await asyncio.to_thread(storage.isdir, root):
         raise APIError(404, "checkpoint_not_found", f"Checkpoint {checkpoint!r} is no longer in storage.", "checkpoint")
     name = checkpoint.replace('"', "")
-    return StreamingResponse(tar_stream(storage, root, name), media_type="application/x-tar",
+    hide = redact.for_job(rec, storage, request.app.state.registry)
+    return StreamingResponse(tar_stream(storage, root, name, hide), media_type="application/x-tar",
                              headers={"Content-Disposition": f'attachment; filename="{name}.tar"'})
 
 
@@ -69,20 +72,19 @@ class _Pipe:
         return len(data)
 
 
-async def tar_stream(storage, root: str, name: str) -> AsyncIterator[bytes]:
+async def tar_stream(storage, root: str, name: str, hide: redact.Redactor) -> AsyncIterator[bytes]:
+    """The regular files under `root` as a tar (links are left out, never followed); the JSON files
+    (state.json holds the launch spec, a model's config.json its origin) pass through `hide`."""
     queue: asyncio.Queue = asyncio.Queue(maxsize=8)  # bounded: the archive is never whole in memory
     loop, stop = asyncio.get_running_loop(), threading.Event()
 
     def write() -> None:
         try:
             with tarfile.open(fileobj=_Pipe(loop, queue), mode="w|", bufsize=1 << 20) as tar:
-                for full, rel, size in storage.walk_files(root):
+                for full, rel, _ in storage.walk_files(root):
                     if stop.is_set():
                         return
-                    info = tarfile.TarInfo(f"{name}/{rel}")
-                    info.size = size
-                    with storage.open(full) as f:
-                        tar.addfile(info, f)
+                    _add(tar, storage, root, full, f"{name}/{rel}", hide)
         finally:
             asyncio.run_coroutine_threadsafe(queue.put(None), loop)
 
@@ -97,3 +99,19 @@ async def tar_stream(storage, root: str, name: str) -> AsyncIterator[bytes]:
                 queue.get_nowait()
             except asyncio.QueueEmpty:
                 await asyncio.sleep(0.01)
+
+
+def _add(tar: tarfile.TarFile, storage, root: str, full: str, arcname: str, hide: redact.Redactor) -> None:
+    try:
+        f = storage.open_inside(full, root)
+    except OSError:
+        return  # gone since the listing, or a link swapped in for it: not the tenant's to read
+    with f:
+        info = tarfile.TarInfo(arcname)
+        info.size = storage.size_of(f)
+        if full.endswith(".json") and info.size <= redact.JSON_MAX_BYTES:
+            data = hide.json_bytes(f.read())
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        else:
+            tar.addfile(info, f)

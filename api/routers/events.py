@@ -10,6 +10,7 @@ from typing import Annotated, Any, AsyncIterator
 from fastapi import APIRouter, Header, Query, Request
 from sse_starlette import EventSourceResponse
 
+from api import redact
 from api.deps import CurrentTenant, SettingsDep, StoreDep
 from api.routers import error_responses
 from api.routers.jobs import JobId, owned_job
@@ -84,16 +85,15 @@ async def _follow(store: JobStore, job_id: str, kind: str, after: str | None, hi
 
 
 async def _history_or_stream(kind: str, job_id, tenant, store, settings, request, after, limit, last_event_id):
-    await owned_job(store, job_id, tenant)
-    storage = request.app.state.storage
+    rec = await owned_job(store, job_id, tenant)
+    hide = redact.for_job(rec, request.app.state.storage, request.app.state.registry)
     if wants_stream(request):
         slots = request.app.state.streams
         slots.acquire(tenant)
-        stream = follow(store, job_id, kind, last_event_id or after, release=lambda: slots.release(tenant),
-                        hide=lambda raw: storage.hide(raw, tenant))
+        stream = follow(store, job_id, kind, last_event_id or after, release=lambda: slots.release(tenant), hide=hide)
         return EventSourceResponse(stream, ping=settings.sse_ping_s, headers={"Cache-Control": "no-store"})
     items, has_more = await store.history(job_id, kind, after, limit)
-    data = [_PUBLIC[kind](eid, storage.hide(raw, tenant)) for eid, raw in items]
+    data = [_PUBLIC[kind](eid, hide(raw)) for eid, raw in items]
     return {"object": "list", "data": data, "has_more": has_more, "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 

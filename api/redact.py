@@ -1,0 +1,135 @@
+"""One redaction step between what a job's driver writes and what its tenant reads: the events, a
+failed job's error, the driver's log and the JSON files of a downloaded checkpoint.
+
+The driver runs on server paths (a registry model's directory, an upload's place in the store, the
+run directory, a node's cached copy of a URL); the tenant named those things by name and id. Each
+server path becomes what the tenant named (`tiny`, `file-...`, `ckpt-...`); a path in the tenant's
+own area becomes relative to it (`runs/job-.../checkpoints/step_000002`); any other registry model
+or place under the storage root becomes a placeholder. A log also loses the Ray cluster's internal
+addresses (`127.0.0.1:6379`, `http://10.0.0.5:8265`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+STORAGE = "<storage>"
+MODEL = "<model>"
+ADDRESS = "<address>"
+
+# JSON files of a checkpoint up to this size are rewritten; larger ones (a big tokenizer.json) are
+# weights and vocabularies that hold no path, and are sent as they are.
+JSON_MAX_BYTES = 8 << 20
+
+
+class Redactor:
+    """Rewrites a string, or every string in nested lists and dicts, by a fixed table of rules."""
+
+    def __init__(self, rules: list[tuple[str, str]]):
+        """`rules`: (regex, replacement), earlier rules winning where two match at one place."""
+        self._replacements = [public for _, public in rules]
+        alternatives = [f"(?P<r{i}>{regex})" for i, (regex, _) in enumerate(rules)]
+        self._pattern = re.compile("|".join(alternatives)) if alternatives else None
+
+    def text(self, value: str) -> str:
+        if self._pattern is None:
+            return value
+        return self._pattern.sub(lambda m: self._replacements[int(m.lastgroup[1:])], value)
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {k: self(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self(v) for v in value]
+        return value
+
+    def json_bytes(self, data: bytes) -> bytes:
+        """A JSON file with its strings redacted; the same bytes when nothing in it changes. Text that
+        is not JSON is redacted as text."""
+        try:
+            doc = json.loads(data)
+        except (ValueError, RecursionError):
+            text = data.decode("utf-8", "replace")
+            out = self.text(text)
+            return data if out == text else out.encode()
+        out = self(doc)
+        return data if out == doc else json.dumps(out, indent=1).encode()
+
+
+def literal(server: str) -> str:
+    """A server string as a regex that matches it whole: not inside a longer name or path."""
+    end = "" if server.endswith("/") else r"(?![\w-])"
+    return r"(?<![\w-])" + re.escape(server) + end
+
+
+def cached_copy(url: str) -> str:
+    """A regex for a node's copy of `url` (orchestrator/core/storage.local_copy names it
+    `<cache>/<sha256 of the url>-<its last part>`), wherever the node keeps its cache."""
+    name = hashlib.sha256(url.encode()).hexdigest()[:32] + "-" + url.rstrip("/").rsplit("/", 1)[-1]
+    return r"(?:[^\s'\"]*/)?" + re.escape(name) + r"(?![\w-])"
+
+
+def for_job(rec: dict[str, Any], storage, registry=None) -> Redactor:
+    """The redactor of one job's output, for the job's tenant."""
+    tenant = rec["tenant"]
+    named: dict[str, str] = {}
+    _resolved_names(rec.get("launch_spec") or {}, rec.get("spec") or {}, named)
+    if registry is not None:
+        for name, entry in sorted(registry.models.items()):
+            named.setdefault(entry.path, name if entry.allows(tenant) else MODEL)
+    rules: list[tuple[str, str]] = []
+    for server, public in named.items():
+        if "://" in server and not server.startswith("file://"):
+            rules.append((cached_copy(server), public))
+            if server.startswith(storage.root_url):
+                rules.append((literal(storage.strip(server)), public))
+        rules.append((literal(server), public))
+    area = storage.tenant_root(tenant)
+    rules += [(literal(p + "/"), "") for p in {storage.url(area), area}]
+    rules += [(literal(p), STORAGE) for p in {storage.root_url, storage.root}]
+    return Redactor(_longest_first(rules))
+
+
+def _longest_first(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Cached copies first (their regex starts with any path), then literals longest first: a
+    checkpoint's own path wins over the tenant's area it lies in."""
+    return sorted(rules, key=lambda rule: (not rule[0].startswith("(?:"), -len(rule[0])))
+
+
+def _resolved_names(launch: Any, spec: Any, out: dict[str, str]) -> None:
+    """Server string -> the tenant's string, wherever the spec the job runs (the launch spec) holds
+    another string than the spec the tenant sent: what api/tenant_spec.py resolved."""
+    if isinstance(launch, dict) and isinstance(spec, dict):
+        for key, value in launch.items():
+            _resolved_names(value, spec.get(key), out)
+    elif isinstance(launch, list) and isinstance(spec, list):
+        for value, given in zip(launch, spec):
+            _resolved_names(value, given, out)
+    elif isinstance(launch, str) and isinstance(spec, str) and launch != spec and launch:
+        out.setdefault(launch, spec)
+
+
+# --- the Ray cluster's addresses in a driver's log -------------------------------------------------
+
+_NET_URL = re.compile(r"\b(https?|wss?|rediss?|ray|grpcs?|gcs|tcp)://[^\s/'\"<>\x1b]+")
+_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?::\d{1,5})?(?!\d)")
+_IPV6 = re.compile(r"\[[0-9A-Fa-f:.]+\](?::\d{1,5})?")
+_NAMED_ADDRESS = re.compile(r"(?i)(address\W{1,4})[A-Za-z0-9][\w.-]*:\d{1,5}")
+
+
+def strip_addresses(text: str) -> str:
+    """`text` without network addresses: URLs keep their scheme and path, lose host, port and any
+    credentials; bare IPv4/IPv6 addresses and `address: host:port` lose the address."""
+    text = _NET_URL.sub(lambda m: f"{m.group(1)}://{ADDRESS}", text)
+    text = _IPV6.sub(ADDRESS, text)
+    text = _IPV4.sub(ADDRESS, text)
+    return _NAMED_ADDRESS.sub(lambda m: m.group(1) + ADDRESS, text)
+
+
+def log_text(text: str, redactor: Redactor) -> str:
+    return strip_addresses(redactor.text(text))
