@@ -13,8 +13,13 @@ from api import errors
 from api.auth import KeyRing
 from api.deps import current_tenant
 from api.launcher import RayLauncher
-from api.limits import RateLimiter, StreamSlots
-from api.middleware import ApiMetrics, BodyLimitMiddleware, RequestContextMiddleware
+from api.limits import RateLimiter, RequestSlots, StreamSlots
+from api.middleware import (
+    ApiMetrics,
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+    RequestSlotMiddleware,
+)
 from api.reconciler import Reconciler
 from api.registry import Registry
 from api.routers import catalog, checkpoints, events, files, health, jobs, logs, ui
@@ -35,7 +40,7 @@ an `X-Request-ID` header."""
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
-    app.state.store = JobStore(settings.redis_url)
+    app.state.store = JobStore(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_s)
     await insist_on_durable_redis(app.state.store, settings)
     app.state.rate = RateLimiter(app.state.store.redis, settings.requests_per_minute)
     app.state.launcher = RayLauncher(settings)
@@ -88,14 +93,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = Registry.load(settings.registry_file)
     app.state.storage = ArtifactStore(settings.storage_root, settings.storage_options)
     app.state.streams = StreamSlots(settings.max_streams_per_tenant, settings.max_streams)
+    app.state.request_slots = RequestSlots(settings.max_concurrent_requests_per_tenant)
+    _warn_if_streams_outnumber_connections(settings)
     app.state.metrics = ApiMetrics()
     errors.install(app)
     for module in (health, jobs, events, checkpoints, files, catalog, logs, ui):  # ui: the web page at /ui
         app.include_router(module.router)
     _add_docs(app, settings.public_docs)
     app.add_middleware(BodyLimitMiddleware, json_limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
+    app.add_middleware(RequestSlotMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)  # added last: the outermost
     return app
+
+
+def _warn_if_streams_outnumber_connections(settings: Settings) -> None:
+    # A live stream holds a Redis connection while it waits for news (a blocking read of up to 1 s):
+    # with more streams than connections, every request queues behind them for a connection.
+    if settings.max_streams >= settings.redis_max_connections:
+        log.warning("max_streams (%d) is not below redis_max_connections (%d): with every stream open, requests wait for a "
+                    "Redis connection; raise redis_max_connections", settings.max_streams, settings.redis_max_connections)
 
 
 def _add_docs(app: FastAPI, public: bool) -> None:

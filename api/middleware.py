@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.datastructures import MutableHeaders
 
 from api.errors import envelope
+from api.limits import release_request_slot
 
 log = logging.getLogger("api")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -64,6 +65,34 @@ class RequestContextMiddleware:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(scope["method"], route, str(status)).inc()
             self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+
+
+class RequestSlotMiddleware:
+    """Gives back the request slot that `current_tenant` took (api/limits.py RequestSlots) when the
+    response has ended, or as soon as a live SSE stream's headers go out: a stream holds a stream slot
+    of its own (StreamSlots) for its whole life, which may be hours."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+
+        async def watched(message):
+            if message["type"] == "http.response.start" and _is_event_stream(message):
+                release_request_slot(state)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        finally:
+            release_request_slot(state)
+
+
+def _is_event_stream(start_message) -> bool:
+    return any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in start_message.get("headers", ()))
 
 
 class BodyLimitMiddleware:

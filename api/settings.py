@@ -23,6 +23,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RLHF_API_", frozen=True)
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding job records, events and metrics.")
+    redis_max_connections: int = Field(
+        512, ge=2, description="Connections the API process opens to Redis at most. Past them a request waits for one (up to "
+        "`redis_pool_timeout_s`) instead of failing. Each live SSE stream holds one while it waits for news, so keep it above "
+        "`max_streams`."
+    )
+    redis_pool_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds a request waits for a free Redis connection (all `redis_max_connections` in use) before "
+        "it is answered 503 `redis_unavailable`."
+    )
     driver_redis_url: str | None = Field(
         None, description="Redis URL as the job drivers on the Ray cluster reach it (default: `redis_url`)."
     )
@@ -69,6 +78,15 @@ class Settings(BaseSettings):
     max_job_rewards: int = Field(16, ge=1, description="Most reward sources in a job spec's `rewards`, and in each stage's (then 422, "
                                  "before the spec is validated).")
     requests_per_minute: int = Field(600, ge=1, description="Requests a tenant may make per minute, all endpoints (then 429 with Retry-After).")
+    max_concurrent_requests_per_tenant: int = Field(
+        32, ge=1, description="Requests of one tenant in flight at once in one API process, all endpoints but live SSE streams "
+        "(those count in `max_streams_per_tenant`); then 429, so that one tenant's burst cannot take every Redis connection."
+    )
+    refused_request_delay_s: float = Field(
+        1.0, ge=0, description="Seconds a request refused by `requests_per_minute` or `max_concurrent_requests_per_tenant` waits "
+        "before its 429 goes out (holding no slot): a client that resends at once, ignoring Retry-After, then costs the API one "
+        "refusal per connection per this long instead of the CPU the other tenants' requests need. 0: refuse at once."
+    )
     max_streams_per_tenant: int = Field(8, ge=1, description="Live SSE streams a tenant may hold open at once (then 429).")
     max_streams: int = Field(256, ge=1, description="Live SSE streams the API holds open at once, all tenants (then 503).")
     job_credentials: Literal["acl", "shared"] = Field(

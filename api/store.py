@@ -118,8 +118,12 @@ def _int(text: str | None) -> int:
 
 
 class JobStore:
-    def __init__(self, url: str):
-        self.redis = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30)
+    def __init__(self, url: str, max_connections: int = 512, pool_timeout_s: float = 10.0):
+        # A blocking pool: past `max_connections` a command waits up to `pool_timeout_s` for a free
+        # connection; the default pool fails it at once ("Too many connections"), whoever's burst took them.
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=pool_timeout_s, decode_responses=True,
+                                                        socket_connect_timeout=5, health_check_interval=30)
+        self.redis = aioredis.Redis.from_pool(pool)
         self._transition = self.redis.register_script(TRANSITION_LUA)
         self._settle = self.redis.register_script(SETTLE_LUA)
         self._reserve = self.redis.register_script(RESERVE_LUA)
