@@ -175,7 +175,8 @@ class Reconciler:
             await self.restore_job_users(ids)
         await asyncio.gather(*(self._one(job_id) for job_id in ids))
         await self.stop_orphans()
-        await self.admit(ids)
+        ending = await self.confirm_ended()
+        await self.admit(ids, ending)
         if self._due("adopt", self.ADOPT_EVERY):
             await self.rebuild_lost_records()
         if self._due("sweep", self.SWEEP_EVERY):
@@ -240,12 +241,13 @@ class Reconciler:
                 return self._capacity[1] if self._capacity else None
         return self._capacity[1]
 
-    async def admit(self, ids: list[str]) -> None:
+    async def admit(self, ids: list[str], ending: list[dict[str, Any]] = ()) -> None:
+        """`ending`: records of jobs that reported they ended while their Ray jobs still run (they hold what they held)."""
         recs = [r for r in [await self.store.get(i) for i in ids] if r is not None and r["status"] not in TERMINAL]
         waiting = [r for r in recs if waiting_for_admission(r)]
         if not waiting:
             return
-        admitted = [r for r in recs if not waiting_for_admission(r)]
+        admitted = [r for r in recs if not waiting_for_admission(r)] + [r for r in ending if r["id"] not in ids]
         quotas = {t: Quota(**q.model_dump()) for t, q in self.settings.quotas.items()}
         decision = admission.decide(waiting, admitted, await self.capacity(), quotas, Quota(**self.settings.default_quota.model_dump()))
         by_id = {r["id"]: r for r in waiting}
@@ -325,6 +327,31 @@ class Reconciler:
                 # Listed before the record says failed: no moment (or crash) shows a failed record whose job nobody will stop.
                 await self.store.redis.sadd(ORPHANS_KEY, job_id)
             await self.store.transition(job_id, decision.status, decision.message, **error)
+
+    async def confirm_ended(self) -> list[dict[str, Any]]:
+        """A job's own word that it ended frees nothing: until Ray's job is seen ended too, admission
+        counts what it holds, and one still running `ended_job_grace_s` after its word is stopped.
+        The records of those still running."""
+        running = []
+        for job_id, since in (await self.store.ending()).items():
+            rec = await self.store.get(job_id)
+            try:
+                state = await self.launcher.state((rec or {}).get("ray_submission_id") or job_id)
+            except RayUnavailable:
+                running += [rec] if rec else []
+                continue
+            except RayJobMissing:
+                state = None
+            if rec is None or state is None or state.status not in ("PENDING", "RUNNING"):
+                await self.store.ended(job_id)
+            elif time.time() - since > self.settings.ended_job_grace_s:
+                await self.launcher.stop(rec.get("ray_submission_id") or job_id)
+                await self.store.add_event(job_id, "warning", f"the job reported it {rec['status']}, but its Ray job ran on for "
+                                           f"{time.time() - since:.0f} s (ended_job_grace_s={self.settings.ended_job_grace_s:g}): stopped")
+                await self.store.ended(job_id)
+            else:
+                running.append(rec)
+        return running
 
     async def stop_orphans(self) -> None:
         """Stop the Ray jobs of records failed while Ray was unreachable, once Ray answers again: no job

@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     default_quota: QuotaSettings = Field(default_factory=QuotaSettings, description='Quota of tenants not in `quotas` (default: no CPU or GPU limit, max_priority 0).')
     ray_unreachable_deadline_s: float = Field(
         600.0, gt=0, description="A running job whose Ray cluster has not answered for this long is marked failed (`ray_unreachable`).")
+    ended_job_grace_s: float = Field(
+        120.0, gt=0, description="A job whose own processes reported it ended, while its Ray job still runs this long after, is "
+        "stopped; admission counts what it holds until its Ray job ends.")
     allow_volatile_redis: bool = Field(False, description="Start on a Redis with neither AOF nor snapshots (records lost on its restart).")
     public_docs: bool = Field(False, description="Serve /openapi.json and /docs without an API key.")
     sse_ping_s: float = Field(15.0, gt=0, description="Seconds between keep-alive comments on an idle SSE stream.")

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from orchestrator.core.records import (
     ACTIVE_KEY,
     COUNTS_KEY,
+    ENDING_KEY,
     PREFIX,
     SETTLE_LUA,
     STATUSES,
@@ -274,6 +275,14 @@ class JobStore:
 
     async def active_ids(self) -> list[str]:
         return sorted(await self.redis.smembers(ACTIVE_KEY))
+
+    async def ending(self) -> dict[str, float]:
+        """Job id -> when the control plane saw it: the jobs whose own processes reported them ended
+        and whose Ray jobs have not been seen ended yet."""
+        return dict(await self.redis.zrange(ENDING_KEY, 0, -1, withscores=True))
+
+    async def ended(self, job_id: str) -> None:
+        await self.redis.zrem(ENDING_KEY, job_id)
 
     async def active_count(self, tenant: str) -> int:
         pipe = self.redis.pipeline(transaction=False)

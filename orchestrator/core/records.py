@@ -12,6 +12,8 @@ Layout (prefix `rlhf:`):
   tenant:<t>:status:<s> sorted set of the tenant's job ids in status s, same scores
   jobs:active           set of job ids not yet terminal (what the reconciler watches)
   jobs:status_counts    hash status -> number of jobs (Prometheus' jobs-by-status gauge)
+  jobs:ending           sorted set of the jobs whose own processes reported them ended, scored by when the
+                        control plane saw it, until Ray's job is seen ended too (admission counts them meanwhile)
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def tenant_status_key(tenant: str, status: str) -> str:
 
 
 ACTIVE_KEY = f"{PREFIX}jobs:active"
+ENDING_KEY = f"{PREFIX}jobs:ending"
 COUNTS_KEY = f"{PREFIX}jobs:status_counts"
 
 RANK = {"queued": 0, "starting": 1, "running": 2, "cancelling": 3, "succeeded": 4, "failed": 4, "cancelled": 4}
@@ -94,7 +97,8 @@ def status_change(cur: str | None, started: bool, new: str, fields: dict[str, st
 # control hash (`job:<id>:control`, which no job can write) holds the tenant, the creation order and
 # the status the shared indexes hold (tenant status sets, counters, the active set). `settle` moves
 # those indexes to a status; every control-plane script calls it, so the indexes follow what jobs
-# report (effective_status's rule) without a job ever touching them.
+# report (effective_status's rule) without a job ever touching them. A terminal status that comes
+# from the job (`reported`) puts it in jobs:ending: its word alone frees nothing it holds.
 _STATUS_LUA = """
 local rank = {queued=0, starting=1, running=2, cancelling=3, succeeded=4, failed=4, cancelled=4}
 local function effective(reported, indexed)
@@ -103,7 +107,7 @@ local function effective(reported, indexed)
   if rank[indexed] == 4 or rank[reported] < rank[indexed] then return indexed end
   return reported
 end
-local function settle(target, prefix, id)
+local function settle(target, prefix, id, reported)
   local tenant = redis.call('HGET', KEYS[3], 'tenant')
   local indexed = redis.call('HGET', KEYS[3], 'status')
   if not tenant or not target or indexed == target then return end
@@ -115,6 +119,7 @@ local function settle(target, prefix, id)
   redis.call('ZADD', prefix .. 'tenant:' .. tenant .. ':status:' .. target, score, id)
   redis.call('HINCRBY', prefix .. 'jobs:status_counts', target, 1)
   if rank[target] == 4 then redis.call('SREM', prefix .. 'jobs:active', id) end
+  if rank[target] == 4 and reported then redis.call('ZADD', prefix .. 'jobs:ending', 'NX', redis.call('TIME')[1], id) end
   redis.call('HSET', KEYS[3], 'status', target)
 end
 """
@@ -127,17 +132,17 @@ end
 TRANSITION_LUA = _STATUS_LUA + """
 local new, now, prefix, id = ARGV[1], ARGV[2], ARGV[5], ARGV[6]
 local cur = effective(redis.call('HGET', KEYS[1], 'status'), redis.call('HGET', KEYS[3], 'status'))
-if cur and rank[cur] == 4 then settle(cur, prefix, id) return {0, cur, ''} end
+if cur and rank[cur] == 4 then settle(cur, prefix, id, true) return {0, cur, ''} end
 local fields = cjson.decode(ARGV[4])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
 redis.call('HSET', KEYS[1], 'updated_at', now)
-if cur and rank[new] < 4 and rank[new] <= rank[cur] then settle(cur, prefix, id) return {0, cur, ''} end
+if cur and rank[new] < 4 and rank[new] <= rank[cur] then settle(cur, prefix, id, true) return {0, cur, ''} end
 redis.call('HSET', KEYS[1], 'status', new)
 if (new == 'starting' or new == 'running') and not redis.call('HGET', KEYS[1], 'started_at') then
   redis.call('HSET', KEYS[1], 'started_at', now)
 end
 if rank[new] == 4 then redis.call('HSET', KEYS[1], 'finished_at', now) end
-settle(new, prefix, id)
+settle(new, prefix, id, false)
 local eid = redis.call('XADD', KEYS[2], '*', 'data', ARGV[3])
 return {1, new, eid}
 """
@@ -146,7 +151,7 @@ return {1, new, eid}
 # KEYS: job hash, events stream (unused), control hash. ARGV: prefix, job id. Returns the effective status.
 SETTLE_LUA = _STATUS_LUA + """
 local now = effective(redis.call('HGET', KEYS[1], 'status'), redis.call('HGET', KEYS[3], 'status'))
-settle(now, ARGV[1], ARGV[2])
+settle(now, ARGV[1], ARGV[2], true)
 return now
 """
 

@@ -16,6 +16,7 @@ from orchestrator.core.records import (
     ACTIVE_KEY,
     COUNTS_KEY,
     control_key,
+    effective_status,
     events_key,
     job_key,
     metrics_key,
@@ -54,6 +55,17 @@ def mine(redis_url):
 
 def listed(client, status: str) -> list[str]:
     return [j["id"] for j in client.get("/v1/jobs", params={"status": status, "limit": 100}).json()["data"]]
+
+
+@pytest.mark.parametrize(("reported", "indexed", "effective"), [
+    ("running", "starting", "running"), ("succeeded", "running", "succeeded"), ("failed", "cancelling", "failed"),
+    ("queued", "running", "running"),  # taken back: not by the job
+    ("running", "cancelling", "cancelling"), ("running", "failed", "failed"), ("succeeded", "cancelled", "cancelled"),
+    ("bogus", "running", "running"), (None, "queued", "queued"),
+    ("running", None, "running"),  # (no control hash: a driver's writes alone)
+])
+def test_a_reported_status_counts_only_as_a_forward_move(reported, indexed, effective):
+    assert effective_status(reported, indexed) == effective
 
 
 def test_a_jobs_user_reaches_its_own_keys_only(mine, redis_url):
@@ -215,3 +227,37 @@ def test_the_shipped_redis_keeps_job_users_across_a_restart(tmp_path):
             redis.Redis.from_url(job_url).execute_command("DBSIZE")
     finally:
         stop_group(server)
+
+
+def test_a_job_that_says_it_ended_while_its_ray_job_runs_on_is_stopped(redis_url, ray_head, keys, operator, tmp_path):
+    """A job's own `succeeded` takes it out of the active set; its Ray job still holds what it held:
+    counted by admission until Ray's job ends, and stopped past `ended_job_grace_s`."""
+    from ray.job_submission import JobSubmissionClient
+
+    from tests.api.conftest import ApiServer, api_env
+    from tests.conftest import free_port
+
+    job_id, url = admitted_job(redis_url, "alpha", "liar")
+    ray = JobSubmissionClient(ray_head.dashboard)
+    ray.submit_job(entrypoint="sleep 600", submission_id=job_id)
+    port = free_port()
+    server = ApiServer(api_env(redis_url, ray_head, keys["path"], port, operator, RLHF_API_ENDED_JOB_GRACE_S="3"), port, tmp_path / "api.log")
+    server.start()
+    try:
+        wait_until(lambda: ray.get_job_status(job_id).value == "RUNNING", 60, f"Ray job {job_id} running")
+        rep = RedisReporter(url, job_id)
+        rep.event("status", "running", status="running")
+        rep.event("status", "succeeded", status="succeeded")
+        rep.close()
+        wait_until(lambda: ray.get_job_status(job_id).value == "STOPPED", 90, f"Ray job {job_id} stopped")
+        with server.client(keys["alpha"]) as c:
+            job = c.get(f"/v1/jobs/{job_id}").json()
+            events = c.get(f"/v1/jobs/{job_id}/events").json()["data"]
+        assert job["status"] == "succeeded"  # (a terminal status never changes)
+        warnings = [e["message"] for e in events if e["type"] == "warning"]
+        assert len(warnings) == 1 and warnings[0].startswith("the job reported it succeeded, but its Ray job ran on for "), events
+        assert warnings[0].endswith(" s (ended_job_grace_s=3): stopped")
+    finally:
+        server.stop()
+        if ray.get_job_status(job_id).value in ("PENDING", "RUNNING"):
+            ray.stop_job(job_id)
