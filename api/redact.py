@@ -91,7 +91,9 @@ def for_job(rec: dict[str, Any], storage, registry=None) -> Redactor:
         rules.append((literal(server), public))
     area = storage.tenant_root(tenant)
     rules += [(literal(p + "/"), "") for p in {storage.url(area), area}]
-    rules += [(literal(p), STORAGE) for p in {storage.root_url, storage.root}]
+    rules.append((literal(storage.root_url), STORAGE))
+    if storage.root != storage.root_url:  # an object store's bucket path: only as a path's start ("store" is also a word)
+        rules.append((literal(storage.root + "/"), STORAGE + "/"))
     return Redactor(_longest_first(rules))
 
 
