@@ -1,21 +1,32 @@
 """Launches and stops jobs on Ray through its Job Submission API; the API never trains in-process.
 
 JobSubmissionClient is synchronous (requests), so every call runs in a worker thread.
+
+A job's spec and Redis credentials reach its driver in a launch file, `<run dir>/.launch.json`
+(mode 0600 on a local store), never in the Ray job's runtime_env: Ray writes a runtime_env's
+env_vars into the command line of every worker process it starts for the job
+(`setup_worker.py --serialized-runtime-env-context=...`), where any user of the node reads them
+with `ps`. The runtime_env carries only the file's path and what is no secret.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import threading
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from api.settings import Settings
+from api.storage import ArtifactStore
 from orchestrator.core.layout import driver_cpus
 from orchestrator.core.spec import JobSpec
 
-ENTRYPOINT = "python -m orchestrator.run --spec env:RLHF_SPEC_JSON"
+ENTRYPOINT = "python -m orchestrator.run --spec launch:RLHF_LAUNCH_FILE"
+LAUNCH_FILE = ".launch.json"  # in the job's run directory: {"spec": ..., "env": {"RLHF_REDIS_URL": ...}}
+_JOB_ID = re.compile(r"job-[0-9a-f]{24}")  # as api/routers/jobs.py makes them
 
 
 class RayUnavailable(RuntimeError):
@@ -40,7 +51,7 @@ class LiveRayJob:
     tenant: str
     name: str
     attempt: int
-    env: dict  # the runtime_env's env_vars: the spec, the job's Redis URL
+    env: dict  # the runtime_env's env_vars, with RLHF_SPEC_JSON and RLHF_REDIS_URL from the job's launch file
     started_at: float | None
 
 
@@ -51,6 +62,7 @@ class RayLauncher:
         self.settings = settings
         self._client = None
         self._lock = threading.Lock()
+        self._storage: ArtifactStore | None = None
 
     def _get_client(self):
         # Created lazily and again after a failure: the API starts even while Ray is down.
@@ -93,12 +105,13 @@ class RayLauncher:
             parts = urlsplit(url)
             netloc = f"{quote(redis_user[0], safe='')}:{quote(redis_user[1], safe='')}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
             url = urlunsplit(parts._replace(netloc=netloc))
+        launch_file = self.launch_file(tenant, job_id)
+        await asyncio.to_thread(self._write_launch_file, launch_file, {"spec": spec, "env": {"RLHF_REDIS_URL": url}})
         runtime_env: dict = {
             "env_vars": {
-                "RLHF_REDIS_URL": url,
+                "RLHF_LAUNCH_FILE": self.storage.url(launch_file),
                 "RLHF_JOB_ID": job_id,
                 "RLHF_TENANT": tenant,  # tags the job's Ray gauges and tracker runs
-                "RLHF_SPEC_JSON": json.dumps(spec),
                 "RLHF_RESTARTS_USED": str(restarts_used),
             }
         }
@@ -121,15 +134,53 @@ class RayLauncher:
             metadata={"tenant": tenant, "name": name, "rlhf_job_id": job_id, "attempt": str(restarts_used + 1)},
         )
 
+    @property
+    def storage(self) -> ArtifactStore:
+        if self._storage is None:
+            self._storage = ArtifactStore(self.settings.storage_root, self.settings.storage_options)
+        return self._storage
+
+    def launch_file(self, tenant: str, job_id: str) -> str:
+        """Where a job's launch file is, in the store's own terms: computed here, never taken from what
+        a Ray job says (anyone who may submit to Ray could name any file)."""
+        return f"{self.storage.run_path(tenant, job_id)}/{LAUNCH_FILE}"
+
+    def _write_launch_file(self, path: str, content: dict) -> None:
+        data = json.dumps(content).encode()
+        if not self.storage.local:  # an object store: who reads it is the store's access control
+            with self.storage.open(path, "wb") as f:
+                f.write(data)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the owner only, from the first byte
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # a driver of an earlier attempt never reads half a file
+
+    def _read_launch_env(self, tenant: str, job_id: str) -> dict[str, str]:
+        """RLHF_SPEC_JSON and RLHF_REDIS_URL of a job, from its launch file (empty if it has none)."""
+        try:
+            with self.storage.open(self.launch_file(tenant, job_id), "rb") as f:
+                content = json.loads(f.read())
+        except (OSError, ValueError):
+            return {}
+        env = {k: v for k, v in (content.get("env") or {}).items() if isinstance(v, str)}
+        return {**env, "RLHF_SPEC_JSON": json.dumps(content.get("spec") or {})}
+
     async def live_jobs(self) -> list[LiveRayJob]:
         """This service's Ray jobs that are PENDING or RUNNING (their metadata names the job), with
-        what their submission carries: how records lost by Redis are rebuilt."""
+        what their submission carries and their launch file holds: how records lost by Redis are rebuilt."""
         out = []
         for job in await self._call("list_jobs"):
             meta = job.metadata or {}
             if not meta.get("rlhf_job_id") or str(job.status.value) not in ("PENDING", "RUNNING") or not job.submission_id:
                 continue
-            env = ((job.runtime_env or {}).get("env_vars") or {})
+            env = dict((job.runtime_env or {}).get("env_vars") or {})
+            if "RLHF_LAUNCH_FILE" in env and meta.get("tenant") and _JOB_ID.fullmatch(meta["rlhf_job_id"]):  # (no path of anyone's choosing)
+                env.update(await asyncio.to_thread(self._read_launch_env, meta["tenant"], meta["rlhf_job_id"]))
             out.append(LiveRayJob(job.submission_id, meta["rlhf_job_id"], meta.get("tenant") or "", meta.get("name") or "",
                                   int(meta.get("attempt") or 1), env, (job.start_time or 0) / 1000 or None))
         return out

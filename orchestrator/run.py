@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -50,15 +51,43 @@ def guess_run_dir(spec_path: str | Path) -> Path:
 
 
 def spec_from_env(arg: str | Path) -> str | Path:
-    """`--spec env:NAME` reads the spec (JSON) from an environment variable: how the control plane
-    hands a validated spec to a driver on a node that shares no filesystem with it."""
+    """`--spec env:NAME` reads the spec (JSON) from an environment variable; `--spec launch:NAME`
+    from the launch file whose path (or URL) is in that variable: how the control plane hands a
+    validated spec and the job's Redis credentials to its driver. (Not in environment variables of
+    the Ray job: Ray puts those on the command line of every worker process it starts for the job.)"""
+    if str(arg).startswith("launch:"):
+        return spec_from_launch_file(str(arg))
     if not str(arg).startswith("env:"):
         return arg
     name = str(arg)[len("env:") :]
     text = os.environ.get(name)
     if text is None:
         raise SpecError(f"--spec {arg}: environment variable {name} is not set")
-    path = Path(tempfile.mkdtemp(prefix="rlhf-spec-")) / "spec.json"
+    return _private_spec_file(text)
+
+
+def spec_from_launch_file(arg: str) -> Path:
+    """The launch file's spec (written to a private temporary file), and its `env` (the job's Redis
+    URL) into this process's environment, where the reporters find it."""
+    from orchestrator.core import storage
+
+    name = arg[len("launch:") :]
+    location = os.environ.get(name)
+    if not location:
+        raise SpecError(f"--spec {arg}: environment variable {name} is not set")
+    try:
+        fs, path = storage.filesystem(location)
+        with fs.open(path, "rb") as f:
+            content = json.loads(f.read())
+        spec, env = content["spec"], content.get("env") or {}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SpecError(f"--spec {arg}: the launch file {location} cannot be read: {type(err).__name__}: {err}") from None
+    os.environ.update({k: str(v) for k, v in env.items() if k.startswith("RLHF_")})
+    return _private_spec_file(json.dumps(spec))
+
+
+def _private_spec_file(text: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix="rlhf-spec-")) / "spec.json"  # (mkdtemp: a directory only this user reads)
     path.write_text(text)
     return path
 

@@ -14,7 +14,6 @@ import httpx
 import psutil
 import pytest
 import redis
-from ray.job_submission import JobSubmissionClient
 
 from api.client import parse_sse
 from orchestrator.core.records import job_key
@@ -45,7 +44,8 @@ def test_tiny_grpo_job_over_rest(alpha, beta, tiny, workdir, api, keys, ray_head
 
     assert wait_admitted(alpha, job_id)["message"].startswith("admitted after ")
     # The job's processes hold a Redis user of the job's own: another tenant's record is out of its reach.
-    job_url = JobSubmissionClient(ray_head.dashboard).get_job_info(job_id).runtime_env["env_vars"]["RLHF_REDIS_URL"]
+    # (It reaches them in the launch file of its run directory, never on a command line: tests/api/test_launch_secrets.py.)
+    job_url = json.loads((workdir / "artifacts" / "tenants" / "alpha" / "runs" / job_id / ".launch.json").read_text())["env"]["RLHF_REDIS_URL"]
     assert f"rlhf.{job_id}:" in job_url and redis_url.split("//")[1] in job_url
     as_job = redis.Redis.from_url(job_url)
     theirs = make_record(redis_url, "beta", "theirs")
@@ -85,7 +85,7 @@ def test_tiny_grpo_job_over_rest(alpha, beta, tiny, workdir, api, keys, ray_head
     assert f"{ckpts[-1]['id']}/policy/config.json" in names and f"{ckpts[-1]['id']}/state.json" in names
 
     logs = alpha.get(f"/v1/jobs/{job_id}/logs", params={"tail": 1000}).json()["logs"]
-    assert "orchestrator.run --spec env:RLHF_SPEC_JSON" in logs
+    assert "orchestrator.run --spec launch:RLHF_LAUNCH_FILE" in logs
 
     # The CLI over the same API: `watch` of an ended job prints its status, exit code 0.
     env = {**os.environ, "RLHF_API_URL": api.url, "RLHF_API_KEY": keys["alpha"]}
