@@ -19,7 +19,7 @@ from orchestrator.core.advantages import compute_advantages
 from orchestrator.core.batch import Batch, concat, tensors_from_wire
 from orchestrator.core.data import PromptDataset, PromptSampler
 from orchestrator.core.spec import JobSpec
-from orchestrator.placement import ActorGroup, actor_env, create_placement_group, plan, spawn_group
+from orchestrator.placement import ActorGroup, actor_env, create_placement_group, driver_cpus, pinned_threads, plan, role_threads, spawn_group
 from orchestrator.registry import rollout_class, trainer_class
 from orchestrator.reporting import Reporter
 from orchestrator.waits import PhaseTimeout  # noqa: F401  (re-exported: run.py names its error code)
@@ -272,7 +272,7 @@ class Orchestrator:
         self.reporter.event("placement", f"placing {', '.join(spec.roles)} in {len(layout.bundles)} bundles", bundles=layout.bundles)
         pg = self.placement_group = create_placement_group(layout, self.job_id)
         m, opt = spec.model, spec.optim
-        common = dict(dtype=m.dtype, threads=res.torch_threads)
+        common = dict(dtype=m.dtype)  # (and each role's threads: placement.role_threads)
         trust = m.trust_remote_code  # the policy's; every other model loads with its own (spec.py: a trust decision per model)
         # Engine options only the vLLM backend takes: tensor parallelism and sleep/wake when colocated.
         # The reference scores samples at the rollouts' temperature; a stage without rollouts (DPO) at 1.
@@ -307,9 +307,9 @@ class Orchestrator:
         env = actor_env(spec)
         for role in spec.roles:
             cls, make_kwargs = makers[role]
-            self.groups[role] = spawn_group(cls, role, self.job_id, pg, layout, make_kwargs, env)
+            self.groups[role] = spawn_group(cls, role, self.job_id, pg, layout, make_kwargs, env, role_threads(spec, layout, role))
         if spec.scores_with_rewards and spec.rewards_in_driver:  # (functions only: no device, no actor)
-            self.local_rewards = RewardWorker(spec.reward_sources, m.path, m.dtype, trust, threads=res.torch_threads)
+            self.local_rewards = RewardWorker(spec.reward_sources, m.path, m.dtype, trust, threads=pinned_threads(res.torch_threads, driver_cpus(spec)))
         self.wait_started()
         self._init_data_parallel("trainer")
         if "critic" in self.groups:

@@ -3,6 +3,8 @@ layout `orchestrator/core/layout.py` works out."""
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
 
 import ray
@@ -10,7 +12,7 @@ from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.core.batch import Batch, even_bounds
-from orchestrator.core.layout import COLOCATABLE, Layout, plan  # noqa: F401  (re-exported: the driver places by them)
+from orchestrator.core.layout import COLOCATABLE, Layout, driver_cpus, plan  # noqa: F401  (re-exported: the driver places by them)
 from orchestrator.core.spec import JobSpec
 
 # OpenMP threads (libgomp, in torch's CPU builds) that finish a parallel region spin GOMP_SPINCOUNT
@@ -41,6 +43,30 @@ def actor_env(spec: JobSpec) -> dict[str, str]:
     """The environment of the job's actors: OpenMP threads that spin while the actors compute one at a
     time, that sleep at once where two compute together."""
     return {"TOKENIZERS_PARALLELISM": "false", **(SPIN if one_actor_at_a_time(spec) else PASSIVE)}
+
+
+def pinned_threads(requested: int | None, declared_cpus: float) -> int | None:
+    """Torch threads for a process that declared `declared_cpus` CPUs: `resources.torch_threads` as
+    asked (None: every core of the node, workers/common.py `configure_threads`), except under the
+    control plane (RLHF_JOB_ID set), where tenants' quotas count declared CPUs: there never more than
+    those, rounded up (a 0.5-CPU actor gets 1 thread), so that no tenant's job computes on cores it
+    was not charged for."""
+    if not os.environ.get("RLHF_JOB_ID"):
+        return requested
+    cap = max(1, math.ceil(declared_cpus))
+    return min(requested or cap, cap)
+
+
+def role_threads(spec: JobSpec, layout: Layout, role: str) -> int | None:
+    """`pinned_threads` for one actor of `role`, by the CPUs it asks Ray for (a trainer that samples or
+    keeps the reference counts those roles' CPUs too: core/layout.py `needs`)."""
+    return pinned_threads(spec.resources.torch_threads, layout.actor_resources[role]["num_cpus"])
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    """The process's OpenMP and MKL pools as large as its torch threads (they size themselves at load,
+    from the environment: set before the process starts)."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
 
 
 class ActorGroup:
@@ -83,9 +109,10 @@ def create_placement_group(layout: Layout, job_id: str, timeout_s: float = 120) 
     return pg
 
 
-def spawn_group(cls: type, role: str, job_id: str, pg: PlacementGroup, layout: Layout, make_kwargs, env: dict[str, str]) -> ActorGroup:
-    """Start the role's actors, named `<job>/<role>-<i>`, with `env` (`actor_env`); make_kwargs(i) gives
-    replica i's constructor kwargs."""
+def spawn_group(cls: type, role: str, job_id: str, pg: PlacementGroup, layout: Layout, make_kwargs, env: dict[str, str],
+                threads: int | None = None) -> ActorGroup:
+    """Start the role's actors, named `<job>/<role>-<i>`, with `env` (`actor_env`) and `threads` torch
+    threads (`role_threads`; None: every core); make_kwargs(i) gives replica i's other constructor kwargs."""
     remote_cls = ray.remote(cls)
     actors = []
     for i, bundle_index in enumerate(layout.slots[role]):
@@ -94,8 +121,8 @@ def spawn_group(cls: type, role: str, job_id: str, pg: PlacementGroup, layout: L
                 name=f"{job_id}/{role}-{i}",
                 max_concurrency=1,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index),
-                runtime_env={"env_vars": env},
+                runtime_env={"env_vars": {**env, **thread_env(threads)}},
                 **layout.actor_resources[role],
-            ).remote(**make_kwargs(i))
+            ).remote(**make_kwargs(i), threads=threads)
         )
     return ActorGroup(role, actors)
