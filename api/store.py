@@ -234,12 +234,35 @@ class JobStore:
         pipe.hgetall(job_key(job_id))
         pipe.hgetall(control_key(job_id))
         job, control = await pipe.execute()
+        control = control or await self._adopt_legacy(job_id, job)
         rec = merge(job, control)
         if rec is None or (tenant is not None and rec.get("tenant") != tenant):
             return None
         if rec["status"] != control.get("status"):
             await self.settle(job_id)
         return rec
+
+    async def _adopt_legacy(self, job_id: str, job: dict[str, str]) -> dict[str, str]:
+        """The control hash of a record written before there was one (everything in the job hash), made
+        once from it, where the tenant's own index lists the job (no job user could write that index);
+        the job's Redis user, if it has one, narrowed to its three keys with the password it has."""
+        tenant = job.get("tenant")
+        if not tenant or await self.redis.zscore(tenant_jobs_key(tenant), job_id) is None:
+            return {}
+        control = {k: v for k, v in job.items() if k not in _JOB_WRITES or k == "restarts"}
+        control["status"] = job.get("status") if job.get("status") in STATUSES else "queued"  # (the old script kept the indexes at it)
+        try:
+            user = await self.redis.execute_command("ACL", "GETUSER", JOB_USER_PREFIX + job_id)
+        except aioredis.ResponseError:
+            user = None
+        user = dict(zip(user[::2], user[1::2])) if isinstance(user, list) else user  # (redis-py parses it into a dict, or not)
+        passwords = (user or {}).get("passwords")
+        if passwords:
+            control[ACL_HASH_FIELD] = passwords[0]
+        await self.redis.hset(control_key(job_id), mapping=control)
+        if passwords:
+            await self._set_job_user(job_id, passwords[0])
+        return control
 
     async def settle(self, job_id: str) -> str | None:
         """Move the job in the shared indexes (tenant status sets, counters, active set) to the status it
@@ -258,7 +281,7 @@ class JobStore:
             pipe.hgetall(job_key(job_id))
             pipe.hgetall(control_key(job_id))
         raws = await pipe.execute()
-        recs = [merge(job, control) for job, control in zip(raws[::2], raws[1::2])]
+        recs = [merge(job, control or await self._adopt_legacy(job_id, job)) for job_id, job, control in zip(ids, raws[::2], raws[1::2])]
         return [r for r in recs if r is not None], len(ids) > limit
 
     async def _cursor(self, index: str, after: str | None) -> str | None:

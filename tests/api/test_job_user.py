@@ -261,3 +261,33 @@ def test_a_job_that_says_it_ended_while_its_ray_job_runs_on_is_stopped(redis_url
         server.stop()
         if ray.get_job_status(job_id).value in ("PENDING", "RUNNING"):
             ray.stop_job(job_id)
+
+
+def test_a_record_from_before_the_control_hash_is_adopted_and_its_user_narrowed(redis_url, alpha, beta):
+    """A job recorded by the API before this layout (everything in one hash, its Redis user reaching
+    the shared keys) reads as it did, for its tenant only; its user is narrowed, its password kept."""
+    import uuid
+
+    job_id = "job-" + uuid.uuid4().hex[:24]
+    admin = redis.Redis.from_url(redis_url, decode_responses=True)
+    seq, now = admin.incr("rlhf:jobs:seq"), repr(time.time())
+    admin.hset(job_key(job_id), mapping={
+        "id": job_id, "tenant": "alpha", "name": "old", "status": "running", "seq": seq, "created_at": now, "updated_at": now,
+        "admitted_at": now, "step": 3, "spec": json.dumps({"name": "old"}), "metadata": "{}", "ray_submission_id": job_id,
+        "launch_spec": json.dumps({"name": "old"}), "demand": json.dumps([{"CPU": 1.0}])})
+    admin.zadd(tenant_jobs_key("alpha"), {job_id: seq})
+    admin.zadd(tenant_status_key("alpha", "running"), {job_id: seq})
+    admin.hincrby(COUNTS_KEY, "running", 1)
+    admin.sadd(ACTIVE_KEY, job_id)
+    admin.execute_command("ACL", "SETUSER", JOB_USER_PREFIX + job_id, "on", ">old-password", f"~{job_key(job_id)}", f"~{ACTIVE_KEY}", "+@all")
+    old_user = redis.Redis.from_url(redis_url.replace("redis://", f"redis://{JOB_USER_PREFIX}{job_id}:old-password@"))
+    assert old_user.scard(ACTIVE_KEY) >= 1  # (what it could do)
+
+    shown = alpha.get(f"/v1/jobs/{job_id}")
+    assert shown.status_code == 200, shown.text
+    assert (shown.json()["status"], shown.json()["step"], shown.json()["name"]) == ("running", 3, "old")
+    assert beta.get(f"/v1/jobs/{job_id}").status_code == 404
+    assert job_id in listed(alpha, "running")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        old_user.scard(ACTIVE_KEY)
+    assert old_user.hget(job_key(job_id), "step") == b"3"  # the password its processes hold still works
