@@ -377,7 +377,9 @@ class ResourcesSpec(_Strict):
         gt=0,
         le=4096,
         description="Torch intra-op threads per actor. Default: all cores of the node, since the phases of a "
-        "step run one after another (Ray would otherwise pin a 0.5-CPU actor to one thread).",
+        "step run one after another (Ray would otherwise pin a 0.5-CPU actor to one thread). Under the control plane "
+        "(a job submitted over REST), where quotas count declared CPUs, an actor's threads (and its OpenMP and MKL "
+        "pools) are at most its role's `num_cpus`, rounded up; this field can only lower them there.",
     )
 
 
