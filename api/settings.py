@@ -79,8 +79,10 @@ class Settings(BaseSettings):
                                  "before the spec is validated).")
     requests_per_minute: int = Field(600, ge=1, description="Requests a tenant may make per minute, all endpoints (then 429 with Retry-After).")
     max_concurrent_requests_per_tenant: int = Field(
-        32, ge=1, description="Requests of one tenant in flight at once in one API process, all endpoints but live SSE streams "
-        "(those count in `max_streams_per_tenant`); then 429, so that one tenant's burst cannot take every Redis connection."
+        8, ge=1, description="Requests of one tenant in flight at once in one API process, all endpoints but live SSE streams "
+        "(those count in `max_streams_per_tenant`); then 429. One process serves every tenant on one event loop, so a tenant's "
+        "share of it follows its requests in flight: past a browser's 6 connections a tenant gains little, and its burst "
+        "would slow every other tenant."
     )
     refused_request_delay_s: float = Field(
         1.0, ge=0, description="Seconds a request refused by `requests_per_minute` or `max_concurrent_requests_per_tenant` waits "
