@@ -31,6 +31,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -83,7 +84,7 @@ async def seed(redis_url: str, tenant: str, n: int) -> list[str]:
     store = JobStore(redis_url)
     ids = []
     for i in range(n):
-        job_id = f"job-{tenant}{i:06d}"
+        job_id = "job-" + uuid.uuid4().hex[:24]  # the shape the API gives (and reads)
         await store.create(job_id, tenant, "bench", spec, {"i": str(i)}, None)
         rep = RedisReporter(redis_url, job_id)
         rep.event("status", "running", status="running", total_steps=20)
