@@ -9,7 +9,27 @@ import sys
 def _train(args: argparse.Namespace) -> int:
     from orchestrator.run import run_job
 
-    return run_job(args.spec, resume=args.resume, progress=not args.no_progress)
+    code = run_job(args.spec, resume=args.resume, progress=not args.no_progress)
+    if code == 0:
+        _report_learning(args.spec)
+    return code
+
+
+def _report_learning(spec_path: str) -> None:
+    """What a finished job learned, in one line and a plot, so the first run shows it at once."""
+    from orchestrator.core.spec import SpecError, load_spec
+    from orchestrator.plot import plot_run, summary
+
+    try:
+        run_dir = load_spec(spec_path).run_dir
+        line = summary(run_dir)
+        plot = plot_run(run_dir)
+    except (SpecError, FileNotFoundError, ValueError) as err:  # a run directory elsewhere (s3://) or no metrics
+        print(f"(no summary: {err})")
+        return
+    if line:
+        print(line)
+    print(f"plot: {plot}")
 
 
 def _init_model(args: argparse.Namespace) -> int:

@@ -34,6 +34,18 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return rows
 
 
+def summary(run_dir: str | Path, metric: str = "reward/mean", window: int = 5) -> str | None:
+    """One line: `metric`'s mean over the first and the last `window` steps (single steps are noisy),
+    or None when the run logged no such metric (an SFT-only job, say)."""
+    steps, values = _series(read_metrics(run_dir), metric).get(metric, ([], []))
+    if not values:
+        return None
+    window = max(1, min(window, len(values) // 2 or 1))
+    first, last = sum(values[:window]) / window, sum(values[-window:]) / window
+    return (f"{metric}: {first:.3f} -> {last:.3f} (mean of the first and the last {window} of {len(values)} steps; "
+            f"steps {steps[0]}-{steps[-1]})")
+
+
 def _series(rows: list[dict], pattern: str) -> dict[str, tuple[list[int], list[float]]]:
     """name -> (steps, values) for each metric matching `pattern` (one `*` allowed)."""
     head, star, tail = pattern.partition("*")

@@ -204,7 +204,35 @@ FILE_COST = {
 SLOW_TEST_COST = 30  # a file not in the table: this much per real-job (`slow`) test, 0 per other test
 
 
+# The tiers. `python -m pytest` (the README's command, the fast tier) runs the unit tests, the API
+# tests and the SMOKE tests; `python -m pytest -m slow` runs every real-job test. Files and tests
+# marked `slow` in their own module are slow too; these start a driver, an engine or a role's
+# process without a `slow` mark of their own. CI runs both tiers.
+SLOW = (
+    "test_entrypoint.py",  # a driver process on an embedded Ray for each test
+    "test_vllm_cpu.py",  # vLLM's engine
+    "test_demo.py",
+    "api/test_ui.py::test_sign_in_watch_a_job_live_and_cancel_it",
+    "api/test_jobs.py::test_idempotency",  # two drivers that fail in preflight
+    "test_workers.py::test_a_role_starts_without_importing_scikit_learn_or_scipy",  # a role's own process
+)
+# One GRPO job on real Ray, and one job over REST end to end: in both tiers.
+SMOKE = ("test_e2e.py::test_grpo_end_to_end", "api/test_e2e.py::test_tiny_grpo_job_over_rest")
+
+
+def _tier_marks(items, tests_dir: Path) -> None:
+    for item in items:
+        path = item.path.relative_to(tests_dir).as_posix() if item.path.is_relative_to(tests_dir) else str(item.path)
+        name = f"{path}::{item.originalname}"
+        if path in SLOW or name in SLOW:
+            item.add_marker(pytest.mark.slow)
+        if name in SMOKE:
+            item.add_marker(pytest.mark.smoke)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
+    _tier_marks(items, Path(__file__).parent)
     # Costliest files first, each file's tests in their own order: under pytest-xdist (`--dist
     # loadfile`) a worker that finishes a file takes the next, so the long files start early and the
     # short ones fill the end (longest-first packing), instead of one long file running alone at the
