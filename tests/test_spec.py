@@ -282,3 +282,12 @@ def test_stage_specs_are_built_once():
     assert spec == parse_spec({**base(), "stages": [{"name": "a"}, {"name": "b", "optim": {"lr": 0.5}}]})
     renamed = spec.model_copy(update={"name": "other"})
     assert [s.name for _, s in renamed.stage_specs()] == ["other", "other"]  # a copy's own, not the original's
+
+
+def test_deeply_nested_reward_kwargs_are_refused_not_a_crash():
+    nested: list = []
+    for _ in range(5000):  # far past Python's recursion limit: measuring it must not recurse that deep
+        nested = [nested]
+    with pytest.raises(SpecError) as e:
+        parse_spec({**base(), "rewards": [{"function": "accuracy", "kwargs": {"x": nested}}]})
+    assert "rewards.0.kwargs: " in str(e.value) and "4 deep" in str(e.value)

@@ -31,12 +31,13 @@ API_VERSION = "rlhf/v1"
 STAGE_REF = "stage:"  # `rewards[].model: "stage:NAME"`: the reward model an earlier stage of the job trains
 
 
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
+def _depth(value: Any, limit: int) -> int:
+    """How deep `value` nests, counted up to `limit + 1`: it never descends further, since JSON from a
+    tenant may nest deeper than Python's recursion limit."""
+    if limit < 0 or not isinstance(value, (dict, list)):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in children), default=0)
 
 
 class SpecError(ValueError):
@@ -228,9 +229,11 @@ class RewardSource(_Strict):
     @field_validator("kwargs")
     @classmethod
     def _bounded_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
-        size, depth = len(json.dumps(value, default=str)), _depth(value)
-        if size > 16384 or depth > 4:
-            raise ValueError(f"at most 16 KiB of JSON nested at most 4 deep (got {size} bytes, depth {depth})")
+        if _depth(value, 4) > 4:  # (first: a deeper value would not even serialise)
+            raise ValueError("at most 16 KiB of JSON nested at most 4 deep (got more than 4 deep)")
+        size = len(json.dumps(value, default=str))
+        if size > 16384:
+            raise ValueError(f"at most 16 KiB of JSON nested at most 4 deep (got {size} bytes)")
         return value
 
     @model_validator(mode="after")

@@ -236,6 +236,17 @@ def test_long_lists_are_refused_before_any_work(trust_api, hostile_keys, files):
         assert all(j["name"] != "many" for j in c.get("/v1/jobs", params={"limit": 100}).json()["data"])  # nothing recorded
 
 
+def test_deep_nesting_is_refused_not_a_crash(trust_api, hostile_keys, files):
+    """JSON nested as deep as the parser takes, where the spec takes any JSON (reward kwargs): a 4xx
+    naming the field, not a 500 from measuring it."""
+    body = {**stages_body(files["mallory"], [{"name": "a"}], "grpo"), "rewards": [{"function": "accuracy", "kwargs": {"x": "DEEP"}}]}
+    body = json.dumps(body).replace('"DEEP"', "[" * 950 + "]" * 950)
+    with trust_api.client(hostile_keys["mallory"]) as c:
+        r = c.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text[:300]
+    assert r.json()["error"]["param"] == "rewards.0.kwargs"
+
+
 @pytest.fixture(scope="module")
 def lenient_api(redis_url, ray_head, hostile_keys, workdir, operator, tiny_model):
     """An operator who allows huge specs: their validation takes seconds, and must not stop the API."""
