@@ -5,8 +5,9 @@ The driver runs on server paths (a registry model's directory, an upload's place
 run directory, a node's cached copy of a URL); the tenant named those things by name and id. Each
 server path becomes what the tenant named (`tiny`, `file-...`, `ckpt-...`); a path in the tenant's
 own area becomes relative to it (`runs/job-.../checkpoints/step_000002`); any other registry model
-or place under the storage root becomes a placeholder. A log also loses the Ray cluster's internal
-addresses (`127.0.0.1:6379`, `http://10.0.0.5:8265`).
+or place under the storage root becomes a placeholder. Events, errors and logs also lose network
+addresses (the Ray cluster's `127.0.0.1:6379`, `http://10.0.0.5:8265`, a Redis URL with its
+password); a checkpoint's JSON files lose paths only (a vocabulary may hold `http://` tokens).
 """
 
 from __future__ import annotations
@@ -26,39 +27,48 @@ JSON_MAX_BYTES = 8 << 20
 
 
 class Redactor:
-    """Rewrites a string, or every string in nested lists and dicts, by a fixed table of rules."""
+    """Rewrites a string, or every string in nested lists and dicts, by a fixed table of rules; with
+    `addresses`, network addresses go too (see strip_addresses)."""
 
-    def __init__(self, rules: list[tuple[str, str]]):
+    def __init__(self, rules: list[tuple[str, str]], addresses: bool = False):
         """`rules`: (regex, replacement), earlier rules winning where two match at one place."""
         self._replacements = [public for _, public in rules]
         alternatives = [f"(?P<r{i}>{regex})" for i, (regex, _) in enumerate(rules)]
         self._pattern = re.compile("|".join(alternatives)) if alternatives else None
+        self.addresses = addresses
 
-    def text(self, value: str) -> str:
+    def paths(self, value: str) -> str:
         if self._pattern is None:
             return value
         return self._pattern.sub(lambda m: self._replacements[int(m.lastgroup[1:])], value)
 
+    def text(self, value: str) -> str:
+        return strip_addresses(self.paths(value)) if self.addresses else self.paths(value)
+
     def __call__(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, dict):
-            return {k: self(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self(v) for v in value]
-        return value
+        return _each_string(value, self.text)
 
     def json_bytes(self, data: bytes) -> bytes:
-        """A JSON file with its strings redacted; the same bytes when nothing in it changes. Text that
-        is not JSON is redacted as text."""
+        """A checkpoint's JSON file with the paths in its strings redacted (not addresses: a vocabulary
+        may hold `http://...` tokens); the same bytes when nothing changes. Not JSON: redacted as text."""
         try:
             doc = json.loads(data)
         except (ValueError, RecursionError):
             text = data.decode("utf-8", "replace")
-            out = self.text(text)
+            out = self.paths(text)
             return data if out == text else out.encode()
-        out = self(doc)
+        out = _each_string(doc, self.paths)
         return data if out == doc else json.dumps(out, indent=1).encode()
+
+
+def _each_string(value: Any, change) -> Any:
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {k: _each_string(v, change) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_each_string(v, change) for v in value]
+    return value
 
 
 def literal(server: str) -> str:
@@ -94,7 +104,7 @@ def for_job(rec: dict[str, Any], storage, registry=None) -> Redactor:
     rules.append((literal(storage.root_url), STORAGE))
     if storage.root != storage.root_url:  # an object store's bucket path: only as a path's start ("store" is also a word)
         rules.append((literal(storage.root + "/"), STORAGE + "/"))
-    return Redactor(_longest_first(rules))
+    return Redactor(_longest_first(rules), addresses=True)  # an error from Ray or Redis may name the cluster's hosts
 
 
 def _longest_first(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -131,7 +141,3 @@ def strip_addresses(text: str) -> str:
     text = _IPV6.sub(ADDRESS, text)
     text = _IPV4.sub(ADDRESS, text)
     return _NAMED_ADDRESS.sub(lambda m: m.group(1) + ADDRESS, text)
-
-
-def log_text(text: str, redactor: Redactor) -> str:
-    return strip_addresses(redactor.text(text))

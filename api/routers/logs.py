@@ -32,4 +32,4 @@ async def job_logs(
     if tail:
         text = "".join(text.splitlines(keepends=True)[-tail:])
     hide = redact.for_job(rec, request.app.state.storage, request.app.state.registry)
-    return {"object": "job.logs", "job_id": job_id, "logs": redact.log_text(text, hide)}
+    return {"object": "job.logs", "job_id": job_id, "logs": hide.text(text)}

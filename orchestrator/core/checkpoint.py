@@ -116,6 +116,7 @@ def listing(root: str | Path) -> list[dict]:
             fs, remote = storage.filesystem(p)
             size = int(fs.du(remote))
         else:
-            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            # Regular files only: a link's target is no part of the checkpoint (its download leaves links out).
+            size = sum(f.lstat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
         out.append({"step": state["step"], "path": str(p), "created_at": state["time"], "bytes": size})
     return out

@@ -79,6 +79,7 @@ def leaky(redis_url, workdir, tiny, tiny_model, alpha_area):
         ("error", f"rewards.0.model={str(earlier_policy)!r} does not load: OSError: {earlier_policy}/config.json", {"code": "x"}),
         ("checkpoint", f"saved step 2 to {run_dir}/checkpoints/step_000002", {"path": f"{run_dir}/checkpoints/step_000002"}),
         ("warning", f"also saw {workdir / 'no-model'} and {workdir / 'artifacts' / 'tenants' / 'beta'}", {}),
+        ("warning", "could not reach redis://rlhf.job-1:s3cret@10.0.0.7:6379/0 (Ray GCS at 10.0.0.8:6380)", {}),
     ]
     error = f"model.path={str(tiny_model)!r} does not load: OSError: no file {tiny_model}/config.json"
     job_id = record_job(redis_url, "alpha", spec, launch, events, error)
@@ -105,6 +106,7 @@ def test_events_and_errors_name_what_the_tenant_named(alpha, leaky, tiny, tiny_m
     assert by_type["checkpoint"]["data"]["path"] == "runs/RUN/checkpoints/step_000002"  # the tenant's own area, relative
     assert f"dropped 2 prompts of {tiny['data']}" in events.text
     assert "also saw missing and <storage>/tenants/beta" in events.text
+    assert "could not reach redis://<address>/0 (Ray GCS at <address>)" in events.text and "s3cret" not in events.text
     assert job["error"]["message"] == "model.path='tiny' does not load: OSError: no file tiny/config.json"
     assert listed["error"] == job["error"]
 
@@ -157,7 +159,7 @@ def test_checkpoint_download_holds_no_server_path(alpha, redis_url, tiny, tiny_m
     spec = {"model": {"path": "tiny"}, "data": {"train_file": tiny["data"]}}
     launch = {"model": {"path": str(tiny_model)}, "data": {"train_file": str(upload_path)}}
     state = {"step": 2, "spec": {**launch, "output_dir": "OUT", "checkpoint": {"dir": str(alpha_area / "runs" / "x" / "checkpoints")}}}
-    config = {"_name_or_path": str(tiny_model), "model_type": "qwen2"}
+    config = {"_name_or_path": str(tiny_model), "model_type": "qwen2", "vocab": ["http://a.b:80", "1.2.3.4"]}
     weights = os.urandom(1000)
     job_id, ckpt, _ = give_checkpoint(redis_url, alpha_area, spec, launch, {
         "state.json": json.dumps(state).encode(), "policy/config.json": json.dumps(config).encode(), "policy/model.bin": weights})
@@ -167,7 +169,7 @@ def test_checkpoint_download_holds_no_server_path(alpha, redis_url, tiny, tiny_m
     saved = json.loads(members[f"{ckpt}/state.json"])
     assert saved["spec"]["model"]["path"] == "tiny" and saved["spec"]["data"]["train_file"] == tiny["data"]
     assert saved["spec"]["checkpoint"]["dir"] == "runs/x/checkpoints"
-    assert json.loads(members[f"{ckpt}/policy/config.json"])["_name_or_path"] == "tiny"
+    assert json.loads(members[f"{ckpt}/policy/config.json"]) == {**config, "_name_or_path": "tiny"}  # paths go, tokens stay
     assert members[f"{ckpt}/policy/model.bin"] == weights  # not JSON: as it was
 
 
@@ -182,6 +184,17 @@ def test_checkpoint_download_does_not_follow_links(alpha, redis_url, workdir, al
     members = tar_members(alpha.get(f"/v1/jobs/{job_id}/checkpoints/{ckpt}/content"))
     assert sorted(members) == [f"{ckpt}/policy/config.json", f"{ckpt}/state.json"]
     assert not any(b"SECRET-OUTSIDE" in c or c == Path("/etc/hostname").read_bytes() for c in members.values() if isinstance(c, bytes))
+
+
+def test_checkpoint_size_counts_no_link(tmp_path):
+    from orchestrator.core import checkpoint
+
+    step = tmp_path / "step_000002"
+    (step / "policy").mkdir(parents=True)
+    (step / "state.json").write_text(json.dumps({"step": 2, "time": 1.0}))
+    (tmp_path / "big").write_bytes(b"x" * 100_000)
+    (step / "policy" / "big").symlink_to(tmp_path / "big")  # would tell the size of any file on the node
+    assert [c["bytes"] for c in checkpoint.listing(tmp_path)] == [len(json.dumps({"step": 2, "time": 1.0}))]
 
 
 NOT_JOB_IDS = (":events", ":metrics", ":control", ":events/events", ":metrics/metrics", ":events/checkpoints", ":events/logs")
