@@ -229,6 +229,7 @@ def test_the_shipped_redis_keeps_job_users_across_a_restart(tmp_path):
         stop_group(server)
 
 
+@pytest.mark.slow  # (a Ray job of its own, and an API of its own)
 def test_a_job_that_says_it_ended_while_its_ray_job_runs_on_is_stopped(redis_url, ray_head, keys, operator, tmp_path):
     """A job's own `succeeded` takes it out of the active set; its Ray job still holds what it held:
     counted by admission until Ray's job ends, and stopped past `ended_job_grace_s`."""
