@@ -15,8 +15,10 @@ from collections import Counter
 
 import httpx
 import pytest
+import redis
 
 from api.auth import add_key
+from orchestrator.core.records import PREFIX
 from tests.api.conftest import ApiServer, api_env, free_port, make_record
 from tests.api.test_auth import assert_envelope
 
@@ -173,11 +175,13 @@ def _wait_for_a_fresh_window(margin: float = 5.0) -> None:
         time.sleep(left + 0.1)
 
 
-def test_the_rate_count_is_exact_under_a_burst(serve, burst_keys):
+def test_the_rate_count_is_exact_under_a_burst(serve, burst_keys, redis_url):
     """requests_per_minute=120 (the process counts in batches of 2) and 200 concurrent requests:
-    exactly 120 pass, the other 80 are 429 naming the setting, and later requests stay refused."""
+    exactly 120 pass, the other 80 are 429 naming the setting, and later requests stay refused. The
+    shared count in Redis is 120 too: a refused request made no Redis call."""
     server = serve("rate", requests_per_minute=120, max_concurrent_requests_per_tenant=1000)
     _wait_for_a_fresh_window()
+    minute = int(time.time() // 60)
 
     async def burst():
         async with _client(server, burst_keys["burst-count"]) as c:
@@ -191,3 +195,4 @@ def test_the_rate_count_is_exact_under_a_burst(serve, burst_keys):
     err = assert_envelope(next(r for r in results if r.status_code == 429), 429, "rate_limited")
     assert "requests_per_minute" in err["message"]
     assert after.status_code == 429
+    assert redis.Redis.from_url(redis_url).get(f"{PREFIX}rate:burst-count:{minute}") == b"120"
