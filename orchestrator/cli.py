@@ -7,12 +7,31 @@ import sys
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.plan or args.json:
+        return _print_plan(args.spec, args.json)
     from orchestrator.run import run_job
 
     code = run_job(args.spec, resume=args.resume, progress=not args.no_progress)
     if code == 0:
         _report_learning(args.spec)
     return code
+
+
+def _print_plan(spec_path: str, as_json: bool) -> int:
+    """The job's plan (core/plan.py: roles, where each phase runs, weight sync, bundles, step ranges),
+    from the spec alone: no Ray, no model, no data read."""
+    import json
+
+    from orchestrator.core.plan import describe, make_plan
+    from orchestrator.core.spec import SpecError, load_spec
+
+    try:
+        plan = make_plan(load_spec(spec_path))
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.as_dict(), indent=2) if as_json else describe(plan))
+    return 0
 
 
 def _report_learning(spec_path: str) -> None:
@@ -68,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="Job spec, YAML or JSON.")
     p.add_argument("--resume", action="store_true", help="Continue from the last checkpoint.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    p.add_argument("--plan", action="store_true", help="Print the job's plan (roles, where each phase runs, weight sync, "
+                   "bundles, step ranges) and exit, without starting Ray.")
+    p.add_argument("--json", action="store_true", help="With --plan: the plan as JSON.")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("init-model", help="Write a tiny random-weight causal LM and its tokenizer (no hub needed).")

@@ -1,5 +1,5 @@
 """Placing the roles on Ray: one placement group per job, one named actor per role replica, in the
-layout `orchestrator/core/layout.py` works out."""
+layout of the job's plan (`orchestrator/core/plan.py`, in Ray's shapes by `orchestrator/core/layout.py`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.core.batch import Batch, even_bounds
-from orchestrator.core.layout import COLOCATABLE, Layout, driver_cpus, plan  # noqa: F401  (re-exported: the driver places by them)
+from orchestrator.core.layout import COLOCATABLE, Layout, driver_cpus, plan, stage_plan  # noqa: F401  (re-exported: the driver places by them)
 from orchestrator.core.spec import JobSpec
 
 # OpenMP threads (libgomp, in torch's CPU builds) that finish a parallel region spin GOMP_SPINCOUNT
@@ -29,20 +29,10 @@ SPIN = {"GOMP_SPINCOUNT": "30000"}  # (set, not left to libgomp: the raylet may 
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
 
 
-def one_actor_at_a_time(spec: JobSpec) -> bool:
-    """Whether the job's actors compute one at a time: one replica per role, no critic (its values and
-    updates run beside the reference's and the trainer's) and no reward actor beside a reference."""
-    res, roles = spec.resources, spec.roles
-    if "critic" in roles or any(getattr(res, r).replicas > 1 for r in roles if r != "reward"):
-        return False
-    scorers = [r for r in ("reward", "reference") if r in roles] + (["trainer"] if spec.reference_in_trainer else [])
-    return len(scorers) <= 1
-
-
 def actor_env(spec: JobSpec) -> dict[str, str]:
     """The environment of the job's actors: OpenMP threads that spin while the actors compute one at a
-    time, that sleep at once where two compute together."""
-    return {"TOKENIZERS_PARALLELISM": "false", **(SPIN if one_actor_at_a_time(spec) else PASSIVE)}
+    time (the plan's `one_at_a_time`), that sleep at once where two compute together."""
+    return {"TOKENIZERS_PARALLELISM": "false", **(SPIN if stage_plan(spec).one_at_a_time else PASSIVE)}
 
 
 def pinned_threads(requested: int | None, declared_cpus: float) -> int | None:
@@ -59,7 +49,7 @@ def pinned_threads(requested: int | None, declared_cpus: float) -> int | None:
 
 def role_threads(spec: JobSpec, layout: Layout, role: str) -> int | None:
     """`pinned_threads` for one actor of `role`, by the CPUs it asks Ray for (a trainer that samples or
-    keeps the reference counts those roles' CPUs too: core/layout.py `needs`)."""
+    keeps the reference counts those roles' CPUs too: core/plan.py `RolePlan.num_cpus`)."""
     return pinned_threads(spec.resources.torch_threads, layout.actor_resources[role]["num_cpus"])
 
 

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from orchestrator.core.plan import sync_path
+
 if TYPE_CHECKING:
     from orchestrator.core.spec import JobSpec
     from orchestrator.placement import ActorGroup
@@ -34,19 +36,9 @@ SYNC, SETUP = "weight_sync", "weight_sync setup"
 def choose(spec: JobSpec) -> tuple[str, str]:
     """(method, reason): the path `rollout.weight_sync` names, or the one `auto` picks from the placement.
 
-    The spec has already refused impossible explicit choices.
+    The spec has already refused impossible explicit choices. The rule is the plan's (core/plan.py `sync_path`).
     """
-    res, vllm = spec.resources, spec.rollout.backend == "vllm"
-    if spec.rollout.weight_sync != "auto":
-        return spec.rollout.weight_sync, "set in the spec"
-    on_gpu = res.trainer.num_gpus > 0 and res.rollout.num_gpus > 0
-    if on_gpu and vllm and not res.colocate:
-        return "nccl", "vLLM engines on their own GPUs"
-    if on_gpu and vllm and res.trainer.replicas == res.rollout.replicas:
-        return "cuda_ipc", "each vLLM engine shares its GPU with a trainer rank"
-    if res.trainer.num_gpus == 0 and res.rollout.num_gpus == 0:
-        return "shared_memory", "trainer and rollouts on the CPU"
-    return "object_store", "the rollouts are not vLLM engines on GPUs"
+    return sync_path(spec)
 
 
 class WeightSync:

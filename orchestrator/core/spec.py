@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from orchestrator.core import plan
 from orchestrator.core.algorithms import ALGORITHMS, ROLLOUT_BACKENDS, Algorithm
 from orchestrator.core.storage import is_url
 
@@ -519,24 +520,14 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
-        res, sync = self.resources, self.rollout.weight_sync
-        if sync in ("nccl", "cuda_ipc") and not (self.rollout.backend == "vllm" and res.trainer.num_gpus > 0 and res.rollout.num_gpus > 0):
-            raise ValueError(f"rollout.weight_sync {sync} needs rollout.backend vllm and GPUs for the trainer and the rollouts")
-        if sync == "cuda_ipc" and not (res.colocate and res.trainer.replicas == res.rollout.replicas):
-            raise ValueError("rollout.weight_sync cuda_ipc needs resources.colocate and as many trainer as rollout replicas "
-                             "(each engine shares a GPU with one trainer rank)")
-        if sync == "shared_memory" and (res.trainer.num_gpus > 0 or res.rollout.num_gpus > 0):
-            raise ValueError("rollout.weight_sync shared_memory is for CPU trainers and rollouts (set num_gpus 0)")
+        plan.check_weight_sync(self)  # (the placement rules live in core/plan.py)
         if not self.rewards and self.scores_with_rewards and self.stages is None:  # (a pipeline's stages are checked one by one)
             what = "completions" if self.algo.rollouts else "held-out prompts' completions (data.eval_file)"
             raise _field_error(("rewards",), f"{self.algorithm.name} scores its {what} with the rewards: give at least one reward source")
-        if res.reward_in == "driver" and (models := [i for i, s in enumerate(self.rewards) if s.model]):
-            raise _field_error(("resources", "reward_in"), f"rewards.{models[0]} is a reward model, which runs on a reward "
-                               "actor: use reward_in auto or actor")
-        if res.reference_in == "trainer" and self.needs_reference and (why := self._cannot_score_reference_in_trainer()):
-            raise _field_error(("resources", "reference_in"), f"the trainer cannot keep the reference: {why}; use reference_in auto or actor")
-        if res.rollout_in == "trainer" and (why := self._cannot_sample_in_trainer()):
-            raise _field_error(("resources", "rollout_in"), f"the trainer cannot also be the rollout: {why}; use rollout_in auto or actor")
+        try:
+            plan.check_placement(self)
+        except plan.PlacementError as err:
+            raise _field_error(err.loc, str(err)) from None
         for role in ("rollout", "reward"):
             if getattr(self.resources, role).strategy != "ddp":
                 raise _field_error(("resources", role, "strategy"), "the trainer's, critic's and reference's replicas shard "
@@ -665,93 +656,46 @@ class JobSpec(_Strict):
         `rm` stage that names one, else `model.path`."""
         return self.model.rm_path if self.algo.produces == "reward_model" and self.model.rm_path else self.model.path
 
+    # Where each role and phase runs: the rules are core/plan.py's (`make_plan` puts them together); these ask them.
     @property
     def roles(self) -> list[str]:
-        """The actors this (single-stage) spec starts, by role, in placement order. A LoRA policy's trainer
-        is its own reference (adapters off), and so is a trainer that keeps a copy (`reference_in`): no
-        reference actor starts; rewards computed in the driver start no reward actor."""
-        roles = self.algo.roles(self.optim.kl_coef, evaluates=self.data.eval_file is not None)
-        dropped = {"reference"} if self.model.lora or self.reference_copy_in_trainer else set()
-        if self.rewards_in_driver:
-            dropped.add("reward")
-        if self.rollouts_in_trainer:
-            dropped.add("rollout")
-        return [r for r in roles if r not in dropped]
+        """The actors this (single-stage) spec starts, by role, in placement order (core/plan.py `roles`)."""
+        return plan.roles(self)
 
     @property
     def scores_with_rewards(self) -> bool:
         """Whether this stage scores completions with `rewards` (its steps' rollouts, or held-out prompts')."""
-        return "reward" in self.algo.roles(self.optim.kl_coef, evaluates=self.data.eval_file is not None)
+        return plan.scores_with_rewards(self)
 
     @property
     def rewards_in_driver(self) -> bool:
         """Whether the rewards are computed in the driver's process, without a reward actor (`resources.reward_in`)."""
-        where = self.resources.reward_in
-        return where == "driver" or (where == "auto" and all(s.function for s in self.rewards))
+        return plan.rewards_in_driver(self)
 
     @property
     def rollouts_in_trainer(self) -> bool:
         """Whether the policy trainer replicas also sample the completions, with no rollout actor (`resources.rollout_in`)."""
-        res = self.resources
-        if res.rollout_in == "auto":
-            return res.trainer.num_gpus == 0 and res.rollout.num_gpus == 0 and self._cannot_sample_in_trainer() is None
-        return res.rollout_in == "trainer"
+        return plan.rollouts_in_trainer(self)
 
     @property
     def reference_in_trainer(self) -> bool:
-        """Whether the policy trainers compute the reference log-probs, with no reference actor: a LoRA
-        policy's (its frozen base), or a copy of the weights kept in the trainer (`resources.reference_in`)."""
-        return self.needs_reference and (bool(self.model.lora) or self.reference_copy_in_trainer)
+        """Whether the policy trainers compute the reference log-probs, with no reference actor (LoRA, or `resources.reference_in`)."""
+        return plan.reference_in_trainer(self)
 
     @property
     def reference_copy_in_trainer(self) -> bool:
         """Whether each policy trainer keeps a frozen copy of the starting weights as the reference (`resources.reference_in`)."""
-        res = self.resources
-        if self.model.lora or not self.needs_reference or self._cannot_score_reference_in_trainer():
-            return False
-        return res.reference_in == "trainer" or (res.reference_in == "auto" and res.trainer.num_gpus == 0 and res.reference.num_gpus == 0)
-
-    def _cannot_score_reference_in_trainer(self) -> str | None:
-        """Why the policy trainer cannot keep the reference model itself, if it cannot."""
-        if self.model.lora:
-            return None  # (its frozen base is the reference already)
-        if not self.algo.rollouts:
-            return f"{self.algorithm.name}'s trainer scores its pairs against a reference actor"
-        if "fsdp" in (self.resources.trainer.strategy, self.resources.reference.strategy):
-            return "a sharded (fsdp) trainer or reference holds only a shard of the weights"
-        return None
+        return plan.reference_copy_in_trainer(self)
 
     @property
     def steps_in_trainer(self) -> bool:
-        """Whether a step is one call to the policy trainer: a lone trainer replica that samples the
-        completions (`rollouts_in_trainer`), scored by built-in reward functions only, with no
-        reference or critic in the step, also computes the rewards and advantages before its update
-        (TRL's one process, without a Ray round trip per phase). Reward code from an import path
-        stays in the driver (`rewards_in_driver`), where a hang is named as the reward phase's."""
-        builtin_rewards = all(s.function and ":" not in s.function for s in self.rewards)  # (`pkg.module:fn` is an import path)
-        return (self.algo.rollouts and self.rollouts_in_trainer and self.scores_with_rewards and self.rewards_in_driver and builtin_rewards
-                and not self.needs_reference and not self.needs_critic and self.resources.trainer.replicas == 1)
-
-    def _cannot_sample_in_trainer(self) -> str | None:
-        """Why the policy trainer cannot sample the completions itself, if it cannot."""
-        res = self.resources
-        if not self.algo.rollouts and "rollout" not in self.algo.roles(self.optim.kl_coef, evaluates=self.data.eval_file is not None):
-            return f"{self.algorithm.name} samples no completions each step, nor held-out prompts' (data.eval_file)"
-        if self.rollout.backend != "hf":
-            return f"rollout.backend {self.rollout.backend} runs its engines in rollout actors"
-        if res.trainer.strategy != "ddp":
-            return "an fsdp trainer holds only a shard of the weights"
-        if self.rollout.weight_sync != "auto":
-            return f"rollout.weight_sync is {self.rollout.weight_sync}, but nothing is synced"
-        if res.rollout.replicas != res.trainer.replicas:
-            return (f"resources.rollout.replicas ({res.rollout.replicas}) differs from resources.trainer.replicas "
-                    f"({res.trainer.replicas}), and each trainer replica samples its share")
-        return None
+        """Whether a step is one call to the policy trainer (core/plan.py `steps_in_trainer`)."""
+        return plan.steps_in_trainer(self)
 
     @property
     def needs_reference(self) -> bool:
         """Whether the step needs the reference policy's log-probs (from the reference actor, or a LoRA trainer)."""
-        return "reference" in self.algo.roles(self.optim.kl_coef, evaluates=self.data.eval_file is not None)
+        return plan.needs_reference(self)
 
     @property
     def needs_critic(self) -> bool:
