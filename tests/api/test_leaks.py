@@ -64,7 +64,7 @@ def alpha_area(workdir) -> Path:
 def leaky(redis_url, workdir, tiny, tiny_model, alpha_area):
     """Alpha's failed job whose driver wrote every kind of server path: the registry model's
     directory, the upload's place, a checkpoint another job of alpha's left, the run directory, a
-    registered model this job did not name, a node's cached copy and the storage root."""
+    registered model this job did not name, the storage root, and the addresses of Redis and Ray."""
     earlier = "job-" + uuid.uuid4().hex[:24]
     earlier_policy = alpha_area / "runs" / earlier / "checkpoints" / "step_000002" / "reward_model"
     ckpt = f"ckpt-{earlier.removeprefix('job-')}-2"
@@ -127,6 +127,12 @@ def test_redaction_rules(tmp_path):
     assert hide.text(f"{storage.root}/tenants/u") == "<storage>/tenants/u"
     assert hide.text(f"{area}-other/x") == "<storage>/tenants/t-other/x"  # a longer name is not the tenant's area
     assert hide({"a": [f"{area}/x", 1]}) == {"a": ["x", 1]}
+    # An object store: its paths with and without the protocol; its bucket's name alone is a word.
+    bucket = ArtifactStore("s3://store/rlhf", {"anon": True})
+    hide = redact.for_job({"tenant": "t", "spec": {}, "launch_spec": {}}, bucket)
+    assert hide.text("saved to s3://store/rlhf/tenants/t/runs/job-1 (store/rlhf/tenants/t/runs/job-1)") == "saved to runs/job-1 (runs/job-1)"
+    assert hide.text("s3://store/rlhf/tenants/u and store/rlhf/tenants/u; the store is down") == \
+        "<storage>/tenants/u and <storage>/tenants/u; the store is down"
     log = ("INFO worker.py:1841 -- Connecting to existing Ray cluster at address: 127.0.0.1:50703...\n"
            "Connected to Ray cluster. View the dashboard at \x1b[1mhttp://10.1.2.3:8265 \x1b[39m\n"
            "redis://rlhf.job-1:secret@redis-host:6379/0 address='ray-head:6379' [fe80::1]:6380 torch 2.5.1\n")
