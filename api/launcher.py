@@ -12,7 +12,10 @@ with `ps`. The runtime_env carries only the file's path and what is no secret.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
+import logging
 import os
 import re
 import threading
@@ -23,6 +26,8 @@ from api.settings import Settings
 from api.storage import ArtifactStore
 from orchestrator.core.layout import driver_cpus
 from orchestrator.core.spec import JobSpec
+
+log = logging.getLogger("api")
 
 ENTRYPOINT = "python -m orchestrator.run --spec launch:RLHF_LAUNCH_FILE"
 LAUNCH_FILE = ".launch.json"  # in the job's run directory: {"spec": ..., "env": {"RLHF_REDIS_URL": ...}}
@@ -106,7 +111,8 @@ class RayLauncher:
             netloc = f"{quote(redis_user[0], safe='')}:{quote(redis_user[1], safe='')}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
             url = urlunsplit(parts._replace(netloc=netloc))
         launch_file = self.launch_file(tenant, job_id)
-        await asyncio.to_thread(self._write_launch_file, launch_file, {"spec": spec, "env": {"RLHF_REDIS_URL": url}})
+        launch = json.dumps({"spec": spec, "env": {"RLHF_REDIS_URL": url}}).encode()
+        await asyncio.to_thread(self._write_launch_file, launch_file, launch)
         runtime_env: dict = {
             "env_vars": {
                 "RLHF_LAUNCH_FILE": self.storage.url(launch_file),
@@ -131,7 +137,9 @@ class RayLauncher:
             submission_id=submission_id or job_id,
             runtime_env=runtime_env,
             **({"entrypoint_num_cpus": cpus} if cpus else {}),
-            metadata={"tenant": tenant, "name": name, "rlhf_job_id": job_id, "attempt": str(restarts_used + 1)},
+            # The launch file's digest: the job's processes can write its run directory, Ray's metadata they cannot.
+            metadata={"tenant": tenant, "name": name, "rlhf_job_id": job_id, "attempt": str(restarts_used + 1),
+                      "launch_sha256": hashlib.sha256(launch).hexdigest()},
         )
 
     @property
@@ -145,8 +153,7 @@ class RayLauncher:
         a Ray job says (anyone who may submit to Ray could name any file)."""
         return f"{self.storage.run_path(tenant, job_id)}/{LAUNCH_FILE}"
 
-    def _write_launch_file(self, path: str, content: dict) -> None:
-        data = json.dumps(content).encode()
+    def _write_launch_file(self, path: str, data: bytes) -> None:
         if not self.storage.local:  # an object store: who reads it is the store's access control
             with self.storage.open(path, "wb") as f:
                 f.write(data)
@@ -160,11 +167,17 @@ class RayLauncher:
             os.close(fd)
         os.replace(tmp, path)  # a driver of an earlier attempt never reads half a file
 
-    def _read_launch_env(self, tenant: str, job_id: str) -> dict[str, str]:
-        """RLHF_SPEC_JSON and RLHF_REDIS_URL of a job, from its launch file (empty if it has none)."""
+    def _read_launch_env(self, tenant: str, job_id: str, sha256: str | None) -> dict[str, str]:
+        """RLHF_SPEC_JSON and RLHF_REDIS_URL of a job, from its launch file: empty if it has none, or
+        if its content is not what this service wrote (`sha256`, from the Ray job's metadata), since a
+        record rebuilt from it would launch whatever spec a job's own processes wrote there."""
         try:
             with self.storage.open(self.launch_file(tenant, job_id), "rb") as f:
-                content = json.loads(f.read())
+                data = f.read()
+            if sha256 is None or not hmac.compare_digest(hashlib.sha256(data).hexdigest(), sha256):
+                log.warning("job %s's launch file is not the one this service wrote: its record is not rebuilt from it", job_id)
+                return {}
+            content = json.loads(data)
         except (OSError, ValueError):
             return {}
         env = {k: v for k, v in (content.get("env") or {}).items() if isinstance(v, str)}
@@ -180,7 +193,7 @@ class RayLauncher:
                 continue
             env = dict((job.runtime_env or {}).get("env_vars") or {})
             if "RLHF_LAUNCH_FILE" in env and meta.get("tenant") and _JOB_ID.fullmatch(meta["rlhf_job_id"]):  # (no path of anyone's choosing)
-                env.update(await asyncio.to_thread(self._read_launch_env, meta["tenant"], meta["rlhf_job_id"]))
+                env.update(await asyncio.to_thread(self._read_launch_env, meta["tenant"], meta["rlhf_job_id"], meta.get("launch_sha256")))
             out.append(LiveRayJob(job.submission_id, meta["rlhf_job_id"], meta.get("tenant") or "", meta.get("name") or "",
                                   int(meta.get("attempt") or 1), env, (job.start_time or 0) / 1000 or None))
         return out

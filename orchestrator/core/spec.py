@@ -771,7 +771,7 @@ def _type_name(ann: Any) -> str:
 
 
 def reference_markdown() -> str:
-    """The spec reference as a Markdown table, generated from the schema (README's "Job spec" section)."""
+    """The spec reference as a Markdown table, generated from the schema (docs/spec.md, between its spec-reference markers)."""
     rows = ["| field | type | default | description |", "| --- | --- | --- | --- |"]
 
     def walk(model: type[BaseModel], prefix: str) -> None:

@@ -101,3 +101,25 @@ def test_wandb_online_is_an_operator_setting(alpha, tiny, workdir, redis_url, ra
         assert r.status_code == 422 and r.json()["error"]["param"] == "output_dir", r.text
     finally:
         server.stop()
+
+
+def test_a_launch_file_a_job_rewrote_is_not_read_back(tmp_path):
+    """A record rebuilt from the launch file would be launched again: the job's own processes can write
+    its run directory, so only the content whose digest Ray's metadata holds counts."""
+    import hashlib
+    import json as _json
+
+    from api.launcher import RayLauncher
+    from api.settings import Settings
+
+    launcher = RayLauncher(Settings(storage_root=str(tmp_path)))
+    job = "job-" + "a" * 24
+    path = launcher.launch_file("alpha", job)
+    data = _json.dumps({"spec": {"name": "x"}, "env": {"RLHF_REDIS_URL": "redis://u:p@127.0.0.1:1/0"}}).encode()
+    launcher._write_launch_file(path, data)
+    digest = hashlib.sha256(data).hexdigest()
+    assert launcher._read_launch_env("alpha", job, digest)["RLHF_SPEC_JSON"] == '{"name": "x"}'
+    tampered = _json.dumps({"spec": {"name": "x", "rewards": [{"function": "os:system"}]}, "env": {}}).encode()
+    launcher._write_launch_file(path, tampered)
+    assert launcher._read_launch_env("alpha", job, digest) == {}
+    assert launcher._read_launch_env("alpha", job, None) == {}
