@@ -202,8 +202,15 @@ def test_a_reward_worker_loads_each_model_with_its_own_flag(tmp_path, tiny_model
     assert not ran.exists()
     RewardWorker([RewardSource(model=model, trust_remote_code=False)], str(tiny_model), trust_remote_code=True)
     assert not ran.exists()
-    RewardWorker([RewardSource(model=model, trust_remote_code=True)], str(tiny_model))
-    assert ran.exists()  # (the marker works: the same model, trusted by its own flag, runs its code)
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    try:
+        RewardWorker([RewardSource(model=model, trust_remote_code=True)], str(tiny_model))
+        assert ran.exists()  # (the marker works: the same model, trusted by its own flag, runs its code)
+    finally:
+        # evil.py's classes are transformers' own: loading them as remote code marked them as such for
+        # the whole process, and every later save_pretrained of a Qwen2 here would look for their code.
+        Qwen2Config._auto_class = Qwen2ForSequenceClassification._auto_class = None
 
 
 # ---------------------------------------------------------------- 2. work bounded, off the event loop

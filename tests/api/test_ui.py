@@ -151,6 +151,7 @@ optim:
 
 def test_spec_error_shows_beside_its_field(browser, api, keys, tiny):
     driver = browser
+    driver.get(f"{api.url}/ui/")  # the page's storage (a blank page, where no test ran before, has none)
     if not driver.execute_script("return sessionStorage.getItem('rlhf.apiKey')"):
         sign_in(driver, api, keys["alpha"])
     driver.get(f"{api.url}/ui/#/submit")
