@@ -2,7 +2,7 @@
 
 Adding an algorithm is one new module (its driver class, and its trainer class if the policy
 trainer's update does not fit) and one line in `ALGORITHMS`. Classes are named by import path,
-`module:Class`, so this floor imports nothing of the project; `orchestrator.registry` resolves them.
+`module:Class`, so this floor imports nothing of the project; `orchestrator.runtime.registry` resolves them.
 """
 
 from __future__ import annotations
@@ -47,20 +47,20 @@ ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
     for a in (
         Algorithm("grpo", "prompts", rollouts=True, critic=False, default_estimator="grpo",
-                  driver="orchestrator.driver:Orchestrator", trainer="workers.trainer:PolicyTrainer",
+                  driver="orchestrator.stages.driver:Orchestrator", trainer="workers.trainer:PolicyTrainer",
                   description="group-relative advantages, no critic"),
         Algorithm("ppo", "prompts", rollouts=True, critic=True, default_estimator="gae",
-                  driver="orchestrator.driver:Orchestrator", trainer="workers.trainer:PolicyTrainer",
+                  driver="orchestrator.stages.driver:Orchestrator", trainer="workers.trainer:PolicyTrainer",
                   description="with a critic"),
         Algorithm("sft", "sft", rollouts=False, critic=False, default_estimator=None,
-                  driver="orchestrator.sft:SFTOrchestrator", trainer="workers.sft:SFTTrainer",
+                  driver="orchestrator.stages.sft:SFTOrchestrator", trainer="workers.sft:SFTTrainer",
                   description="supervised fine-tuning on completions; no rollout, reward or reference actors except to evaluate"),
         Algorithm("rm", "preference", rollouts=False, critic=False, default_estimator=None,
-                  driver="orchestrator.rm:RewardModelOrchestrator", trainer="workers.rm:RewardTrainer",
+                  driver="orchestrator.stages.rm:RewardModelOrchestrator", trainer="workers.rm:RewardTrainer",
                   eval_data="preference", produces="reward_model",
                   description="a reward model from preference pairs, Bradley-Terry loss; it leaves the policy as it was"),
         Algorithm("dpo", "preference", rollouts=False, critic=False, default_estimator=None,
-                  driver="orchestrator.dpo:DPOOrchestrator", trainer="workers.dpo:DPOTrainer",
+                  driver="orchestrator.stages.dpo:DPOOrchestrator", trainer="workers.dpo:DPOTrainer",
                   reference=True, eval_data="preference",
                   description="direct preference optimisation on preference pairs (sigmoid, IPO or hinge loss) against a frozen reference"),
     )

@@ -125,7 +125,7 @@ def roles(spec: Any) -> list[str]:
 
 def sync_path(spec: Any) -> tuple[str, str]:
     """(method, reason): the weight-sync path `rollout.weight_sync` names, or the one `auto` picks from the
-    placement, for a stage with rollout actors (orchestrator/weight_sync.py prepares it)."""
+    placement, for a stage with rollout actors (orchestrator/runtime/weight_sync.py prepares it)."""
     res, vllm = spec.resources, spec.rollout.backend == "vllm"
     if spec.rollout.weight_sync != "auto":
         return spec.rollout.weight_sync, "set in the spec"
@@ -216,7 +216,7 @@ class StagePlan:
     weight_sync: WeightSyncPlan | None  # None: no rollout actor to sync
     bundles: tuple[Bundle, ...]
     driver_cpus: float  # what the driver asks for where it computes the rewards itself
-    one_at_a_time: bool  # its actors compute one at a time (their OpenMP threads may spin: orchestrator/placement.py)
+    one_at_a_time: bool  # its actors compute one at a time (their OpenMP threads may spin: orchestrator/runtime/placement.py)
     steps: int | None  # optim.steps, or None: `epochs`, counted once the data is read
     epochs: int | None
     first_step: int | None  # global step numbers first_step..last_step (None until the steps are known)

@@ -1,4 +1,4 @@
-"""The job spec: one pydantic model shared by `rlhf train`, `python -m orchestrator.run`
+"""The job spec: one pydantic model shared by `rlhf train`, `python -m orchestrator.entrypoints.run`
 (what `ray job submit` runs) and `POST /v1/jobs`.
 
 It is validated once and never mutated afterwards (`frozen=True`). Unknown fields are an
@@ -419,7 +419,7 @@ class EvalSpec(_Strict):
     max_samples: int | None = Field(None, gt=0, le=10000000, description="Evaluate on the first N held-out prompts (default: all of them).")
 
 
-# ---- experiment trackers (orchestrator/trackers.py logs to them from the driver)
+# ---- experiment trackers (orchestrator/reporting/trackers.py logs to them from the driver)
 class MlflowTrackerSpec(_Strict):
     tracking_uri: str | None = Field(
         None, min_length=1, description="MLflow tracking server (`http://mlflow:5000`) or store URI the driver logs to; unset: no MLflow."

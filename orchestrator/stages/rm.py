@@ -5,7 +5,7 @@ started from."""
 
 from __future__ import annotations
 
-from orchestrator.preference import PreferenceOrchestrator
+from orchestrator.stages.preference import PreferenceOrchestrator
 
 
 class RewardModelOrchestrator(PreferenceOrchestrator):

@@ -26,9 +26,9 @@ from orchestrator.core.plan import sync_path
 
 if TYPE_CHECKING:
     from orchestrator.core.spec import JobSpec
-    from orchestrator.placement import ActorGroup
+    from orchestrator.runtime.placement import ActorGroup
 
-# (refs, phase) -> their results, or a PhaseTimeout naming the phase (orchestrator/waits.py)
+# (refs, phase) -> their results, or a PhaseTimeout naming the phase (orchestrator/runtime/waits.py)
 Wait = Callable[[Any, str], Any]
 SYNC, SETUP = "weight_sync", "weight_sync setup"
 

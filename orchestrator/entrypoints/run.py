@@ -1,4 +1,4 @@
-"""The job entrypoint: `python -m orchestrator.run --spec job.yaml [--resume]`.
+"""The job entrypoint: `python -m orchestrator.entrypoints.run --spec job.yaml [--resume]`.
 
 This is what `ray job submit` runs on a cluster and what `rlhf train` runs on an embedded Ray.
 Bad input ends with one clear line on stderr, an `error` event in events.jsonl and a non-zero
@@ -20,17 +20,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from orchestrator import stopping
+from orchestrator.runtime import stopping
 from orchestrator.core.data import DataError
 from orchestrator.core.spec import JobSpec, SpecError, load_spec, read_spec_file
-from orchestrator.driver import PhaseTimeout
-from orchestrator.recovery import (
+from orchestrator.stages.driver import PhaseTimeout
+from orchestrator.runtime.recovery import (
     RayClusterLost,
     RestartsExhausted,
     cluster_lost_error,
     cluster_restarted,
 )
-from orchestrator.stopping import Cancelled, StopRequested
+from orchestrator.runtime.stopping import Cancelled, StopRequested
 from workers.common import ModelLoadError
 from workers.reward import RewardError
 
@@ -128,16 +128,16 @@ def reporters_from_env(job_id: str, history: Path | None = None) -> list[Any]:
     out: list[Any] = []
     url = os.environ.get("RLHF_REDIS_URL")
     if url:
-        from orchestrator.redis_reporter import RedisReporter
+        from orchestrator.reporting.redis_reporter import RedisReporter
 
         out.append(RedisReporter(url, job_id, history))
     return out
 
 
 def run_job(spec_path: str | Path, resume: bool = False, progress: bool = False, extra_reporters: list | None = None) -> int:
-    from orchestrator.pipeline import plan_stages, run_stages
-    from orchestrator.reporting import FileReporter, MultiReporter
-    from orchestrator.trackers import tracker_reporters
+    from orchestrator.stages.pipeline import plan_stages, run_stages
+    from orchestrator.reporting.reporters import FileReporter, MultiReporter
+    from orchestrator.reporting.trackers import tracker_reporters
 
     try:
         spec_path = spec_from_env(spec_path)
@@ -234,7 +234,7 @@ def local_run_dir(spec: JobSpec, job_id: str) -> tuple[JobSpec, list]:
     checkpoints go to `<url>/checkpoints` directly. What the URL already holds is fetched first, so
     that `--resume` on another node has the history."""
     from orchestrator.core import storage
-    from orchestrator.reporting import RunDirMirror
+    from orchestrator.reporting.reporters import RunDirMirror
 
     if not spec.output_dir or not storage.is_url(spec.output_dir):
         return spec, []
@@ -260,7 +260,7 @@ def _fail(reporter, err: BaseException, code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.run", description="Run one post-training job (the Ray job entrypoint).")
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.entrypoints.run", description="Run one post-training job (the Ray job entrypoint).")
     parser.add_argument("--spec", required=True, help="Job spec, YAML or JSON (or `env:NAME`: JSON in that environment variable).")
     parser.add_argument("--resume", action="store_true", help="Continue from the last checkpoint in the spec's checkpoint dir.")
     parser.add_argument("--progress", action="store_true", help="Show a progress bar.")

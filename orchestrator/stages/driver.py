@@ -13,16 +13,18 @@ from concurrent.futures import Future
 import ray
 import torch
 
-from orchestrator import evaluation, stopping, waits, weight_sync
+from orchestrator.stages import evaluation
+
+from orchestrator.runtime import stopping, waits, weight_sync
 from orchestrator.core import algos, checkpoint, storage
 from orchestrator.core.advantages import compute_advantages
 from orchestrator.core.batch import Batch, concat, tensors_from_wire
 from orchestrator.core.data import PromptDataset, PromptSampler
 from orchestrator.core.spec import JobSpec
-from orchestrator.placement import ActorGroup, actor_env, create_placement_group, driver_cpus, pinned_threads, plan, role_threads, spawn_group
-from orchestrator.registry import rollout_class, trainer_class
-from orchestrator.reporting import Reporter
-from orchestrator.waits import PhaseTimeout  # noqa: F401  (re-exported: run.py names its error code)
+from orchestrator.runtime.placement import ActorGroup, actor_env, create_placement_group, driver_cpus, pinned_threads, plan, role_threads, spawn_group
+from orchestrator.runtime.registry import rollout_class, trainer_class
+from orchestrator.reporting.reporters import Reporter
+from orchestrator.runtime.waits import PhaseTimeout  # noqa: F401  (re-exported: run.py names its error code)
 from workers.common import load_tokenizer
 from workers.critic import Critic
 from workers.reference import Reference
@@ -239,7 +241,7 @@ class Orchestrator:
             timing["weight_sync"] = time.perf_counter() - t0
 
     def setup_weight_sync(self) -> None:
-        """Pick how weights travel (`rollout.weight_sync`, see orchestrator/weight_sync.py) and prepare it;
+        """Pick how weights travel (`rollout.weight_sync`, see orchestrator/runtime/weight_sync.py) and prepare it;
         reported as a `weight_sync` event."""
         if self.spec.rollouts_in_trainer:
             self.reporter.event("weight_sync", "no weight sync: the trainers sample the completions with their own weights",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from orchestrator.core.data import sft_batch
-from orchestrator.driver import Orchestrator
+from orchestrator.stages.driver import Orchestrator
 
 
 class SFTOrchestrator(Orchestrator):

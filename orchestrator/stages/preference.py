@@ -8,7 +8,7 @@ import time
 
 from orchestrator.core.batch import Batch
 from orchestrator.core.data import PreferenceDataset, preference_batch
-from orchestrator.driver import Orchestrator
+from orchestrator.stages.driver import Orchestrator
 
 
 class PreferenceOrchestrator(Orchestrator):

@@ -9,7 +9,7 @@ import torch
 
 from orchestrator.core.batch import Batch
 from orchestrator.core.data import PreferenceDataset
-from orchestrator.preference import PreferenceOrchestrator
+from orchestrator.stages.preference import PreferenceOrchestrator
 
 
 class DPOOrchestrator(PreferenceOrchestrator):

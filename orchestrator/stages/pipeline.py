@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import stopping
+from orchestrator.runtime import stopping
 from orchestrator.core import checkpoint, storage
 from orchestrator.core.data import PromptSampler, load_dataset
 from orchestrator.core.spec import JobSpec, SpecError
-from orchestrator.recovery import RestartBudget, RestartsExhausted, lost_process
-from orchestrator.registry import driver_class
-from orchestrator.reporting import FileReporter, MultiReporter
+from orchestrator.runtime.recovery import RestartBudget, RestartsExhausted, lost_process
+from orchestrator.runtime.registry import driver_class
+from orchestrator.reporting.reporters import FileReporter, MultiReporter
 from workers.common import ModelLoadError
 
 
@@ -116,7 +116,7 @@ def connect_ray(spec: JobSpec) -> None:
 
 
 def run_stages(stages: list[Stage], tokenizer, job_id: str, reporter: MultiReporter, resume: bool, progress: bool) -> None:
-    from orchestrator.reporting import ProgressReporter, RayMetricsReporter
+    from orchestrator.reporting.reporters import ProgressReporter, RayMetricsReporter
 
     spec = stages[0].spec
     for stage in stages:
@@ -250,7 +250,7 @@ def run_stage(stage: Stage, model_path: str, tokenizer, job_id: str, reporter, r
 
 
 def _stage_driver(stage: Stage, model_path: str, tokenizer, job_id: str, reporter):
-    from orchestrator.evaluation import Evaluator
+    from orchestrator.stages.evaluation import Evaluator
 
     spec = _with_model(stage.spec, model_path)
     orch = driver_class(spec.algorithm.name)(spec, stage.dataset, reporter, job_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -282,7 +282,7 @@ def _with_model(spec: JobSpec, path: str) -> JobSpec:
 
 
 def _cpus(spec: JobSpec) -> float:
-    from orchestrator.placement import plan
+    from orchestrator.runtime.placement import plan
 
     return sum(b.get("CPU", 0) for b in plan(spec).bundles)
 

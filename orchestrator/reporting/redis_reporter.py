@@ -1,6 +1,6 @@
 """Reports a job's status, events and per-step metrics into Redis, where the control plane reads them.
 
-The driver (`python -m orchestrator.run`, launched by the API with RLHF_REDIS_URL and RLHF_JOB_ID)
+The driver (`python -m orchestrator.entrypoints.run`, launched by the API with RLHF_REDIS_URL and RLHF_JOB_ID)
 writes as things happen; the API only reads, plus the transitions it owns itself (queued,
 cancelling, and what its reconciler learns from Ray). The job's Redis user reaches the job's own
 three keys only (job hash, events, metrics), and runs no scripts: a status change here is a

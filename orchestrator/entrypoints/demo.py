@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "arithmetic"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "arithmetic"
 # The model and problem set that examples/arithmetic/pipeline.yaml is tuned for.
 MODEL = dict(hidden_size=128, layers=2)
 PROBLEMS = dict(max_operand=49, train=2000, test=400, teacher_slip=0.6)
@@ -61,9 +61,9 @@ def accuracy_by_kind(model_dir: Path, rows: list[dict]) -> dict[str, float]:
 
 
 def run_demo(out: str | Path = "runs/arith-demo", seed: int = 0, quick: bool = False) -> int:
-    from orchestrator.plot import plot_run
-    from orchestrator.run import run_job
-    from orchestrator.tiny_model import init_model
+    from orchestrator.reporting.plot import plot_run
+    from orchestrator.entrypoints.run import run_job
+    from orchestrator.entrypoints.tiny_model import init_model
 
     out = Path(out)
     if (out / "metrics.jsonl").exists():
@@ -100,7 +100,7 @@ def run_demo(out: str | Path = "runs/arith-demo", seed: int = 0, quick: bool = F
 # examples/preference/make_data.py, reaches the trainer only through which reply of a pair was chosen;
 # the demo alone applies it, to replies sampled for held-out prompts.
 
-PREFERENCE = Path(__file__).resolve().parents[1] / "examples" / "preference"
+PREFERENCE = Path(__file__).resolve().parents[2] / "examples" / "preference"
 QUICK_PROMPTS = 16  # held-out prompts a `--quick` run scores each policy on
 
 
@@ -184,9 +184,9 @@ def _plot_hidden(scores: dict[str, dict[str, float]], rm_accuracy: float | None,
 
 
 def run_preference_demo(out: str | Path = "runs/pref-demo", seed: int = 0, quick: bool = False) -> int:
-    from orchestrator.plot import plot_run
-    from orchestrator.run import run_job
-    from orchestrator.tiny_model import init_model
+    from orchestrator.reporting.plot import plot_run
+    from orchestrator.entrypoints.run import run_job
+    from orchestrator.entrypoints.tiny_model import init_model
 
     out = Path(out)
     if (out / "metrics.jsonl").exists():

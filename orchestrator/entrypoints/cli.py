@@ -9,7 +9,7 @@ import sys
 def _train(args: argparse.Namespace) -> int:
     if args.plan or args.json:
         return _print_plan(args.spec, args.json)
-    from orchestrator.run import run_job
+    from orchestrator.entrypoints.run import run_job
 
     code = run_job(args.spec, resume=args.resume, progress=not args.no_progress)
     if code == 0:
@@ -37,7 +37,7 @@ def _print_plan(spec_path: str, as_json: bool) -> int:
 def _report_learning(spec_path: str) -> None:
     """What a finished job learned, in one line and a plot, so the first run shows it at once."""
     from orchestrator.core.spec import SpecError, load_spec
-    from orchestrator.plot import plot_run, summary
+    from orchestrator.reporting.plot import plot_run, summary
 
     try:
         run_dir = load_spec(spec_path).run_dir
@@ -52,7 +52,7 @@ def _report_learning(spec_path: str) -> None:
 
 
 def _init_model(args: argparse.Namespace) -> int:
-    from orchestrator.tiny_model import init_model
+    from orchestrator.entrypoints.tiny_model import init_model
 
     out = init_model(args.dir, hidden_size=args.hidden_size, layers=args.layers, seed=args.seed)
     print(f"wrote a tiny random-weight model and tokenizer to {out}")
@@ -60,7 +60,7 @@ def _init_model(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from orchestrator.plot import plot_run
+    from orchestrator.reporting.plot import plot_run
 
     try:
         out = plot_run(args.run_dir, args.out)
@@ -72,7 +72,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from orchestrator.demo import run_demo, run_preference_demo
+    from orchestrator.entrypoints.demo import run_demo, run_preference_demo
 
     if args.which == "preference":
         return run_preference_demo(args.out or "runs/pref-demo", seed=args.seed, quick=args.quick)

@@ -1,7 +1,7 @@
 """A stop asked for by a signal: the driver finishes the step it is in, saves a checkpoint, and ends
 with a status that says how to resume. A second signal stops at once.
 
-`rlhf train` (and `python -m orchestrator.run` outside the control plane) stops this way on SIGINT
+`rlhf train` (and `python -m orchestrator.entrypoints.run` outside the control plane) stops this way on SIGINT
 and SIGTERM. Under the control plane (RLHF_JOB_ID set), SIGTERM is `ray job stop` cancelling the job:
 that one ends it at once, as it always did (Ray kills a driver that lingers after SIGTERM).
 
