@@ -29,7 +29,7 @@ from orchestrator.core.spec import JobSpec
 
 log = logging.getLogger("api")
 
-ENTRYPOINT = "python -m orchestrator.run --spec launch:RLHF_LAUNCH_FILE"
+ENTRYPOINT = "python -m orchestrator.entrypoints.run --spec launch:RLHF_LAUNCH_FILE"
 LAUNCH_FILE = ".launch.json"  # in the job's run directory: {"spec": ..., "env": {"RLHF_REDIS_URL": ...}}
 _JOB_ID = re.compile(r"job-[0-9a-f]{24}")  # as api/routers/jobs.py makes them
 

@@ -27,7 +27,7 @@ MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 
 
 class JobCreate(JobSpec):
-    """A job spec (the same schema as `rlhf train` and `python -m orchestrator.run`) plus `metadata`.
+    """A job spec (the same schema as `rlhf train` and `python -m orchestrator.entrypoints.run`) plus `metadata`.
 
     Over REST, the spec names its data by file id (`file-...`, POST /v1/files), its model by a name in
     the operator's registry (GET /v1/models) or a checkpoint id of the tenant's (`ckpt-...`), rewards

@@ -33,7 +33,7 @@ from orchestrator.core.records import (
 
 SEQ_KEY = f"{PREFIX}jobs:seq"
 JOB_USER_PREFIX = "rlhf."  # + the job id: the Redis ACL user of one job
-# All a job's reporter sends (orchestrator/redis_reporter.py): no scripts (a script's loop would hold
+# All a job's reporter sends (orchestrator/reporting/redis_reporter.py): no scripts (a script's loop would hold
 # Redis from every tenant), nothing that lists or counts the keyspace.
 JOB_USER_COMMANDS = ("auth", "hello", "ping", "select", "reset", "multi", "exec", "discard", "watch", "unwatch",
                      "hget", "hmget", "hset", "xadd", "xrange", "xdel")

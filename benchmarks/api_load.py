@@ -75,7 +75,7 @@ async def seed(redis_url: str, tenant: str, n: int) -> list[str]:
     """n finished jobs with a full spec, a metrics history and latest metrics."""
     from api.store import JobStore
     from orchestrator.core.spec import parse_spec
-    from orchestrator.redis_reporter import RedisReporter
+    from orchestrator.reporting.redis_reporter import RedisReporter
 
     spec = parse_spec(
         {"name": "bench", "model": {"path": "/models/tiny"}, "data": {"train_file": "/data/train.jsonl"}, "rewards": [{"function": "accuracy"}],
@@ -233,7 +233,7 @@ def start_services(tmp: Path, args, procs: list[subprocess.Popen]) -> dict:
         "RLHF_API_STORAGE_ROOT": str(tmp / "artifacts"), "RLHF_API_UPLOAD_TMP_DIR": str(tmp),
         "RLHF_API_ALLOW_VOLATILE_REDIS": "true",  # a throwaway Redis
     }
-    serve = [sys.executable, "-m", "orchestrator.cli", "serve"]
+    serve = [sys.executable, "-m", "orchestrator.entrypoints.cli", "serve"]
     procs.append(start(serve, {**env, "RLHF_API_PORT": str(api_port), "RLHF_API_MAX_CONCURRENT_REQUESTS_PER_TENANT": str(args.cap)},
                        tmp / "api.log"))
     api_pid = procs[-1].pid

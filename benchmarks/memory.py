@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     # and RSS would show the high-water mark of the heap rather than of the tensors): for every config alike.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
 
-    from orchestrator.tiny_model import init_model
+    from orchestrator.entrypoints.tiny_model import init_model
     from workers.training import free_port
 
     with tempfile.TemporaryDirectory(prefix="rlhf-memory-") as tmp:

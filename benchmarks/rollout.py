@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# As in the job's actors (orchestrator/placement.py): spinning OpenMP waits distort timings on a shared machine.
+# As in the job's actors (orchestrator/runtime/placement.py): spinning OpenMP waits distort timings on a shared machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from benchmarks.record import markdown_table, record
@@ -27,8 +27,8 @@ from benchmarks.weight_sync import SHAPES
 def measure(backend: str, size: str, args, out_queue) -> None:
     import torch
 
-    from orchestrator.driver import rollout_class
-    from orchestrator.tiny_model import init_model
+    from orchestrator.stages.driver import rollout_class
+    from orchestrator.entrypoints.tiny_model import init_model
 
     hidden, layers = SHAPES[size]
     with tempfile.TemporaryDirectory() as tmp:

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
 
     from api.auth import add_key
-    from orchestrator.tiny_model import init_model
+    from orchestrator.entrypoints.tiny_model import init_model
 
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="rlhf-soak-", dir="/tmp") as tmp:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                        "RLHF_API_API_KEYS_FILE": str(tmp / "keys.yaml"), "RLHF_API_PORT": str(api_port),
                        "RLHF_API_REGISTRY_FILE": str(tmp / "registry.yaml"), "RLHF_API_STORAGE_ROOT": str(tmp / "store"),
                        "RLHF_API_RECONCILE_INTERVAL_S": "0.5"}
-            procs.append(start([sys.executable, "-m", "orchestrator.cli", "serve"], api_env, tmp / "api.log"))
+            procs.append(start([sys.executable, "-m", "orchestrator.entrypoints.cli", "serve"], api_env, tmp / "api.log"))
             url = f"http://127.0.0.1:{api_port}"
             wait(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200, 60, "the API")
             clients = {t: httpx.Client(base_url=url, headers={"Authorization": f"Bearer {k}"}, timeout=60) for t, k in keys.items()}
@@ -192,7 +192,7 @@ def inject_fault(rng, running: list[dict], dashboard: str) -> dict | None:
                if (a.name or "").startswith(job["id"] + "/") and a.pid]
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if "orchestrator.run" in (proc.info["cmdline"] or []) and proc.environ().get("RLHF_JOB_ID") == job["id"]:
+            if "orchestrator.entrypoints.run" in (proc.info["cmdline"] or []) and proc.environ().get("RLHF_JOB_ID") == job["id"]:
                 victims.append(("driver", proc.pid))
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue

@@ -57,7 +57,7 @@ def bench_spec(path: str, model_dir: Path, run_dir: Path, steps: int) -> tuple[J
     raw = read_spec_file(path)
     built = False
     if not Path(raw["model"]["path"]).exists():
-        from orchestrator.tiny_model import init_model
+        from orchestrator.entrypoints.tiny_model import init_model
 
         init_model(model_dir)
         raw["model"]["path"] = str(model_dir)
@@ -91,8 +91,8 @@ def run_ours(spec: JobSpec, warmup: int) -> list[dict[str, float]]:
     """Per-step metrics of the measured steps (after `warmup`), from `Orchestrator.train_step`."""
     import ray
 
-    from orchestrator.driver import Orchestrator
-    from orchestrator.pipeline import connect_ray, preflight
+    from orchestrator.stages.driver import Orchestrator
+    from orchestrator.stages.pipeline import connect_ray, preflight
 
     tokenizer, dataset = preflight(spec)
     connect_ray(spec)
@@ -250,7 +250,7 @@ def packing(hidden: int, layers: int, samples: int, max_response: int, budget: i
 
     from orchestrator.core.batch import build_batch, micro_batches
     from orchestrator.core.spec import OptimSpec, RolloutSpec
-    from orchestrator.tiny_model import init_model
+    from orchestrator.entrypoints.tiny_model import init_model
     from workers.common import batched_logprobs
     from workers.trainer import PolicyTrainer
 

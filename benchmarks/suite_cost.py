@@ -103,7 +103,7 @@ RAY_OWN = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "ru
            "ray.util.client.server")
 RAY_OWN_ACTORS = ("JobSupervisor", "DashboardAgent", "RuntimeEnvAgent", "_StatsActor")
 OTHER_KINDS = (
-    ("orchestrator.run", "job driver (python -m orchestrator.run)"), ("orchestrator.cli serve", "control plane (uvicorn)"),
+    ("orchestrator.entrypoints.run", "job driver (python -m orchestrator.entrypoints.run)"), ("orchestrator.entrypoints.cli serve", "control plane (uvicorn)"),
     ("rlhf serve", "control plane (uvicorn)"), ("rlhf ", "job driver (rlhf)"),
     ("api.main", "control plane (uvicorn)"), ("uvicorn", "control plane (uvicorn)"), ("redis-server", "redis-server"),
     ("chrom", "chromium (page tests)"), ("mlflow", "MLflow server"), ("vllm", "vLLM engine"), ("VLLM", "vLLM engine"),

@@ -2,7 +2,7 @@
 
     python benchmarks/weight_sync.py [--sizes 1M 10M 100M] [--repeats 5] [--json out.json]
 
-For each model size (a Qwen2 of the shape `orchestrator.tiny_model` builds) it starts, on a local
+For each model size (a Qwen2 of the shape `orchestrator.entrypoints.tiny_model` builds) it starts, on a local
 Ray, one `PolicyTrainer` actor and one `VLLMRollout` actor (the job's own classes), and times what
 `Orchestrator.sync_weights` does, from the driver, best of --repeats:
 
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# As in the job's actors (orchestrator/placement.py): spinning OpenMP waits distort timings on a shared machine.
+# As in the job's actors (orchestrator/runtime/placement.py): spinning OpenMP waits distort timings on a shared machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -54,11 +54,11 @@ def measure(size: str, repeats: int) -> dict:
     import ray
     import torch
 
-    from orchestrator import waits
+    from orchestrator.runtime import waits
     from orchestrator.core.spec import OptimSpec, RolloutSpec
-    from orchestrator.placement import PASSIVE
-    from orchestrator.tiny_model import init_model
-    from orchestrator.weight_sync import share_memory
+    from orchestrator.runtime.placement import PASSIVE
+    from orchestrator.entrypoints.tiny_model import init_model
+    from orchestrator.runtime.weight_sync import share_memory
     from workers.rollout_vllm import VLLMRollout
     from workers.trainer import PolicyTrainer
 

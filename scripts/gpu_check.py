@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from orchestrator.core import algos  # noqa: E402
-from orchestrator.tiny_model import init_model  # noqa: E402
+from orchestrator.entrypoints.tiny_model import init_model  # noqa: E402
 from workers.common import response_logprobs  # noqa: E402
 
 CUDA = torch.cuda.is_available()

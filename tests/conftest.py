@@ -34,7 +34,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from orchestrator.tiny_model import init_model
+    from orchestrator.entrypoints.tiny_model import init_model
 
     return init_model(tmp_path_factory.mktemp("models") / "tiny")
 
@@ -288,13 +288,13 @@ def entrypoint_env(ray: RayHead | None = None, env: dict | None = None) -> dict[
 
 
 class Entrypoint:
-    """`python -m orchestrator.run` started now and checked later, so that several can run at once
+    """`python -m orchestrator.entrypoints.run` started now and checked later, so that several can run at once
     (its output goes to temporary files, which no pipe buffer can block). With `submit_to` it runs
-    as users run it on a cluster: `ray job submit --working-dir <repo> -- python -m orchestrator.run ...`."""
+    as users run it on a cluster: `ray job submit --working-dir <repo> -- python -m orchestrator.entrypoints.run ...`."""
 
     def __init__(self, spec_path: Path, *args: str, env: dict | None = None, ray: RayHead | None = None,
                  submit_to: RayHead | None = None):
-        cmd = [sys.executable, "-m", "orchestrator.run", "--spec", str(spec_path), *args]
+        cmd = [sys.executable, "-m", "orchestrator.entrypoints.run", "--spec", str(spec_path), *args]
         if submit_to is not None:
             cmd = ["ray", "job", "submit", "--address", submit_to.dashboard, "--working-dir", str(ROOT), "--", "python", *cmd[1:]]
             env = {**RAY_ENV, **(env or {})}

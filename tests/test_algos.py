@@ -704,7 +704,7 @@ def test_kl_metric_is_a_token_mean_whatever_the_loss_aggregation():
     any `loss_agg` (the loss's own KL term is `kl_loss`, aggregated as the loss is)."""
     from orchestrator.core.batch import Batch
     from orchestrator.core.spec import parse_spec
-    from orchestrator.driver import rollout_metrics
+    from orchestrator.stages.driver import rollout_metrics
 
     mask = right_padded_mask([2, 1], 2)
     # k3 = exp(ref - logp) - (ref - logp) - 1 on the 3 response tokens: ref - logp = 0 and -ln 2 (row 0), ln 2 (row 1):

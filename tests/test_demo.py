@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def run_demo(which: str, out, ray_head) -> str:
     """`rlhf demo WHICH --quick` on the session's Ray; its stdout, after checking that it succeeded."""
-    cmd = [sys.executable, "-m", "orchestrator.cli", "demo", which, "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", "orchestrator.entrypoints.cli", "demo", which, "--quick", "--out", str(out)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False, env=entrypoint_env(ray_head))
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout

@@ -10,9 +10,9 @@ import ray
 import torch
 
 from orchestrator.core.spec import parse_spec
-from orchestrator.driver import Orchestrator
-from orchestrator.pipeline import preflight
-from orchestrator.reporting import FileReporter
+from orchestrator.stages.driver import Orchestrator
+from orchestrator.stages.pipeline import preflight
+from orchestrator.reporting.reporters import FileReporter
 from tests.conftest import read_jsonl, tiny_spec
 
 pytestmark = pytest.mark.slow
@@ -126,9 +126,9 @@ def test_data_parallel_trainers_stay_identical(ray_session, tiny_model, arith_fi
 def test_shared_memory_declines_a_trainer_whose_tensors_do_not_fit(ray_session, tiny_model, tmp_path):
     # A rollout of another shape: the trainer's tensors do not map onto its file, so the job would
     # fall back to the object store (with this reason in its weight_sync event) and leave no file behind.
-    from orchestrator import waits
-    from orchestrator.weight_sync import share_memory
-    from orchestrator.tiny_model import init_model
+    from orchestrator.runtime import waits
+    from orchestrator.runtime.weight_sync import share_memory
+    from orchestrator.entrypoints.tiny_model import init_model
     from workers.rollout import HFRollout
     from orchestrator.core.spec import OptimSpec, RolloutSpec
     from workers.trainer import PolicyTrainer

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from orchestrator.reporting import RayMetricsReporter
+from orchestrator.reporting.reporters import RayMetricsReporter
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "rlhf.json"
 

@@ -11,8 +11,8 @@ import pytest
 
 from orchestrator.core import checkpoint
 from orchestrator.core.spec import SpecError
-from orchestrator.pipeline import resume_changes
-from orchestrator.reporting import FileReporter
+from orchestrator.stages.pipeline import resume_changes
+from orchestrator.reporting.reporters import FileReporter
 from tests.conftest import Entrypoint, read_jsonl, run_entrypoint, tiny_spec, wait_until, write_spec
 
 
@@ -132,7 +132,7 @@ def test_rewards_in_the_driver_are_waited_for_like_an_actor_call(tiny_model, ari
     from types import SimpleNamespace
 
     from orchestrator.core.spec import parse_spec
-    from orchestrator.driver import Orchestrator, PhaseTimeout, in_daemon_thread
+    from orchestrator.stages.driver import Orchestrator, PhaseTimeout, in_daemon_thread
 
     def driver(timeout):
         spec = parse_spec(tiny_spec(tiny_model, arith_file, tmp_path / "run", fault_tolerance={"call_timeout_s": timeout}))

@@ -48,7 +48,7 @@ def graph() -> dict[str, set[str]]:
 
 def test_the_graph_is_read():
     edges = graph()
-    assert "orchestrator.core.spec" in edges["orchestrator.driver"] | edges["orchestrator.pipeline"]
+    assert "orchestrator.core.spec" in edges["orchestrator.stages.driver"] | edges["orchestrator.stages.pipeline"]
     assert "orchestrator.core.batch" in edges["workers.trainer"]
 
 
@@ -129,7 +129,7 @@ def test_the_control_plane_loads_no_torch():
 
 # The one timed wait for actor calls (fault_tolerance.call_timeout_s); ray.wait may stand elsewhere
 # only with a deadline of its own (a placement group's readiness).
-TIMED_WAIT = "orchestrator/waits.py"
+TIMED_WAIT = "orchestrator/runtime/waits.py"
 
 
 def untimed_waits(root: Path) -> list[str]:
@@ -154,7 +154,7 @@ def untimed_waits(root: Path) -> list[str]:
 
 
 def test_every_actor_wait_is_timed():
-    """Every stage kind, evaluation, checkpoints and weight sync wait through orchestrator/waits.py."""
+    """Every stage kind, evaluation, checkpoints and weight sync wait through orchestrator/runtime/waits.py."""
     assert (ROOT / TIMED_WAIT).exists()
     assert not untimed_waits(ROOT), f"waits without fault_tolerance.call_timeout_s: {untimed_waits(ROOT)}"
 

@@ -81,7 +81,7 @@ def test_sft_loss_is_on_completion_tokens_only(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_sft_then_grpo_pipeline(ray_head, tiny_model, sft_files, tmp_path):
-    from orchestrator.plot import plot_run
+    from orchestrator.reporting.plot import plot_run
 
     out = tmp_path / "run"
     spec_path = write_spec(tmp_path / "job.yaml", pipeline_spec(tiny_model, *sft_files, out))
@@ -123,7 +123,7 @@ def test_sft_then_grpo_pipeline(ray_head, tiny_model, sft_files, tmp_path):
 
 
 def test_arithmetic_teacher_slips_only_on_carries():
-    from orchestrator.demo import _make_data
+    from orchestrator.entrypoints.demo import _make_data
 
     make = _make_data()
     # By hand: 49+24 carries (9+4=13); forgetting it gives 63. 33-29 borrows (3<9); forgetting it gives 14.
@@ -143,7 +143,7 @@ def test_arithmetic_teacher_slips_only_on_carries():
 
 
 def test_progress_bar_shows_the_stage_its_loss_and_the_last_eval():
-    from orchestrator.reporting import ProgressReporter
+    from orchestrator.reporting.reporters import ProgressReporter
 
     bar = ProgressReporter(total=10)
     bar.event("stage", "stage sft (sft) runs steps 1..5", stage="sft")

@@ -1,10 +1,10 @@
-"""`orchestrator.placement.plan`: the placement group's bundles and each role's slots, worked out by
+"""`orchestrator.runtime.placement.plan`: the placement group's bundles and each role's slots, worked out by
 hand from the spec. No Ray cluster: plan() only reads the spec."""
 
 import pytest
 
 from orchestrator.core.spec import parse_spec
-from orchestrator.placement import plan
+from orchestrator.runtime.placement import plan
 
 # Every role's default: 1 replica, 0.5 CPU, no GPU.
 CPU = {"CPU": 0.5}
@@ -161,7 +161,7 @@ def test_every_bundle_holds_what_its_actors_ask_for(resources):
     ({"resources": {"trainer": {"replicas": 2}}}, False),  # two trainer replicas update together
 ])
 def test_actors_spin_only_when_they_compute_one_at_a_time(sections, alone):
-    from orchestrator.placement import PASSIVE, SPIN, actor_env
+    from orchestrator.runtime.placement import PASSIVE, SPIN, actor_env
 
     env = actor_env(spec(**sections))
     assert env == {"TOKENIZERS_PARALLELISM": "false", **(SPIN if alone else PASSIVE)}

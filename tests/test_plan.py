@@ -131,7 +131,7 @@ def test_the_spec_flags_are_the_plans_rules():
 
 PLAN_WITHOUT_RAY = """
 import sys
-from orchestrator.cli import main
+from orchestrator.entrypoints.cli import main
 code = main(sys.argv[1:])
 loaded = sorted(m for m in ("ray", "torch", "transformers") if m in sys.modules)
 assert not loaded, f"--plan loaded {loaded}"

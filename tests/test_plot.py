@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from orchestrator.plot import summary
+from orchestrator.reporting.plot import summary
 
 
 def test_summary_averages_the_first_and_last_steps(tmp_path):

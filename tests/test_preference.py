@@ -227,7 +227,7 @@ def test_rm_and_dpo_rows_of_the_table():
 
 
 def test_preference_jobs_need_no_rewards_and_place_their_roles():
-    from orchestrator.placement import plan
+    from orchestrator.runtime.placement import plan
 
     rm = parse_spec(base(algorithm={"name": "rm"}))
     dpo = parse_spec(base(algorithm={"name": "dpo", "loss_type": "ipo", "beta": 0.2}))
@@ -298,7 +298,7 @@ def test_a_stage_reference_needs_stages():
 
 
 def test_stage_models_resolve_to_the_final_reward_model(tmp_path):
-    from orchestrator.pipeline import Stage, with_stage_models
+    from orchestrator.stages.pipeline import Stage, with_stage_models
     from workers.common import ModelLoadError
 
     spec = parse_spec(pipeline(tmp_path, [{"model": "stage:rm"}, {"function": "accuracy"}]))

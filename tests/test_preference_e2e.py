@@ -12,8 +12,8 @@ import torch
 
 from orchestrator.core import checkpoint
 from orchestrator.core.spec import parse_spec
-from orchestrator.pipeline import plan_stages, run_stage
-from orchestrator.reporting import FileReporter
+from orchestrator.stages.pipeline import plan_stages, run_stage
+from orchestrator.reporting.reporters import FileReporter
 from tests.conftest import read_jsonl, run_entrypoint, tiny_spec, write_spec
 
 pytestmark = pytest.mark.slow

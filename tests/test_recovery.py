@@ -1,4 +1,4 @@
-"""Which failures a job recovers from (orchestrator/recovery.py), its restart budget, and the rewind
+"""Which failures a job recovers from (orchestrator/runtime/recovery.py), its restart budget, and the rewind
 that keeps one metrics row per step when steps are redone (run directory and Redis)."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import redis
 from ray.exceptions import ActorDiedError, NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
 
 from orchestrator.core.records import metrics_key
-from orchestrator.recovery import RESTARTS_USED_ENV, RestartBudget, RestartsExhausted, lost_process
-from orchestrator.redis_reporter import RedisReporter
-from orchestrator.reporting import FileReporter, MultiReporter
+from orchestrator.runtime.recovery import RESTARTS_USED_ENV, RestartBudget, RestartsExhausted, lost_process
+from orchestrator.reporting.redis_reporter import RedisReporter
+from orchestrator.reporting.reporters import FileReporter, MultiReporter
 from tests.conftest import read_jsonl, wait_until
 from tests.test_redis_outage import start_redis
 from workers.reward import RewardError
@@ -94,8 +94,8 @@ WRONG_CLUSTER = "RPC error: WrongClusterID: Perhaps the client is accessing GCS 
 def test_a_replaced_head_is_the_jobs_loss_not_an_internal_error_nor_a_lost_process():
     from ray.exceptions import AuthenticationError
 
-    from orchestrator.recovery import RayClusterLost
-    from orchestrator.run import describe_error
+    from orchestrator.runtime.recovery import RayClusterLost
+    from orchestrator.entrypoints.run import describe_error
 
     err = AuthenticationError(WRONG_CLUSTER)
     with pytest.raises(RayClusterLost, match="restarted under it"):
@@ -108,8 +108,8 @@ def test_a_replaced_head_is_the_jobs_loss_not_an_internal_error_nor_a_lost_proce
 HEAD_RESTART_DRIVER = r'''
 import json, sys, time
 import ray
-from orchestrator.recovery import lost_process
-from orchestrator.run import describe_error
+from orchestrator.runtime.recovery import lost_process
+from orchestrator.entrypoints.run import describe_error
 
 ray.init(address=sys.argv[1], log_to_driver=False)
 

@@ -12,7 +12,7 @@ import time
 import redis
 
 from orchestrator.core.records import events_key, job_key, metrics_key
-from orchestrator.redis_reporter import RedisReporter
+from orchestrator.reporting.redis_reporter import RedisReporter
 from tests.conftest import free_port, stop_group, wait_until
 
 
@@ -83,7 +83,7 @@ def test_a_resumed_driver_brings_back_the_steps_a_dead_one_never_sent(tmp_path):
     them. The resumed driver's rewind completes the stream from metrics.jsonl: each step once, in order,
     with the file's values, however often it rewinds."""
     from api.store import JobStore
-    from orchestrator.reporting import FileReporter
+    from orchestrator.reporting.reporters import FileReporter
 
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"

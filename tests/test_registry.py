@@ -7,12 +7,12 @@ import pytest
 from orchestrator.core.algorithms import ALGORITHMS, ROLLOUT_BACKENDS, Algorithm
 from orchestrator.core.data import LOADERS
 from orchestrator.core.spec import SpecError, parse_spec
-from orchestrator.registry import driver_class, resolve, rollout_class, trainer_class
+from orchestrator.runtime.registry import driver_class, resolve, rollout_class, trainer_class
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_every_algorithm_resolves(name):
-    from orchestrator.driver import Orchestrator
+    from orchestrator.stages.driver import Orchestrator
     from workers.training import DataParallel
 
     algo = ALGORITHMS[name]
@@ -30,7 +30,7 @@ def test_every_rollout_backend_resolves(backend):
 
 def test_a_bad_import_path_names_what_is_missing():
     with pytest.raises(AttributeError, match="NoSuchDriver"):
-        resolve("orchestrator.driver:NoSuchDriver")
+        resolve("orchestrator.stages.driver:NoSuchDriver")
     with pytest.raises(ModuleNotFoundError, match="orchestrator.nowhere"):
         resolve("orchestrator.nowhere:Driver")
 
@@ -50,7 +50,7 @@ def test_the_spec_takes_its_names_from_the_table(monkeypatch):
         parse_spec({**spec, "algorithm": {"name": "no-such-algorithm"}})
     # A row of the table is all the spec needs to know an algorithm: its estimator default and roles follow.
     row = Algorithm("grpo", "prompts", rollouts=True, critic=True, default_estimator="gae",
-                    driver="orchestrator.driver:Orchestrator", trainer="workers.trainer:PolicyTrainer")
+                    driver="orchestrator.stages.driver:Orchestrator", trainer="workers.trainer:PolicyTrainer")
     monkeypatch.setitem(ALGORITHMS, "grpo", row)
     parsed = parse_spec({**spec, "algorithm": {"name": "grpo"}})
     assert parsed.algorithm.estimator == "gae" and parsed.needs_critic and "critic" in parsed.roles

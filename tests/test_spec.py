@@ -261,7 +261,7 @@ def test_each_model_has_its_own_trust():
 
 def test_a_stages_reward_model_has_the_trust_of_the_model_its_stage_trains(tmp_path):
     from orchestrator.core import checkpoint
-    from orchestrator.pipeline import Stage, with_stage_models
+    from orchestrator.stages.pipeline import Stage, with_stage_models
 
     spec = parse_spec({**base(), "model": {"path": "m", "trust_remote_code": True, "rm_path": "b", "rm_trust_remote_code": False},
                        "output_dir": str(tmp_path), "stages": [

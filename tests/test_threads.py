@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from orchestrator.core.spec import parse_spec
-from orchestrator.placement import pinned_threads
+from orchestrator.runtime.placement import pinned_threads
 from tests.conftest import tiny_spec
 
 
@@ -28,8 +28,8 @@ def test_a_role_computes_with_the_threads_it_declares(ray_session, tiny_model, a
     import torch
 
     from orchestrator.core.data import PromptDataset
-    from orchestrator.driver import Orchestrator
-    from orchestrator.reporting import FileReporter
+    from orchestrator.stages.driver import Orchestrator
+    from orchestrator.reporting.reporters import FileReporter
 
     def probe(actor) -> tuple:
         return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"), os.environ.get("MKL_NUM_THREADS")

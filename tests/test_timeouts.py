@@ -1,10 +1,10 @@
-"""Every wait on an actor has a deadline (`fault_tolerance.call_timeout_s`, orchestrator/waits.py): a
+"""Every wait on an actor has a deadline (`fault_tolerance.call_timeout_s`, orchestrator/runtime/waits.py): a
 hang injected into a real job's actor, in an SFT stage, a DPO stage and a weight sync, fails the job
 with a `timeout` error that names the phase.
 
 The hang rides in with the model: its directory holds its own modeling code (`model.trust_remote_code`),
 a tiny Qwen2 whose forward (or weight load) sleeps, loaded by the actors exactly as any model is.
-(tests/test_layers.py checks that no wait in the source goes around orchestrator/waits.py.)"""
+(tests/test_layers.py checks that no wait in the source goes around orchestrator/runtime/waits.py.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 from transformers import AutoConfig, AutoTokenizer
 
-from orchestrator.tiny_model import build_tokenizer
+from orchestrator.entrypoints.tiny_model import build_tokenizer
 
 
 def test_ids_survive_save_load_round_trip(tiny_model):

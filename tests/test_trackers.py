@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestrator.run import run_job
+from orchestrator.entrypoints.run import run_job
 from tests.conftest import (
     free_port,
     read_jsonl,
@@ -235,7 +235,7 @@ def test_a_tracker_server_that_never_answers_stalls_no_step(tiny_model, arith_fi
     import mlflow.tracking  # noqa: F401  (imported here, so that the tracker's thread times only the call)
 
     from orchestrator.core.spec import parse_spec
-    from orchestrator.trackers import tracker_reporters
+    from orchestrator.reporting.trackers import tracker_reporters
 
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))

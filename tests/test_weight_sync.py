@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator import weight_sync
+from orchestrator.runtime import weight_sync
 from orchestrator.core.spec import parse_spec
 from tests.conftest import tiny_spec
 

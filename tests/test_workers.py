@@ -315,7 +315,7 @@ def test_a_missing_model_directory_fails_at_once_naming_the_field(tiny_model, ar
     """Not a hub lookup with retries ending in "check your internet connection" (half a minute here):
     the driver's preflight names the field and the directory before any actor starts."""
     from orchestrator.core.spec import parse_spec
-    from orchestrator.pipeline import preflight
+    from orchestrator.stages.pipeline import preflight
     from tests.conftest import tiny_spec
     from workers.common import ModelLoadError, check_model_path
 

@@ -37,7 +37,7 @@ class RolloutBackend(Protocol):
     """What the driver calls on a rollout actor, whichever engine it hosts (`HFRollout`, `VLLMRollout`).
 
     Backends that run on GPUs may add the paths that only GPUs have (the driver calls them only
-    when it chose that path, see orchestrator/weight_sync.py):
+    when it chose that path, see orchestrator/runtime/weight_sync.py):
 
     - `init_weight_group(host, port, rank_offset, world_size) -> None`: join trainer rank 0's NCCL
       group, this engine's workers taking ranks `rank_offset` onwards;

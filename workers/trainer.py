@@ -85,7 +85,7 @@ class PolicyTrainer(WeightSource, DataParallel):
 
     def whole_step(self, prompt_ids: list[list[int]], extras: list[dict], step: int, with_logprobs: bool, num_mini_batches: int,
                    micro_batch_size: int | None, on_policy: bool) -> tuple[Batch, dict[str, Any], dict[str, float]]:
-        """Sample, score, advantages, update: the driver's phases (orchestrator/driver.py) in one call,
+        """Sample, score, advantages, update: the driver's phases (orchestrator/stages/driver.py) in one call,
         for a job with `JobSpec.steps_in_trainer`. Returns the scored batch, each reward's scores (as
         `tensors_to_wire` sends them), and the update's stats with each phase's seconds (`timing/...`)."""
         if self.rewards is None:

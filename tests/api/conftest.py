@@ -114,7 +114,7 @@ class ApiServer:
     def start(self) -> None:
         out = open(self.log, "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", "serve"], env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            [sys.executable, "-m", "orchestrator.entrypoints.cli", "serve"], env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
 
         def up():

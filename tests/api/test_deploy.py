@@ -64,7 +64,7 @@ def pod_templates(doc: dict) -> list[dict]:
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayCluster", "RayJob")
     cluster = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
     if doc["kind"] == "RayJob":
-        assert doc["spec"]["entrypoint"].startswith("python -m orchestrator.run --spec ")
+        assert doc["spec"]["entrypoint"].startswith("python -m orchestrator.entrypoints.run --spec ")
     head = cluster["headGroupSpec"]
     assert head["serviceType"] == "ClusterIP", "the Ray head (dashboard, Job API) must not be exposed"
     groups = cluster.get("workerGroupSpecs", [])

@@ -85,13 +85,13 @@ def test_tiny_grpo_job_over_rest(alpha, beta, tiny, workdir, api, keys, ray_head
     assert f"{ckpts[-1]['id']}/policy/config.json" in names and f"{ckpts[-1]['id']}/state.json" in names
 
     logs = alpha.get(f"/v1/jobs/{job_id}/logs", params={"tail": 1000}).json()["logs"]
-    assert "orchestrator.run --spec launch:RLHF_LAUNCH_FILE" in logs
+    assert "orchestrator.entrypoints.run --spec launch:RLHF_LAUNCH_FILE" in logs
 
     # The CLI over the same API: `watch` of an ended job prints its status, exit code 0.
     env = {**os.environ, "RLHF_API_URL": api.url, "RLHF_API_KEY": keys["alpha"]}
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "jobs", "watch", job_id], env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.cli", "jobs", "watch", job_id], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and f"{job_id}: succeeded" in out.stdout, out.stderr
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "jobs", "list"], env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.cli", "jobs", "list"], env=env, capture_output=True, text=True, timeout=60)
     assert job_id in out.stdout
     text = alpha.get("/metrics").text
     assert 'rlhf_jobs{status="succeeded"}' in text
@@ -140,7 +140,7 @@ def test_restart_api_mid_job_then_cancel(alpha, tiny, workdir, api, ray_head):
 
     # While it runs, the listing sees its driver and actor processes, its actors and its placement group.
     alive = leftovers(job_id, ray_head.dashboard)
-    assert any(x.startswith("pid") and "orchestrator.run" in x for x in alive), alive
+    assert any(x.startswith("pid") and "orchestrator.entrypoints.run" in x for x in alive), alive
     assert any(x.startswith("actor PolicyTrainer ALIVE") for x in alive) and any(x.startswith("placement group") for x in alive), alive
 
     cancelled = alpha.post(f"/v1/jobs/{job_id}/cancel")
@@ -177,7 +177,7 @@ def driver_of(job_id: str):
     a SIGKILL to that shell would fail the Ray job but leave the driver training on."""
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if "orchestrator.run" in (p.info["cmdline"] or []) and p.environ().get("RLHF_JOB_ID") == job_id:
+            if "orchestrator.entrypoints.run" in (p.info["cmdline"] or []) and p.environ().get("RLHF_JOB_ID") == job_id:
                 return p
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

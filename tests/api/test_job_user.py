@@ -23,7 +23,7 @@ from orchestrator.core.records import (
     tenant_jobs_key,
     tenant_status_key,
 )
-from orchestrator.redis_reporter import RedisReporter
+from orchestrator.reporting.redis_reporter import RedisReporter
 from tests.api.conftest import make_record, run_async, wait_until
 
 

@@ -118,7 +118,7 @@ def test_terminal_jobs_cannot_be_cancelled_or_changed(alpha, redis_url):
 
 
 def test_history_pagination_and_sse_of_an_ended_job(alpha, redis_url):
-    from orchestrator.redis_reporter import RedisReporter
+    from orchestrator.reporting.redis_reporter import RedisReporter
 
     job_id = make_record(redis_url, "alpha", "hist")
     rep = RedisReporter(redis_url, job_id)
@@ -151,7 +151,7 @@ def test_history_pagination_and_sse_of_an_ended_job(alpha, redis_url):
 def test_a_checkpoint_list_that_cannot_be_read_keeps_the_last_one(alpha, redis_url, tmp_path, capfd):
     import json
 
-    from orchestrator.redis_reporter import RedisReporter
+    from orchestrator.reporting.redis_reporter import RedisReporter
 
     job_id = make_record(redis_url, "alpha", "ckpts")
     ckpts = tmp_path / "checkpoints"

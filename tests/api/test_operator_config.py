@@ -97,7 +97,7 @@ def test_the_api_refuses_a_redis_that_keeps_nothing_on_disk(tmp_path, keys):
         wait_until(redis.Redis(port=port).ping, 15, "a volatile redis-server")
         env = {**__import__("os").environ, **RAY_ENV, "RLHF_API_REDIS_URL": f"redis://127.0.0.1:{port}/0", "RLHF_API_PORT": str(api_port),
                "RLHF_API_API_KEYS_FILE": str(keys["path"]), "RLHF_API_STORAGE_ROOT": str(tmp_path / "store")}
-        out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "serve"], env=env, capture_output=True, text=True, timeout=60)
+        out = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.cli", "serve"], env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode != 0
         assert "keeps nothing on disk (appendonly no, save '')" in out.stdout + out.stderr
     finally:
@@ -159,5 +159,5 @@ def test_rlhf_serve_names_a_bad_setting_in_one_line(tmp_path, keys, env, needle)
     import sys
 
     full = {**os.environ, "RLHF_API_API_KEYS_FILE": str(keys["path"]), "RLHF_API_STORAGE_ROOT": str(tmp_path / "store"), **env}
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "serve"], env=full, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.cli", "serve"], env=full, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
