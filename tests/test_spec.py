@@ -284,6 +284,19 @@ def test_stage_specs_are_built_once():
     assert [s.name for _, s in renamed.stage_specs()] == ["other", "other"]  # a copy's own, not the original's
 
 
+def test_a_spec_with_stages_reads_back_from_its_dump_as_submitted():
+    # The launch file and the job record hold the spec's dump: a stage's unset fields must not come
+    # back as nulls that override the job's values (every optim field null: the driver refused the spec).
+    stages = [{"name": "a", "optim": {"lr": 1e-3}}, {"name": "b", "rollout": {"n": 2}, "data": {"eval_file": None}}]
+    spec = parse_spec({**base(), "data": {**base()["data"], "eval_file": "e.jsonl"}, "stages": stages})
+    dumped = spec.model_dump(mode="json")
+    assert [s for s in dumped["stages"]] == stages
+    again = parse_spec(dumped)
+    assert again == spec
+    assert [(n, s.optim.lr, s.optim.steps, s.rollout.n, s.data.eval_file) for n, s in again.stage_specs()] == [
+        ("a", 1e-3, spec.optim.steps, spec.rollout.n, "e.jsonl"), ("b", spec.optim.lr, spec.optim.steps, 2, None)]
+
+
 def test_deeply_nested_reward_kwargs_are_refused_not_a_crash():
     nested: list = []
     for _ in range(5000):  # far past Python's recursion limit: measuring it must not recurse that deep

@@ -20,6 +20,7 @@ from pydantic import (
     ValidationInfo,
     create_model,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -469,10 +470,20 @@ def _partial(model: type[BaseModel]) -> type[BaseModel]:
         elif f.metadata:
             ann = Annotated.__class_getitem__((ann, *f.metadata))  # (Annotated[ann, *meta] needs Python 3.11)
         fields[name] = (ann | None, Field(None, description=f.description))
-    return create_model(f"{model.__name__}Override", __base__=_Strict, **fields)
+    return create_model(f"{model.__name__}Override", __base__=_Override, **fields)
 
 
-class StageSpec(_Strict):
+class _Override(_Strict):
+    """A stage's overrides: what was set, and only that, survives a dump (the launch file, the job
+    record), so that the spec read back means what was submitted: a field left unset overrides
+    nothing, where a dumped `null` would override the job's value."""
+
+    @model_serializer(mode="wrap")
+    def _set_fields_only(self, handler):
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
+
+
+class StageSpec(_Override):
     """One stage of a pipeline: overrides applied on top of the job's top-level sections."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$", description="Stage name, tagged on its events and metrics (`sft`, `grpo`).")
