@@ -45,13 +45,14 @@ async def lifespan(app: FastAPI):
     app.state.rate = RateLimiter(app.state.store.redis, settings.requests_per_minute)
     app.state.launcher = RayLauncher(settings)
     app.state.reconciler = Reconciler(app.state.store, app.state.launcher, settings)
-    task = asyncio.create_task(app.state.reconciler.run())
+    task = asyncio.create_task(app.state.reconciler.run()) if settings.reconcile else None
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await app.state.store.close()
 
 

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Bind address of `rlhf serve`.")
     port: int = Field(8000, description="Port of `rlhf serve`.")
     reconcile_interval_s: float = Field(2.0, gt=0, description="Seconds between reconciliations of active jobs with Ray.")
+    reconcile: bool = Field(
+        True, description="Run the reconciler in this process (admission, following jobs in Ray, restarts). Off: the process only "
+        "answers requests, and another API process on the same Redis must reconcile, or submitted jobs stay queued."
+    )
     max_active_jobs_per_tenant: int = Field(32, ge=1, description="Jobs a tenant may have queued or running at once (then 429).")
     mlflow_tracking_uris: list[str] = Field(
         default_factory=list,
