@@ -20,7 +20,9 @@ from pathlib import Path
 
 import yaml
 
-KEY_PREFIX = "rlhf-"
+# `tml-`: the tinker SDK refuses a key without it, so a key `rlhf keys create` prints works as TINKER_API_KEY
+# unchanged. Keys made before (`rlhf-...`) keep working: a key is looked up by its hash, whatever its prefix.
+KEY_PREFIX = "tml-"
 
 
 def hash_key(key: str) -> str:

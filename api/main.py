@@ -22,7 +22,17 @@ from api.middleware import (
 )
 from api.reconciler import Reconciler
 from api.registry import Registry
-from api.routers import catalog, checkpoints, events, files, health, jobs, logs, ui
+from api.routers import (
+    catalog,
+    checkpoints,
+    events,
+    files,
+    health,
+    jobs,
+    logs,
+    tinker,
+    ui,
+)
 from api.settings import Settings
 from api.storage import ArtifactStore
 from api.store import JobStore
@@ -100,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for module in (health, jobs, events, checkpoints, files, catalog, logs, ui):  # ui: the web page at /ui
         app.include_router(module.router)
+    tinker.install(app)  # the Tinker-compatible training API at /api/v1 (docs/tinker.md)
     _add_docs(app, settings.public_docs)
     app.add_middleware(BodyLimitMiddleware, json_limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
     app.add_middleware(RequestSlotMiddleware)

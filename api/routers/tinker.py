@@ -1,0 +1,380 @@
+"""The Tinker HTTP API (`/api/v1/...`) as the `tinker` SDK (0.38) calls it: see docs/tinker.md.
+
+Keys are the jobs API's keys (the SDK sends one in `X-API-Key`); every id and `tinker://` path of
+another tenant is a 404. Work goes to the base model's adapter pool (api/tinker.py) and comes back
+through futures (`retrieve_future`). What this server does not do answers in the SDK's shapes: a
+failed future `{"error", "category": "user"}` naming it, or a 404 for a route it does not serve.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, Response
+
+from api.tinker import (
+    Tinker,
+    TinkerError,
+    check_name,
+    decode_forward_backward,
+    encode_forward_backward,
+    encode_sample,
+    new_id,
+)
+
+router = APIRouter(prefix="/api/v1", include_in_schema=False)
+
+KINDS = {"weights": "training", "sampler_weights": "sampler"}
+
+
+def tinker(request: Request) -> Tinker:
+    state = request.app.state
+    if getattr(state, "tinker", None) is None:
+        state.tinker = Tinker(state.store.redis)
+    return state.tinker
+
+
+async def tinker_tenant(request: Request, x_api_key: Annotated[str | None, Header()] = None,
+                        authorization: Annotated[str | None, Header()] = None) -> str:
+    key = x_api_key or (authorization[7:] if authorization and authorization.lower().startswith("bearer ") else None)
+    tenant = request.app.state.keyring.tenant_for(key) if key else None
+    if tenant is None:
+        raise TinkerError(401, "missing or invalid API key (send it in X-API-Key, as the tinker SDK does)")
+    return tenant
+
+
+Tenant = Annotated[str, Depends(tinker_tenant)]
+TinkerDep = Annotated[Tinker, Depends(tinker)]
+
+
+def install(app) -> None:
+    """The router, and TinkerError answered as the SDK reads errors."""
+
+    @app.exception_handler(TinkerError)
+    async def _tinker_error(request: Request, err: TinkerError):
+        status = err.status or 400
+        return JSONResponse({"error": err.message, "detail": err.message, "category": "user"}, status_code=status)
+
+    app.include_router(router)
+
+
+# -- session, config, capabilities -------------------------------------------------------------------
+
+@router.post("/client/config")
+async def client_config(tenant: Tenant) -> dict:
+    # No JWT exchange (keys are checked on every request); plain httpx transport; per-request polling.
+    return {"pjwt_auth_enabled": False, "use_pyqwest_transport": False, "sample_use_retrieve_futures": False,
+            "custom_loss_server_side": False, "proto_compress_fwdbwd": False}
+
+
+@router.post("/client/dynamic_config")
+async def dynamic_config(tenant: Tenant) -> dict:
+    return {}
+
+
+@router.post("/create_session")
+async def create_session(body: dict, tenant: Tenant, t: TinkerDep) -> dict:
+    session_id = new_id("sess")
+    await t.records.put("session", session_id, {"tenant": tenant, "sdk_version": body.get("sdk_version"), "created": _now()})
+    return {"type": "create_session", "session_id": session_id}
+
+
+@router.post("/session_heartbeat")
+async def heartbeat(body: dict, tenant: Tenant, t: TinkerDep) -> dict:
+    record = await t.records.get("session", str(body.get("session_id")), tenant)
+    record["heartbeat"] = _now()
+    await t.records.put("session", body["session_id"], record)
+    return {"type": "session_heartbeat"}
+
+
+@router.post("/telemetry")
+async def telemetry(tenant: Tenant) -> dict:
+    return {"status": "accepted"}
+
+
+@router.get("/get_server_capabilities")
+async def capabilities(request: Request, tenant: Tenant) -> dict:
+    models = request.app.state.registry.visible_models(tenant)
+    return {"supported_models": [{"model_name": name, "trainable": True, "sampleable": True} for name in sorted(models)]}
+
+
+@router.get("/usage")
+async def usage(tenant: Tenant, t: TinkerDep) -> dict:
+    """This tenant's Tinker usage: tokens processed, compute seconds, requests (not an SDK route)."""
+    return {"tenant": tenant, **await t.records.usage(tenant)}
+
+
+# -- training runs ----------------------------------------------------------------------------------
+
+def _base_path(request: Request, tenant: str, base_model: str) -> str:
+    entry = request.app.state.registry.model_for(base_model, tenant)
+    if entry is None:
+        raise TinkerError(404, f"base model {base_model!r} is not served here (GET /api/v1/get_server_capabilities lists them)")
+    return entry.path
+
+
+async def _run(t: Tinker, tenant: str, run: dict, method: str, *args, **kwargs) -> Any:
+    """One pool call for a training run; counts its usage."""
+    out = await t.pools.call(run["base_model"], run["path"], tenant, method, *args, **kwargs)
+    result = out["result"]
+    tokens = result.get("tokens", 0) if isinstance(result, dict) else 0
+    await t.records.add_usage(tenant, tokens, out["compute_s"])
+    return result
+
+
+@router.post("/create_model")
+async def create_model(body: dict, request: Request, tenant: Tenant, t: TinkerDep) -> dict:
+    base = str(body.get("base_model"))
+    path = _base_path(request, tenant, base)
+    lora = body.get("lora_config") or {}
+    rank = int(lora.get("rank", 32))
+    if not 1 <= rank <= t.settings.max_rank:
+        raise TinkerError(400, f"lora_config.rank must be 1..{t.settings.max_rank}")
+    optimizer = (body.get("optimizer_config") or {}).get("type", "adamw")
+    if optimizer != "adamw":
+        raise TinkerError(400, f"optimizer {optimizer!r} is not supported here (adamw only)")
+    model_id = new_id("tm")
+    run = {"tenant": tenant, "base_model": base, "path": path, "rank": rank, "created": _now(), "last_state": None}
+    await t.records.put("training_run", model_id, run)
+
+    async def make():
+        await _run(t, tenant, run, "create", model_id, rank, seed=lora.get("seed"), train_attn=lora.get("train_attn", True),
+                   train_mlp=lora.get("train_mlp", True), train_unembed=lora.get("train_unembed", True))
+        return {"type": "create_model", "model_id": model_id}
+
+    return {"request_id": t.futures.submit(tenant, model_id, make), "model_id": model_id}
+
+
+@router.post("/get_info")
+async def get_info(body: dict, tenant: Tenant, t: TinkerDep) -> dict:
+    model_id = str(body.get("model_id"))
+    run = await t.records.get("training_run", model_id, tenant)
+    return {"type": "get_info", "model_id": model_id, "model_data": {"arch": "lora", "model_name": run["base_model"],
+            "tokenizer_id": run["base_model"]}, "is_lora": True, "lora_rank": run["rank"], "model_name": run["base_model"]}
+
+
+@router.post("/forward_backward")
+async def forward_backward(request: Request, tenant: Tenant, t: TinkerDep) -> dict:
+    if request.headers.get("content-encoding"):
+        raise TinkerError(415, f"Content-Encoding {request.headers['content-encoding']!r} is not supported")
+    req = decode_forward_backward(await request.body())
+    run = await t.records.get("training_run", req["model_id"], tenant)
+
+    async def make():
+        result = await _run_recovering(t, tenant, req["model_id"], run, "forward_backward", req["model_id"], req["data"], req["loss_fn"],
+                                       req["config"], backward=not req["forward_only"])
+        return Response(encode_forward_backward(result["logprobs"], {"loss:sum": result["loss"]}), media_type="application/x-protobuf")
+
+    return {"request_id": t.futures.submit(tenant, req["model_id"], make), "model_id": req["model_id"]}
+
+
+@router.post("/optim_step")
+async def optim_step(body: dict, tenant: Tenant, t: TinkerDep) -> dict:
+    model_id = str(body.get("model_id"))
+    run = await t.records.get("training_run", model_id, tenant)
+    params = body.get("adam_params") or body.get("optim_params")
+    if params is None:
+        raise TinkerError(400, f"optimizer {(body.get('optimizer_params') or {}).get('type')!r} is not supported here (Adam only)")
+    keys = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
+    adam = {k: float(params[k]) for k in keys if k in params}
+
+    async def make():
+        result = await _run_recovering(t, tenant, model_id, run, "optim_step", model_id, **adam)
+        return {"metrics": result}
+
+    return {"request_id": t.futures.submit(tenant, model_id, make), "model_id": model_id}
+
+
+async def _run_recovering(t: Tinker, tenant: str, model_id: str, run: dict, method: str, *args, **kwargs):
+    """A call on a training run; if its adapter is gone (its pool actor died and Ray restarted it), the run
+    comes back from its last saved state first, or the call fails saying that nothing was saved."""
+    try:
+        return await _run(t, tenant, run, method, *args, **kwargs)
+    except Exception as err:
+        if "no adapter" not in str(err):
+            raise
+        latest = (await t.records.get("training_run", model_id, tenant)).get("last_state")
+        if latest is None:
+            raise TinkerError(0, f"training run {model_id} was lost with its worker and has no saved state; create it again") from None
+        await _run(t, tenant, run, "load_state", model_id, latest, True)
+        return await _run(t, tenant, run, method, *args, **kwargs)
+
+
+# -- weights: save, load, sampler -------------------------------------------------------------------
+
+def _dir(request: Request, tenant: str, model_id: str, kind: str, name: str) -> str:
+    return f"{request.app.state.storage.tenant_root(tenant)}/tinker/{model_id}/{kind}/{name}"
+
+
+async def _resolve(request: Request, t: Tinker, tenant: str, tinker_path: str, kinds=("weights",)) -> tuple[str, dict, str]:
+    """(model_id, run, directory) of a tinker://<model_id>/<kind>/<name> path of this tenant; else 404."""
+    parts = tinker_path[len("tinker://"):].split("/") if tinker_path.startswith("tinker://") else []
+    if len(parts) != 3 or parts[1] not in kinds:
+        raise TinkerError(400, f"{tinker_path!r} is not a tinker://<model_id>/{'|'.join(kinds)}/<name> path")
+    model_id, kind, name = parts
+    run = await t.records.get("training_run", model_id, tenant)
+    directory = _dir(request, tenant, model_id, kind, check_name(name, "checkpoint name"))
+    if not os.path.isfile(f"{directory}/state.pt"):
+        raise TinkerError(404, f"no checkpoint {tinker_path!r}")
+    return model_id, run, directory
+
+
+@router.post("/save_weights")
+async def save_weights(body: dict, request: Request, tenant: Tenant, t: TinkerDep) -> dict:
+    model_id = str(body.get("model_id"))
+    run = await t.records.get("training_run", model_id, tenant)
+    name = check_name(body.get("path") or f"state-{new_id('c')[2:12]}", "checkpoint name")
+    directory = _dir(request, tenant, model_id, "weights", name)
+
+    async def make():
+        await _run_recovering(t, tenant, model_id, run, "save_state", model_id, directory, True)
+        latest = await t.records.get("training_run", model_id, tenant)
+        latest["last_state"] = directory
+        await t.records.put("training_run", model_id, latest)
+        return {"type": "save_weights", "path": f"tinker://{model_id}/weights/{name}"}
+
+    return {"request_id": t.futures.submit(tenant, model_id, make), "model_id": model_id}
+
+
+@router.post("/load_weights")
+async def load_weights(body: dict, request: Request, tenant: Tenant, t: TinkerDep) -> dict:
+    if body.get("model_id") is None:
+        raise TinkerError(400, "load_weights into a new training run (create_training_client_from_state) is not supported yet; "
+                               "create a LoRA training client and load_state into it")
+    model_id = str(body["model_id"])
+    run = await t.records.get("training_run", model_id, tenant)
+    _, source_run, directory = await _resolve(request, t, tenant, str(body.get("path")))
+    if source_run["base_model"] != run["base_model"]:
+        raise TinkerError(400, f"checkpoint is of base model {source_run['base_model']!r}, this run trains {run['base_model']!r}")
+    optimizer = bool(body.get("optimizer"))
+
+    async def make():
+        await _run(t, tenant, run, "load_state", model_id, directory, optimizer)
+        return {"type": "load_weights", "path": body["path"], "model_id": model_id}
+
+    return {"request_id": t.futures.submit(tenant, model_id, make), "model_id": model_id}
+
+
+@router.post("/save_weights_for_sampler")
+async def save_for_sampler(body: dict, request: Request, tenant: Tenant, t: TinkerDep) -> dict:
+    model_id = str(body.get("model_id"))
+    run = await t.records.get("training_run", model_id, tenant)
+    named = body.get("path") is not None
+    name = check_name(body["path"] if named else f"snapshot-{new_id('c')[2:14]}", "checkpoint name")
+    directory = _dir(request, tenant, model_id, "sampler_weights", name)
+    tinker_path = f"tinker://{model_id}/sampler_weights/{name}"
+
+    async def make():
+        await _run_recovering(t, tenant, model_id, run, "save_state", model_id, directory, False)
+        if named:
+            return {"type": "save_weights_for_sampler", "path": tinker_path}
+        sampler_id = await _new_sampler(t, tenant, run["base_model"], run["path"], tinker_path, directory)
+        return {"type": "save_weights_for_sampler", "sampling_session_id": sampler_id}
+
+    return {"request_id": t.futures.submit(tenant, model_id, make), "model_id": model_id}
+
+
+async def _new_sampler(t: Tinker, tenant: str, base_model: str, path: str, tinker_path: str | None, weights: str | None) -> str:
+    sampler_id = new_id("samp")
+    await t.records.put("sampler", sampler_id, {"tenant": tenant, "base_model": base_model, "path": path, "model_path": tinker_path,
+                                                 "weights": weights})
+    return sampler_id
+
+
+@router.post("/create_sampling_session")
+async def create_sampling_session(body: dict, request: Request, tenant: Tenant, t: TinkerDep) -> dict:
+    if body.get("model_path"):
+        _, run, directory = await _resolve(request, t, tenant, body["model_path"], kinds=("sampler_weights", "weights"))
+        sampler_id = await _new_sampler(t, tenant, run["base_model"], run["path"], body["model_path"], directory)
+    else:
+        base = str(body.get("base_model"))
+        sampler_id = await _new_sampler(t, tenant, base, _base_path(request, tenant, base), None, None)
+    return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
+
+
+@router.get("/samplers/{sampler_id}")
+async def get_sampler(sampler_id: str, tenant: Tenant, t: TinkerDep) -> dict:
+    s = await t.records.get("sampler", sampler_id, tenant)
+    return {"sampler_id": sampler_id, "base_model": s["base_model"], "model_path": s["model_path"]}
+
+
+@router.post("/asample")
+async def asample(body: dict, tenant: Tenant, t: TinkerDep) -> dict:
+    s = await t.records.get("sampler", str(body.get("sampling_session_id")), tenant)
+    params = body.get("sampling_params") or {}
+    for unsupported in ("prompt_logprobs", "record_stability_info"):
+        if body.get(unsupported):
+            raise TinkerError(400, f"{unsupported} is not supported here")
+    for unsupported in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
+        if body.get(unsupported):
+            raise TinkerError(400, f"{unsupported} is not supported here")
+    stop = params.get("stop")
+    if isinstance(stop, str) or (isinstance(stop, list) and any(isinstance(x, str) for x in stop)):
+        raise TinkerError(400, "stop strings are not supported here; pass stop token ids")
+    prompt = _prompt_tokens(body.get("prompt") or {})
+    n = int(body.get("num_samples", 1))
+    if not 1 <= n <= 64:
+        raise TinkerError(400, "num_samples must be 1..64")
+    kwargs = {"max_tokens": int(params.get("max_tokens") or 16), "temperature": float(params.get("temperature", 1.0)),
+              "top_k": int(params.get("top_k", -1)), "top_p": float(params.get("top_p", 1.0)), "seed": params.get("seed"), "stop": stop}
+
+    async def make():
+        out = await t.pools.call(s["base_model"], s["path"], tenant, "sample", s["weights"], prompt, n, **kwargs)
+        tokens = len(prompt) * n + sum(len(x["tokens"]) for x in out["result"])
+        await t.records.add_usage(tenant, tokens, out["compute_s"])
+        return Response(encode_sample(out["result"]), media_type="application/x-protobuf")
+
+    request_id = t.futures.submit(tenant, None, make)
+    return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}-{i}" for i in range(n)]}
+
+
+def _prompt_tokens(model_input: dict) -> list[int]:
+    tokens: list[int] = []
+    for chunk in model_input.get("chunks") or []:
+        if chunk.get("type", "encoded_text") != "encoded_text":
+            raise TinkerError(400, f"prompt chunks of type {chunk.get('type')!r} are not supported (text tokens only)")
+        tokens += [int(x) for x in chunk.get("tokens") or []]
+    if not tokens:
+        raise TinkerError(400, "the prompt has no tokens")
+    return tokens
+
+
+# -- futures, checkpoints ---------------------------------------------------------------------------
+
+@router.post("/retrieve_future")
+async def retrieve_future(body: dict, tenant: Tenant, t: TinkerDep):
+    return await t.futures.retrieve(tenant, str(body.get("request_id")), t.settings.wait_s)
+
+
+@router.post("/cancel_future")
+async def cancel_future(tenant: Tenant) -> dict:
+    return {}
+
+
+@router.get("/training_runs/{model_id}/checkpoints")
+async def checkpoints(model_id: str, request: Request, tenant: Tenant, t: TinkerDep) -> dict:
+    await t.records.get("training_run", model_id, tenant)
+    found = []
+    for kind, label in KINDS.items():
+        root = os.path.dirname(_dir(request, tenant, model_id, kind, "x"))
+        for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            state = f"{root}/{name}/state.pt"
+            if os.path.isfile(state):
+                st = os.stat(state)
+                found.append({"checkpoint_id": f"{kind}/{name}", "checkpoint_type": label, "tinker_path": f"tinker://{model_id}/{kind}/{name}",
+                              "time": dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc).isoformat(), "size_bytes": st.st_size})
+    return {"checkpoints": found}
+
+
+@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+async def unsupported(rest: str, tenant: Tenant):
+    raise TinkerError(404, f"/api/v1/{rest} is not supported by this server (see docs/tinker.md for what is)")
+
+
+def _now() -> float:
+    import time
+
+    return time.time()

@@ -1,0 +1,280 @@
+"""The Tinker-compatible API's backend: records in Redis, the adapter pools on Ray, futures, the wire codecs.
+
+The control plane never loads torch: the pools (workers/tinker_pool.py) run as named, detached Ray
+actors, one per registered base model, started by import path from a Ray task and found by name
+(the layering rule keeps api/ from importing workers/). The API process joins the Ray cluster as a
+driver (`RLHF_API_TINKER_RAY_ADDRESS`, the GCS address) at the first Tinker request.
+
+Futures live in this API process (a first slice: one API replica serves a Tinker client). Calls on one
+training run run in the order the client sent them (the SDK sends in turn order and expects it);
+calls of different tenants meet in the pool's fair scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+NAMESPACE = "rlhf-tinker"
+POOL_FACTORY = "workers.tinker_pool:start_pool"
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ID = re.compile(r"^[a-z]+-[0-9a-f]{16,32}$")
+
+
+class TinkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RLHF_API_TINKER_", frozen=True)
+
+    ray_address: str = ""
+    """The Ray cluster's GCS address (host:port) the API joins to reach the adapter pools; empty: `auto`."""
+    pool_cpus: float = 1.0
+    """CPUs each base model's adapter pool holds (and its torch threads)."""
+    wait_s: float = 20.0
+    """How long one retrieve_future waits for a result before answering try_again (the SDK waits 45 s)."""
+    max_rank: int = 64
+    """The largest LoRA rank a tenant may ask for."""
+
+
+class TinkerError(Exception):
+    """A refusal of the Tinker API; status 0 means: report it as a failed future (the SDK's error shape)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def check_name(name: str, what: str) -> str:
+    if not _NAME.match(name) or name in (".", ".."):
+        raise TinkerError(400, f"{what} {name!r} must be 1-64 of A-Z a-z 0-9 _ . -")
+    return name
+
+
+def pb():
+    """The SDK's generated protobuf module, loaded from its file: importing the `tinker` package would load torch."""
+    mod = getattr(pb, "_mod", None)
+    if mod is None:
+        spec = importlib.util.find_spec("tinker")
+        if spec is None or not spec.submodule_search_locations:
+            raise TinkerError(501, "the Tinker API needs the `tinker` package installed on the API server (pip install tinker)")
+        path = Path(next(iter(spec.submodule_search_locations))) / "proto" / "tinker_public_pb2.py"
+        loader = importlib.util.spec_from_file_location("_tinker_public_pb2", path)
+        mod = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(mod)
+        pb._mod = mod
+    return mod
+
+
+# -- the wire: protobuf requests and responses -------------------------------------------------------
+
+def _dtype_codes():
+    m = pb()
+    return {m.DTYPE_FLOAT32: "<f4", m.DTYPE_INT64: "<i8", m.DTYPE_INT32: "<i4"}
+
+
+def decode_forward_backward(body: bytes) -> dict[str, Any]:
+    """The SDK's ForwardBackwardRequest (protobuf) as {model_id, seq_id, loss_fn, config, forward_only, data}."""
+    import numpy as np
+
+    msg = pb().ForwardBackwardRequest()
+    msg.ParseFromString(body)
+    codes = _dtype_codes()
+    data = []
+    for d in msg.data:
+        tokens: list[int] = []
+        for chunk in d.model_input:
+            if chunk.WhichOneof("chunk") != "encoded_text":
+                raise TinkerError(0, f"model_input chunks of kind {chunk.WhichOneof('chunk')!r} are not supported (text tokens only)")
+            tokens += np.frombuffer(chunk.encoded_text.tokens, dtype="<i4").tolist()
+        inputs = {}
+        for name, t in d.loss_fn_inputs.items():
+            if t.HasField("sparse_csr"):
+                raise TinkerError(0, f"sparse loss_fn_inputs[{name!r}] are not supported")
+            inputs[name] = np.frombuffer(t.dense, dtype=codes[t.dtype]).tolist()
+        data.append({"tokens": tokens, "inputs": inputs})
+    config = {k: (v.text if v.WhichOneof("value") == "text" else v.number) for k, v in msg.loss_fn_config_v2.items()}
+    config = config or dict(msg.loss_fn_config)
+    return {"model_id": msg.model_id, "seq_id": msg.seq_id, "loss_fn": msg.loss_fn, "config": config,
+            "forward_only": msg.forward_only, "data": data}
+
+
+def encode_forward_backward(logprobs: list, metrics: dict[str, float]) -> bytes:
+    """ForwardBackwardOutput: one ArrayRecord with each datum's `logprobs` (float32), as the SDK decodes it."""
+    import numpy as np
+
+    m = pb()
+    out = m.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
+    for k, v in metrics.items():
+        out.metrics[k] = float(v)
+    record = out.loss_fn_outputs.add()
+    record.num_datums = len(logprobs)
+    arrays = [np.asarray(a, dtype="<f4") for a in logprobs]
+    offsets = np.cumsum([0] + [a.nbytes for a in arrays]).astype("<i8")
+    field = record.fields["logprobs"]
+    field.data = b"".join(a.tobytes() for a in arrays)
+    field.offsets = offsets.tobytes()
+    field.dtype = m.DTYPE_FLOAT32
+    return out.SerializeToString()
+
+
+def encode_sample(sequences: list[dict]) -> bytes:
+    import numpy as np
+
+    m = pb()
+    out = m.SampleResponse()
+    for s in sequences:
+        seq = out.sequences.add()
+        seq.stop_reason = m.STOP_REASON_STOP if s["stop"] else m.STOP_REASON_LENGTH
+        seq.tokens = np.asarray(s["tokens"], dtype="<i4").tobytes()
+        seq.logprobs = np.asarray(s["logprobs"], dtype="<f4").tobytes()
+    return out.SerializeToString()
+
+
+# -- futures -------------------------------------------------------------------------------------------
+
+class Futures:
+    """request_id -> (tenant, task). A task's result is a JSON dict or protobuf bytes; its PoolError a failed future."""
+
+    KEEP_S = 3600.0
+
+    def __init__(self):
+        self._tasks: dict[str, tuple[str, asyncio.Task, float]] = {}
+        self._chains: dict[str, asyncio.Task] = {}
+
+    def submit(self, tenant: str, chain: str | None, make) -> str:
+        """Start `make()` (a coroutine factory) after the previous call of the same chain (a training run)."""
+        self._forget_old()
+        before = self._chains.get(chain) if chain else None
+
+        async def run():
+            if before is not None:
+                await asyncio.wait([before])
+            return await make()
+
+        task = asyncio.ensure_future(run())
+        if chain:
+            self._chains[chain] = task
+        request_id = new_id("req")
+        self._tasks[request_id] = (tenant, task, time.monotonic())
+        return request_id
+
+    async def retrieve(self, tenant: str, request_id: str, wait_s: float):
+        entry = self._tasks.get(request_id)
+        if entry is None or entry[0] != tenant:
+            raise TinkerError(404, f"no future {request_id!r}")
+        task = entry[1]
+        done, _ = await asyncio.wait([task], timeout=wait_s)
+        if not done:
+            return {"type": "try_again", "request_id": request_id, "queue_state": "active"}
+        err = task.exception()
+        if err is None:
+            return task.result()
+        user = isinstance(err, TinkerError) or type(err).__name__ in ("PoolError", "RayTaskError(PoolError)")
+        cause = getattr(err, "cause", None)
+        message = getattr(err, "message", None) or str(cause or err).strip().splitlines()[-1]
+        return {"error": message, "category": "user" if user or type(cause).__name__ == "PoolError" else "server"}
+
+    def _forget_old(self) -> None:
+        now = time.monotonic()
+        for rid in [r for r, (_, t, at) in self._tasks.items() if t.done() and now - at > self.KEEP_S]:
+            del self._tasks[rid]
+
+
+# -- the pools on Ray ----------------------------------------------------------------------------------
+
+class Pools:
+    """The adapter pool of each base model, as a named Ray actor; started at its first use."""
+
+    def __init__(self, settings: TinkerSettings):
+        self.settings = settings
+        self._lock = asyncio.Lock()
+        self._actors: dict[str, Any] = {}
+
+    async def _connect(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            address = self.settings.ray_address or "auto"
+            await asyncio.to_thread(ray.init, address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+
+    async def actor(self, base_model: str, path: str):
+        async with self._lock:
+            if base_model in self._actors:
+                return self._actors[base_model]
+            await self._connect()
+            import ray
+
+            name = "pool-" + re.sub(r"[^A-Za-z0-9_.-]", "_", base_model)
+            try:
+                actor = ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                await _start_pool_task().remote(POOL_FACTORY, name, NAMESPACE, path, self.settings.pool_cpus)
+                actor = ray.get_actor(name, namespace=NAMESPACE)
+            self._actors[base_model] = actor
+            return actor
+
+    async def call(self, base_model: str, path: str, tenant: str, method: str, *args, **kwargs) -> dict:
+        actor = await self.actor(base_model, path)
+        return await actor.call.remote(tenant, method, *args, **kwargs)
+
+
+def _start_pool_task():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def start(factory: str, name: str, namespace: str, path: str, cpus: float) -> str:
+        module, fn = factory.split(":")
+        return getattr(importlib.import_module(module), fn)(name, namespace, path, cpus)
+
+    return start
+
+
+# -- records in Redis ----------------------------------------------------------------------------------
+
+class Records:
+    """Sessions, training runs, sampling sessions (each names its tenant) and per-tenant usage."""
+
+    def __init__(self, redis):
+        self.redis = redis
+
+    async def put(self, kind: str, id_: str, record: dict) -> None:
+        await self.redis.set(f"tinker:{kind}:{id_}", json.dumps(record))
+
+    async def get(self, kind: str, id_: str, tenant: str) -> dict:
+        """The record, or 404 when it is missing or another tenant's (the same answer)."""
+        raw = await self.redis.get(f"tinker:{kind}:{id_}") if _ID.match(id_ or "") else None
+        record = json.loads(raw) if raw else None
+        if record is None or record.get("tenant") != tenant:
+            raise TinkerError(404, f"no {kind.replace('_', ' ')} {id_!r}")
+        return record
+
+    async def add_usage(self, tenant: str, tokens: int, compute_s: float) -> None:
+        key = f"tinker:usage:{tenant}"
+        await self.redis.hincrby(key, "tokens", int(tokens))
+        await self.redis.hincrbyfloat(key, "compute_s", float(compute_s))
+        await self.redis.hincrby(key, "requests", 1)
+
+    async def usage(self, tenant: str) -> dict:
+        raw = await self.redis.hgetall(f"tinker:usage:{tenant}")
+        raw = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+        return {"tokens": int(raw.get("tokens", 0)), "compute_s": raw.get("compute_s", 0.0), "requests": int(raw.get("requests", 0))}
+
+
+class Tinker:
+    """What the routes use: settings, pools, futures, records; kept on app.state."""
+
+    def __init__(self, redis):
+        self.settings = TinkerSettings()
+        self.pools = Pools(self.settings)
+        self.futures = Futures()
+        self.records = Records(redis)

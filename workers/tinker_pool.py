@@ -1,0 +1,335 @@
+"""The Tinker-compatible API's worker: one base model held once, many tenants' LoRA adapters on it.
+
+`AdapterPool` is a plain class (it runs without Ray): each training run of the Tinker API is a peft
+adapter of the one base model, with its own AdamW state; a call names its adapter and the pool makes
+it the active one. `FairScheduler` serves the pool's callers one at a time, round-robin across
+tenants, so a tenant with many queued calls does not starve another. `start_pool` wraps both as a
+named, detached Ray actor (the control plane finds it by name: api/tinker.py).
+
+The losses are those the Tinker SDK names (`cross_entropy`, `importance_sampling`, `ppo`), as pure
+functions of per-token log-probs. Token layout (the SDK's): a datum's `model_input` is the sequence
+fed to the model, and position i of `target_tokens`, `weights`, `logprobs`, `advantages` is about
+the token predicted at position i.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# The SDK's defaults for `ppo` (loss_fn_config clip_low_threshold / clip_high_threshold: bounds of the ratio).
+PPO_CLIP = (0.8, 1.2)
+
+
+def cross_entropy_loss(logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], config: dict) -> torch.Tensor:
+    """-sum(weights * logp(target)); logprobs (seq,), weights (seq,) (Tinker: a sum, not a mean)."""
+    return -(logprobs * inputs["weights"]).sum()
+
+
+def importance_sampling_loss(logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], config: dict) -> torch.Tensor:
+    """-sum(exp(logp - logq) * A): the REINFORCE estimator corrected for the sampler q (Tinker's IS loss)."""
+    ratio = torch.exp(logprobs - inputs["logprobs"])
+    return -(ratio * inputs["advantages"]).sum()
+
+
+def ppo_loss(logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], config: dict) -> torch.Tensor:
+    """-sum(min(r A, clip(r, lo, hi) A)), r = exp(logp - logq) (Schulman et al. 2017, eq. 7)."""
+    low = float(config.get("clip_low_threshold", PPO_CLIP[0]))
+    high = float(config.get("clip_high_threshold", PPO_CLIP[1]))
+    ratio = torch.exp(logprobs - inputs["logprobs"])
+    adv = inputs["advantages"]
+    return -torch.minimum(ratio * adv, ratio.clamp(low, high) * adv).sum()
+
+
+LOSSES: dict[str, Callable] = {"cross_entropy": cross_entropy_loss, "importance_sampling": importance_sampling_loss, "ppo": ppo_loss}
+LOSS_INPUTS = {"cross_entropy": ("target_tokens", "weights"), "importance_sampling": ("target_tokens", "logprobs", "advantages"),
+               "ppo": ("target_tokens", "logprobs", "advantages")}
+
+
+class PoolError(ValueError):
+    """A request the pool refuses (unknown loss, missing input, unknown adapter); the message names it."""
+
+
+class FairScheduler:
+    """Runs one call at a time; among waiting callers, tenants take turns (round-robin), each tenant's calls in order."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._queues: dict[str, collections.deque] = collections.OrderedDict()
+        self._busy = False
+
+    def run(self, tenant: str, fn: Callable, timeout_s: float = 600.0):
+        ticket = object()
+        with self._cond:
+            self._queues.setdefault(tenant, collections.deque()).append(ticket)
+            deadline = time.monotonic() + timeout_s
+            while self._busy or self._next() is not ticket:
+                if not self._cond.wait(timeout=max(0.0, deadline - time.monotonic())) and time.monotonic() >= deadline:
+                    self._drop(tenant, ticket)
+                    raise TimeoutError(f"waited {timeout_s:.0f} s for a turn on the adapter pool")
+            self._queues[tenant].popleft()
+            self._busy = True
+            # The served tenant goes to the back of the line.
+            self._queues.move_to_end(tenant)
+            if not self._queues[tenant]:
+                del self._queues[tenant]
+        try:
+            return fn()
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def _next(self):
+        for queue in self._queues.values():
+            if queue:
+                return queue[0]
+        return None
+
+    def _drop(self, tenant: str, ticket) -> None:
+        self._queues[tenant].remove(ticket)
+        if not self._queues[tenant]:
+            del self._queues[tenant]
+
+
+class AdapterPool:
+    """One base model (loaded once) and a dict of LoRA adapters on it, each with its own optimizer."""
+
+    def __init__(self, base_path: str, threads: int | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.base_path = base_path
+        self.tokenizer = AutoTokenizer.from_pretrained(base_path)
+        self.base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        self.model = None  # the PeftModel, made with the first adapter
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.configs: dict[str, dict] = {}
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def create(self, adapter: str, rank: int, seed: int | None = None, train_attn: bool = True, train_mlp: bool = True,
+               train_unembed: bool = False) -> dict:
+        from peft import LoraConfig, get_peft_model
+
+        targets = (["q_proj", "k_proj", "v_proj", "o_proj"] if train_attn else []) + (["gate_proj", "up_proj", "down_proj"] if train_mlp else [])
+        if train_unembed:
+            targets.append("lm_head")
+        if not targets:
+            raise PoolError("lora_config trains nothing: set one of train_attn, train_mlp, train_unembed")
+        config = LoraConfig(r=rank, lora_alpha=32, target_modules=targets, lora_dropout=0.0)
+        if seed is not None:
+            torch.manual_seed(seed)
+        if self.model is None:
+            self.model = get_peft_model(self.base, config, adapter_name=adapter)
+        else:
+            self.model.add_adapter(adapter, config)
+        self.configs[adapter] = {"rank": rank, "targets": targets}
+        self._activate(adapter)
+        self.optimizers[adapter] = torch.optim.AdamW(self._params(adapter), lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+        return {"adapter": adapter, "params": sum(p.numel() for p in self._params(adapter))}
+
+    def has(self, adapter: str) -> bool:
+        return adapter in self.optimizers
+
+    def drop(self, adapter: str) -> None:
+        if adapter in self.optimizers:
+            del self.optimizers[adapter], self.configs[adapter]
+            self.model.delete_adapter(adapter)
+
+    def _params(self, adapter: str) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.model.named_parameters() if f".{adapter}." in n]
+
+    def _activate(self, adapter: str) -> None:
+        if adapter not in self.model.peft_config:
+            raise PoolError(f"no adapter {adapter} on this pool (it may have been lost with its worker: load its last saved state)")
+        self.model.set_adapter(adapter)
+        for p in self._params(adapter):
+            p.requires_grad_(True)
+
+    # -- training ---------------------------------------------------------------------------------
+    def forward_backward(self, adapter: str, data: list[dict], loss_fn: str, config: dict | None = None, backward: bool = True) -> dict:
+        """data: [{"tokens": [int], "inputs": {name: list}}]; returns per-datum logprobs, the loss and tokens counted."""
+        if loss_fn not in LOSSES:
+            raise PoolError(f"loss_fn {loss_fn!r} is not supported here (supported: {', '.join(LOSSES)})")
+        self._activate(adapter)
+        self.model.train(backward)
+        outputs, total, tokens = [], 0.0, 0
+        with torch.set_grad_enabled(backward):
+            for datum in data:
+                inputs = _loss_inputs(datum["inputs"], loss_fn, len(datum["tokens"]))
+                logprobs = self._logprobs(torch.tensor([datum["tokens"]]), inputs["target_tokens"].unsqueeze(0))[0]
+                loss = LOSSES[loss_fn](logprobs, inputs, config or {})
+                if backward:
+                    loss.backward()
+                total += float(loss.detach())
+                tokens += len(datum["tokens"])
+                outputs.append(logprobs.detach().float().numpy())
+        return {"logprobs": outputs, "loss": total, "tokens": tokens}
+
+    def _logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(targets[:, i] | input_ids[:, :i+1]); (b, seq)."""
+        logits = self.model(input_ids=input_ids).logits.float()
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    def optim_step(self, adapter: str, learning_rate: float, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-12,
+                   weight_decay: float = 0.0, grad_clip_norm: float = 0.0) -> dict:
+        self._activate(adapter)
+        opt = self.optimizers[adapter]
+        for group in opt.param_groups:
+            group.update(lr=learning_rate, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+        params = self._params(adapter)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip_norm if grad_clip_norm > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"grad_norm": float(norm)}
+
+    # -- state ------------------------------------------------------------------------------------
+    def save_state(self, adapter: str, path: str, optimizer: bool = True) -> str:
+        """The adapter's weights (and its optimizer state) under `path`, a directory."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {"config": self.configs[adapter], "weights": {k: v.detach().clone() for k, v in self._named_params(adapter).items()}}
+        if optimizer:
+            state["optimizer"] = self.optimizers[adapter].state_dict()
+        torch.save(state, out / "state.pt")
+        return str(out)
+
+    def load_state(self, adapter: str, path: str, optimizer: bool) -> None:
+        """Load weights (and, with `optimizer`, the optimizer state) saved by save_state; creates the adapter if it is gone."""
+        state = self._load_weights(adapter, path)
+        opt = self.optimizers[adapter]
+        if optimizer and "optimizer" in state:
+            opt.load_state_dict(state["optimizer"])
+        else:
+            opt.state.clear()
+        opt.zero_grad(set_to_none=True)
+
+    def _load_weights(self, adapter: str, path: str) -> dict:
+        """Copy the weights saved under `path` into `adapter` (created with the saved LoRA config if missing)."""
+        state = torch.load(Path(path) / "state.pt", weights_only=True)
+        if not self.has(adapter):
+            cfg = state["config"]
+            self.create(adapter, cfg["rank"], train_attn="q_proj" in cfg["targets"], train_mlp="gate_proj" in cfg["targets"],
+                        train_unembed="lm_head" in cfg["targets"])
+        params = self._named_params(adapter)
+        with torch.no_grad():
+            for name, value in state["weights"].items():
+                params[name].copy_(value)
+        return state
+
+    def _named_params(self, adapter: str) -> dict[str, torch.nn.Parameter]:
+        return {n.replace(f".{adapter}.", ".ADAPTER."): p for n, p in self.model.named_parameters() if f".{adapter}." in n}
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def sample(self, weights: str | None, prompt: list[int], num_samples: int, max_tokens: int, temperature: float = 1.0,
+               top_k: int = -1, top_p: float = 1.0, seed: int | None = None, stop: list[int] | None = None) -> list[dict]:
+        """Sample `num_samples` completions (HF generate) with the adapter saved at `weights` (None: the base
+        model); each: tokens, their log-probs under the sampled model, and why it stopped."""
+        key = None
+        if weights is not None:
+            key = self._sampler_adapter(weights)
+        if seed is not None:
+            torch.manual_seed(seed)
+        eos = stop if stop is not None else [self.tokenizer.eos_token_id]
+        model = self.model if self.model is not None else self.base
+        model.eval()
+        ids = torch.tensor([prompt])
+        with torch.no_grad(), _adapter_or_base(self.model, key):
+            gen = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=temperature > 0, temperature=max(temperature, 1e-5),
+                top_k=top_k if top_k > 0 else None, top_p=top_p, max_new_tokens=max_tokens, num_return_sequences=num_samples,
+                eos_token_id=eos or None, pad_token_id=self.tokenizer.pad_token_id or 0,
+            )
+            out = []
+            for row in gen[:, len(prompt):].tolist():
+                end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+                tokens = row[:end]
+                full = torch.tensor([prompt + tokens])
+                logprobs = self._logprobs_of(model, full)[0, len(prompt) - 1:] if tokens else torch.zeros(0)
+                out.append({"tokens": tokens, "logprobs": logprobs.float().numpy(), "stop": end < len(row) or (tokens and tokens[-1] in eos)})
+        return out
+
+    def _logprobs_of(self, model, full: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=full[:, :-1]).logits.float()
+        return torch.log_softmax(logits, dim=-1).gather(-1, full[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+    def _sampler_adapter(self, weights: str) -> str:
+        """A frozen adapter made from saved sampler weights, loaded once per path."""
+        key = "s" + str(abs(hash(weights)))
+        if self.model is None or key not in self.model.peft_config:
+            self._load_weights(key, weights)
+            self.optimizers.pop(key)  # frozen: not a training run
+        return key
+
+
+class _adapter_or_base:
+    """Within: `key`'s adapter active, or (key None) every adapter disabled."""
+
+    def __init__(self, model, key: str | None):
+        self.model, self.key, self._ctx = model, key, None
+
+    def __enter__(self):
+        if self.model is None:
+            return self
+        if self.key is None:
+            self._ctx = self.model.disable_adapter()
+            self._ctx.__enter__()
+        else:
+            self.model.set_adapter(self.key)
+        return self
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+def _loss_inputs(raw: dict, loss_fn: str, length: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in LOSS_INPUTS[loss_fn]:
+        if name not in raw:
+            raise PoolError(f"loss_fn {loss_fn!r} needs loss_fn_inputs[{name!r}]")
+        value = torch.as_tensor(raw[name], dtype=torch.long if name == "target_tokens" else torch.float32).reshape(-1)
+        if value.numel() != length:
+            raise PoolError(f"loss_fn_inputs[{name!r}] has {value.numel()} entries for {length} input tokens")
+        out[name] = value
+    return out
+
+
+class PoolService:
+    """What the Ray actor serves: the pool behind the fair scheduler, with each call's compute seconds."""
+
+    def __init__(self, base_path: str, threads: int | None = None):
+        self.pool = AdapterPool(base_path, threads)
+        self.scheduler = FairScheduler()
+
+    def call(self, tenant: str, method: str, *args, **kwargs) -> dict:
+        if method.startswith("_") or not hasattr(AdapterPool, method):
+            raise PoolError(f"no pool method {method!r}")
+
+        def timed():
+            start = time.monotonic()
+            result = getattr(self.pool, method)(*args, **kwargs)
+            return {"result": result, "compute_s": time.monotonic() - start}
+
+        return self.scheduler.run(tenant, timed)
+
+    def ping(self) -> str:
+        return self.pool.base_path
+
+
+def start_pool(name: str, namespace: str, base_path: str, num_cpus: float = 1.0) -> str:
+    """Create (or find) the named, detached pool actor for one base model; returns its name."""
+    import ray
+
+    actor = ray.remote(PoolService).options(
+        name=name, namespace=namespace, lifetime="detached", get_if_exists=True, max_concurrency=32, num_cpus=num_cpus,
+        max_restarts=-1,
+    )
+    actor.remote(base_path, threads=max(1, int(num_cpus)))
+    return name
