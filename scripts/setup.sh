@@ -11,9 +11,9 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q -e ".[test,api,trackers]"
 
-if ! command -v redis-server >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 || ! command -v bwrap >/dev/null 2>&1; then
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends redis-server chromium chromium-driver >/dev/null
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends redis-server chromium chromium-driver bubblewrap >/dev/null
 fi
 
 if [ "${1:-}" = "--vllm" ]; then
