@@ -166,3 +166,35 @@ def test_sft_alone_without_eval_runs_on_the_trainer_only(ray_head, tiny_model, s
     assert [len(e["actors"]) for e in events if e["type"] == "actors_ready"] == [1]
     assert not [e for e in events if e["type"] == "weight_sync"]
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_each_stage_carries_its_part_of_the_plan(tiny_model, sft_files, tmp_path):
+    """The pipeline counts the steps once (the plan's step ranges) and the driver's evaluation
+    schedule and role factories read the stage's plan, not the spec's placement."""
+    from orchestrator.stages.evaluation import Evaluator
+    from orchestrator.stages.pipeline import plan_stages
+
+    spec = parse_spec(pipeline_spec(tiny_model, *sft_files, tmp_path / "run"))
+    _, stages = plan_stages(spec)
+    assert [(s.plan.name, s.plan.algorithm, s.first_step, s.last_step) for s in stages] == [("sft", "sft", 1, 3), ("grpo", "grpo", 4, 5)]
+    assert [(s.plan.first_step, s.plan.last_step) for s in stages] == [(1, 3), (4, 5)]
+    due = [[step for step in range(s.first_step, s.last_step + 1) if Evaluator(s.eval_set, 2, s.plan).due(step)] for s in stages]
+    assert due == [[2, 3], [5]]  # every 2 steps of each stage, and at its last
+
+
+@pytest.mark.parametrize("resources, optim, expect", [
+    ({}, {}, {"sampling_seed": 0, "step_spec": True}),  # a lone CPU trainer samples and runs whole steps
+    ({"rollout_in": "actor"}, {}, {}),  # rollout actors sample: the trainer only trains
+    ({}, {"kl_coef": 0.1}, {"sampling_seed": 0, "reference_copy": True}),  # it keeps the reference: no whole steps
+])
+def test_the_trainer_factory_adds_the_parts_the_plan_gives_it(tiny_model, arith_file, tmp_path, resources, optim, expect):
+    from orchestrator.core.plan import make_plan
+    from orchestrator.stages.roles import FACTORIES, driver_rewards
+
+    spec = parse_spec(tiny_spec(tiny_model, arith_file, tmp_path / "run", resources=resources, optim=optim))
+    stage = make_plan(spec).stages[0]
+    kwargs = FACTORIES["trainer"](spec, stage).kwargs(0)
+    parts = {k: (kwargs[k] is spec if k == "step_spec" else kwargs[k]) for k in ("sampling_seed", "step_spec", "reference_copy") if k in kwargs}
+    assert parts == expect
+    assert ("rollout" in [r.role for r in stage.roles]) == ("sampling_seed" not in expect)
+    assert driver_rewards(spec, stage) is not None  # function rewards: scored in the driver (also the held-out set)

@@ -161,9 +161,9 @@ def test_every_bundle_holds_what_its_actors_ask_for(resources):
     ({"resources": {"trainer": {"replicas": 2}}}, False),  # two trainer replicas update together
 ])
 def test_actors_spin_only_when_they_compute_one_at_a_time(sections, alone):
-    from orchestrator.runtime.placement import PASSIVE, SPIN, actor_env
+    from orchestrator.runtime.placement import PASSIVE, SPIN, actor_env, stage_plan
 
-    env = actor_env(spec(**sections))
+    env = actor_env(stage_plan(spec(**sections)))
     assert env == {"TOKENIZERS_PARALLELISM": "false", **(SPIN if alone else PASSIVE)}
 
 

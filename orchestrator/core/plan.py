@@ -206,6 +206,15 @@ class WeightSyncPlan:
 
 @dataclass(frozen=True)
 class StagePlan:
+    """One stage: what it starts and where each phase of its step runs. The driver, the role factories
+    (orchestrator/stages/roles.py), placement and weight sync read it and nothing of the spec's placement.
+
+    `phases` maps rollout, reference, reward, update and critic to where each runs: a role's actors
+    ("rollout", "reference", "reward", "trainer", "critic"), "driver" (reward functions in the driver
+    process), or None (the stage has no such phase). A new way to run a phase is a new value here,
+    not a new flag. `first_step..last_step` are the stage's global step numbers (None until its data
+    is read, for a stage counted in `epochs`: `Plan.with_epoch_steps`, `with_steps`)."""
+
     name: str | None  # None: the job has no stages
     index: int
     algorithm: str
@@ -223,7 +232,19 @@ class StagePlan:
     last_step: int | None
 
     def where(self, phase: str) -> str | None:
+        """Where `phase` runs: a role, "driver", or None."""
         return dict(self.phases)[phase]
+
+    def with_steps(self, first_step: int, steps_per_epoch: int) -> StagePlan:
+        """The stage with its step range from `first_step`, given its data's steps per epoch (`optim.steps`
+        wins over `epochs`): the one place a stage's step count is worked out."""
+        steps = self.steps or self.epochs * steps_per_epoch
+        return replace(self, first_step=first_step, last_step=first_step + steps - 1)
+
+    @property
+    def cpus(self) -> float:
+        """The CPUs of its placement group."""
+        return sum(b.cpu for b in self.bundles)
 
     def role(self, name: str) -> RolePlan | None:
         return next((r for r in self.roles if r.role == name), None)
@@ -239,6 +260,10 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class Plan:
+    """A job's plan: its stages in order (each a `StagePlan`, run one after another on its own
+    placement group), the driver's CPUs and what the job holds at once. Frozen: built once per
+    validated spec (`make_plan`); the step ranges are filled in once the data is read (`with_epoch_steps`)."""
+
     job: str
     stages: tuple[StagePlan, ...]
     driver_cpus: float  # the driver's CPUs (the Ray job's entrypoint_num_cpus): the most any stage asks for
@@ -251,11 +276,10 @@ class Plan:
     def with_epoch_steps(self, steps_per_epoch: list[int]) -> Plan:
         """The plan with every stage's step range, given each stage's steps per epoch of its data
         (a stage with `optim.steps` keeps its own)."""
-        stages, offset = [], 0
+        stages, first = [], 1
         for stage, per_epoch in zip(self.stages, steps_per_epoch, strict=True):
-            steps = stage.steps or stage.epochs * per_epoch
-            stages.append(replace(stage, first_step=offset + 1, last_step=offset + steps))
-            offset += steps
+            stages.append(stage.with_steps(first, per_epoch))
+            first = stages[-1].last_step + 1
         return replace(self, stages=tuple(stages))
 
     def as_dict(self) -> dict[str, Any]:

@@ -12,8 +12,15 @@ from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.core.batch import Batch, even_bounds
-from orchestrator.core.layout import COLOCATABLE, Layout, driver_cpus, plan, stage_plan  # noqa: F401  (re-exported: the driver places by them)
-from orchestrator.core.spec import JobSpec
+from orchestrator.core.layout import (  # noqa: F401  (re-exported: the driver places by them)
+    COLOCATABLE,
+    Layout,
+    driver_cpus,
+    layout_of,
+    plan,
+    stage_plan,
+)
+from orchestrator.core.plan import StagePlan
 
 # OpenMP threads (libgomp, in torch's CPU builds) that finish a parallel region spin GOMP_SPINCOUNT
 # times before they sleep (libgomp's default, with no OMP_WAIT_POLICY: 300000, about 3 ms). An actor
@@ -29,10 +36,10 @@ SPIN = {"GOMP_SPINCOUNT": "30000"}  # (set, not left to libgomp: the raylet may 
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
 
 
-def actor_env(spec: JobSpec) -> dict[str, str]:
-    """The environment of the job's actors: OpenMP threads that spin while the actors compute one at a
+def actor_env(stage: StagePlan) -> dict[str, str]:
+    """The environment of the stage's actors: OpenMP threads that spin while the actors compute one at a
     time (the plan's `one_at_a_time`), that sleep at once where two compute together."""
-    return {"TOKENIZERS_PARALLELISM": "false", **(SPIN if stage_plan(spec).one_at_a_time else PASSIVE)}
+    return {"TOKENIZERS_PARALLELISM": "false", **(SPIN if stage.one_at_a_time else PASSIVE)}
 
 
 def pinned_threads(requested: int | None, declared_cpus: float) -> int | None:
@@ -47,10 +54,10 @@ def pinned_threads(requested: int | None, declared_cpus: float) -> int | None:
     return min(requested or cap, cap)
 
 
-def role_threads(spec: JobSpec, layout: Layout, role: str) -> int | None:
-    """`pinned_threads` for one actor of `role`, by the CPUs it asks Ray for (a trainer that samples or
-    keeps the reference counts those roles' CPUs too: core/plan.py `RolePlan.num_cpus`)."""
-    return pinned_threads(spec.resources.torch_threads, layout.actor_resources[role]["num_cpus"])
+def role_threads(torch_threads: int | None, stage: StagePlan, role: str) -> int | None:
+    """`pinned_threads` (`resources.torch_threads` asked) for one actor of `role`, by the CPUs it asks Ray
+    for (a trainer that samples or keeps the reference counts those roles' CPUs too: `RolePlan.num_cpus`)."""
+    return pinned_threads(torch_threads, stage.role(role).num_cpus)
 
 
 def thread_env(threads: int | None) -> dict[str, str]:

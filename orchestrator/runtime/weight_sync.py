@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from orchestrator.core.plan import sync_path
+from orchestrator.core.plan import WeightSyncPlan, sync_path
 
 if TYPE_CHECKING:
     from orchestrator.core.spec import JobSpec
@@ -109,10 +109,12 @@ class CudaIpcSync(WeightSync):
 PATHS: dict[str, type[WeightSync]] = {cls.method: cls for cls in (ObjectStoreSync, SharedMemorySync, NcclSync, CudaIpcSync)}
 
 
-def setup(spec: JobSpec, trainers: ActorGroup, rollouts: ActorGroup, tag: str, wait: Wait) -> WeightSync:
-    """The path `choose` picks, prepared, its calls waited for with `wait`. One that cannot be prepared
-    falls back to the object store, with the reason why; one the spec names explicitly raises instead."""
-    method, reason = choose(spec)
+def setup(spec: JobSpec, trainers: ActorGroup, rollouts: ActorGroup, tag: str, wait: Wait,
+          planned: WeightSyncPlan | None = None) -> WeightSync:
+    """The path the stage's plan names (`planned`; None: the one `choose` picks), prepared, its calls waited
+    for with `wait`. One that cannot be prepared falls back to the object store, with the reason why; one
+    the spec names explicitly raises instead."""
+    method, reason = (planned.method, planned.reason) if planned is not None else choose(spec)
     path = PATHS[method](trainers, rollouts, reason, wait)
     failed = path.prepare(spec, tag)
     if failed is None:

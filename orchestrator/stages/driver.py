@@ -13,21 +13,26 @@ from concurrent.futures import Future
 import ray
 import torch
 
-from orchestrator.stages import evaluation
-
-from orchestrator.runtime import stopping, waits, weight_sync
 from orchestrator.core import algos, checkpoint, storage
 from orchestrator.core.advantages import compute_advantages
 from orchestrator.core.batch import Batch, concat, tensors_from_wire
 from orchestrator.core.data import PromptDataset, PromptSampler
+from orchestrator.core.plan import StagePlan
 from orchestrator.core.spec import JobSpec
-from orchestrator.runtime.placement import ActorGroup, actor_env, create_placement_group, driver_cpus, pinned_threads, plan, role_threads, spawn_group
-from orchestrator.runtime.registry import rollout_class, trainer_class
 from orchestrator.reporting.reporters import Reporter
+from orchestrator.runtime import stopping, waits, weight_sync
+from orchestrator.runtime.placement import (
+    ActorGroup,
+    actor_env,
+    create_placement_group,
+    layout_of,
+    role_threads,
+    spawn_group,
+    stage_plan,
+)
 from orchestrator.runtime.waits import PhaseTimeout  # noqa: F401  (re-exported: run.py names its error code)
+from orchestrator.stages import evaluation, roles
 from workers.common import load_tokenizer
-from workers.critic import Critic
-from workers.reference import Reference
 from workers.reward import RewardWorker
 
 
@@ -76,23 +81,31 @@ class Orchestrator:
     # Whether the rollouts get the new weights after every step (an SFT stage syncs only to evaluate).
     syncs_every_step = True
 
-    def __init__(self, spec: JobSpec, dataset: PromptDataset, reporter: Reporter, job_id: str, eos_token_id: int, pad_token_id: int):
+    def __init__(self, spec: JobSpec, dataset: PromptDataset, reporter: Reporter, job_id: str, eos_token_id: int, pad_token_id: int,
+                 stage: StagePlan | None = None, eval_set=None):
+        """`stage`: the stage's plan, with its step range (the pipeline's; None: the plan of `spec` alone,
+        from step 1). `eval_set`: held-out prompts (or pairs) to evaluate on, on the schedule `eval.every` gives."""
         self.spec, self.dataset, self.reporter, self.job_id = spec, dataset, reporter, job_id
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.sampler = PromptSampler(len(dataset), spec.optim.prompts_per_step, spec.optim.seed, spec.data.shuffle)
-        self.total_steps = spec.optim.steps or spec.optim.epochs * self.sampler.steps_per_epoch
+        stage = stage or stage_plan(spec)
+        self.stage = stage if stage.last_step is not None else stage.with_steps(1, self.sampler.steps_per_epoch)
         self.groups: dict[str, ActorGroup] = {}
         self.placement_group = None
-        # Set by the pipeline when the job has a held-out set: (orchestrator, step) -> eval metrics.
-        self.evaluator = None
+        self.evaluator = evaluation.Evaluator(eval_set, spec.eval.every, self.stage) if eval_set is not None else None
         opt = spec.optim
         self.num_mini_batches = spec.samples_per_step // (opt.mini_batch_size or spec.samples_per_step)
         self.on_policy = self.num_mini_batches == 1 and opt.ppo_epochs == 1
         # Behaviour log-probs feed off-policy ratios, KL and IS correction; an on-policy step without them skips them.
-        self.need_logprobs = not self.on_policy or spec.needs_reference or spec.rollout.importance_sampling.enabled
+        self.need_logprobs = not self.on_policy or self.stage.where("reference") is not None or spec.rollout.importance_sampling.enabled
         self.weight_sync: weight_sync.WeightSync | None = None  # the path `setup_weight_sync` prepares
         self.local_rewards: RewardWorker | None = None  # the rewards, when computed in this process (`resources.reward_in`)
         self.current_step = 0
+
+    @property
+    def total_steps(self) -> int:
+        """The global number of the stage's last step (steps are numbered across the job)."""
+        return self.stage.last_step
 
     # ------------------------------------------------------------ the loop
     def fit(self, start_step: int = 0) -> dict[str, float]:
@@ -101,8 +114,8 @@ class Orchestrator:
         for step in range(start_step + 1, self.total_steps + 1):
             self.current_step = step
             last = self.train_step(step)
-            if self.evaluator is not None:
-                last.update(self.evaluator(self, step))
+            if self.evaluator is not None and self.evaluator.due(step):
+                last.update(self.evaluate(self.evaluator.dataset))
             self.reporter.metrics(step, last)
             if (every and step % every == 0) or step == self.total_steps or stopping.requested():
                 self.save_checkpoint(step)
@@ -113,7 +126,7 @@ class Orchestrator:
     def train_step(self, step: int) -> dict[str, float]:
         timing: dict[str, float] = {}
         start = time.perf_counter()
-        if self.spec.steps_in_trainer:  # a lone trainer that samples runs every phase below in one call
+        if self.stage.one_call_step:  # a lone trainer that samples runs every phase below in one call
             batch, per_source, metrics = self.whole_step(step, timing)
         else:
             batch = self.generate(step, timing)
@@ -200,7 +213,7 @@ class Orchestrator:
 
     def whole_step(self, step: int, timing: dict) -> tuple[Batch, dict[str, torch.Tensor], dict[str, float]]:
         """generate, score, advantages and update as one call to the lone policy trainer
-        (`JobSpec.steps_in_trainer`): it samples, scores with the reward functions, and updates in place."""
+        (the plan's `one_call_step`): it samples, scores with the reward functions, and updates in place."""
         t0 = time.perf_counter()
         prompts, extras = self.step_prompts(step)
         opt = self.spec.optim
@@ -216,15 +229,14 @@ class Orchestrator:
     @property
     def rollout_group(self) -> ActorGroup:
         """Who samples the completions: the rollout actors, or the policy trainers themselves (`resources.rollout_in`)."""
-        return self.groups["trainer"] if self.spec.rollouts_in_trainer else self.groups["rollout"]
+        return self.groups[self.stage.where("rollout")]
 
     @property
     def reference_group(self) -> ActorGroup | None:
         """Who computes the reference log-probs: the reference actors, or the policy trainers (a LoRA
         policy's frozen base, or a copy: `resources.reference_in`); None when the step needs none."""
-        if "reference" in self.groups:
-            return self.groups["reference"]
-        return self.groups["trainer"] if self.spec.reference_in_trainer else None
+        where = self.stage.where("reference")
+        return None if where is None else self.groups[where]
 
     @property
     def weights_in_update(self) -> bool:
@@ -243,18 +255,25 @@ class Orchestrator:
     def setup_weight_sync(self) -> None:
         """Pick how weights travel (`rollout.weight_sync`, see orchestrator/runtime/weight_sync.py) and prepare it;
         reported as a `weight_sync` event."""
-        if self.spec.rollouts_in_trainer:
+        planned = self.stage.weight_sync
+        if planned is None:  # an SFT stage that does not evaluate has no rollouts to sync
+            return
+        if planned.method == "none":
             self.reporter.event("weight_sync", "no weight sync: the trainers sample the completions with their own weights",
-                                method="none", reason="resources.rollout_in: the trainers are the rollouts")
+                                method="none", reason=planned.reason)
             return
-        if "rollout" not in self.groups:  # an SFT stage that does not evaluate has no rollouts to sync
-            return
-        path = self.weight_sync = weight_sync.setup(self.spec, self.groups["trainer"], self.groups["rollout"], self.job_id, self.wait)
+        path = self.weight_sync = weight_sync.setup(self.spec, self.groups["trainer"], self.groups["rollout"], self.job_id, self.wait, planned)
         self.reporter.event("weight_sync", f"weights sync by {path.method} ({path.reason})", method=path.method, reason=path.reason)
 
     def evaluate(self, dataset: PromptDataset) -> dict[str, float]:
-        """Held-out metrics (`eval/...`): greedy completions of the prompts, scored by the job's rewards."""
-        return evaluation.evaluate(self, dataset)
+        """Held-out metrics (`eval/...`): greedy completions of the prompts on whoever samples, scored by
+        the job's rewards, with the trainer's current policy (a stage that does not sync every step syncs first)."""
+        start = time.perf_counter()
+        if not self.syncs_every_step:
+            self.sync_weights()
+        out = evaluation.evaluate(dataset, self.rollout_group, self.score_rewards, self.wait)
+        out["timing/eval"] = time.perf_counter() - start
+        return out
 
     def throughput(self, batch: Batch, timing: dict) -> dict[str, float]:
         accounted = sum(timing.get(k, 0.0) for k in ("generate_compute", "advantages", "weight_sync"))
@@ -269,54 +288,23 @@ class Orchestrator:
 
     # ------------------------------------------------------------ setup and checkpoints
     def start(self) -> None:
-        spec, res = self.spec, self.spec.resources
-        layout = plan(spec)
-        self.reporter.event("placement", f"placing {', '.join(spec.roles)} in {len(layout.bundles)} bundles", bundles=layout.bundles)
+        """Place the stage's roles as its plan says: one factory per role (orchestrator/stages/roles.py)."""
+        spec, stage = self.spec, self.stage
+        layout = layout_of(stage)
+        started = [r.role for r in stage.roles]
+        self.reporter.event("placement", f"placing {', '.join(started)} in {len(layout.bundles)} bundles", bundles=layout.bundles)
         pg = self.placement_group = create_placement_group(layout, self.job_id)
-        m, opt = spec.model, spec.optim
-        common = dict(dtype=m.dtype)  # (and each role's threads: placement.role_threads)
-        trust = m.trust_remote_code  # the policy's; every other model loads with its own (spec.py: a trust decision per model)
-        # Engine options only the vLLM backend takes: tensor parallelism and sleep/wake when colocated.
-        # The reference scores samples at the rollouts' temperature; a stage without rollouts (DPO) at 1.
-        ref_temperature = spec.rollout.temperature if spec.algo.rollouts else 1.0
-        # A policy trainer's LoRA adapters, and the temperature it scores at when it is its own reference (LoRA).
-        policy_options = dict(lora=m.lora, reference_temperature=ref_temperature) if spec.algo.produces == "policy" else {}
-        if spec.reference_copy_in_trainer:  # (and keeps a frozen copy of the weights to score with)
-            policy_options["reference_copy"] = True
-        # A trainer that is also the rollout samples with replica i's rollout seed; a lone one runs whole steps.
-        whole_steps = dict(step_spec=spec) if spec.steps_in_trainer else {}
-        sampling = (lambda i: dict(sampling_seed=opt.seed + i, **whole_steps)) if spec.rollouts_in_trainer else (lambda i: {})
-        vllm_options = dict(tensor_parallel_size=spec.rollout.tensor_parallel_size, colocate=res.colocate) if spec.rollout.backend == "vllm" else {}
-
-        def sharded(role: str, i: int) -> dict:  # in a sharded role only rank 0 reads the weights; it sends the others their shards
-            return {"shard_rank": i} if getattr(res, role).strategy == "fsdp" and getattr(res, role).replicas > 1 else {}
-
-        makers = {
-            "rollout": (rollout_class(spec.rollout.backend), lambda i: dict(model_path=m.path, n=spec.rollout.n, max_new_tokens=spec.rollout.max_new_tokens,
-                                                   temperature=spec.rollout.temperature, top_p=spec.rollout.top_p, seed=opt.seed + i,
-                                                   num_gpus=res.rollout.num_gpus, trust_remote_code=trust, **common, **vllm_options)),
-            "trainer": (trainer_class(spec.algorithm.name), lambda i: dict(model_path=spec.trained_model_path, optim=opt, rollout=spec.rollout,
-                                                                          num_gpus=res.trainer.num_gpus, trust_remote_code=spec.trained_model_trust, **policy_options, **common,
-                                                                          **sharded("trainer", i), **sampling(i))),
-            "reward": (RewardWorker, lambda i: dict(sources=spec.reward_sources, tokenizer_path=m.path, num_gpus=res.reward.num_gpus,
-                                                    trust_remote_code=trust, **common)),
-            "reference": (Reference, lambda i: dict(model_path=m.path, temperature=ref_temperature,
-                                                    micro_batch_size=opt.micro_batch_size, micro_batch_tokens=opt.micro_batch_tokens,
-                                                    num_gpus=res.reference.num_gpus, trust_remote_code=trust, **common, **sharded("reference", i))),
-            "critic": (Critic, lambda i: dict(model_path=m.critic_path or m.path, optim=opt, num_gpus=res.critic.num_gpus, trust_remote_code=m.critic_trust, **common,
-                                              lora=m.lora if m.lora and m.lora.critic else None, **sharded("critic", i))),
-        }
-        env = actor_env(spec)
-        for role in spec.roles:
-            cls, make_kwargs = makers[role]
-            self.groups[role] = spawn_group(cls, role, self.job_id, pg, layout, make_kwargs, env, role_threads(spec, layout, role))
-        if spec.scores_with_rewards and spec.rewards_in_driver:  # (functions only: no device, no actor)
-            self.local_rewards = RewardWorker(spec.reward_sources, m.path, m.dtype, trust, threads=pinned_threads(res.torch_threads, driver_cpus(spec)))
+        env = actor_env(stage)
+        for role in started:
+            factory = roles.FACTORIES[role](spec, stage)
+            threads = role_threads(spec.resources.torch_threads, stage, role)
+            self.groups[role] = spawn_group(factory.cls, role, self.job_id, pg, layout, factory.kwargs, env, threads)
+        self.local_rewards = roles.driver_rewards(spec, stage)  # (functions only: no device, no actor)
         self.wait_started()
         self._init_data_parallel("trainer")
         if "critic" in self.groups:
             self._init_data_parallel("critic")
-        if "reference" in self.groups and res.reference.strategy == "fsdp":  # (plain reference replicas need no process group)
+        if "reference" in self.groups and spec.resources.reference.strategy == "fsdp":  # (plain reference replicas need no process group)
             self._init_data_parallel("reference")
         self.setup_weight_sync()
         names = [f"{self.job_id}/{r}-{i}" for r, g in self.groups.items() for i in range(len(g))]

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.runtime import stopping
 from orchestrator.core import checkpoint, storage
 from orchestrator.core.data import PromptSampler, load_dataset
+from orchestrator.core.plan import StagePlan, make_plan, plan_stage
 from orchestrator.core.spec import JobSpec, SpecError
+from orchestrator.reporting.reporters import FileReporter, MultiReporter
+from orchestrator.runtime import stopping
 from orchestrator.runtime.recovery import RestartBudget, RestartsExhausted, lost_process
 from orchestrator.runtime.registry import driver_class
-from orchestrator.reporting.reporters import FileReporter, MultiReporter
 from workers.common import ModelLoadError
 
 
@@ -34,15 +35,22 @@ class Stage:
     eval_set: Any  # PromptDataset, PreferenceDataset (rm, dpo) or None
     first_step: int  # global step numbers of the stage: first_step .. last_step
     last_step: int
+    plan: StagePlan | None = None  # the stage's part of the job's plan (None: planned here from `spec`, with these steps)
+
+    def __post_init__(self) -> None:
+        if self.plan is None:
+            planned = dataclasses.replace(plan_stage(self.spec, self.name, self.index), first_step=self.first_step, last_step=self.last_step)
+            object.__setattr__(self, "plan", planned)
 
 
 def plan_stages(spec: JobSpec) -> tuple[Any, list[Stage]]:
-    """(tokenizer, stages): every stage's data, eval data and rewards checked before any actor starts.
+    """(tokenizer, stages): every stage's data, eval data and rewards checked before any actor starts,
+    and each stage's part of the job's plan (core/plan.py) with its step range, once the data is read.
 
     Later stages are checked against the first stage's model, which their checkpoints descend from."""
-    tokenizer, stages, offset = None, [], 0
+    tokenizer, read = None, []
     for index, (name, stage_spec) in enumerate(spec.stage_specs()):
-        checked = stage_spec if index == 0 else _with_model(stage_spec, stages[0].spec.model.path)
+        checked = stage_spec if index == 0 else _with_model(stage_spec, read[0][1].model.path)
         tok, dataset = preflight(checked)
         tokenizer = tokenizer or tok
         d = stage_spec.data
@@ -51,11 +59,11 @@ def plan_stages(spec: JobSpec) -> tuple[Any, list[Stage]]:
             # Held-out prompts (scored by the rewards) or preference pairs (rm, dpo), read as the stage reads its data.
             eval_set = load_dataset(stage_spec.algo.eval_data, d.eval_file, _data_tokenizer(checked, tok), d)
             eval_set = eval_set.head(stage_spec.eval.max_samples or len(eval_set))
-        sampler = PromptSampler(len(dataset), stage_spec.optim.prompts_per_step, stage_spec.optim.seed)
-        steps = stage_spec.optim.steps or stage_spec.optim.epochs * sampler.steps_per_epoch
-        stages.append(Stage(name, index, stage_spec, dataset, eval_set, offset + 1, offset + steps))
-        offset += steps
-    return tokenizer, stages
+        read.append((name, stage_spec, dataset, eval_set))
+    per_epoch = [PromptSampler(len(dataset), s.optim.prompts_per_step, s.optim.seed).steps_per_epoch for _, s, dataset, _ in read]
+    plan = make_plan(spec).with_epoch_steps(per_epoch)
+    return tokenizer, [Stage(name, i, s, dataset, eval_set, p.first_step, p.last_step, p)
+                       for i, ((name, s, dataset, eval_set), p) in enumerate(zip(read, plan.stages, strict=True))]
 
 
 def preflight(spec: JobSpec):
@@ -99,8 +107,9 @@ def _data_tokenizer(spec: JobSpec, policy_tokenizer):
     return load_tokenizer(path, spec.trained_model_trust)
 
 
-def connect_ray(spec: JobSpec) -> None:
-    """Join the cluster when there is one (RAY_ADDRESS, set by `ray job submit`); else start Ray here."""
+def connect_ray(spec: JobSpec, cpus: float | None = None) -> None:
+    """Join the cluster when there is one (RAY_ADDRESS, set by `ray job submit`); else start Ray here,
+    with at least `cpus` CPUs (None: the largest placement group of the spec's plan)."""
     import ray
 
     if ray.is_initialized():
@@ -110,7 +119,7 @@ def connect_ray(spec: JobSpec) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    wanted = _cpus(spec)
+    wanted = cpus if cpus is not None else max(s.cpus for s in make_plan(spec).stages)
     cores = len(os.sched_getaffinity(0))
     ray.init(address="local", num_cpus=max(cores, int(wanted + 0.999)), include_dashboard=False, log_to_driver=True)
 
@@ -122,7 +131,7 @@ def run_stages(stages: list[Stage], tokenizer, job_id: str, reporter: MultiRepor
     for stage in stages:
         if stage.dataset.dropped:
             _tagged(reporter, stage).event("warning", f"dropped {stage.dataset.dropped} prompts longer than {stage.dataset.length_limits}")
-    connect_ray(max((s.spec for s in stages), key=_cpus))
+    connect_ray(spec, max(s.plan.cpus for s in stages))
     stopping.install()  # again: ray.init replaced the SIGTERM handler
     reporter.add(RayMetricsReporter(job_id, stage=stages[0].name or spec.algorithm.name))
     start_step, latest = 0, checkpoint.latest(spec.checkpoint_dir) if resume else None
@@ -250,14 +259,9 @@ def run_stage(stage: Stage, model_path: str, tokenizer, job_id: str, reporter, r
 
 
 def _stage_driver(stage: Stage, model_path: str, tokenizer, job_id: str, reporter):
-    from orchestrator.stages.evaluation import Evaluator
-
     spec = _with_model(stage.spec, model_path)
-    orch = driver_class(spec.algorithm.name)(spec, stage.dataset, reporter, job_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    orch.total_steps = stage.last_step  # steps are numbered across the job
-    if stage.eval_set is not None:
-        orch.evaluator = Evaluator(stage.eval_set, spec.eval.every, stage.first_step)
-    return orch
+    return driver_class(spec.algorithm.name)(spec, stage.dataset, reporter, job_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                             stage=stage.plan, eval_set=stage.eval_set)
 
 
 def _newest_in_stage(stage: Stage):
@@ -279,12 +283,6 @@ def _with_model(spec: JobSpec, path: str) -> JobSpec:
     if spec.model.path == path:
         return spec
     return spec.model_copy(update={"model": spec.model.model_copy(update={"path": path})})
-
-
-def _cpus(spec: JobSpec) -> float:
-    from orchestrator.runtime.placement import plan
-
-    return sum(b.get("CPU", 0) for b in plan(spec).bundles)
 
 
 def _wait_released(names: list[str], timeout_s: float = 30) -> None:

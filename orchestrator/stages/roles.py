@@ -1,0 +1,102 @@
+"""One factory per role: the class a role's actors run and replica i's constructor arguments, read
+from the stage's spec (models, optimiser, sampling) and its plan (where each phase runs).
+
+`FACTORIES[role](spec, stage)` gives a `RoleFactory`; the driver spawns `stage.roles` with them
+(orchestrator/runtime/placement.py `spawn_group` adds each actor's threads). Every model loads
+with its own trust decision (core/spec.py): the policy's `model.trust_remote_code`, the critic's
+and a trained model's their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.core.plan import StagePlan
+from orchestrator.core.spec import JobSpec
+from orchestrator.runtime.placement import pinned_threads
+from orchestrator.runtime.registry import rollout_class, trainer_class
+from workers.critic import Critic
+from workers.reference import Reference
+from workers.reward import RewardWorker
+
+
+@dataclass(frozen=True)
+class RoleFactory:
+    cls: type
+    kwargs: Callable[[int], dict[str, Any]]  # replica i -> its constructor kwargs (but `threads`)
+
+
+def reference_temperature(spec: JobSpec) -> float:
+    """The temperature reference log-probs are taken at: the rollouts' (a stage without rollouts, DPO: 1)."""
+    return spec.rollout.temperature if spec.algo.rollouts else 1.0
+
+
+def _sharded(spec: JobSpec, role: str, i: int) -> dict[str, Any]:
+    """In a sharded role only rank 0 reads the weights; it sends the others their shards."""
+    res = getattr(spec.resources, role)
+    return {"shard_rank": i} if res.strategy == "fsdp" and res.replicas > 1 else {}
+
+
+def rollout(spec: JobSpec, stage: StagePlan) -> RoleFactory:
+    m, r, res = spec.model, spec.rollout, spec.resources
+    # Engine options only the vLLM backend takes: tensor parallelism and sleep/wake when colocated.
+    vllm = {"tensor_parallel_size": r.tensor_parallel_size, "colocate": res.colocate} if r.backend == "vllm" else {}
+    return RoleFactory(rollout_class(r.backend), lambda i: dict(
+        model_path=m.path, n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+        seed=spec.optim.seed + i, num_gpus=res.rollout.num_gpus, trust_remote_code=m.trust_remote_code, dtype=m.dtype, **vllm))
+
+
+def trainer(spec: JobSpec, stage: StagePlan) -> RoleFactory:
+    """The trainer, with the parts the plan gives it: the sampler (`phases.rollout` on the trainer:
+    replica i samples with rollout seed `seed + i`), the reference (a LoRA policy's frozen base, or a
+    kept copy), and, for a step that is one call, the reward functions (the job's spec)."""
+    m, opt = spec.model, spec.optim
+    options: dict[str, Any] = {}
+    if spec.algo.produces == "policy":  # LoRA adapters, and the temperature it scores at when it is its own reference
+        options.update(lora=m.lora, reference_temperature=reference_temperature(spec))
+    if stage.reference_copy:
+        options["reference_copy"] = True
+    if stage.one_call_step:
+        options["step_spec"] = spec
+    samples = stage.where("rollout") == "trainer"
+    return RoleFactory(trainer_class(spec.algorithm.name), lambda i: dict(
+        model_path=spec.trained_model_path, optim=opt, rollout=spec.rollout, num_gpus=spec.resources.trainer.num_gpus,
+        trust_remote_code=spec.trained_model_trust, **options, dtype=m.dtype, **_sharded(spec, "trainer", i),
+        **({"sampling_seed": opt.seed + i} if samples else {})))
+
+
+def reward(spec: JobSpec, stage: StagePlan) -> RoleFactory:
+    m = spec.model
+    return RoleFactory(RewardWorker, lambda i: {"sources": spec.reward_sources, "tokenizer_path": m.path, "num_gpus": spec.resources.reward.num_gpus,
+                                                    "trust_remote_code": m.trust_remote_code, "dtype": m.dtype})
+
+
+def reference(spec: JobSpec, stage: StagePlan) -> RoleFactory:
+    m, opt = spec.model, spec.optim
+    return RoleFactory(Reference, lambda i: dict(
+        model_path=m.path, temperature=reference_temperature(spec), micro_batch_size=opt.micro_batch_size,
+        micro_batch_tokens=opt.micro_batch_tokens, num_gpus=spec.resources.reference.num_gpus, trust_remote_code=m.trust_remote_code,
+        dtype=m.dtype, **_sharded(spec, "reference", i)))
+
+
+def critic(spec: JobSpec, stage: StagePlan) -> RoleFactory:
+    m = spec.model
+    return RoleFactory(Critic, lambda i: dict(
+        model_path=m.critic_path or m.path, optim=spec.optim, num_gpus=spec.resources.critic.num_gpus, trust_remote_code=m.critic_trust,
+        dtype=m.dtype, lora=m.lora if m.lora and m.lora.critic else None, **_sharded(spec, "critic", i)))
+
+
+FACTORIES: dict[str, Callable[[JobSpec, StagePlan], RoleFactory]] = {
+    "rollout": rollout, "trainer": trainer, "reward": reward, "reference": reference, "critic": critic}
+
+
+def driver_rewards(spec: JobSpec, stage: StagePlan) -> RewardWorker | None:
+    """The reward functions in the driver's own process, where the plan scores in the driver (or in a
+    trainer that runs whole steps: the driver still scores the held-out prompts); else None."""
+    if stage.where("reward") not in ("driver", "trainer"):
+        return None
+    m = spec.model
+    return RewardWorker(spec.reward_sources, m.path, m.dtype, m.trust_remote_code,
+                        threads=pinned_threads(spec.resources.torch_threads, stage.driver_cpus))
