@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from orchestrator.core.environments import (
     AssistantTurn,
@@ -30,7 +30,7 @@ class PythonToolEnv(ToolEnvironment):
     """The calculator task with a `python` tool: the code runs in a sandbox (a plain `Sandbox`, or a
     `SandboxPool` of Ray actors shared by every trajectory), and its output is the tool message."""
 
-    tools = [tool_spec("python", "Run Python code (standard library only) and see what it prints.",
+    tools: ClassVar[list[dict[str, Any]]] = [tool_spec("python", "Run Python code (standard library only) and see what it prints.",
                        {"code": {"type": "string"}}, ["code"])]
 
     def __init__(self, sandbox: Sandbox | SandboxPool | None = None, limits: Limits | None = None):
@@ -49,7 +49,7 @@ class ReasoningGymEnv:
     and the first turn is the answer, scored by the dataset's own `score_answer` (0.0 to 1.0).
     Single-turn: reasoning-gym has no tools."""
 
-    tools: list[dict[str, Any]] = []
+    tools: ClassVar[list[dict[str, Any]]] = []
 
     def __init__(self, task: str | None = None, size: int = 1000, seed: int = 0, **task_kwargs: Any):
         self.task, self.size, self.seed, self.task_kwargs = task, size, seed, task_kwargs

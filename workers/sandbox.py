@@ -389,6 +389,12 @@ def unit_test_reward(sandbox: Sandbox | SandboxPool, code: str, tests: list[str]
 
 # ---------------------------------------------------------------------- a pool of Ray actors
 
+def _timed_get(refs: list, timeout_s: float) -> list:
+    """The refs' values, all within `timeout_s` (a TimeoutError past it): workers wait with a deadline too."""
+    deadline = time.monotonic() + timeout_s
+    return [ref.future().result(timeout=max(0.0, deadline - time.monotonic())) for ref in refs]
+
+
 class SandboxPool:
     """`size` Ray actors, each a `Sandbox`; calls go round-robin. `run` waits for one call; `run_many`
     submits every call, then waits once. An actor that dies is replaced by Ray (max_restarts)."""
@@ -411,20 +417,14 @@ class SandboxPool:
 
     def run(self, code: str, files: dict[str, str] | None = None, stdin: str = "", limits: Limits | None = None,
             timeout_s: float | None = None) -> SandboxResult:
-        import ray
-
         lim = limits or Limits()
-        return ray.get(self.submit(code, files, stdin, limits), timeout=timeout_s or lim.wall_s + 30)
+        return _timed_get([self.submit(code, files, stdin, limits)], timeout_s or lim.wall_s + 30)[0]
 
     def run_many(self, codes: list[str], limits: Limits | None = None, timeout_s: float = 300) -> list[SandboxResult]:
-        import ray
-
-        return ray.get([self.submit(c, limits=limits) for c in codes], timeout=timeout_s)
+        return _timed_get([self.submit(c, limits=limits) for c in codes], timeout_s)
 
     def properties(self) -> dict[str, bool]:
-        import ray
-
-        return ray.get(self.actors[0].properties.remote(), timeout=60)
+        return _timed_get([self.actors[0].properties.remote()], 60)[0]
 
     def shutdown(self) -> None:
         import ray

@@ -15,7 +15,7 @@ import json
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 Message = dict[str, Any]  # {"role": "system" | "user" | "assistant" | "tool", "content": str, ...}
 
@@ -143,7 +143,7 @@ class ToolEnvironment:
 
     system = ("You can call tools. To call one, write <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>. "
               "When you know the answer, reply with the number alone.")
-    tools: list[dict[str, Any]] = []
+    tools: ClassVar[list[dict[str, Any]]] = []
 
     def reset(self, row: dict[str, Any]) -> list[Message]:
         self.answer = row.get("answer")
@@ -180,7 +180,7 @@ class ToolEnvironment:
 class CalculatorEnv(ToolEnvironment):
     """Multi-digit arithmetic with a `calculator` tool (pure Python, no sandbox needed)."""
 
-    tools = [tool_spec("calculator", "Evaluate an arithmetic expression, e.g. 1234 * 5678.",
+    tools: ClassVar[list[dict[str, Any]]] = [tool_spec("calculator", "Evaluate an arithmetic expression, e.g. 1234 * 5678.",
                        {"expression": {"type": "string"}}, ["expression"])]
 
     def call(self, name: str, arguments: dict[str, Any]) -> tuple[str, dict[str, Any]]:

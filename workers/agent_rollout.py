@@ -1,0 +1,219 @@
+"""Multi-turn rollouts: a model talks with an environment, calls tools, and what it is trained on is exactly
+what it generated plus what was appended for it (token in, token out).
+
+Per turn, the trajectories that are ready (not waiting for a tool) are generated as one batch; each
+one's turn is parsed for Hermes/Qwen `<tool_call>` blocks and handed to its environment on a thread
+pool, and the next batch starts with whichever trajectories have their observations back, so a
+slow tool holds up only its own trajectory. Generated ids are never re-tokenized: the observation's
+ids are the chat template's text after everything so far, tokenized alone, and carry loss mask 0.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from orchestrator.core.algos import logprobs_from_logits
+from orchestrator.core.batch import Batch, build_batch
+from orchestrator.core.environments import (
+    AssistantTurn,
+    Environment,
+    Message,
+    parse_tool_calls,
+)
+
+
+@dataclass
+class Trajectory:
+    """One episode. `ids[:prompt_len]` is the rendered opening; after it, each token is either generated
+    (mask 1, its sampling log-prob) or appended for an observation or the template (mask 0, log-prob 0)."""
+
+    ids: list[int]
+    prompt_len: int
+    messages: list[Message]
+    text: str  # the decoded text of `ids`, which the chat template's rendering must extend
+    env: Environment
+    mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    turns: int = 0
+    tool_calls: int = 0
+    invalid_calls: int = 0
+    tool_errors: int = 0
+    sandbox_s: float = 0.0
+    done: bool = False
+    truncated: bool = False
+
+    @property
+    def reward(self) -> float:
+        return sum(self.rewards)
+
+    @property
+    def response_ids(self) -> list[int]:
+        return self.ids[self.prompt_len :]
+
+
+@dataclass
+class AgentConfig:
+    max_turns: int = 4  # model turns per episode
+    max_tokens: int = 512  # the whole trajectory: prompt, generated and appended tokens
+    max_new_tokens: int = 64  # per turn
+    temperature: float = 1.0
+    tool_threads: int = 8  # environment steps run at once
+
+
+class HFTurnSampler:
+    """One turn for a batch of contexts with transformers' `generate`: (ids, sampling log-probs) per row,
+    cut after the first stop token."""
+
+    def __init__(self, model, tokenizer, temperature: float = 1.0, stop_ids: list[int] | None = None):
+        self.model, self.tok, self.temperature = model, tokenizer, temperature
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.stop_ids = stop_ids or sorted({tokenizer.eos_token_id, *([end] if isinstance(end, int) and end != tokenizer.unk_token_id else [])})
+
+    @torch.no_grad()
+    def __call__(self, contexts: list[list[int]], max_new_tokens: list[int]) -> list[tuple[list[int], list[float]]]:
+        width = max(map(len, contexts))
+        pad = self.tok.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts])
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts])
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(max_new_tokens), do_sample=True,
+                                  temperature=self.temperature, top_p=1.0, top_k=0, eos_token_id=self.stop_ids,
+                                  pad_token_id=pad, return_dict_in_generate=True, output_logits=True)
+        gen = out.sequences[:, width:]
+        logprobs = logprobs_from_logits(torch.stack(out.logits, dim=1).float() / self.temperature, gen)
+        rows = []
+        for i, limit in enumerate(max_new_tokens):
+            row = gen[i, :limit].tolist()
+            stops = [j for j, t in enumerate(row) if t in self.stop_ids]
+            n = stops[0] + 1 if stops else len(row)
+            rows.append((row[:n], logprobs[i, :n].tolist()))
+        return rows
+
+
+class AgentRollout:
+    """Runs episodes of environments with a turn sampler (`HFTurnSampler`, or any callable of the same
+    shape: a scripted policy in tests, a vLLM engine later)."""
+
+    def __init__(self, tokenizer, sample: Callable[[list[list[int]], list[int]], list[tuple[list[int], list[float]]]],
+                 config: AgentConfig | None = None):
+        self.tok, self.sample, self.cfg = tokenizer, sample, config or AgentConfig()
+
+    def render(self, messages: list[Message], tools: list[dict[str, Any]]) -> str:
+        return self.tok.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
+
+    def start(self, env: Environment, row: dict[str, Any]) -> Trajectory:
+        messages = env.reset(row)
+        text = self.render(messages, env.tools)
+        ids = self.tok.encode(text, add_special_tokens=False)
+        return Trajectory(ids=list(ids), prompt_len=len(ids), messages=messages, text=text, env=env)
+
+    def run(self, envs: list[Environment], rows: list[dict[str, Any]]) -> list[Trajectory]:
+        trajs = [self.start(env, row) for env, row in zip(envs, rows)]
+        ready = [t for t in trajs if not self._out_of_budget(t)]
+        pending: dict[cf.Future, tuple[Trajectory, AssistantTurn]] = {}
+        with cf.ThreadPoolExecutor(self.cfg.tool_threads) as pool:
+            while ready or pending:
+                if ready:
+                    for traj, turn in self._generate(ready):
+                        pending[pool.submit(traj.env.step, turn)] = (traj, turn)
+                    ready = []
+                done, _ = cf.wait(list(pending), timeout=600, return_when=cf.FIRST_COMPLETED)
+                if not done:
+                    raise TimeoutError("no environment step finished in 600 s")
+                for fut in done:
+                    traj, turn = pending.pop(fut)
+                    if self._observe(traj, turn, fut.result()):
+                        ready.append(traj)
+        return trajs
+
+    def _out_of_budget(self, traj: Trajectory) -> bool:
+        if len(traj.ids) >= self.cfg.max_tokens:
+            traj.done = traj.truncated = True
+        return traj.done
+
+    def _generate(self, trajs: list[Trajectory]) -> list[tuple[Trajectory, AssistantTurn]]:
+        budgets = [min(self.cfg.max_new_tokens, self.cfg.max_tokens - len(t.ids)) for t in trajs]
+        out = []
+        for traj, (ids, logprobs) in zip(trajs, self.sample([t.ids for t in trajs], budgets)):
+            traj.ids += ids
+            traj.mask += [1] * len(ids)
+            traj.logprobs += logprobs
+            traj.turns += 1
+            text = self.tok.decode(ids, skip_special_tokens=False)
+            traj.text += text
+            content = self.tok.decode([i for i in ids if i not in self._stops()], skip_special_tokens=False)
+            calls, invalid = parse_tool_calls(content)
+            traj.tool_calls += len(calls)
+            traj.invalid_calls += invalid
+            traj.messages.append({"role": "assistant", "content": content})
+            out.append((traj, AssistantTurn(content, calls, invalid)))
+        return out
+
+    def _stops(self) -> set[int]:
+        return set(getattr(self.sample, "stop_ids", None) or [self.tok.eos_token_id])
+
+    def _observe(self, traj: Trajectory, turn: AssistantTurn, res) -> bool:
+        """Record a step's result; append its observation's tokens. True if the trajectory goes on."""
+        traj.rewards.append(float(res.reward))
+        traj.tool_errors += int(res.info.get("tool_errors", 0))
+        traj.sandbox_s += float(res.info.get("sandbox_s", 0.0))
+        if res.done:
+            traj.done = True
+            return False
+        if traj.turns >= self.cfg.max_turns:
+            traj.done = traj.truncated = True
+            return False
+        traj.messages += res.observation
+        full = self.render(traj.messages, traj.env.tools)
+        if not full.startswith(traj.text):
+            # The template rewrote an earlier turn (or the turn ended without its end-of-turn token):
+            # append what follows the last rendering of this turn's content.
+            cut = full.rfind(turn.text) + len(turn.text) if turn.text and turn.text in full else len(full)
+            suffix = full[cut:]
+        else:
+            suffix = full[len(traj.text):]
+        obs_ids = self.tok.encode(suffix, add_special_tokens=False)
+        if len(traj.ids) + len(obs_ids) >= self.cfg.max_tokens:
+            traj.done = traj.truncated = True
+            return False
+        traj.ids += obs_ids
+        traj.mask += [0] * len(obs_ids)
+        traj.logprobs += [0.0] * len(obs_ids)
+        traj.text += suffix
+        return True
+
+
+def to_batch(trajs: list[Trajectory], pad_id: int, n: int = 1) -> Batch:
+    """The trajectories as the one batch contract: response = everything after the opening, response_mask
+    = the loss mask (generated tokens only), logprobs = the sampling log-probs. Trajectories of one
+    prompt must be adjacent, `n` each, and share the opening."""
+    width = max(len(t.response_ids) for t in trajs)
+    responses = torch.full((len(trajs), width), pad_id, dtype=torch.long)
+    valid, mask, logprobs = (torch.zeros(len(trajs), width) for _ in range(3))
+    for i, t in enumerate(trajs):
+        r = len(t.response_ids)
+        responses[i, :r] = torch.tensor(t.response_ids)
+        valid[i, :r] = 1
+        mask[i, :r] = torch.tensor(t.mask, dtype=torch.float)
+        logprobs[i, :r] = torch.tensor(t.logprobs)
+    prompts = [trajs[i].ids[: trajs[i].prompt_len] for i in range(0, len(trajs), n)]
+    return build_batch(prompts, responses, valid, pad_id, n, response_mask=mask, logprobs=logprobs)
+
+
+def agent_metrics(trajs: list[Trajectory]) -> dict[str, float]:
+    """Per-step metrics of a batch of episodes (means per episode, except the counts' totals)."""
+    k = max(1, len(trajs))
+    return {
+        "agent/turns_per_episode": sum(t.turns for t in trajs) / k,
+        "agent/tool_calls": float(sum(t.tool_calls for t in trajs)),
+        "agent/tool_errors": float(sum(t.tool_errors for t in trajs)),
+        "agent/invalid_calls": float(sum(t.invalid_calls for t in trajs)),
+        "agent/sandbox_s": sum(t.sandbox_s for t in trajs),
+        "agent/truncated": sum(t.truncated for t in trajs) / k,
+        "agent/reward_mean": sum(t.reward for t in trajs) / k,
+    }
