@@ -146,3 +146,38 @@ def test_a_slow_tool_stalls_only_its_trajectory(lm):
     rollout = AgentRollout(tok, HFTurnSampler(model, tok), AgentConfig(max_turns=3, max_tokens=200, max_new_tokens=4))
     trajs = rollout.run(envs, [{"prompt": "x"}] * 4)
     assert envs[0].saw_others and all(t.turns == 3 for t in trajs)
+
+
+# Qwen2.5's template, shortened: tools in the system turn; consecutive tool results grouped in one user
+# turn as <tool_response> blocks (whether a turn closes depends on the next message).
+QWEN_STYLE = (
+    "{% if tools %}<|im_start|>system\n{{ messages[0]['content'] if messages[0]['role'] == 'system' else '' }}\n\n# Tools\n<tools>"
+    "{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools><|im_end|>\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% if not tools %}<|im_start|>system\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% elif m['role'] == 'tool' %}"
+    "{% if loop.index0 == 0 or messages[loop.index0 - 1]['role'] != 'tool' %}<|im_start|>user{% endif %}"
+    "{{ '\\n<tool_response>\\n' + m['content'] + '\\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tools_reach_the_prompt_and_grouped_tool_turns_append(tiny_model, lm):
+    from transformers import AutoTokenizer
+
+    model, _ = lm
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = QWEN_STYLE
+    two_calls = format_tool_call("calculator", {"expression": "2 + 2"}) + format_tool_call("calculator", {"expression": "3 * 3"})
+    rollout = AgentRollout(tok, Scripted(model, tok, [two_calls, "13"]), AgentConfig(max_tokens=3000, max_new_tokens=300))
+    [t] = rollout.run([CalculatorEnv()], [{"prompt": "2 + 2 + 3 * 3?", "answer": 13}])
+    prompt = tok.decode(t.ids[: t.prompt_len])
+    assert '"name": "calculator"' in prompt and "<tools>" in prompt
+    assert (t.turns, t.tool_calls, t.reward) == (2, 2, 1.0)
+    obs = tok.decode([x for x, m in zip(t.response_ids, t.mask) if not m])
+    assert obs == ("\n<|im_start|>user\n<tool_response>\n4\n</tool_response>\n<tool_response>\n9\n</tool_response><|im_end|>\n"
+                   "<|im_start|>assistant\n")
+    assert tok.decode(t.ids) + "\n" == tok.apply_chat_template(t.messages, tools=CalculatorEnv.tools, tokenize=False)
+    check_token_identity(model, tok, [t])
