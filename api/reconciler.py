@@ -130,6 +130,18 @@ def _demand(spec: dict) -> list[dict[str, float]]:
         return []
 
 
+def redis_endpoint(url: str | None) -> tuple | None:
+    """The Redis server and database a URL names, whoever's credentials it carries (None: no URL, or
+    not a Redis URL)."""
+    from redis.connection import parse_url
+
+    try:
+        kw = parse_url(url) if url else None
+    except ValueError:
+        return None
+    return None if kw is None else (kw.get("path") or kw.get("host", "localhost"), kw.get("port", 6379), kw.get("db", 0))
+
+
 def waiting_for_admission(rec: dict[str, Any]) -> bool:
     """Recorded with its launch spec and not yet submitted to Ray. (A record without a launch spec
     comes from an API before the admission queue, which submitted at once.)"""
@@ -205,9 +217,15 @@ class Reconciler:
             live = await self.launcher.live_jobs()
         except RayUnavailable:
             return 0
-        rebuilt = 0
+        rebuilt, ours = 0, redis_endpoint(self.settings.jobs_redis_url)
         for job in live:
             if not JOB_ID.fullmatch(job.job_id):  # only ids this service gives (the metadata is anyone's who may submit to Ray)
+                continue
+            # Only jobs that report to this service's Redis: another control plane's job on the same Ray
+            # cluster is not lost, and adopting it made two reconcilers resubmit it after its driver
+            # died, the later one rewriting its launch file, so that the resumed driver reported to the
+            # other Redis (issue 27 item 11: /metrics lost every step after the outage).
+            if redis_endpoint(job.env.get("RLHF_REDIS_URL")) != ours:
                 continue
             rec = await self.store.get(job.job_id)
             if not job.tenant or (rec is not None and rec.get("tenant")):  # (a driver's writes alone leave a hash without one)
@@ -281,9 +299,15 @@ class Reconciler:
         job_id, restart = rec["id"], decision.restart
         new_id = submission_id(job_id, restart)
         try:
-            user = await self.store.job_user(job_id) if self.settings.job_credentials == "acl" else None
-            await self.launcher.submit(job_id, rec["tenant"], rec.get("name") or "", rec["launch_spec"], redis_user=user,
-                                       submission_id=new_id, restarts_used=restart)
+            # Ray may have it already: a round whose record of the submission was lost (Redis failed right
+            # after it). Sent again, it would change the job user's password and the launch file under
+            # the running attempt, and Ray would refuse it every round.
+            if await self._in_ray(new_id):
+                log.warning("resubmitting %s: Ray already has %s; recorded, not sent again", job_id, new_id)
+            else:
+                user = await self.store.job_user(job_id) if self.settings.job_credentials == "acl" else None
+                await self.launcher.submit(job_id, rec["tenant"], rec.get("name") or "", rec["launch_spec"], redis_user=user,
+                                           submission_id=new_id, restarts_used=restart)
         except RayUnavailable as err:
             log.warning("resubmitting %s: %s (next round)", job_id, err)
             return
@@ -295,6 +319,14 @@ class Reconciler:
         after = await self.store.get(job_id)
         if after is not None and after["status"] in (*TERMINAL, "cancelling"):  # cancelled meanwhile
             await self.launcher.stop(new_id)
+
+    async def _in_ray(self, submission: str) -> bool:
+        """Whether Ray knows this submission id (RayUnavailable when it cannot say)."""
+        try:
+            await self.launcher.state(submission)
+        except RayJobMissing:
+            return False
+        return True
 
     async def _still_running(self, job_id: str) -> bool:
         """A job's Redis user lives as long as the job is not terminal."""

@@ -123,3 +123,23 @@ def test_a_resumed_driver_brings_back_the_steps_a_dead_one_never_sent(tmp_path):
         assert [m["values"] for m in stream] == [{k: v for k, v in line.items() if k not in ("step", "time", "stage")} for line in lines]
     finally:
         stop_group(server)
+
+
+def test_a_write_that_fails_of_its_own_is_dropped_and_the_later_ones_still_go(tmp_path, capfd):
+    """Not an outage: the rewind cannot read the run directory's history (here a directory stands where
+    metrics.jsonl should be). That write is reported and dropped; the sender thread lives on, so the
+    steps after it still reach Redis."""
+    port = free_port()
+    server = start_redis(port, tmp_path)
+    (tmp_path / "metrics.jsonl").mkdir()
+    rep = RedisReporter(f"redis://127.0.0.1:{port}/0", "job-unreadable", history=tmp_path / "metrics.jsonl")
+    try:
+        rep.metrics(1, {"reward/mean": 0.1})
+        rep.rewind(1)
+        rep.metrics(2, {"reward/mean": 0.2})
+        rep.close()
+        steps = [json.loads(f[b"data"])["step"] for _, f in redis.Redis(port=port).xrange(metrics_key("job-unreadable"))]
+        assert steps == [1, 2]
+        assert "could not write the rewind to step 1 of job job-unreadable: IsADirectoryError" in capfd.readouterr().err
+    finally:
+        stop_group(server)

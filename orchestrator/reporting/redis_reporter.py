@@ -176,8 +176,8 @@ class RedisReporter:
                 self._say("outage", f"warning: Redis unreachable ({err}); job {self.job_id} keeps its writes and retries")
                 time.sleep(self.RETRY_S)
                 continue
-            except redis.RedisError as err:  # not an outage: this write cannot succeed; the next ones may
-                self._say(what, f"warning: RedisReporter could not write {what} of job {self.job_id}: {err}")
+            except Exception as err:  # not an outage (Redis refused it, the run directory is unreadable): this write cannot succeed; the next ones may
+                self._say(what, f"warning: RedisReporter could not write {what} of job {self.job_id}: {type(err).__name__}: {err}")
             with self._cond:
                 self._pending.popleft()
 
