@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from orchestrator.core.algorithms import BUILTIN_REWARDS
 from orchestrator.core.spec import OptimSpec, RewardSource, RolloutSpec
 from workers.critic import Critic
 from workers.reference import Reference
-from workers.reward import RewardError, RewardWorker
+from workers.reward import RewardError, RewardWorker, resolve_function
 from workers.rollout import HFRollout, response_mask_until_eos
 from workers.trainer import PolicyTrainer
 
@@ -289,6 +290,20 @@ def test_reward_builtins_and_import_path(tiny_model, batch, tmp_path, monkeypatc
         RewardWorker([RewardSource(function="myrewards:broken")], str(tiny_model)).score(batch)
     with pytest.raises(RewardError, match="cannot import reward function 'nope.mod:fn'"):
         RewardWorker([RewardSource(function="nope.mod:fn", name="x")], str(tiny_model))
+
+
+def test_the_builtin_reward_table_names_the_functions_the_worker_calls():
+    """One table (core/algorithms.py BUILTIN_REWARDS) gives the names the spec and the API accept and
+    the functions the reward worker imports for them."""
+    import workers.rewards
+
+    assert list(BUILTIN_REWARDS) == ["accuracy", "regex_match", "length_penalty"]
+    for name, path in BUILTIN_REWARDS.items():
+        fn = resolve_function(name)
+        assert f"{fn.__module__}:{fn.__name__}" == path and fn is getattr(workers.rewards, path.partition(":")[2])
+    with pytest.raises(RewardError, match=r"unknown reward function 'nope': use one of \['accuracy', 'length_penalty', 'regex_match'\] "
+                       "or an import path 'pkg.module:fn'"):
+        resolve_function("nope")
 
 
 def test_reward_model_source(tiny_model, batch, tmp_path):

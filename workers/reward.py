@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from orchestrator.core.algorithms import BUILTIN_REWARDS
 from orchestrator.core.batch import Batch
 from workers.common import (
     configure_threads,
@@ -16,7 +17,6 @@ from workers.common import (
     pick_device,
     sequence_scores,
 )
-from workers.rewards import BUILTIN
 
 if TYPE_CHECKING:
     from orchestrator.core.spec import RewardSource
@@ -27,12 +27,11 @@ class RewardError(RuntimeError):
 
 
 def resolve_function(name: str) -> Callable[..., list[float]]:
-    """A built-in by name, or `pkg.module:fn` imported."""
-    if name in BUILTIN:
-        return BUILTIN[name]
-    if ":" not in name:
-        raise RewardError(f"unknown reward function {name!r}: use one of {sorted(BUILTIN)} or an import path 'pkg.module:fn'")
-    module, _, attr = name.partition(":")
+    """A built-in by name (its import path in core/algorithms.py BUILTIN_REWARDS), or `pkg.module:fn`, imported."""
+    path = BUILTIN_REWARDS.get(name, name)
+    if ":" not in path:
+        raise RewardError(f"unknown reward function {name!r}: use one of {sorted(BUILTIN_REWARDS)} or an import path 'pkg.module:fn'")
+    module, _, attr = path.partition(":")
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as err:

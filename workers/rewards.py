@@ -1,7 +1,8 @@
 """Built-in reward functions for verifiable tasks.
 
 Each follows TRL's signature: `fn(prompts, completions, **columns) -> list[float]`, where
-`columns` holds the data row's other columns, one value per completion.
+`columns` holds the data row's other columns, one value per completion. A spec names them by the
+names in orchestrator/core/algorithms.py BUILTIN_REWARDS, which holds their import paths.
 """
 
 from __future__ import annotations
@@ -48,6 +49,3 @@ def regex_match(prompts: list[str], completions: list[str], pattern: str = r".+"
 def length_penalty(prompts: list[str], completions: list[str], target: int = 0, scale: float = 0.01, **_: Any) -> list[float]:
     """-scale * max(0, len(completion) - target), in characters."""
     return [-scale * max(0, len(c) - target) for c in completions]
-
-
-BUILTIN = {"accuracy": accuracy, "regex_match": regex_match, "length_penalty": length_penalty}

@@ -66,8 +66,14 @@ ALGORITHMS: dict[str, Algorithm] = {
     )
 }
 
-# The built-in reward functions (workers/rewards.py BUILTIN), by name: what a REST spec may name without the operator's registry.
-BUILTIN_REWARDS: tuple[str, ...] = ("accuracy", "regex_match", "length_penalty")
+# The built-in reward functions: name -> import path (`module:function`, TRL's signature). The one
+# table of them: the spec's and the API's checks read its names (what a REST spec may name without the
+# operator's registry), the reward worker imports a name's function from its path.
+BUILTIN_REWARDS: dict[str, str] = {
+    "accuracy": "workers.rewards:accuracy",
+    "regex_match": "workers.rewards:regex_match",
+    "length_penalty": "workers.rewards:length_penalty",
+}
 
 # Rollout backends, the same way: `rollout.backend` -> the worker class (see workers/rollout.py's RolloutBackend).
 ROLLOUT_BACKENDS: dict[str, str] = {

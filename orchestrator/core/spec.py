@@ -26,7 +26,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from orchestrator.core import plan
-from orchestrator.core.algorithms import ALGORITHMS, ROLLOUT_BACKENDS, Algorithm
+from orchestrator.core.algorithms import ALGORITHMS, BUILTIN_REWARDS, ROLLOUT_BACKENDS, Algorithm
 from orchestrator.core.storage import is_url
 
 API_VERSION = "rlhf/v1"
@@ -213,7 +213,7 @@ class RolloutSpec(_Strict):
 class RewardSource(_Strict):
     function: str | None = Field(
         None,
-        description="A built-in reward (`accuracy`, `regex_match`, `length_penalty`) or an import path "
+        description=f"A built-in reward ({', '.join(f'`{name}`' for name in BUILTIN_REWARDS)}) or an import path "
         "`pkg.module:fn` called as `fn(prompts, completions, **columns) -> list[float]`.",
     )
     model: str | None = Field(
