@@ -146,7 +146,7 @@ class AdapterPool:
         return [p for n, p in self.model.named_parameters() if f".{adapter}." in n]
 
     def _activate(self, adapter: str) -> None:
-        if adapter not in self.model.peft_config:
+        if self.model is None or adapter not in self.model.peft_config:
             raise PoolError(f"no adapter {adapter} on this pool (it may have been lost with its worker: load its last saved state)")
         self.model.set_adapter(adapter)
         for p in self._params(adapter):

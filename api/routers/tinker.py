@@ -8,8 +8,10 @@ failed future `{"error", "category": "user"}` naming it, or a 404 for a route it
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
@@ -192,7 +194,7 @@ async def _run_recovering(t: Tinker, tenant: str, model_id: str, run: dict, meth
     """A call on a training run; if its adapter is gone (its pool actor died and Ray restarted it), the run
     comes back from its last saved state first, or the call fails saying that nothing was saved."""
     try:
-        return await _run(t, tenant, run, method, *args, **kwargs)
+        return await _run_through_restart(t, tenant, run, method, *args, **kwargs)
     except Exception as err:
         if "no adapter" not in str(err):
             raise
@@ -201,6 +203,18 @@ async def _run_recovering(t: Tinker, tenant: str, model_id: str, run: dict, meth
             raise TinkerError(0, f"training run {model_id} was lost with its worker and has no saved state; create it again") from None
         await _run(t, tenant, run, "load_state", model_id, latest, True)
         return await _run(t, tenant, run, method, *args, **kwargs)
+
+
+async def _run_through_restart(t: Tinker, tenant: str, run: dict, method: str, *args, **kwargs):
+    """A pool call that waits out a restart of the pool's actor (Ray restarts it: max_restarts=-1), for up to a minute."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return await _run(t, tenant, run, method, *args, **kwargs)
+        except Exception as err:
+            if "Actor" not in type(err).__name__ or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1.0)
 
 
 # -- weights: save, load, sampler -------------------------------------------------------------------
@@ -375,6 +389,4 @@ async def unsupported(rest: str, tenant: Tenant):
 
 
 def _now() -> float:
-    import time
-
     return time.time()

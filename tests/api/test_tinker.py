@@ -37,16 +37,16 @@ def tinker_api(redis_url, ray_head, keys, workdir, operator):
     _kill_pools(ray_head)
 
 
-def _kill_pools(ray_head) -> None:
-    """The pool actors are detached: end them with the test (a driver of its own, killed by name)."""
+def _kill_pools(ray_head, restart: bool = False) -> None:
+    """Kill the pool actors (detached, named) from a driver of its own: for good at the end, or (restart) as a crash Ray restarts."""
     import subprocess
 
     code = (f"import ray; ray.init(address={ray_head.address!r}, namespace='rlhf-tinker', log_to_driver=False)\n"
             "from ray.util.state import list_actors\n"
             "for a in list_actors(filters=[('state', '=', 'ALIVE')]):\n"
             "    if a.name and a.name.startswith('pool-'):\n"
-            "        ray.kill(ray.get_actor(a.name))\n")
-    subprocess.run([sys.executable, "-c", code], env={**os.environ, "RAY_AUTH_MODE": "token"}, timeout=60, check=False)
+            f"        ray.kill(ray.get_actor(a.name), no_restart={not restart})\n")
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "RAY_AUTH_MODE": "token"}, timeout=60, check=True)
 
 
 def service(api: ApiServer, key: str) -> tinker.ServiceClient:
@@ -75,12 +75,19 @@ def sft_steps(tc, data, steps: int, lr: float = 2e-3) -> list[float]:
     return losses
 
 
-def test_new_keys_carry_the_sdk_prefix(keys):
-    """A key `rlhf keys create` prints passes the SDK's own check unchanged."""
+def test_new_keys_carry_the_sdk_prefix_and_old_keys_still_work(keys, tmp_path):
+    """A key `rlhf keys create` prints passes the SDK's own check unchanged; a key made before (`rlhf-...`) still maps to its tenant."""
     from tinker.lib._auth_token_provider import ApiKeyAuthProvider
+
+    from api.auth import KeyRing, hash_key
 
     assert keys["alpha"].startswith(KEY_PREFIX) and KEY_PREFIX == "tml-"
     assert ApiKeyAuthProvider(keys["alpha"]).api_key == keys["alpha"]
+    old = "rlhf-" + "x" * 43
+    (tmp_path / "keys.yaml").write_text(f"keys:\n  - tenant: old\n    sha256: {hash_key(old)}\n")
+    assert KeyRing(tmp_path / "keys.yaml").tenant_for(old) == "old"
+    with pytest.raises(tinker.TinkerError, match="tml-"):
+        ApiKeyAuthProvider(old)
 
 
 @pytest.mark.slow
@@ -186,3 +193,22 @@ def test_two_tenants_isolated_and_both_progress(tinker_api, keys, tiny_model):
         th.join(300)
     print(f"two tenants, 6 steps each, at once: {time.monotonic() - start:.1f} s", results)
     assert results["a"][-1] < results["a"][0] and results["b"][-1] < results["b"][0], results
+
+
+@pytest.mark.slow
+def test_a_lost_pool_actor_resumes_from_the_last_saved_state(tinker_api, keys, ray_head, tiny_model):
+    """Ray restarts a killed pool actor without its adapters: a run with a saved state goes on from it, one without fails saying so."""
+    sc = service(tinker_api, keys["alpha"])
+    tok = tokenizer(tiny_model)
+    data = [sft_datum(tok, SEQ)]
+    saved = sc.create_lora_training_client(base_model="tiny", rank=8, seed=0).result()
+    unsaved = sc.create_lora_training_client(base_model="tiny", rank=8, seed=0).result()
+    sft_steps(saved, data, 2)
+    saved.save_state("s2").result(timeout=120)
+    at_save = saved.forward(data, "cross_entropy").result(timeout=120).metrics["loss:sum"]
+    sft_steps(saved, data, 2)  # progress after the save is lost with the actor
+    _kill_pools(ray_head, restart=True)
+    after = saved.forward(data, "cross_entropy").result(timeout=180).metrics["loss:sum"]
+    assert after == pytest.approx(at_save, rel=1e-5)
+    with pytest.raises(tinker.RequestFailedError, match="no saved state"):
+        unsaved.forward(data, "cross_entropy").result(timeout=180)
