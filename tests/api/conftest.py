@@ -1,12 +1,20 @@
-"""Shared fixtures: a real redis-server, a real Ray head (`ray start --head` on loopback, non-default
-ports), a tiny model and data, API keys, and the API itself as a `rlhf serve` subprocess.
+"""Shared fixtures: a real redis-server, a tiny model and data, API keys, and the API two ways:
 
+- `api` (and the `alpha`, `beta` clients): the app of `create_app` in this process, through an ASGI
+  transport, on the session's real Redis and artifact store, with no Ray (its Ray address answers
+  nothing) and no reconciler: for every test that needs no Ray job. It starts in milliseconds.
+- `served` (and `served_alpha`, `served_beta`): `rlhf serve` as a subprocess on a real Ray head
+  (`ray start --head` on loopback, non-default ports), for the tests that run real jobs, and those
+  that need a real HTTP server (a browser, live server-sent event streams, raw sockets).
+
+Both are on the same Redis and artifact store: what one records, the other serves.
 Everything listens on 127.0.0.1 only; every wait is bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -15,11 +23,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import anyio.from_thread
 import httpx
 import pytest
 import yaml
+from starlette.testclient import TestClient
 
 from api.auth import add_key
+from api.main import create_app
+from api.settings import Settings
 from tests.conftest import RAY_ENV, RayHead, free_port, stop_group, wait_until  # noqa: F401  (ray_head fixture comes from there)
 
 
@@ -61,6 +73,9 @@ def operator(workdir, tiny_model) -> dict[str, str]:
         "reward_functions": {"short-answers": "workers.rewards:length_penalty"},
     }))
     return {"RLHF_API_STORAGE_ROOT": str(workdir / "artifacts"), "RLHF_API_REGISTRY_FILE": str(registry)}
+
+
+NO_RAY = "http://127.0.0.1:1"  # nothing listens there: every call to Ray fails at once (RayUnavailable), as with Ray down
 
 
 ARITHMETIC = "".join(json.dumps({"prompt": f"{a}+{b}=", "answer": a + b}) + "\n" for a in range(4) for b in range(4))
@@ -136,16 +151,105 @@ class ApiServer:
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
 
-def api_env(redis_url: str, ray_head: RayHead, keys_path: Path, port: int, operator: dict[str, str], **extra: str) -> dict[str, str]:
+def api_env(redis_url: str, ray_head: RayHead | None, keys_path: Path, port: int, operator: dict[str, str], **extra: str) -> dict[str, str]:
+    """The environment of `rlhf serve`; no `ray_head`: Ray answers nothing."""
     return {
         **os.environ, **RAY_ENV, **operator,
-        "RLHF_API_REDIS_URL": redis_url, "RLHF_API_RAY_ADDRESS": ray_head.dashboard, "RLHF_API_API_KEYS_FILE": str(keys_path),
+        "RLHF_API_REDIS_URL": redis_url, "RLHF_API_RAY_ADDRESS": ray_head.dashboard if ray_head else NO_RAY, "RLHF_API_API_KEYS_FILE": str(keys_path),
         "RLHF_API_PORT": str(port), "RLHF_API_RECONCILE_INTERVAL_S": "0.5", **extra,
     }
 
 
+def api_settings(redis_url: str, keys_path: Path, operator: dict[str, str], ray: RayHead | None = None, reconcile: bool = False,
+                 **extra: str) -> Settings:
+    """What api_env gives `rlhf serve`, as Settings for an app in this process (`extra` by their
+    RLHF_API_ names too). No `ray`: Ray answers nothing. `reconcile`: run the reconciler, as `rlhf
+    serve` does; off, this app decides nothing about jobs (a served API on the same Redis may run them)."""
+    env = {**operator, "RLHF_API_REDIS_URL": redis_url, "RLHF_API_RAY_ADDRESS": ray.dashboard if ray else NO_RAY,
+           "RLHF_API_API_KEYS_FILE": str(keys_path), "RLHF_API_RECONCILE_INTERVAL_S": "0.5", "RLHF_API_RECONCILE": str(reconcile), **extra}
+    return Settings(**{name.removeprefix("RLHF_API_").lower(): value for name, value in env.items()})
+
+
+class InProcessApi:
+    """The API's app (`create_app`) in this process: its lifespan (the Redis store, the reconciler if
+    on) runs on an event loop of its own in a thread (an anyio portal), where every request of its
+    clients runs too, through an ASGI transport: no port, no subprocess. `client` gives a synchronous
+    httpx client, as ApiServer.client does; `run(fn)` runs an async function on the app's loop (with
+    `async_client`, for concurrent requests). A response is read whole: a live SSE stream never ends
+    here (an ended job's does)."""
+
+    url = "http://testserver"
+
+    def __init__(self, settings: Settings):
+        self.app = create_app(settings)
+        self._stack = contextlib.ExitStack()
+        self.portal = self._stack.enter_context(anyio.from_thread.start_blocking_portal())
+        try:
+            self._stack.enter_context(self.portal.wrap_async_context_manager(self.app.router.lifespan_context(self.app)))
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def client(self, key: str | None) -> httpx.Client:
+        return _PortalClient(self, key)
+
+    def async_client(self, key: str | None) -> httpx.AsyncClient:
+        """For use inside `run` only: its requests run on the app's loop."""
+        transport = httpx.ASGITransport(self.app, raise_app_exceptions=False)
+        return httpx.AsyncClient(transport=transport, base_url=self.url, headers=_auth(key), timeout=60)
+
+    def run(self, fn, *args):
+        return self.portal.call(fn, *args)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def _auth(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+class _PortalClient(TestClient):
+    """Starlette's TestClient on the InProcessApi's loop: entering it starts no lifespan of its own."""
+
+    def __init__(self, api: InProcessApi, key: str | None):
+        super().__init__(api.app, base_url=api.url, raise_server_exceptions=False, headers=_auth(key))
+        self.portal = api.portal
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def in_process(settings: Settings):
+    api = InProcessApi(settings)
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+def tenant_client(api_fixture: str, tenant: str):
+    """A fixture: `tenant`'s client of the API that the fixture named `api_fixture` gives."""
+    @pytest.fixture()
+    def client(request, keys):
+        with request.getfixturevalue(api_fixture).client(keys[tenant]) as c:
+            yield c
+
+    return client
+
+
 @pytest.fixture(scope="session")
-def api(redis_url, ray_head, keys, workdir, operator):
+def api(redis_url, keys, operator):
+    with in_process(api_settings(redis_url, keys["path"], operator)) as app:
+        yield app
+
+
+@pytest.fixture(scope="session")
+def served(redis_url, ray_head, keys, workdir, operator):
     port = free_port()
     server = ApiServer(api_env(redis_url, ray_head, keys["path"], port, operator), port, workdir / "api.log")
     server.start()
@@ -153,16 +257,8 @@ def api(redis_url, ray_head, keys, workdir, operator):
     server.stop()
 
 
-@pytest.fixture()
-def alpha(api, keys):
-    with api.client(keys["alpha"]) as c:
-        yield c
-
-
-@pytest.fixture()
-def beta(api, keys):
-    with api.client(keys["beta"]) as c:
-        yield c
+alpha, beta = tenant_client("api", "alpha"), tenant_client("api", "beta")
+served_alpha, served_beta = tenant_client("served", "alpha"), tenant_client("served", "beta")
 
 
 def run_async(coro):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.api.conftest import make_record
+from tests.api.conftest import api_settings, in_process, make_record
 
 ENDPOINTS = [
     ("GET", "/v1/jobs"),
@@ -48,8 +48,9 @@ def test_no_or_wrong_key_is_401(api, redis_url, method, path, key):
     assert r.headers["www-authenticate"] == "Bearer"
 
 
-def test_health_needs_no_key(api):
-    with api.client(None) as c:
+def test_health_needs_no_key(redis_url, keys, operator, ray_head):
+    # /readyz asks Ray too: an API in this process on the session's Ray head.
+    with in_process(api_settings(redis_url, keys["path"], operator, ray=ray_head)) as api, api.client(None) as c:
         assert c.get("/healthz").json() == {"status": "ok"}
         r = c.get("/readyz")
         assert r.status_code == 200, r.text

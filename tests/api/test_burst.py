@@ -2,8 +2,9 @@
 requests never fail for it, the burst's rate count is exact, and one tenant's requests in flight
 are capped per API process (then 429 naming `max_concurrent_requests_per_tenant`).
 
-Each test runs an API of its own with the limits it needs; the tenants are this file's own, since
-rate counts live in the shared Redis.
+Each test runs an API of its own with the limits it needs (in this process, or as `rlhf serve` where
+it needs a real server: raw sockets, live streams; no Ray either way); the tenants are this file's
+own, since rate counts live in the shared Redis.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import redis
 
 from api.auth import add_key
 from orchestrator.core.records import PREFIX
-from tests.api.conftest import ApiServer, api_env, free_port, make_record
+from tests.api.conftest import (
+    ApiServer,
+    InProcessApi,
+    api_env,
+    api_settings,
+    free_port,
+    make_record,
+)
 from tests.api.test_auth import assert_envelope
 
 TENANTS = ("burst-flood", "burst-calm", "burst-count", "burst-stall", "burst-sse")
@@ -33,14 +41,29 @@ def burst_keys(workdir):
 
 
 @pytest.fixture(scope="module")
-def serve(redis_url, ray_head, burst_keys, workdir):
-    """start(name, **settings): an API of its own on the session's Redis, stopped after the module."""
+def app(redis_url, burst_keys, workdir):
+    """start(**settings): an API of its own in this process, on the session's Redis, closed after the module."""
+    apps: list[InProcessApi] = []
+    operator = {"RLHF_API_STORAGE_ROOT": str(workdir / "burst-artifacts")}
+
+    def start(**settings) -> InProcessApi:
+        apps.append(InProcessApi(api_settings(redis_url, burst_keys["path"], operator, **settings)))
+        return apps[-1]
+
+    yield start
+    for api in apps:
+        api.close()
+
+
+@pytest.fixture(scope="module")
+def serve(redis_url, burst_keys, workdir):
+    """start(name, **settings): `rlhf serve` of its own on the session's Redis, stopped after the module."""
     servers: list[ApiServer] = []
     operator = {"RLHF_API_STORAGE_ROOT": str(workdir / "burst-artifacts")}
 
     def start(name: str, **settings: str) -> ApiServer:
         port = free_port()
-        env = api_env(redis_url, ray_head, burst_keys["path"], port, operator,
+        env = api_env(redis_url, None, burst_keys["path"], port, operator,
                       **{f"RLHF_API_{k.upper()}": str(v) for k, v in settings.items()})
         server = ApiServer(env, port, workdir / f"api-{name}.log")
         server.start()
@@ -58,9 +81,9 @@ def _client(server: ApiServer, key: str, connections: int = 250) -> httpx.AsyncC
                              limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
 
 
-async def _burst_beside(server: ApiServer, keys: dict, flood: list[str], calm: list[str], lanes: int) -> tuple[list, list]:
+async def _burst_beside(api: InProcessApi, keys: dict, flood: list[str], calm: list[str], lanes: int) -> tuple[list, list]:
     """The flood tenant's requests all at once, and at the same moment the calm tenant's, `lanes` at a time."""
-    async with _client(server, keys["burst-flood"]) as f, _client(server, keys["burst-calm"]) as c:
+    async with api.async_client(keys["burst-flood"]) as f, api.async_client(keys["burst-calm"]) as c:
         async def lane(paths):
             return [await c.get(p) for p in paths]
 
@@ -77,24 +100,24 @@ def _calm_paths(redis_url: str) -> list[str]:
     return paths * 4
 
 
-def test_a_burst_waits_for_redis_instead_of_failing_anyone(serve, burst_keys, redis_url):
+def test_a_burst_waits_for_redis_instead_of_failing_anyone(app, burst_keys, redis_url):
     """200 concurrent requests from one tenant on an API whose Redis pool is 8 connections (and whose
     concurrency cap is out of the way): every request of both tenants is answered 200; none gets
     503 "Too many connections" (they wait for a connection instead)."""
-    server = serve("pool", redis_max_connections=8, max_concurrent_requests_per_tenant=1000, requests_per_minute=100_000)
+    api = app(redis_max_connections=8, max_concurrent_requests_per_tenant=1000, requests_per_minute=100_000)
     for i in range(20):
         make_record(redis_url, "burst-flood", f"flood-{i}", status="succeeded")
-    flood, calm = asyncio.run(_burst_beside(server, burst_keys, ["/v1/jobs?limit=100"] * 200, _calm_paths(redis_url), 32))
+    flood, calm = api.run(_burst_beside, api, burst_keys, ["/v1/jobs?limit=100"] * 200, _calm_paths(redis_url), 32)
     assert Counter(r.status_code for r in calm) == {200: len(calm)}, [r.text for r in calm if r.status_code != 200][:3]
     assert Counter(r.status_code for r in flood) == {200: len(flood)}, [r.text for r in flood if r.status_code != 200][:3]
 
 
-def test_a_burst_is_capped_per_tenant_and_others_pass(serve, burst_keys, redis_url):
+def test_a_burst_is_capped_per_tenant_and_others_pass(app, burst_keys, redis_url):
     """The same burst with a cap of 4 requests in flight per tenant: the flood gets 200s and 429s
     naming the setting, never a 5xx; the calm tenant's requests at the same moment, 4 at a time
     (within the cap), all pass."""
-    server = serve("capped", max_concurrent_requests_per_tenant=4, requests_per_minute=100_000)
-    flood, calm = asyncio.run(_burst_beside(server, burst_keys, ["/v1/jobs?limit=100"] * 200, _calm_paths(redis_url), 4))
+    api = app(max_concurrent_requests_per_tenant=4, requests_per_minute=100_000)
+    flood, calm = api.run(_burst_beside, api, burst_keys, ["/v1/jobs?limit=100"] * 200, _calm_paths(redis_url), 4)
     assert Counter(r.status_code for r in calm) == {200: len(calm)}, [r.text for r in calm if r.status_code != 200][:3]
     codes = Counter(r.status_code for r in flood)
     assert set(codes) == {200, 429}, codes
@@ -175,21 +198,20 @@ def _wait_for_a_fresh_window(margin: float = 5.0) -> None:
         time.sleep(left + 0.1)
 
 
-def test_the_rate_count_is_exact_under_a_burst(serve, burst_keys, redis_url):
+def test_the_rate_count_is_exact_under_a_burst(app, burst_keys, redis_url):
     """requests_per_minute=120 (the process counts in batches of 2) and 200 concurrent requests:
     exactly 120 pass, the other 80 are 429 naming the setting, and later requests stay refused. The
     shared count in Redis is 120 too: a refused request made no Redis call."""
-    server = serve("rate", requests_per_minute=120, max_concurrent_requests_per_tenant=1000)
+    api = app(requests_per_minute=120, max_concurrent_requests_per_tenant=1000)
     _wait_for_a_fresh_window()
     minute = int(time.time() // 60)
 
     async def burst():
-        async with _client(server, burst_keys["burst-count"]) as c:
+        async with api.async_client(burst_keys["burst-count"]) as c:
             results = await asyncio.gather(*(c.get("/v1/models") for _ in range(200)))
-        async with _client(server, burst_keys["burst-count"], 1) as c:  # a new connection: the burst's may have idled out
             return results, await c.get("/v1/models")
 
-    results, after = asyncio.run(burst())
+    results, after = api.run(burst)
     codes = Counter(r.status_code for r in results)
     assert codes == {200: 120, 429: 80}, codes
     err = assert_envelope(next(r for r in results if r.status_code == 429), 429, "rate_limited")

@@ -24,6 +24,17 @@ from tests.api.test_auth import assert_envelope
 pytestmark = pytest.mark.slow
 
 
+# Real jobs: the API as `rlhf serve` on the session's Ray head.
+@pytest.fixture()
+def alpha(served_alpha):
+    return served_alpha
+
+
+@pytest.fixture()
+def beta(served_beta):
+    return served_beta
+
+
 def sse(client: httpx.Client, path: str, last_event_id: str | None = None, timeout: float = 180):
     """All SSE items of a stream until it ends (or `timeout` passes: then the test fails)."""
     headers = {"Accept": "text/event-stream", **({"Last-Event-ID": last_event_id} if last_event_id else {})}
@@ -37,7 +48,8 @@ def sse(client: httpx.Client, path: str, last_event_id: str | None = None, timeo
     return items
 
 
-def test_tiny_grpo_job_over_rest(alpha, beta, tiny, workdir, api, keys, ray_head, redis_url):
+def test_tiny_grpo_job_over_rest(alpha, beta, tiny, workdir, served, keys, ray_head, redis_url):
+    api = served
     r = alpha.post("/v1/jobs", json={**job_body(tiny, workdir, "e2e", 4), "metadata": {"suite": "e2e"}})
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
@@ -118,7 +130,8 @@ def test_tiny_grpo_job_over_rest(alpha, beta, tiny, workdir, api, keys, ray_head
     assert started, "the second job placed its actors"
 
 
-def test_restart_api_mid_job_then_cancel(alpha, tiny, workdir, api, ray_head):
+def test_restart_api_mid_job_then_cancel(alpha, tiny, workdir, served, ray_head):
+    api = served
     r = alpha.post("/v1/jobs", json=job_body(tiny, workdir, "long", 100000))
     job_id = r.json()["id"]
     wait_status(alpha, job_id, {"running"}, 150)

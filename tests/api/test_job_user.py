@@ -24,7 +24,14 @@ from orchestrator.core.records import (
     tenant_status_key,
 )
 from orchestrator.reporting.redis_reporter import RedisReporter
-from tests.api.conftest import make_record, run_async, wait_until
+from tests.api.conftest import (
+    api_settings,
+    in_process,
+    make_record,
+    run_async,
+    tenant_client,
+    wait_until,
+)
 
 
 def admitted_job(redis_url: str, tenant: str, name: str) -> tuple[str, str]:
@@ -46,6 +53,16 @@ def admitted_job(redis_url: str, tenant: str, name: str) -> tuple[str, str]:
 
     user, password = run_async(go())
     return job_id, redis_url.replace("redis://", f"redis://{user}:{password}@")
+
+
+@pytest.fixture(scope="module")
+def reconciling(redis_url, keys, operator):
+    """The API in this process with its reconciler (no Ray): it brings the shared indexes in line and recreates lost users."""
+    with in_process(api_settings(redis_url, keys["path"], operator, reconcile=True)) as api:
+        yield api
+
+
+alpha, beta = tenant_client("reconciling", "alpha"), tenant_client("reconciling", "beta")
 
 
 @pytest.fixture()
@@ -174,7 +191,7 @@ def test_what_a_job_writes_into_its_record_moves_no_decision_of_the_control_plan
     assert rec["step"] is None and rec["metrics"] is None  # garbage reads as unset: no reader fails on it
 
 
-def test_a_job_user_redis_lost_comes_back_with_the_password_the_job_holds(mine, redis_url):
+def test_a_job_user_redis_lost_comes_back_with_the_password_the_job_holds(mine, redis_url, reconciling):
     job_id, url = mine
     admin = redis.Redis.from_url(redis_url)
     job = redis.Redis.from_url(url)

@@ -35,7 +35,8 @@ def test_spec_error_from_a_cross_field_rule(alpha, tiny, workdir):
     assert "optim.mini_batch_size" in err["message"]
 
 
-def test_idempotency(alpha, beta, tiny, workdir):
+def test_idempotency(served_alpha, served_beta, tiny, workdir):
+    alpha, beta = served_alpha, served_beta  # real jobs (they fail in preflight): the API on Ray
     # A registered model whose directory does not exist: the driver fails in preflight, cheaply.
     body = job_body(tiny, workdir, "idem", 2, model={"path": "missing"})
     first = alpha.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k-1"})

@@ -17,8 +17,13 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from ray.job_submission import JobSubmissionClient
 
-from tests.api.conftest import ApiServer, api_env, job_body, wait_admitted, wait_status
-from tests.conftest import free_port
+from tests.api.conftest import (
+    api_settings,
+    in_process,
+    job_body,
+    wait_admitted,
+    wait_status,
+)
 
 
 class CommandLines:
@@ -60,7 +65,8 @@ def job_password(ray_head, workdir: Path, job_id: str) -> str:
 
 
 @pytest.mark.slow
-def test_no_process_of_a_job_has_its_password_or_spec_on_its_command_line(alpha, tiny, workdir, ray_head):
+def test_no_process_of_a_job_has_its_password_or_spec_on_its_command_line(served_alpha, tiny, workdir, ray_head):
+    alpha = served_alpha
     with CommandLines() as lines:
         r = alpha.post("/v1/jobs", json=job_body(tiny, workdir, "cmdline", 2))
         assert r.status_code == 201, r.text
@@ -81,7 +87,7 @@ def test_no_process_of_a_job_has_its_password_or_spec_on_its_command_line(alpha,
     assert launch.stat().st_mode & 0o777 == 0o600  # the owner only (the API's and the driver's user)
 
 
-def test_wandb_online_is_an_operator_setting(alpha, tiny, workdir, redis_url, ray_head, keys, operator):
+def test_wandb_online_is_an_operator_setting(alpha, tiny, workdir, redis_url, keys, operator):
     body = job_body(tiny, workdir, "wandb", 2, trackers={"wandb": {"project": "p", "entity": "someone-else", "mode": "online"}})
     r = alpha.post("/v1/jobs", json=body)
     assert r.status_code == 422, r.text
@@ -91,16 +97,9 @@ def test_wandb_online_is_an_operator_setting(alpha, tiny, workdir, redis_url, ra
     assert alpha.post("/v1/jobs", json=offline).json()["error"]["param"] == "output_dir"  # past the tracker check
 
     # An operator who allows it: the same spec passes the check (refused here only for its output_dir, so that nothing runs).
-    port = free_port()
-    server = ApiServer(api_env(redis_url, ray_head, keys["path"], port, operator, RLHF_API_WANDB_ONLINE="true"), port,
-                       workdir / "api-wandb-online.log")
-    server.start()
-    try:
-        with server.client(keys["alpha"]) as c:
-            r = c.post("/v1/jobs", json={**body, "output_dir": "x"})
-        assert r.status_code == 422 and r.json()["error"]["param"] == "output_dir", r.text
-    finally:
-        server.stop()
+    with in_process(api_settings(redis_url, keys["path"], operator, RLHF_API_WANDB_ONLINE="true")) as api, api.client(keys["alpha"]) as c:
+        r = c.post("/v1/jobs", json={**body, "output_dir": "x"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "output_dir", r.text
 
 
 def test_a_launch_file_a_job_rewrote_is_not_read_back(tmp_path):

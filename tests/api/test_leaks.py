@@ -24,7 +24,17 @@ from ray.job_submission import JobSubmissionClient
 from api import redact
 from api.auth import add_key
 from api.store import JobStore
-from tests.api.conftest import ARITHMETIC, ApiServer, api_env, free_port, job_body, run_async, upload, wait_status, wait_until
+from tests.api.conftest import (
+    ARITHMETIC,
+    InProcessApi,
+    api_settings,
+    in_process,
+    job_body,
+    run_async,
+    upload,
+    wait_status,
+    wait_until,
+)
 from tests.api.test_auth import assert_envelope
 
 STAGE = "stage"
@@ -255,21 +265,18 @@ def quota_keys(keys) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def quota_api(redis_url, ray_head, keys, quota_keys, workdir, operator):
-    port = free_port()
-    server = ApiServer(api_env(redis_url, ray_head, keys["path"], port, operator, **QUOTA), port, workdir / "api-quota.log")
-    server.start()
-    yield server
-    server.stop()
+def quota_api(redis_url, keys, quota_keys, operator):
+    with in_process(api_settings(redis_url, keys["path"], operator, **QUOTA)) as api:
+        yield api
 
 
-def burst_upload(api: ApiServer, key: str, contents: list[str]) -> list[httpx.Response]:
+def burst_upload(api: InProcessApi, key: str, contents: list[str]) -> list[httpx.Response]:
     async def go():
-        async with httpx.AsyncClient(base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as ac:
+        async with api.async_client(key) as ac:
             return await asyncio.gather(*(ac.post("/v1/files", files={"file": ("d.jsonl", c)}, data={"purpose": "train"})
                                           for c in contents))
 
-    return asyncio.run(go())
+    return api.run(go)
 
 
 def test_file_count_quota_holds_under_concurrent_uploads(quota_api, quota_keys):
@@ -303,7 +310,8 @@ def test_storage_bytes_quota_holds_under_concurrent_uploads(quota_api, quota_key
 # --- one real job: a pipeline's events, its log and its checkpoint --------------------------------
 
 @pytest.mark.slow
-def test_a_real_pipeline_job_shows_no_server_path(alpha, tiny, tiny_model, workdir, ray_head):
+def test_a_real_pipeline_job_shows_no_server_path(served_alpha, tiny, tiny_model, workdir, ray_head):
+    alpha = served_alpha
     body = job_body(tiny, workdir, "pipeline-leaks", 1, stages=[{"name": "a"}, {"name": "b"}])
     r = alpha.post("/v1/jobs", json=body)
     assert r.status_code == 201, r.text
@@ -325,8 +333,9 @@ def test_a_real_pipeline_job_shows_no_server_path(alpha, tiny, tiny_model, workd
 
 
 @pytest.mark.slow
-def test_logs_hide_ray_addresses_and_paths(alpha, redis_url, ray_head, tiny_model, workdir):
+def test_logs_hide_ray_addresses_and_paths(served_alpha, redis_url, ray_head, tiny_model, workdir):
     """A driver's log as Ray keeps it: the log of a real Ray job that joins the cluster and prints a path."""
+    alpha = served_alpha
     submission = "job-" + uuid.uuid4().hex[:24]
     spec, launch = {"model": {"path": "tiny"}}, {"model": {"path": str(tiny_model)}}
     job_id = record_job(redis_url, "alpha", spec, launch, submission_id=submission)

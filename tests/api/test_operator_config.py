@@ -7,13 +7,7 @@ import pytest
 
 from api.registry import Registry, RegistryError
 from api.storage import ArtifactStore, tenant_dirname
-from orchestrator.core.algorithms import BUILTIN_REWARDS
 from orchestrator.core.rows import DataError, check_upload
-from workers.rewards import BUILTIN
-
-
-def test_builtin_reward_names_match_the_workers():
-    assert set(BUILTIN_REWARDS) == set(BUILTIN)
 
 
 def test_registry_file_errors_name_the_entry(tmp_path):

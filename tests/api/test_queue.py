@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def test_jobs_wait_for_room_in_order_and_a_waiting_job_never_reaches_ray(api, keys, ray_head, workdir):
+def test_jobs_wait_for_room_in_order_and_a_waiting_job_never_reaches_ray(served, keys, ray_head, workdir):
+    api = served  # real jobs: the API as `rlhf serve` on the Ray head
     ray = JobSubmissionClient(ray_head.dashboard)
     with api.client(keys["queuer"]) as c:
         data = upload(c, ARITHMETIC).json()["id"]

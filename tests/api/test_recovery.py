@@ -14,6 +14,12 @@ from tests.api.test_e2e import assert_nothing_left, driver_of
 pytestmark = pytest.mark.slow
 
 
+# Real jobs: the API as `rlhf serve` on the session's Ray head.
+@pytest.fixture()
+def alpha(served_alpha):
+    return served_alpha
+
+
 def events_of(client, job_id: str, type: str | None = None) -> list[dict]:
     events = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
     return [e for e in events if type is None or e["type"] == type]

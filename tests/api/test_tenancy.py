@@ -1,4 +1,4 @@
-"""A hostile tenant with a valid key of its own, against the real API, Redis and Ray head.
+"""A hostile tenant with a valid key of its own, against the real API (in this process), Redis and Ray head.
 
 Every way of naming a server path, another tenant's things, a model outside the registry or code
 is refused at submit with a 4xx naming the field; the marker checks then show that nothing was
@@ -16,7 +16,18 @@ import httpx
 import pytest
 from ray.job_submission import JobSubmissionClient
 
-from tests.api.conftest import ARITHMETIC, ApiServer, api_env, free_port, job_body, make_record, upload, wait_until
+from tests.api.conftest import (
+    ARITHMETIC,
+    ApiServer,
+    api_env,
+    api_settings,
+    free_port,
+    in_process,
+    job_body,
+    make_record,
+    upload,
+    wait_until,
+)
 from tests.api.test_auth import assert_envelope
 
 
@@ -111,8 +122,17 @@ def ray_job_ids(ray_head) -> set[str]:
     return {j.submission_id for j in JobSubmissionClient(ray_head.dashboard).list_jobs()}
 
 
-def test_every_way_of_naming_a_path_model_or_code_is_refused(api, alpha, beta, tiny, beta_file, tiny_model, marker, redis_url,
+@pytest.fixture()
+def alpha_on_ray(redis_url, ray_head, keys, operator):
+    """Alpha's client of an API on the session's Ray head that reconciles: whatever it recorded, it
+    would submit to Ray, where the test looks."""
+    with in_process(api_settings(redis_url, keys["path"], operator, ray=ray_head, reconcile=True)) as api, api.client(keys["alpha"]) as c:
+        yield c
+
+
+def test_every_way_of_naming_a_path_model_or_code_is_refused(alpha_on_ray, tiny, beta_file, tiny_model, marker, redis_url,
                                                               ray_head, workdir):
+    alpha = alpha_on_ray
     # A checkpoint of beta's, named the way beta would name it (a record with a checkpoint in beta's area).
     beta_job = make_record(redis_url, "beta", "theirs")
     beta_checkpoint = give_checkpoint(redis_url, workdir, "beta", beta_job, 2)
@@ -224,9 +244,16 @@ LIMITS = {"RLHF_API_MAX_BODY_BYTES": "8192", "RLHF_API_MAX_UPLOAD_BYTES": "20000
 
 
 @pytest.fixture(scope="module")
-def strict(redis_url, ray_head, keys, workdir, operator):
+def strict(redis_url, keys, operator):
+    with in_process(api_settings(redis_url, keys["path"], operator, **LIMITS)) as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+def strict_served(redis_url, keys, workdir, operator):
+    """The same limits in `rlhf serve` (with no Ray): live streams stay open on a real server."""
     port = free_port()
-    server = ApiServer(api_env(redis_url, ray_head, keys["path"], port, operator, **LIMITS), port, workdir / "api-strict.log")
+    server = ApiServer(api_env(redis_url, None, keys["path"], port, operator, **LIMITS), port, workdir / "api-strict.log")
     server.start()
     yield server
     server.stop()
@@ -259,10 +286,10 @@ def test_active_job_limit_holds_under_concurrent_submissions(strict, keys, redis
     body = job_body({"model": "missing", "data": file_id}, None, "burst", 2)
 
     async def burst():
-        async with httpx.AsyncClient(base_url=strict.url, headers={"Authorization": f"Bearer {keys['bursty']}"}, timeout=60) as ac:
+        async with strict.async_client(keys["bursty"]) as ac:
             return await asyncio.gather(*(ac.post("/v1/jobs", json=body) for _ in range(30)))
 
-    codes = [r.status_code for r in asyncio.run(burst())]
+    codes = [r.status_code for r in strict.run(burst)]
     assert codes.count(201) == max(0, 3 - active_before), codes
     assert set(codes) <= {201, 429}
     with strict.client(keys["bursty"]) as c:
@@ -285,7 +312,8 @@ def test_request_rate_is_limited_per_tenant(strict, keys):
         assert b.get("/v1/models").status_code == 200  # another tenant is not held back
 
 
-def test_open_streams_are_limited_per_tenant(strict, keys, redis_url):
+def test_open_streams_are_limited_per_tenant(strict_served, keys, redis_url):
+    strict = strict_served
     job_id = make_record(redis_url, "streamer", "streamed")  # queued, no Ray job: open streams for a minute
     other = make_record(redis_url, "watcher", "streamed")
     sse = {"Accept": "text/event-stream"}

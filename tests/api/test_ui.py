@@ -12,7 +12,6 @@ import os
 import shutil
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.api.conftest import job_body, make_record, wait_status
@@ -81,17 +80,19 @@ def points(driver) -> int:
 
 
 def test_page_files_are_served_with_a_strict_policy(api, alpha):
-    r = httpx.get(f"{api.url}/ui", follow_redirects=True, timeout=10)
-    assert r.status_code == 200 and str(r.url).endswith("/ui/") and "<script src=\"app.js\">" in r.text
-    assert "script-src 'self'" in r.headers["content-security-policy"] and r.headers["x-content-type-options"] == "nosniff"
-    for path in ("app.js", "style.css", "vendor/js-yaml.min.js"):
-        assert httpx.get(f"{api.url}/ui/{path}", timeout=10).status_code == 200, path
-    for path in ("missing.js", "../main.py", "vendor/js-yaml.LICENSE"):
-        assert httpx.get(f"{api.url}/ui/{path}", timeout=10).status_code == 404, path
+    with api.client(None) as anyone:
+        r = anyone.get("/ui", follow_redirects=True)
+        assert r.status_code == 200 and str(r.url).endswith("/ui/") and "<script src=\"app.js\">" in r.text
+        assert "script-src 'self'" in r.headers["content-security-policy"] and r.headers["x-content-type-options"] == "nosniff"
+        for path in ("app.js", "style.css", "vendor/js-yaml.min.js"):
+            assert anyone.get(f"/ui/{path}").status_code == 200, path
+        for path in ("missing.js", "../main.py", "vendor/js-yaml.LICENSE"):
+            assert anyone.get(f"/ui/{path}").status_code == 404, path
     assert "/ui" not in alpha.get("/openapi.json").json()["paths"]  # not part of the REST API
 
 
-def test_sign_in_watch_a_job_live_and_cancel_it(browser, api, keys, alpha, tiny, workdir):
+def test_sign_in_watch_a_job_live_and_cancel_it(browser, served, keys, served_alpha, tiny, workdir):
+    api, alpha = served, served_alpha  # the browser needs a server, the job Ray
     driver = browser
     signed_out(driver, api).send_keys("rlhf-not-a-key")
     css(driver, "#signin button[type=submit]").click()
@@ -149,7 +150,8 @@ optim:
 """
 
 
-def test_spec_error_shows_beside_its_field(browser, api, keys, tiny):
+def test_spec_error_shows_beside_its_field(browser, served, keys, tiny):
+    api = served  # the browser needs a server
     driver = browser
     driver.get(f"{api.url}/ui/")  # the page's storage (a blank page, where no test ran before, has none)
     if not driver.execute_script("return sessionStorage.getItem('rlhf.apiKey')"):
@@ -179,7 +181,8 @@ def test_spec_error_shows_beside_its_field(browser, api, keys, tiny):
     wait(driver, lambda d: css(d, '.field-error[data-param="syntax"]'), 10, "the YAML syntax error")
 
 
-def test_another_tenants_job_is_out_of_reach(browser, api, keys, redis_url):
+def test_another_tenants_job_is_out_of_reach(browser, served, keys, redis_url):
+    api = served  # the browser needs a server
     driver = browser
     theirs = make_record(redis_url, "beta", name="beta-secret")
     failed = make_record(redis_url, "alpha", name="ui-failed", status="failed")
