@@ -153,7 +153,7 @@ class RolloutBuffer:
     # ------------------------------------------------------------ the trainer's side
     def take(self, version: int, num_groups: int | None = None, flush: bool = False) -> Taken:
         """`num_groups` (default groups_per_step) complete groups within the bound for an update from
-        `version`, oldest arrivals first; none when fewer are ready (unless `flush`: the epoch's last,
+        `version`, those of the oldest weights first (then in arrival order, as Tinker's cookbook takes them); none when fewer are ready (unless `flush`: the epoch's last,
         smaller batch). Groups past the bound leave the buffer first (requeued or dropped)."""
         num_groups = num_groups or self.groups_per_step
         stale = [g for g in self.ready if g.staleness(version) > self.max_staleness]
@@ -165,6 +165,8 @@ class RolloutBuffer:
                 self.counts["stale_regenerated" if self.stale_policy == "regenerate" else "stale_dropped"] += 1
         if len(self.ready) < num_groups and not flush:
             return Taken([], [g.prompt_id for g in stale], [])
+        # Oldest weights first (then arrival order): a group left waiting only grows staler.
+        self.ready.sort(key=lambda g: g.oldest)
         groups, self.ready = self.ready[:num_groups], self.ready[num_groups:]
         staleness = []
         for g in groups:
