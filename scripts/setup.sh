@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 
 # The CPU build of torch first: a bare `torch` requirement with no torch installed pulls a CUDA build.
 "$PY" -m pip install -q "torch==2.13.0"
-"$PY" -m pip install -q -e ".[test,api,trackers]"
+"$PY" -m pip install -q -e ".[test,api,trackers,agents]"
 
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 || ! command -v bwrap >/dev/null 2>&1; then
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
