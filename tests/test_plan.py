@@ -159,3 +159,39 @@ def test_rlhf_train_plan_names_the_field_at_fault(tmp_path):
     bad.write_text(json.dumps(base(resources={"reward_in": "driver"}, rewards=[{"model": "rm"}])))
     out = rlhf("train", "--plan", str(bad))
     assert out.returncode == 2 and "resources.reward_in: rewards.0 is a reward model" in out.stderr
+
+
+def test_an_async_job_plans_its_loop_and_a_rollout_actor(tmp_path):
+    """rollout.max_staleness >= 1 is a plan entry: the loop is async, and the rollout runs in its own actor
+    (on CPUs it would otherwise be the trainer's), synced by the path the placement gives."""
+    stage = make_plan(parse_spec(base(rollout={"n": 4, "max_new_tokens": 4, "max_staleness": 2, "chunk_tokens": 3}))).stages[0]
+    assert dataclasses.asdict(stage.loop) == {"kind": "async", "max_staleness": 2, "chunk_tokens": 3, "buffer_groups": 12}
+    assert summary(stage)["roles"] == [("rollout", 1, 0.5, ()), ("trainer", 1, 0.5, ())]
+    assert summary(stage)["phases"] == {"rollout": "rollout", "reward": "driver", "update": "trainer"}
+    assert stage.one_call_step is False and stage.weight_sync.method == "shared_memory"
+    assert make_plan(parse_spec(base())).stages[0].loop.kind == "sync"  # k = 0: today's loop
+    spec = tmp_path / "async.yaml"
+    spec.write_text(json.dumps(base(rollout={"max_staleness": 1})))
+    out = rlhf("train", "--plan", str(spec))
+    assert out.returncode == 0, out.stderr
+    assert ("  loop: async, max_staleness 1: the rollout generates in chunks of 16 tokens while the trainer updates, "
+            "weights loaded between chunks; buffer of 8 groups") in out.stdout.splitlines()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"algorithm": {"name": "ppo"}}, "asynchronous training runs grpo"),
+    ({"optim": {"steps": 3, "prompts_per_step": 4, "mini_batch_size": 8}}, "one optimiser step per step"),
+    ({"resources": {"rollout_in": "trainer"}}, "resources.rollout_in: the trainer cannot also be the rollout: rollout.max_staleness"),
+    ({"rollout": {"max_staleness": 1, "off_policy": {"mask_band": [2, 5]}}}, "rollout.off_policy.mask_band"),
+])
+def test_what_async_training_refuses_names_the_field(overrides, message):
+    from pydantic import ValidationError
+
+    spec = base(rollout={"max_staleness": 1}, **{k: v for k, v in overrides.items() if k != "rollout"})
+    spec["rollout"] = {**spec["rollout"], **overrides.get("rollout", {})}
+    with pytest.raises((ValidationError, ValueError)) as err:
+        parse_spec(spec)
+    from orchestrator.core.spec import format_validation_error
+
+    text = format_validation_error(err.value) if isinstance(err.value, ValidationError) else str(err.value)
+    assert message in text

@@ -61,10 +61,17 @@ def cannot_sample_in_trainer(spec: Any) -> str | None:
         return "an fsdp trainer holds only a shard of the weights"
     if spec.rollout.weight_sync != "auto":
         return f"rollout.weight_sync is {spec.rollout.weight_sync}, but nothing is synced"
+    if max_staleness(spec):
+        return "rollout.max_staleness >= 1 generates while the trainer updates: the rollout runs in its own actor"
     if res.rollout.replicas != res.trainer.replicas:
         return (f"resources.rollout.replicas ({res.rollout.replicas}) differs from resources.trainer.replicas "
                 f"({res.trainer.replicas}), and each trainer replica samples its share")
     return None
+
+
+def max_staleness(spec: Any) -> int:
+    """`rollout.max_staleness` of an algorithm that samples each step (0: the synchronous loop)."""
+    return spec.rollout.max_staleness if ALGORITHMS[spec.algorithm.name].rollouts else 0
 
 
 def cannot_keep_reference(spec: Any) -> str | None:
@@ -205,6 +212,29 @@ class WeightSyncPlan:
 
 
 @dataclass(frozen=True)
+class LoopPlan:
+    """How a step's phases follow each other. `sync`: generate, score, update, sync, one after the
+    other (orchestrator/stages/driver.py). `async`: the rollout actor generates in chunks into a
+    bounded buffer while the trainer updates, weights loaded between chunks, and no sample trained
+    on is more than `max_staleness` updates old (orchestrator/stages/async_loop.py)."""
+
+    kind: str  # sync or async
+    max_staleness: int = 0
+    chunk_tokens: int | None = None  # async: tokens per chunk of a partial rollout
+    buffer_groups: int | None = None  # async: groups buffered or in flight at most, (k + 1) x prompts per step
+
+
+SYNC_LOOP = LoopPlan("sync")
+
+
+def _loop(spec: Any) -> LoopPlan:
+    k = max_staleness(spec)
+    if not k:
+        return SYNC_LOOP
+    return LoopPlan("async", k, spec.rollout.chunk_tokens, (k + 1) * spec.optim.prompts_per_step)
+
+
+@dataclass(frozen=True)
 class StagePlan:
     """One stage: what it starts and where each phase of its step runs. The driver, the role factories
     (orchestrator/stages/roles.py), placement and weight sync read it and nothing of the spec's placement.
@@ -230,6 +260,7 @@ class StagePlan:
     epochs: int | None
     first_step: int | None  # global step numbers first_step..last_step (None until the steps are known)
     last_step: int | None
+    loop: LoopPlan = SYNC_LOOP
 
     def where(self, phase: str) -> str | None:
         """Where `phase` runs: a role, "driver", or None."""
@@ -255,7 +286,8 @@ class StagePlan:
                 "phases": dict(self.phases), "one_call_step": self.one_call_step, "reference_copy": self.reference_copy,
                 "weight_sync": None if self.weight_sync is None else dict(self.weight_sync.__dict__),
                 "bundles": [b.as_ray() for b in self.bundles], "driver_cpus": self.driver_cpus, "one_at_a_time": self.one_at_a_time,
-                "steps": self.steps, "epochs": self.epochs, "first_step": self.first_step, "last_step": self.last_step}
+                "steps": self.steps, "epochs": self.epochs, "first_step": self.first_step, "last_step": self.last_step,
+                "loop": dict(self.loop.__dict__)}
 
 
 @dataclass(frozen=True)
@@ -363,7 +395,7 @@ def plan_stage(spec: Any, name: str | None = None, index: int = 0, first_step: i
         one_call_step=steps_in_trainer(spec), reference_copy=reference_copy_in_trainer(spec), weight_sync=_weight_sync(spec),
         bundles=tuple(bundles), driver_cpus=res.reward.num_cpus if scores_with_rewards(spec) and rewards_in_driver(spec) else 0.0,
         one_at_a_time=one_at_a_time(spec), steps=steps, epochs=spec.optim.epochs,
-        first_step=first_step if known else None, last_step=first_step + steps - 1 if known else None)
+        first_step=first_step if known else None, last_step=first_step + steps - 1 if known else None, loop=_loop(spec))
 
 
 def make_plan(spec: Any) -> Plan:
@@ -400,6 +432,11 @@ def describe(plan: Plan) -> str:
             lines.append(f"  {r.role}: {r.replicas} x ({r.num_cpus:g} CPU{gpu}), {r.strategy}, bundles {list(r.slots)}{extra}{copy}")
         lines.append("  phases: " + ", ".join(f"{p} on {w}" for p, w in s.phases if w))
         lines.append(f"  step: {'one call to the trainer' if s.one_call_step else 'one call per phase'}")
+        if s.loop.kind == "async":
+            lines.append(f"  loop: async, max_staleness {s.loop.max_staleness}: the rollout generates in chunks of {s.loop.chunk_tokens} "
+                         f"tokens while the trainer updates, weights loaded between chunks; buffer of {s.loop.buffer_groups} groups")
+        else:
+            lines.append("  loop: sync (generate, score, update, weight sync)")
         sync = s.weight_sync
         lines.append(f"  weight sync: {sync.method} ({sync.reason}), {sync.when}" if sync else "  weight sync: none (no rollouts)")
         lines.append(f"  bundles: {[b.as_ray() for b in s.bundles]}" + (f"; driver {s.driver_cpus:g} CPU" if s.driver_cpus else ""))

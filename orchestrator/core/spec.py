@@ -189,6 +189,31 @@ class ImportanceSamplingSpec(_Strict):
     cap: float = Field(2.0, ge=1, le=1e6, description="Truncation C of the importance weight.")
 
 
+class OffPolicySpec(_Strict):
+    """The correction of asynchronous training (`rollout.max_staleness` >= 1) for samples drawn by
+    older weights: AReaL's decoupled PPO loss weights each token by pi_prox / pi_behav (the update's
+    starting weights over the weights that drew it; orchestrator/core/algos.py `off_policy_correction`)."""
+
+    enabled: bool = Field(True, description="Weight the policy loss by the importance ratio pi_prox / pi_behav of stale "
+                          "samples (async only; at max_staleness 0 every sample is on-policy and `importance_sampling` applies).")
+    level: Literal["token", "sequence", "geometric"] = Field(
+        "token", description="Ratio per token, per sample (the product of its tokens'), or per sample as the geometric mean "
+        "(length-normalised). `token`: as AReaL's decoupled loss.")
+    tis_cap: float | None = Field(
+        2.0, ge=1, le=1e6, description="Truncation C of the weight, min(r, C) (Yao et al. 2025's token-level TIS uses C = 2, as "
+        "`importance_sampling.cap`); null: untruncated.")
+    mask_band: tuple[float, float] | None = Field(
+        None, description="[lo, hi]: tokens (samples, at the sequence levels) whose ratio leaves the band get no gradient "
+        "(MIS / IcePop's [0.5, 5]). Off by default: at a staleness of 1-2 versions the ratios stay near 1, and masking "
+        "drops gradient that truncation already bounds.")
+
+    @model_validator(mode="after")
+    def _band(self) -> OffPolicySpec:
+        if self.mask_band is not None and not 0 <= self.mask_band[0] < 1 < self.mask_band[1]:
+            raise _field_error(("mask_band",), "needs 0 <= lo < 1 < hi (a band around ratio 1)")
+        return self
+
+
 class RolloutSpec(_Strict):
     backend: Literal[tuple(ROLLOUT_BACKENDS)] = Field(  # type: ignore[valid-type]
         "hf", description="Generation engine: `hf` (transformers `generate`) or `vllm`."
@@ -208,6 +233,15 @@ class RolloutSpec(_Strict):
         default_factory=ImportanceSamplingSpec,
         description="Truncated importance-sampling correction for the gap between the engine's and the trainer's log-probs.",
     )
+    max_staleness: int = Field(
+        0, ge=0, le=64, description="Asynchronous training: rollout actors generate while the trainer updates, and no sample "
+        "trained on comes from weights more than this many updates behind (its oldest token's). 0: the synchronous loop "
+        "(generate, score, update, sync), unchanged. 1 is one-step-off: the next step's generation overlaps this update (docs/async.md).")
+    chunk_tokens: int = Field(
+        16, gt=0, le=1048576, description="Async only: tokens generated per chunk of a partial rollout; weights are loaded "
+        "between chunks, so a long completion does not hold an update back (its tokens carry their versions).")
+    off_policy: OffPolicySpec = Field(
+        default_factory=OffPolicySpec, description="Async only: importance weighting and masking of stale samples.")
 
 
 class RewardSource(_Strict):
@@ -566,6 +600,8 @@ class JobSpec(_Strict):
                 raise ValueError(f"optim.prompts_per_step (the {self.algorithm.name} batch) must be divisible by resources.trainer.replicas")
             return self
         samples = self.optim.prompts_per_step * self.rollout.n
+        if self.rollout.max_staleness:
+            self._check_async(samples)
         mb = self.optim.mini_batch_size or samples
         if samples % mb:
             raise ValueError(f"optim.mini_batch_size ({mb}) must divide the step's samples ({samples} = prompts_per_step * rollout.n)")
@@ -579,6 +615,20 @@ class JobSpec(_Strict):
         if self.algorithm.estimator in ("grpo", "dr_grpo", "rloo") and self.rollout.n < 2:
             raise ValueError(f"advantage_estimator '{self.algorithm.estimator}' compares samples of a prompt: rollout.n must be >= 2")
         return self
+
+    def _check_async(self, samples: int) -> None:
+        """What `rollout.max_staleness` >= 1 needs (core/plan.py places its rollout in its own actor)."""
+        if self.algo.critic or self.algorithm.name != "grpo":
+            raise _field_error(("rollout", "max_staleness"), f"asynchronous training runs grpo (group advantages, no critic); "
+                               f"not yet {self.algorithm.name}")
+        if self.rollout.backend != "hf":
+            raise _field_error(("rollout", "max_staleness"), "asynchronous training pauses generation between chunks on the hf "
+                               "backend; not yet vllm's (use rollout.backend hf)")
+        if (self.optim.mini_batch_size or samples) != samples or self.optim.ppo_epochs != 1:
+            raise _field_error(("rollout", "max_staleness"), "asynchronous training takes one optimiser step per step (optim."
+                               "mini_batch_size unset, ppo_epochs 1): its decoupled loss's proximal policy is the update's starting weights")
+        if self.resources.rollout.replicas != 1 or self.resources.trainer.replicas != 1:
+            raise _field_error(("rollout", "max_staleness"), "asynchronous training runs one rollout and one trainer replica (for now)")
 
     @model_validator(mode="after")
     def _stages_valid(self, info: ValidationInfo) -> "JobSpec":
