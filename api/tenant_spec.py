@@ -7,6 +7,7 @@ path (the trusted entrypoints, `rlhf train` and `ray job submit`, keep both):
     model.path, model.critic_path, rm_path   a registry model this tenant may use, or ckpt-... of its own
     rewards[].function                       a built-in reward, or a reward function the operator registered
     rewards[].model                          a registry model, ckpt-... of its own, or stage:NAME (its pipeline)
+    rollout.agent.environment                a built-in environment (core/environments.py ENVIRONMENTS)
     output_dir, checkpoint.dir               refused: the server puts every run under the tenant's area
     model.trust_remote_code                  the policy's, and the default of every other model's own flag below
     model.critic_trust_remote_code,          each model's own: only where the registry entry of that model
@@ -27,6 +28,7 @@ from api.registry import Registry
 from api.storage import ArtifactStore
 from api.store import JobStore
 from orchestrator.core.algorithms import ALGORITHMS, BUILTIN_REWARDS
+from orchestrator.core.environments import ENVIRONMENTS
 from orchestrator.core.spec import STAGE_REF
 
 FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
@@ -66,6 +68,7 @@ class TenantSpec:
         out["data"] = await self._data(spec["data"], algorithm, "data")
         out["rewards"] = [await self._reward(r, f"rewards.{i}", policy_trust) for i, r in enumerate(spec.get("rewards") or [])]
         out["checkpoint"] = self._checkpoint(spec.get("checkpoint") or {}, "checkpoint")
+        self._check_environment(spec.get("rollout"), "rollout")
         if spec.get("stages"):
             out["stages"] = []
             for i, stage in enumerate(spec["stages"]):
@@ -78,6 +81,7 @@ class TenantSpec:
                     stage["rewards"] = [await self._reward(r, f"{where}.rewards.{j}", policy_trust) for j, r in enumerate(stage["rewards"])]
                 if stage.get("checkpoint") is not None:
                     stage["checkpoint"] = self._checkpoint(stage["checkpoint"], f"{where}.checkpoint")
+                self._check_environment(stage.get("rollout"), f"{where}.rollout")
                 out["stages"].append(stage)
         out["output_dir"] = self.storage.url(self.storage.run_path(self.tenant, job_id))
         return out
@@ -96,6 +100,14 @@ class TenantSpec:
         if section.get("dir") is not None:
             raise refused(f"{where}.dir", "the server chooses where checkpoints go (under the job's run directory); leave it out")
         return section
+
+    @staticmethod
+    def _check_environment(rollout: dict | None, where: str) -> None:
+        """`agent.environment` names a built-in environment (the spec refuses unknown names; import paths reach here)."""
+        name = ((rollout or {}).get("agent") or {}).get("environment")
+        if name is not None and name not in ENVIRONMENTS:
+            raise refused(f"{where}.agent.environment", f"{name!r} is not a built-in environment ({', '.join(ENVIRONMENTS)}); "
+                          "import paths are for the trusted entrypoints only")
 
     async def _models(self, model: dict) -> dict:
         out = {**model}

@@ -304,3 +304,17 @@ def test_deeply_nested_reward_kwargs_are_refused_not_a_crash():
     with pytest.raises(SpecError) as e:
         parse_spec({**base(), "rewards": [{"function": "accuracy", "kwargs": {"x": nested}}]})
     assert "rewards.0.kwargs: " in str(e.value) and "4 deep" in str(e.value)
+
+
+def test_an_agent_names_a_built_in_environment_or_an_import_path():
+    spec = parse_spec({**base(), "rewards": [], "rollout": {"agent": {"environment": "calculator", "max_turns": 3}}})
+    assert spec.rollout.agent.max_turns == 3 and spec.rollout.agent.sandbox_actors == 0  # its reward is the environment's
+    assert parse_spec({**base(), "rollout": {"agent": {"environment": "python_calculator"}}}).rollout.agent.sandbox_actors == 2
+    assert parse_spec({**base(), "rollout": {"agent": {"environment": "my_envs.sql:SqlEnv"}}}).rollout.agent.environment == "my_envs.sql:SqlEnv"
+    with pytest.raises(SpecError) as e:
+        parse_spec({**base(), "rollout": {"agent": {"environment": "calculatr"}}})
+    assert "rollout.agent.environment: unknown environment 'calculatr': built in: calculator, python_calculator" in str(e.value)
+    with pytest.raises(SpecError, match="rollout.agent: multi-turn rollouts sample with the hf backend"):
+        parse_spec({**base(), "rollout": {"backend": "vllm", "agent": {"environment": "calculator"}}})
+    with pytest.raises(SpecError, match=r"rollout.agent.max_turns"):
+        parse_spec({**base(), "rollout": {"agent": {"environment": "calculator", "max_turns": 0}}})

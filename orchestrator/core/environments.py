@@ -195,6 +195,7 @@ class EnvironmentEntry:
     cls: str  # import path `module:Class`, resolved by `make_environment`'s caller (the floor imports nothing)
     description: str
     needs: str = ""  # an optional package it imports (the extra to install), empty if none
+    sandbox: bool = False  # it runs code: its constructor takes `sandbox=` (a SandboxPool), and a job starts sandbox actors
 
 
 ENVIRONMENTS: dict[str, EnvironmentEntry] = {
@@ -203,7 +204,7 @@ ENVIRONMENTS: dict[str, EnvironmentEntry] = {
         EnvironmentEntry("calculator", "orchestrator.core.environments:CalculatorEnv",
                          "multi-digit arithmetic; tool: calculator; reward 1 for the right final number"),
         EnvironmentEntry("python_calculator", "workers.environments:PythonToolEnv",
-                         "the same task with a `python` tool run in the sandbox (workers/sandbox.py)"),
+                         "the same task with a `python` tool run in the sandbox (workers/sandbox.py)", sandbox=True),
         EnvironmentEntry("reasoning_gym", "workers.environments:ReasoningGymEnv",
                          "any reasoning-gym task (row column `task`, or kwargs), unmodified: its question, "
                          "its own score_answer on the final turn", needs="reasoning-gym"),
@@ -211,8 +212,14 @@ ENVIRONMENTS: dict[str, EnvironmentEntry] = {
 }
 
 
+IMPORT_PATH = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"  # `pkg.module:Class` (trusted entrypoints only)
+
+
 def environment_path(name: str) -> str:
-    """The import path of a built-in environment; a ValueError that lists the names otherwise."""
+    """The import path of a built-in environment, or `name` itself if it is an import path (the trusted
+    entrypoints may name one; REST never passes one through); a ValueError that lists the names otherwise."""
+    if ":" in name and re.match(IMPORT_PATH, name):
+        return name
     if name not in ENVIRONMENTS:
         raise ValueError(f"unknown environment {name!r}; built in: {', '.join(sorted(ENVIRONMENTS))}")
     return ENVIRONMENTS[name].cls

@@ -8,6 +8,7 @@ error that names the field's path (`extra="forbid"`).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,7 +27,13 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from orchestrator.core import plan
-from orchestrator.core.algorithms import ALGORITHMS, BUILTIN_REWARDS, ROLLOUT_BACKENDS, Algorithm
+from orchestrator.core.algorithms import (
+    ALGORITHMS,
+    BUILTIN_REWARDS,
+    ROLLOUT_BACKENDS,
+    Algorithm,
+)
+from orchestrator.core.environments import ENVIRONMENTS, IMPORT_PATH
 from orchestrator.core.storage import is_url
 
 API_VERSION = "rlhf/v1"
@@ -40,6 +47,16 @@ def _depth(value: Any, limit: int) -> int:
         return 0
     children = value.values() if isinstance(value, dict) else value
     return 1 + max((_depth(v, limit - 1) for v in children), default=0)
+
+
+def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` from a tenant: at most 16 KiB of JSON, nested at most 4 deep."""
+    if _depth(value, 4) > 4:  # (first: a deeper value would not even serialise)
+        raise ValueError("at most 16 KiB of JSON nested at most 4 deep (got more than 4 deep)")
+    size = len(json.dumps(value, default=str))
+    if size > 16384:
+        raise ValueError(f"at most 16 KiB of JSON nested at most 4 deep (got {size} bytes)")
+    return value
 
 
 class SpecError(ValueError):
@@ -214,6 +231,51 @@ class OffPolicySpec(_Strict):
         return self
 
 
+class SandboxSpec(_Strict):
+    actors: int | None = Field(
+        None, ge=0, le=256, description="Sandbox actors (workers/sandbox.py), a `sandbox` role in the job's placement group "
+        "that every trajectory's code runs on. Unset: 2 for an environment that runs code (`python_calculator`), else none.")
+    num_cpus: float = Field(0.25, gt=0, le=64, description="CPUs each sandbox actor asks Ray for.")
+    cpu_s: int = Field(5, gt=0, le=3600, description="CPU seconds per call (RLIMIT_CPU).")
+    wall_s: float = Field(10.0, gt=0, le=3600, description="Wall-clock seconds per call before its process group is killed.")
+    memory_mb: int = Field(512, ge=16, le=65536, description="Address space per call (RLIMIT_AS).")
+
+
+class AgentSpec(_Strict):
+    environment: str = Field(
+        ..., min_length=1, max_length=300,
+        description=f"The environment, by name ({', '.join(f'`{n}`' for n in ENVIRONMENTS)}; docs/agents.md), or, from "
+        "the trusted entrypoints only (`rlhf train`, `ray job submit`), an import path `pkg.module:Class`. Over REST: "
+        "a built-in name only.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the environment's constructor.")
+    max_turns: int = Field(4, ge=1, le=256, description="Model turns per episode; an episode still going after them is truncated.")
+    max_tokens: int = Field(
+        512, ge=2, le=1048576, description="Tokens of the whole trajectory (opening, generated and appended); each turn "
+        "generates at most `rollout.max_new_tokens` of what is left.")
+    sandbox: SandboxSpec = Field(default_factory=SandboxSpec, description="Where the environment's code runs.")
+
+    @field_validator("environment")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in ENVIRONMENTS and not re.match(IMPORT_PATH, value):
+            raise ValueError(f"unknown environment {value!r}: built in: {', '.join(sorted(ENVIRONMENTS))}; or an import "
+                             "path 'pkg.module:Class' (trusted entrypoints only)")
+        return value
+
+    @field_validator("kwargs")
+    @classmethod
+    def _bounded_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _bounded_json(value)
+
+    @property
+    def sandbox_actors(self) -> int:
+        """The sandbox actors the job starts (`sandbox.actors`, or 2 for a built-in environment that runs code)."""
+        if self.sandbox.actors is not None:
+            return self.sandbox.actors
+        entry = ENVIRONMENTS.get(self.environment)
+        return 2 if entry is not None and entry.sandbox else 0
+
+
 class RolloutSpec(_Strict):
     backend: Literal[tuple(ROLLOUT_BACKENDS)] = Field(  # type: ignore[valid-type]
         "hf", description="Generation engine: `hf` (transformers `generate`) or `vllm`."
@@ -242,6 +304,13 @@ class RolloutSpec(_Strict):
         "between chunks, so a long completion does not hold an update back (its tokens carry their versions).")
     off_policy: OffPolicySpec = Field(
         default_factory=OffPolicySpec, description="Async only: importance weighting and masking of stale samples.")
+    agent: AgentSpec | None = Field(
+        None, description="Multi-turn rollouts (docs/agents.md): each of the `n` samples of a prompt is an episode of an "
+        "`environment` (a data row opens it) of at most `max_turns` model turns and `max_tokens` tokens, with the tool calls "
+        "the model writes run and their results appended (masked out of the loss); the episode's return is its score, "
+        "to which the job's `rewards`, if any, add. Fields: `environment`, `kwargs`, `max_turns`, `max_tokens`, "
+        "`sandbox.{actors, num_cpus, cpu_s, wall_s, memory_mb}`. `hf` backend only. Unset: one completion per sample.",
+    )
 
 
 class RewardSource(_Strict):
@@ -265,12 +334,7 @@ class RewardSource(_Strict):
     @field_validator("kwargs")
     @classmethod
     def _bounded_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if _depth(value, 4) > 4:  # (first: a deeper value would not even serialise)
-            raise ValueError("at most 16 KiB of JSON nested at most 4 deep (got more than 4 deep)")
-        size = len(json.dumps(value, default=str))
-        if size > 16384:
-            raise ValueError(f"at most 16 KiB of JSON nested at most 4 deep (got {size} bytes)")
-        return value
+        return _bounded_json(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> "RewardSource":
@@ -548,7 +612,7 @@ class JobSpec(_Strict):
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Sampling.")
     rewards: list[RewardSource] = Field(
         default_factory=list, description="Weighted reward sources, summed. Needed by the algorithms that score completions "
-        "(`grpo`, `ppo`) and by held-out prompts (`data.eval_file` of `grpo`, `ppo`, `sft`)."
+        "(`grpo`, `ppo`; with `rollout.agent` the environment scores and these add to it) and by held-out prompts (`data.eval_file` of `grpo`, `ppo`, `sft`)."
     )
     optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimisation.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Placement of the roles.")
@@ -566,7 +630,12 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
         plan.check_weight_sync(self)  # (the placement rules live in core/plan.py)
-        if not self.rewards and self.scores_with_rewards and self.stages is None:  # (a pipeline's stages are checked one by one)
+        agent = self.rollout.agent if self.algo.rollouts else None  # (a pipeline's SFT stage ignores the job's agent)
+        if agent is not None and self.rollout.backend != "hf":
+            raise _field_error(("rollout", "agent"), f"multi-turn rollouts sample with the hf backend, not {self.rollout.backend} (no vLLM turn sampler yet)")
+        if agent is not None and self.rollout.max_staleness:
+            raise _field_error(("rollout", "agent"), "multi-turn rollouts run in the synchronous loop for now: set rollout.max_staleness 0")
+        if not self.rewards and self.scores_with_rewards and self.stages is None and agent is None:  # (a pipeline's stages are checked one by one)
             what = "completions" if self.algo.rollouts else "held-out prompts' completions (data.eval_file)"
             raise _field_error(("rewards",), f"{self.algorithm.name} scores its {what} with the rewards: give at least one reward source")
         try:

@@ -17,6 +17,10 @@ from tests.api.test_auth import assert_envelope
         (lambda b: b.update(metadata={"k": 5}), "metadata.k"),
         # Over REST a tracker URI is the operator's to allow: the driver would write to it from the cluster.
         (lambda b: b.update(trackers={"mlflow": {"tracking_uri": "file:///etc"}}), "trackers.mlflow.tracking_uri"),
+        # An environment is a built-in name: an unknown one, or an import path (code of the tenant's choosing), is refused.
+        (lambda b: b["rollout"].update(agent={"environment": "shell"}), "rollout.agent.environment"),
+        (lambda b: b["rollout"].update(agent={"environment": "os:system"}), "rollout.agent.environment"),
+        (lambda b: b.update(stages=[{"name": "g", "rollout": {"agent": {"environment": "os:system"}}}]), "stages.0.rollout.agent.environment"),
     ],
 )
 def test_spec_error_is_422_naming_the_field(alpha, tiny, workdir, change, param):
