@@ -81,3 +81,25 @@ def test_a_weight_swap_between_chunks_tags_the_tokens_after_it(model_and_tok):
     expected = torch.where(versions == 0, old_lp, new_lp) * mask
     assert_close(batch.logprobs, expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(old_lp * mask, new_lp * mask, atol=1e-3)  # the swap changed what the model gives
+
+
+def test_prompts_join_in_flight_and_leave_once_their_group_finished(model_and_tok):
+    """Asynchronous training's rollout keeps one PartialRollout: prompts added after some chunks stop at
+    their own token budget, and each prompt is handed out once, when its rows have all finished."""
+    model, tok = model_and_tok
+    r = PartialRollout(PROMPTS[:2], tok.eos_token_id, tok.pad_token_id, max_new_tokens=MAX_NEW, greedy=True)
+    r.advance(model, 0, 3)
+    assert r.add(PROMPTS[2:]) == [2, 3]
+    taken = {}
+    while not r.finished:
+        r.advance(model, 1, 3)
+        for index, batch, versions in r.take_finished():
+            assert index not in taken
+            taken[index] = (batch, versions)
+    assert sorted(taken) == [0, 1, 2, 3] and r.take_finished() == []
+    expected = one_shot(model, tok)
+    for index, (batch, versions) in taken.items():
+        n = int(batch.response_mask.sum())
+        assert batch.responses[0, :n].tolist() == expected[index]  # the same tokens as one-shot greedy, whoever it shared chunks with
+        first = 3 if index < 2 else 0  # the chunk of version 0 had only the first two prompts
+        assert versions[0, :n].tolist() == [0] * min(n, first) + [1] * max(0, n - first)

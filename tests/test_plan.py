@@ -168,7 +168,7 @@ def test_an_async_job_plans_its_loop_and_a_rollout_actor(tmp_path):
     assert dataclasses.asdict(stage.loop) == {"kind": "async", "max_staleness": 2, "chunk_tokens": 3, "buffer_groups": 12}
     assert summary(stage)["roles"] == [("rollout", 1, 0.5, ()), ("trainer", 1, 0.5, ())]
     assert summary(stage)["phases"] == {"rollout": "rollout", "reward": "driver", "update": "trainer"}
-    assert stage.one_call_step is False and stage.weight_sync.method == "shared_memory"
+    assert stage.one_call_step is False and stage.weight_sync.method == "object_store"
     assert make_plan(parse_spec(base())).stages[0].loop.kind == "sync"  # k = 0: today's loop
     spec = tmp_path / "async.yaml"
     spec.write_text(json.dumps(base(rollout={"max_staleness": 1})))

@@ -22,19 +22,39 @@ from orchestrator.core.seeds import request_seed
 
 
 class PartialRollout:
-    """The in-flight generations of a set of prompts (`n` rows each), advanced one chunk at a time."""
+    """The in-flight generations of a set of prompts (`n` rows each), advanced one chunk at a time.
+    Prompts may join (`add`) while others are in flight, and leave once all their rows finished
+    (`take_finished`): asynchronous training's rollout keeps one of these for its whole run."""
 
     def __init__(self, prompt_ids: list[list[int]], eos_id: int, pad_id: int, n: int = 1, max_new_tokens: int = 32,
                  greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, step: int = 0):
-        self.prompt_ids, self.n = prompt_ids, n
-        self.rows = [p for p in prompt_ids for _ in range(n)]  # the n samples of a prompt adjacent, as build_batch wants
-        self.eos_id, self.pad_id, self.max_new_tokens = eos_id, pad_id, max_new_tokens
+        self.n, self.eos_id, self.pad_id, self.max_new_tokens = n, eos_id, pad_id, max_new_tokens
         self.greedy, self.temperature, self.top_p, self.seed, self.step = greedy, temperature, top_p, seed, step
-        self.tokens: list[list[int]] = [[] for _ in self.rows]
-        self.logprobs: list[list[float]] = [[] for _ in self.rows]
-        self.versions: list[list[int]] = [[] for _ in self.rows]
-        self.done = [False] * len(self.rows)
+        self.prompt_ids: list[list[int]] = []
+        self.extras: list[dict[str, Any]] = []
+        self.rows: list[list[int]] = []  # the n samples of a prompt adjacent, as build_batch wants
+        self.tokens: list[list[int]] = []
+        self.logprobs: list[list[float]] = []
+        self.versions: list[list[int]] = []
+        self.done: list[bool] = []
+        self.taken: list[bool] = []  # per prompt: handed out by `take_finished`
         self.chunks = 0
+        self.add(prompt_ids)
+
+    def add(self, prompt_ids: list[list[int]], extras: list[dict[str, Any]] | None = None) -> list[int]:
+        """More prompts to generate `n` completions of; returns their indices (what `take_finished` names them by)."""
+        first = len(self.prompt_ids)
+        self.prompt_ids += prompt_ids
+        self.extras += extras or [{} for _ in prompt_ids]
+        self.taken += [False] * len(prompt_ids)
+        for p in prompt_ids:
+            for _ in range(self.n):
+                self.rows.append(p)
+                self.tokens.append([])
+                self.logprobs.append([])
+                self.versions.append([])
+                self.done.append(False)
+        return list(range(first, len(self.prompt_ids)))
 
     @property
     def finished(self) -> bool:
@@ -47,8 +67,9 @@ class PartialRollout:
         active = [i for i, d in enumerate(self.done) if not d]
         if not active:
             return 0
-        so_far = len(self.tokens[active[0]])  # every unfinished row has generated as many tokens
-        budget = min(chunk_tokens, self.max_new_tokens - so_far)
+        # Rows that joined later have generated fewer tokens: each stops at its own budget.
+        left = {i: self.max_new_tokens - len(self.tokens[i]) for i in active}
+        budget = min(chunk_tokens, max(left.values()))
         ids, mask = left_pad([self.rows[i] + self.tokens[i] for i in active], self.pad_id)
         sampling = dict(do_sample=False) if self.greedy else dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
         # Seeded by (seed, step, chunk) alone, so a chunk draws the same whatever ran before it in this process.
@@ -63,6 +84,7 @@ class PartialRollout:
         generated = 0
         for j, i in enumerate(active):
             row = new[j].tolist()
+            row = row[: left[i]]
             end = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
             self.tokens[i] += row[:end]
             self.logprobs[i] += logprobs[j, :end].tolist()
@@ -77,12 +99,31 @@ class PartialRollout:
         token's policy version, (b, R) long, -1 on padding."""
         if not self.finished:
             raise RuntimeError("the rollout is still in flight: advance it until `finished`")
-        responses, valid = right_pad(self.tokens, self.pad_id)
-        logprobs, _ = right_pad(self.logprobs, 0, dtype=torch.float32)
-        versions, _ = right_pad(self.versions, -1)
-        batch = build_batch(self.prompt_ids, responses, valid, self.pad_id, self.n, logprobs=logprobs,
-                            extras=extras or [{} for _ in self.prompt_ids])
+        return self._batch(range(len(self.prompt_ids)), extras or self.extras)
+
+    def _batch(self, prompts, extras: list[dict[str, Any]]) -> tuple[Batch, torch.Tensor]:
+        rows = [p * self.n + j for p in prompts for j in range(self.n)]
+        responses, valid = right_pad([self.tokens[r] for r in rows], self.pad_id)
+        logprobs, _ = right_pad([self.logprobs[r] for r in rows], 0, dtype=torch.float32)
+        versions, _ = right_pad([self.versions[r] for r in rows], -1)
+        batch = build_batch([self.prompt_ids[p] for p in prompts], responses, valid, self.pad_id, self.n, logprobs=logprobs,
+                            extras=extras)
         return batch, versions
+
+    def take_finished(self) -> list[tuple[int, Batch, torch.Tensor]]:
+        """(prompt index, its n samples as a Batch, their (n, R) token versions) for each prompt whose
+        rows have all finished since the last call; their rows are then forgotten (kept as empty lists)."""
+        out = []
+        for p, taken in enumerate(self.taken):
+            rows = range(p * self.n, (p + 1) * self.n)
+            if taken or not all(self.done[r] for r in rows):
+                continue
+            batch, versions = self._batch([p], [self.extras[p]])
+            out.append((p, batch, versions))
+            self.taken[p] = True
+            for r in rows:
+                self.tokens[r], self.logprobs[r], self.versions[r] = [], [], []
+        return out
 
 
 def generate_chunked(model, rollout: PartialRollout, chunk_tokens: int, version: Callable[[], int],

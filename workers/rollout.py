@@ -117,10 +117,33 @@ class HFRollout(OnNode):
         self.device = pick_device(num_gpus)
         self.model = load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device).eval()
         self.sampler = HFSampler(load_tokenizer(model_path, trust_remote_code), n, max_new_tokens, temperature, top_p, seed)
+        self.partial = None  # the completions in flight of asynchronous training (`stream`)
+        self.stream_keys: dict[int, int] = {}  # their prompt index -> the driver's key
 
     def generate(self, prompt_ids: list[list[int]], extras: list[dict[str, Any]], step: int, greedy: bool = False,
                  with_logprobs: bool = True) -> tuple[Batch, float]:
         return self.sampler.generate(self.model, self.device, prompt_ids, extras, step, greedy, with_logprobs)
+
+    def stream(self, keys: list[int], prompt_ids: list[list[int]], extras: list[dict[str, Any]], version: int,
+               chunk_tokens: int) -> tuple[list[tuple[int, Batch, torch.Tensor]], int, float]:
+        """Partial rollouts, for asynchronous training (orchestrator/stages/async_loop.py): the prompts
+        `keys` join those in flight, every unfinished completion advances one chunk of `chunk_tokens`
+        with the weights loaded now (policy `version`, which tags the chunk's tokens), and the prompts
+        whose `n` completions have all finished leave. Returns their (key, Batch with behaviour
+        log-probs, (n, R) token versions), the tokens generated, and the seconds spent."""
+        from workers.partial_rollout import PartialRollout
+
+        start = time.perf_counter()
+        s = self.sampler
+        if self.partial is None:
+            tok = s.tokenizer
+            self.partial = PartialRollout([], tok.eos_token_id, tok.pad_token_id, s.n, s.max_new_tokens, temperature=s.temperature,
+                                          top_p=s.top_p, seed=s.seed)
+        for key, index in zip(keys, self.partial.add(prompt_ids, extras), strict=True):
+            self.stream_keys[index] = key
+        tokens = self.partial.advance(self.model, version, chunk_tokens, self.device)
+        done = [(self.stream_keys.pop(index), batch, versions) for index, batch, versions in self.partial.take_finished()]
+        return done, tokens, time.perf_counter() - start
 
     def load_weights(self, state_dict: dict[str, Any]) -> float:
         """Copy the trainer's weights in (a state dict, or its `to_transport` form)."""

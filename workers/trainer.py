@@ -129,8 +129,13 @@ class PolicyTrainer(WeightSource, DataParallel):
         old_logprobs = logprobs.detach() if on_policy or mb.logprobs is None else mb.logprobs
         pg, clipped = algos.policy_loss(logprobs, old_logprobs, mb.advantages, mask, opt.clip_eps_low, opt.clip_eps_high, opt.dual_clip)
         is_stats = {}
-        tis = self.rollout.importance_sampling
-        if tis.enabled and on_policy and mb.logprobs is not None:
+        tis, off = self.rollout.importance_sampling, self.rollout.off_policy
+        if self.rollout.max_staleness and off.enabled and on_policy and mb.logprobs is not None:
+            # Async: decoupled PPO (AReaL, arXiv:2505.24298 eq. 5): the ratio is clipped against the update's starting
+            # weights (pi_prox, the ratio of 1 above) and each token weighted by pi_prox / pi_behav of the stale weights that drew it.
+            weights, _, is_stats = algos.off_policy_correction(old_logprobs, mb.logprobs, mask, off.level, off.tis_cap, off.mask_band)
+            pg = pg * weights
+        elif tis.enabled and on_policy and mb.logprobs is not None:
             # Off-policy steps already take the rollout log-probs as old_logprobs; this corrects the on-policy ratio of 1.
             weights, sums = algos.truncated_importance_weights(old_logprobs, mb.logprobs, mask, tis.cap)
             pg = pg * weights

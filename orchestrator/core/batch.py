@@ -216,7 +216,8 @@ def build_batch(prompt_ids: list[list[int]], responses: torch.Tensor, valid: tor
 
 
 def concat(batches: list[Batch]) -> Batch:
-    """One Batch of several (e.g. one per rollout actor), re-padded to the widest prompt and response."""
+    """One Batch of several (e.g. one per rollout actor), re-padded to the widest prompt and response
+    (scores kept, if every part has them: asynchronous training scores each group as it finishes)."""
     if len(batches) == 1:
         return batches[0]
     p = max(b.prompt_len for b in batches)
@@ -229,7 +230,7 @@ def concat(batches: list[Batch]) -> Batch:
             input_ids=pad2(b.input_ids), attention_mask=pad2(b.attention_mask),
             response_mask=torch.nn.functional.pad(b.response_mask, (0, lr)),
             logprobs=torch.nn.functional.pad(b.logprobs, (0, lr)) if b.logprobs is not None else None,
-            group_ids=b.group_ids + offset,
+            group_ids=b.group_ids + offset, scores=b.scores,
         ))
         offset += len(b.extras)
     cat = {k: torch.cat([x[k] for x in parts]) if parts[0][k] is not None else None for k in parts[0]}

@@ -136,6 +136,8 @@ def sync_path(spec: Any) -> tuple[str, str]:
     res, vllm = spec.resources, spec.rollout.backend == "vllm"
     if spec.rollout.weight_sync != "auto":
         return spec.rollout.weight_sync, "set in the spec"
+    if max_staleness(spec):
+        return "object_store", "async: the trainer publishes each update, the rollout loads it between chunks"
     on_gpu = res.trainer.num_gpus > 0 and res.rollout.num_gpus > 0
     if on_gpu and vllm and not res.colocate:
         return "nccl", "vLLM engines on their own GPUs"
@@ -150,6 +152,8 @@ def one_at_a_time(spec: Any) -> bool:
     """Whether the stage's actors compute one at a time: one replica per role, no critic (its values and
     updates run beside the reference's and the trainer's) and no reward actor beside a reference."""
     res, started = spec.resources, roles(spec)
+    if max_staleness(spec):  # the rollout generates while the trainer updates
+        return False
     if "critic" in started or any(getattr(res, r).replicas > 1 for r in started if r != "reward"):
         return False
     scorers = [r for r in ("reward", "reference") if r in started] + (["trainer"] if reference_in_trainer(spec) else [])
@@ -164,6 +168,9 @@ def check_weight_sync(spec: Any) -> None:
     if sync == "cuda_ipc" and not (res.colocate and res.trainer.replicas == res.rollout.replicas):
         raise ValueError("rollout.weight_sync cuda_ipc needs resources.colocate and as many trainer as rollout replicas "
                          "(each engine shares a GPU with one trainer rank)")
+    if sync == "shared_memory" and max_staleness(spec):
+        raise ValueError("rollout.weight_sync shared_memory: the rollouts compute from the file the trainer writes, which "
+                         "would change under a chunk in flight; asynchronous training (rollout.max_staleness) uses object_store")
     if sync == "shared_memory" and (res.trainer.num_gpus > 0 or res.rollout.num_gpus > 0):
         raise ValueError("rollout.weight_sync shared_memory is for CPU trainers and rollouts (set num_gpus 0)")
 

@@ -63,7 +63,14 @@ class ObjectStoreSync(WeightSync):
     method = "object_store"
 
     def sync(self) -> None:
-        weights = self.trainers.actors[0].weights_for_sync.remote()
+        self.load(self.publish())
+
+    def publish(self):
+        """Trainer rank 0's weights, put in the object store now (the ref; the trainer is free again once it is ready)."""
+        return self.trainers.actors[0].weights_for_sync.remote()
+
+    def load(self, weights) -> None:
+        """Every rollout loads the weights `publish` put (asynchronous training loads them between two chunks)."""
         self.wait(self.rollouts.call("load_weights", weights), SYNC)
 
 

@@ -260,8 +260,11 @@ def run_stage(stage: Stage, model_path: str, tokenizer, job_id: str, reporter, r
 
 def _stage_driver(stage: Stage, model_path: str, tokenizer, job_id: str, reporter):
     spec = _with_model(stage.spec, model_path)
-    return driver_class(spec.algorithm.name)(spec, stage.dataset, reporter, job_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                             stage=stage.plan, eval_set=stage.eval_set)
+    cls = driver_class(spec.algorithm.name)
+    if stage.plan.loop.kind == "async":  # the plan's loop: the rollout side generates beside the trainer
+        from orchestrator.stages.async_loop import AsyncOrchestrator as cls
+    return cls(spec, stage.dataset, reporter, job_id, tokenizer.eos_token_id, tokenizer.pad_token_id, stage=stage.plan,
+               eval_set=stage.eval_set)
 
 
 def _newest_in_stage(stage: Stage):
