@@ -164,6 +164,7 @@ def main() -> int:
     @check("LoRA (peft): adapters, merge, base ref")
     def _():
         from workers.trainer import PolicyTrainer
+        from workers.trainer_parts import FrozenBase
 
         try:
             from orchestrator.core.spec import LoraSpec
@@ -174,7 +175,7 @@ def main() -> int:
 
             lora = NS(rank=4, alpha=8.0, target_modules="all-linear", dropout=0.0)
         optim, rollout = configs()
-        t = PolicyTrainer(model_dir, with_fields(optim, lr=5e-2), rollout, num_gpus=NUM_GPUS, lora=lora)
+        t = PolicyTrainer(model_dir, with_fields(optim, lr=5e-2), rollout, num_gpus=NUM_GPUS, lora=lora, parts=[FrozenBase(temperature=1.0)])
         base = {k: v.clone() for k, v in t.rollout_weights().items()}
         for step in (1, 2):
             t.train_step(STATE["batch"], step, 1, 8, True)

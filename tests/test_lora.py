@@ -13,13 +13,14 @@ from orchestrator.core.spec import LoraSpec, OptimSpec, RolloutSpec
 from tests.test_packing import grads_after_step, varied_batch
 from workers.common import load_model, response_logprobs
 from workers.trainer import PolicyTrainer
+from workers.trainer_parts import FrozenBase
 
 LORA = LoraSpec(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "up_proj"])
 
 
-def lora_trainer(tiny_model, lr: float = 5e-2) -> PolicyTrainer:
+def lora_trainer(tiny_model, lr: float = 5e-2, parts=()) -> PolicyTrainer:
     return PolicyTrainer(str(tiny_model), OptimSpec(lr=lr, prompts_per_step=12, seed=0), RolloutSpec(n=1, max_new_tokens=12),
-                         threads=1, lora=LORA)
+                         threads=1, lora=LORA, parts=parts)
 
 
 def one_step(trainer: PolicyTrainer, seed: int = 0) -> dict[str, float]:
@@ -61,7 +62,7 @@ def test_only_the_adapters_train_and_the_merged_weights_carry_them(tiny_model):
 
 
 def test_the_frozen_base_is_the_reference(tiny_model):
-    trainer = lora_trainer(tiny_model)
+    trainer = lora_trainer(tiny_model, parts=[FrozenBase(temperature=1.0)])
     for seed in range(2):
         one_step(trainer, seed)
     batch = varied_batch(seed=6)

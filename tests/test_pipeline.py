@@ -182,19 +182,21 @@ def test_each_stage_carries_its_part_of_the_plan(tiny_model, sft_files, tmp_path
     assert due == [[2, 3], [5]]  # every 2 steps of each stage, and at its last
 
 
-@pytest.mark.parametrize("resources, optim, expect", [
-    ({}, {}, {"sampling_seed": 0, "step_spec": True}),  # a lone CPU trainer samples and runs whole steps
-    ({"rollout_in": "actor"}, {}, {}),  # rollout actors sample: the trainer only trains
-    ({}, {"kl_coef": 0.1}, {"sampling_seed": 0, "reference_copy": True}),  # it keeps the reference: no whole steps
+@pytest.mark.parametrize("resources, optim, model, expect", [
+    ({}, {}, {}, ["Sampling", "OneCallStep"]),  # a lone CPU trainer samples and runs whole steps
+    ({"rollout_in": "actor"}, {}, {}, []),  # rollout actors sample: the trainer only trains
+    ({}, {"kl_coef": 0.1}, {}, ["Sampling", "KeptReference"]),  # it keeps the reference: no whole steps
+    ({"rollout_in": "actor"}, {"kl_coef": 0.1}, {"lora": {"rank": 4}}, ["FrozenBase"]),  # a LoRA policy's base is the reference
 ])
-def test_the_trainer_factory_adds_the_parts_the_plan_gives_it(tiny_model, arith_file, tmp_path, resources, optim, expect):
+def test_the_trainer_factory_adds_the_parts_the_plan_gives_it(tiny_model, arith_file, tmp_path, resources, optim, model, expect):
     from orchestrator.core.plan import make_plan
     from orchestrator.stages.roles import FACTORIES, driver_rewards
 
-    spec = parse_spec(tiny_spec(tiny_model, arith_file, tmp_path / "run", resources=resources, optim=optim))
+    spec = parse_spec(tiny_spec(tiny_model, arith_file, tmp_path / "run", resources=resources, optim=optim, model=model))
     stage = make_plan(spec).stages[0]
-    kwargs = FACTORIES["trainer"](spec, stage).kwargs(0)
-    parts = {k: (kwargs[k] is spec if k == "step_spec" else kwargs[k]) for k in ("sampling_seed", "step_spec", "reference_copy") if k in kwargs}
-    assert parts == expect
-    assert ("rollout" in [r.role for r in stage.roles]) == ("sampling_seed" not in expect)
+    parts = FACTORIES["trainer"](spec, stage).kwargs(0)["parts"]
+    assert [type(p).__name__ for p in parts] == expect
+    assert [p.phase for p in parts] == list(stage.role("trainer").also)
+    assert all(p.seed == spec.optim.seed for p in parts if type(p).__name__ == "Sampling")  # replica 0: the rollout seed
+    assert ("rollout" in [r.role for r in stage.roles]) == ("Sampling" not in expect)
     assert driver_rewards(spec, stage) is not None  # function rewards: scored in the driver (also the held-out set)

@@ -16,6 +16,7 @@ from workers.reference import Reference
 from workers.reward import RewardError, RewardWorker, resolve_function
 from workers.rollout import HFRollout, response_mask_until_eos
 from workers.trainer import PolicyTrainer
+from workers.trainer_parts import KeptReference, OneCallStep, Sampling
 
 PROMPTS = [[16, 10, 17, 28], [18, 10, 19, 28, 20]]  # byte ids of "1+2=" and "3+4=5"
 EXTRAS = [{"prompt_text": "1+2=", "answer": 3}, {"prompt_text": "3+4=5", "answer": 7}]
@@ -86,7 +87,8 @@ def test_a_trainer_that_samples_draws_what_a_rollout_with_its_weights_draws(tiny
     from orchestrator.core.spec import LoraSpec
 
     spec = RolloutSpec(n=3, max_new_tokens=6, temperature=1.0)
-    trainer = PolicyTrainer(str(tiny_model), optim(), spec, threads=2, sampling_seed=0, lora=LoraSpec(**lora) if lora else None)
+    trainer = PolicyTrainer(str(tiny_model), optim(), spec, threads=2, lora=LoraSpec(**lora) if lora else None,
+                            parts=[Sampling(str(tiny_model), False, spec, seed=0)])
     trainer.train_step(with_advantages(batch), step=1, num_mini_batches=1, micro_batch_size=None, on_policy=True)
     rollout = HFRollout(str(tiny_model), n=3, max_new_tokens=6, temperature=1.0, seed=0, threads=2)
     rollout.load_weights(trainer.rollout_weights())  # (a LoRA trainer's merged weights)
@@ -96,7 +98,7 @@ def test_a_trainer_that_samples_draws_what_a_rollout_with_its_weights_draws(tiny
         assert torch.equal(ours.input_ids, theirs.input_ids) and torch.equal(ours.response_mask, theirs.response_mask)
         torch.testing.assert_close(ours.logprobs, theirs.logprobs, atol=1e-5, rtol=0)
     assert trainer.model.training  # back to training after sampling
-    with pytest.raises(RuntimeError, match="this trainer does not generate"):
+    with pytest.raises(RuntimeError, match="this trainer has no rollout part"):
         PolicyTrainer(str(tiny_model), optim(), spec, threads=2).generate(PROMPTS, EXTRAS, 1)
 
 
@@ -108,8 +110,9 @@ def test_a_whole_step_in_the_trainer_is_the_drivers_phases_in_one_call(tiny_mode
 
     spec = parse_spec(tiny_spec(tiny_model, arith_file, tmp_path / "run", rollout={"n": 3, "max_new_tokens": 6}))
     assert spec.steps_in_trainer
-    whole = PolicyTrainer(str(tiny_model), spec.optim, spec.rollout, threads=2, sampling_seed=0, step_spec=spec)
-    phases = PolicyTrainer(str(tiny_model), spec.optim, spec.rollout, threads=2, sampling_seed=0)
+    whole = PolicyTrainer(str(tiny_model), spec.optim, spec.rollout, threads=2, parts=[
+        Sampling(str(tiny_model), False, spec.rollout, seed=0), OneCallStep(spec, str(tiny_model), "float32", False)])
+    phases = PolicyTrainer(str(tiny_model), spec.optim, spec.rollout, threads=2, parts=[Sampling(str(tiny_model), False, spec.rollout, seed=0)])
     rewards = RewardWorker(list(spec.rewards), str(tiny_model), threads=2)
     for step in (1, 2):
         batch, per_source, stats = whole.whole_step(PROMPTS, EXTRAS, step, False, 1, None, True)
@@ -124,7 +127,7 @@ def test_a_whole_step_in_the_trainer_is_the_drivers_phases_in_one_call(tiny_mode
         assert {k: v for k, v in stats.items() if not k.startswith("timing/")} == {k: v for k, v in expected_stats.items() if not k.startswith("timing/")}
         assert {"timing/generate_compute", "timing/reward", "timing/advantages", "timing/update_compute"} <= stats.keys()
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), phases.state_dict().values()))
-    with pytest.raises(RuntimeError, match="does not run whole steps"):
+    with pytest.raises(RuntimeError, match="has no reward part"):
         phases.whole_step(PROMPTS, EXTRAS, 3, False, 1, None, True)
 
 
@@ -221,7 +224,7 @@ def test_reference_is_frozen(tiny_model):
 
 def test_a_trainer_that_keeps_the_reference_scores_as_the_reference_actor_does(tiny_model, batch):
     ref = Reference(str(tiny_model), threads=2)
-    trainer = PolicyTrainer(str(tiny_model), optim(), RolloutSpec(), threads=2, reference_copy=True)
+    trainer = PolicyTrainer(str(tiny_model), optim(), RolloutSpec(), threads=2, parts=[KeptReference(model_path=str(tiny_model))])
     trainer.train_step(with_advantages(batch), step=1, num_mini_batches=1, micro_batch_size=None, on_policy=True)
     ours, _ = trainer.compute_logprobs(batch)  # after an update: the copy stayed as it was
     theirs, _ = ref.compute_logprobs(batch)
@@ -229,7 +232,7 @@ def test_a_trainer_that_keeps_the_reference_scores_as_the_reference_actor_does(t
     policy = Reference(str(tiny_model), threads=2)
     policy.model.load_state_dict(trainer.state_dict())
     assert not torch.equal(policy.compute_logprobs(batch)[0], theirs)  # (while the trained weights moved)
-    with pytest.raises(RuntimeError, match="this trainer is not the reference"):
+    with pytest.raises(RuntimeError, match="this trainer has no reference part"):
         PolicyTrainer(str(tiny_model), optim(), RolloutSpec(), threads=2).compute_logprobs(batch)
 
 

@@ -1,35 +1,40 @@
 """Policy trainer: forward/backward, AdamW, grad clip and gradient accumulation, data parallel
-across replicas (workers/training.py)."""
+across replicas (workers/training.py). A trainer that also samples, scores against the reference or
+runs whole steps is given a part for each (workers/trainer_parts.py)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
 from orchestrator.core import algos, storage
-from orchestrator.core.advantages import compute_advantages
-from orchestrator.core.batch import Batch, tensors_to_wire
+from orchestrator.core.batch import Batch
 from workers.common import (
-    batched_logprobs,
     configure_threads,
     disable_dropout,
     load_model,
-    load_tokenizer,
     pick_device,
     response_logprobs,
 )
 from workers.lora import apply_lora, load_adapter, merged_state_dict, save_adapter
-from workers.reference import Reference
-from workers.reward import RewardWorker
-from workers.rollout import HFSampler
 from workers.training import DataParallel, mini_batches
 from workers.weight_transport import WeightSource
 
 if TYPE_CHECKING:  # the workers take the spec's typed sections; pydantic is not needed to run them
-    from orchestrator.core.spec import JobSpec, LoraSpec, OptimSpec, RolloutSpec
+    from orchestrator.core.spec import LoraSpec, OptimSpec, RolloutSpec
+
+
+class TrainerPart(Protocol):
+    """A phase the trainer runs besides its update (workers/trainer_parts.py)."""
+
+    phase: ClassVar[str]  # the plan's phase: rollout, reference or reward
+
+    def attach(self, trainer: PolicyTrainer) -> None:
+        """Load what it needs, in the trainer's process, after the trainer's own model and optimiser."""
 
 
 class PolicyTrainer(WeightSource, DataParallel):
@@ -37,67 +42,46 @@ class PolicyTrainer(WeightSource, DataParallel):
 
     def __init__(self, model_path: str, optim: OptimSpec, rollout: RolloutSpec, dtype: str = "float32",
                  trust_remote_code: bool = False, num_gpus: float = 0, threads: int | None = None,
-                 lora: LoraSpec | None = None, reference_temperature: float = 1.0, shard_rank: int | None = None,
-                 sampling_seed: int | None = None, step_spec: JobSpec | None = None, reference_copy: bool = False):
-        configure_threads(threads)
+                 lora: LoraSpec | None = None, shard_rank: int | None = None, parts: Sequence[TrainerPart] = ()):
+        self.threads = configure_threads(threads)
         torch.manual_seed(optim.seed)
-        self.optim, self.rollout, self.reference_temperature = optim, rollout, reference_temperature
+        self.optim, self.rollout = optim, rollout
         self.device = pick_device(num_gpus)
         # shard_rank: this replica's rank in a sharded (fsdp) role: only rank 0 reads the weights (init_distributed shards them).
         self.model = disable_dropout(load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device, shard_rank=shard_rank))
         if lora is not None:
             self.model = apply_lora(self.model, lora)
         self.lora = lora is not None
-        # The reference, when this trainer keeps it (`resources.reference_in`): the Reference role's own class,
-        # a frozen copy of the starting weights, in this process.
-        self.reference = None
-        if reference_copy:
-            self.reference = Reference(model_path, dtype, trust_remote_code, temperature=reference_temperature, num_gpus=num_gpus,
-                                       micro_batch_size=optim.micro_batch_size, micro_batch_tokens=optim.micro_batch_tokens, threads=threads)
         self.model.train()
         self.configure_training(optim.gradient_checkpointing, optim.mixed_precision)
         self.grad_clip = optim.grad_clip
         # foreach: one fused update over all tensors instead of a Python loop (13% of a tiny model's step).
         trained = [p for p in self.model.parameters() if p.requires_grad]  # with LoRA, the adapters only
         self.optimizer = torch.optim.AdamW(trained, lr=optim.lr, weight_decay=optim.weight_decay, foreach=True)
-        # With a sampling seed this actor is also the job's rollout (`resources.rollout_in: trainer`): it
-        # samples the step's completions from its own weights, as the HF rollout would with the same seed.
-        self.sampler = None
-        if sampling_seed is not None:
-            self.sampler = HFSampler(load_tokenizer(model_path, trust_remote_code), rollout.n, rollout.max_new_tokens,
-                                     rollout.temperature, rollout.top_p, sampling_seed)
-        # With the job's spec it runs whole steps (`JobSpec.steps_in_trainer`): its reward functions too.
-        self.step_spec, self.rewards = step_spec, None
-        if step_spec is not None:
-            self.rewards = RewardWorker(step_spec.reward_sources, model_path, dtype, trust_remote_code, threads=threads)
+        self.parts: dict[str, Any] = {}
+        for part in parts:
+            part.attach(self)
+            self.parts[part.phase] = part
 
-    # ------------------------------------------------------------ the rollout, when this actor is it
+    def _part(self, phase: str) -> Any:
+        if phase not in self.parts:
+            raise RuntimeError(f"this trainer has no {phase} part: its plan runs the {phase} phase elsewhere")
+        return self.parts[phase]
+
+    # ------------------------------------------------------------ the phases its parts run
     def generate(self, prompt_ids: list[list[int]], extras: list[dict], step: int, greedy: bool = False,
                  with_logprobs: bool = True) -> tuple[Batch, float]:
-        """The HF rollout's `generate` (workers/rollout.py), from this trainer's weights: nothing to sync."""
-        if self.sampler is None:
-            raise RuntimeError("this trainer does not generate (resources.rollout_in)")
-        self.model.eval()
-        try:
-            return self.sampler.generate(self.model, self.device, prompt_ids, extras, step, greedy, with_logprobs)
-        finally:
-            self.model.train()
+        """The HF rollout's `generate` (workers/rollout.py), from this trainer's weights (its `Sampling` part)."""
+        return self._part("rollout").generate(prompt_ids, extras, step, greedy, with_logprobs)
+
+    def compute_logprobs(self, batch: Batch) -> tuple[torch.Tensor, float]:
+        """The reference's log-probs (b, R), as the Reference actor gives them (a `KeptReference` or `FrozenBase` part)."""
+        return self._part("reference").compute_logprobs(batch)
 
     def whole_step(self, prompt_ids: list[list[int]], extras: list[dict], step: int, with_logprobs: bool, num_mini_batches: int,
                    micro_batch_size: int | None, on_policy: bool) -> tuple[Batch, dict[str, Any], dict[str, float]]:
-        """Sample, score, advantages, update: the driver's phases (orchestrator/stages/driver.py) in one call,
-        for a job with `JobSpec.steps_in_trainer`. Returns the scored batch, each reward's scores (as
-        `tensors_to_wire` sends them), and the update's stats with each phase's seconds (`timing/...`)."""
-        if self.rewards is None:
-            raise RuntimeError("this trainer does not run whole steps (JobSpec.steps_in_trainer)")
-        batch, generate_s = self.generate(prompt_ids, extras, step, False, with_logprobs)
-        scores, per_source, reward_s = self.rewards.score(batch)
-        start = time.perf_counter()
-        batch = compute_advantages(batch.replace(scores=scores), self.step_spec)
-        advantages_s = time.perf_counter() - start
-        stats = self.train_step(batch, step, num_mini_batches, micro_batch_size, on_policy)
-        stats.update({"timing/generate_compute": generate_s, "timing/reward": reward_s, "timing/advantages": advantages_s})
-        return batch, tensors_to_wire(per_source), stats
+        """Sample, score, advantages, update in one call (its `OneCallStep` part)."""
+        return self._part("reward").whole_step(prompt_ids, extras, step, with_logprobs, num_mini_batches, micro_batch_size, on_policy)
 
     # ------------------------------------------------------------ one step
     def train_step(self, batch: Batch, step: int, num_mini_batches: int, micro_batch_size: int | None, on_policy: bool,
@@ -157,24 +141,6 @@ class PolicyTrainer(WeightSource, DataParallel):
         if mb.logprobs is not None:
             stats["approx_kl_behaviour"] = (algos.masked_sum(0.5 * (logprobs.detach() - mb.logprobs) ** 2, mask) / max(num_tokens, 1)).item()
         return loss, stats
-
-    # ------------------------------------------------------------ the reference, when this actor is it
-    def compute_logprobs(self, batch: Batch) -> tuple[torch.Tensor, float]:
-        """The reference's log-probs (b, R), as the Reference actor gives them: from the frozen copy this
-        trainer keeps (`resources.reference_in`), or a LoRA policy's frozen base, its adapters off."""
-        if self.reference is not None:
-            return self.reference.compute_logprobs(batch)
-        if not self.lora:
-            raise RuntimeError("this trainer is not the reference (resources.reference_in, model.lora)")
-        start = time.perf_counter()
-        self.model.eval()
-        try:
-            with self.model.disable_adapter():
-                logprobs = batched_logprobs(self.model, batch.to(self.device), self.reference_temperature,
-                                            self.optim.micro_batch_size, self.optim.micro_batch_tokens)
-        finally:
-            self.model.train()
-        return (logprobs * batch.response_mask.to(self.device)).cpu(), time.perf_counter() - start
 
     # ------------------------------------------------------------ weights and checkpoints
     def rollout_weights(self) -> dict[str, torch.Tensor]:

@@ -20,6 +20,8 @@ from orchestrator.runtime.registry import rollout_class, trainer_class
 from workers.critic import Critic
 from workers.reference import Reference
 from workers.reward import RewardWorker
+from workers.trainer import TrainerPart
+from workers.trainer_parts import FrozenBase, KeptReference, OneCallStep, Sampling
 
 
 @dataclass(frozen=True)
@@ -49,22 +51,41 @@ def rollout(spec: JobSpec, stage: StagePlan) -> RoleFactory:
 
 
 def trainer(spec: JobSpec, stage: StagePlan) -> RoleFactory:
-    """The trainer, with the parts the plan gives it: the sampler (`phases.rollout` on the trainer:
-    replica i samples with rollout seed `seed + i`), the reference (a LoRA policy's frozen base, or a
-    kept copy), and, for a step that is one call, the reward functions (the job's spec)."""
-    m, opt = spec.model, spec.optim
-    options: dict[str, Any] = {}
-    if spec.algo.produces == "policy":  # LoRA adapters, and the temperature it scores at when it is its own reference
-        options.update(lora=m.lora, reference_temperature=reference_temperature(spec))
-    if stage.reference_copy:
-        options["reference_copy"] = True
-    if stage.one_call_step:
-        options["step_spec"] = spec
-    samples = stage.where("rollout") == "trainer"
+    """The trainer, composed: its update, and a part for each phase the plan runs on it besides
+    (`RolePlan.also`: rollout, reference, reward; workers/trainer_parts.py)."""
+    m = spec.model
+    also = stage.role("trainer").also
+    # A policy's own options (a reward model's trainer takes neither): LoRA adapters, and its parts.
+    policy = spec.algo.produces == "policy"
     return RoleFactory(trainer_class(spec.algorithm.name), lambda i: dict(
-        model_path=spec.trained_model_path, optim=opt, rollout=spec.rollout, num_gpus=spec.resources.trainer.num_gpus,
-        trust_remote_code=spec.trained_model_trust, **options, dtype=m.dtype, **_sharded(spec, "trainer", i),
-        **({"sampling_seed": opt.seed + i} if samples else {})))
+        model_path=spec.trained_model_path, optim=spec.optim, rollout=spec.rollout, num_gpus=spec.resources.trainer.num_gpus,
+        trust_remote_code=spec.trained_model_trust, dtype=m.dtype, **_sharded(spec, "trainer", i),
+        **({"lora": m.lora, "parts": [TRAINER_PARTS[phase](spec, stage, i) for phase in also]} if policy else {})))
+
+
+def _sampling(spec: JobSpec, stage: StagePlan, i: int) -> Sampling:
+    """Replica i samples with the rollout seed `seed + i`, as rollout actor i would."""
+    return Sampling(spec.trained_model_path, spec.trained_model_trust, spec.rollout, spec.optim.seed + i)
+
+
+def _reference(spec: JobSpec, stage: StagePlan, i: int) -> KeptReference | FrozenBase:
+    """A kept copy of the starting weights (`resources.reference_in`), or a LoRA policy's frozen base."""
+    if not stage.reference_copy:
+        return FrozenBase(reference_temperature(spec))
+    opt = spec.optim
+    return KeptReference(model_path=spec.trained_model_path, dtype=spec.model.dtype, trust_remote_code=spec.trained_model_trust,
+                         temperature=reference_temperature(spec), num_gpus=spec.resources.trainer.num_gpus,
+                         micro_batch_size=opt.micro_batch_size, micro_batch_tokens=opt.micro_batch_tokens)
+
+
+def _one_call_step(spec: JobSpec, stage: StagePlan, i: int) -> OneCallStep:
+    """The job's reward functions, in a step that is one call (the plan's `one_call_step`)."""
+    return OneCallStep(spec, spec.trained_model_path, spec.model.dtype, spec.trained_model_trust)
+
+
+# The plan's phase -> the trainer part that runs it (`RolePlan.also`).
+TRAINER_PARTS: dict[str, Callable[[JobSpec, StagePlan, int], TrainerPart]] = {
+    "rollout": _sampling, "reference": _reference, "reward": _one_call_step}
 
 
 def reward(spec: JobSpec, stage: StagePlan) -> RoleFactory:
