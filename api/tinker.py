@@ -24,9 +24,13 @@ from typing import Any
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 NAMESPACE = "rlhf-tinker"
+# The losses the pools compute (workers/tinker_pool.py LOSSES; tests/api/test_tinker_limits.py checks they agree):
+# the API refuses any other before a call reaches a pool.
+LOSSES = ("cross_entropy", "importance_sampling", "ppo")
 POOL_FACTORY = "workers.tinker_pool:start_pool"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_ID = re.compile(r"^[a-z]+-[0-9a-f]{16,32}$")
+# Our ids (`tm-<hex>`, ...), and the SDK's own for a run made from a checkpoint: `<session_id>:train:<seq>`.
+_ID = re.compile(r"^[a-z]+-[0-9a-f]{16,32}(:train:[0-9]{1,9})?$")
 
 
 class TinkerSettings(BaseSettings):
@@ -40,6 +44,13 @@ class TinkerSettings(BaseSettings):
     """How long one retrieve_future waits for a result before answering try_again (the SDK waits 45 s)."""
     max_rank: int = 64
     """The largest LoRA rank a tenant may ask for."""
+    max_runs_per_tenant: int = 8
+    """Training runs (LoRA adapters on the pools) a tenant may hold at once; past it, create_model fails naming the limit."""
+    calls_per_tenant: int = 4
+    """A tenant's calls in flight to one pool at once (more wait in the API): the pool's fair scheduler then sees every
+    tenant's next calls, instead of one tenant's backlog filling the actor's threads ahead of the others."""
+    session_timeout_s: float = 300.0
+    """A session that has not sent a heartbeat for this long is over: its training runs are released (the SDK beats every 10 s)."""
 
 
 class TinkerError(Exception):
@@ -168,6 +179,14 @@ class Futures:
         self._tasks[request_id] = (tenant, task, time.monotonic())
         return request_id
 
+    def fail(self, tenant: str, chain: str | None, message: str) -> str:
+        """A future that fails with `message` (the SDK raises RequestFailedError naming it), in its chain's order."""
+
+        async def refuse():
+            raise TinkerError(0, message)
+
+        return self.submit(tenant, chain, refuse)
+
     async def retrieve(self, tenant: str, request_id: str, wait_s: float):
         entry = self._tasks.get(request_id)
         if entry is None or entry[0] != tenant:
@@ -199,6 +218,7 @@ class Pools:
         self.settings = settings
         self._lock = asyncio.Lock()
         self._actors: dict[str, Any] = {}
+        self._slots: dict[tuple[str, str], asyncio.Semaphore] = {}
 
     async def _connect(self) -> None:
         import ray
@@ -225,7 +245,9 @@ class Pools:
 
     async def call(self, base_model: str, path: str, tenant: str, method: str, *args, **kwargs) -> dict:
         actor = await self.actor(base_model, path)
-        return await actor.call.remote(tenant, method, *args, **kwargs)
+        slots = self._slots.setdefault((base_model, tenant), asyncio.Semaphore(self.settings.calls_per_tenant))
+        async with slots:
+            return await actor.call.remote(tenant, method, *args, **kwargs)
 
 
 def _start_pool_task():
@@ -257,6 +279,28 @@ class Records:
         if record is None or record.get("tenant") != tenant:
             raise TinkerError(404, f"no {kind.replace('_', ' ')} {id_!r}")
         return record
+
+    async def hold_run(self, tenant: str, model_id: str, limit: int) -> int | None:
+        """Count `model_id` among the tenant's held runs; None if that makes more than `limit` (then it is not held)."""
+        key = f"tinker:held:{tenant}"
+        await self.redis.sadd(key, model_id)
+        held = await self.redis.scard(key)
+        if held > limit:
+            await self.redis.srem(key, model_id)
+            return None
+        return held
+
+    async def held_runs(self, tenant: str) -> list[str]:
+        return sorted(m.decode() if isinstance(m, bytes) else m for m in await self.redis.smembers(f"tinker:held:{tenant}"))
+
+    async def release_run(self, tenant: str, model_id: str, why: str) -> dict | None:
+        """Mark a run released (its later calls are refused with `why`); the run's record, or None if it was not held."""
+        if not await self.redis.srem(f"tinker:held:{tenant}", model_id):
+            return None
+        run = await self.get("training_run", model_id, tenant)
+        run["released"] = why
+        await self.put("training_run", model_id, run)
+        return run
 
     async def add_usage(self, tenant: str, tokens: int, compute_s: float) -> None:
         key = f"tinker:usage:{tenant}"

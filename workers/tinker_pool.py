@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+# Sampler weights kept loaded as frozen adapters, most recently used; older ones are reloaded from disk when sampled again.
+MAX_SAMPLER_ADAPTERS = 8
 # The SDK's defaults for `ppo` (loss_fn_config clip_low_threshold / clip_high_threshold: bounds of the ratio).
 PPO_CLIP = (0.8, 1.2)
 
@@ -111,6 +113,7 @@ class AdapterPool:
         self.model = None  # the PeftModel, made with the first adapter
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.configs: dict[str, dict] = {}
+        self.samplers: collections.OrderedDict[str, str] = collections.OrderedDict()  # weights path -> adapter name
 
     # -- adapters ---------------------------------------------------------------------------------
     def create(self, adapter: str, rank: int, seed: int | None = None, train_attn: bool = True, train_mlp: bool = True,
@@ -237,7 +240,9 @@ class AdapterPool:
         if seed is not None:
             torch.manual_seed(seed)
         eos = stop if stop is not None else [self.tokenizer.eos_token_id]
-        model = self.model if self.model is not None else self.base
+        # With no adapter left (each dropped when its session ended), the PeftModel refuses to run (its active adapter's
+        # name is stale): the base model, whose LoRA layers then hold nothing, runs as before any run.
+        model = self.model if self.model is not None and (key is not None or self.model.peft_config) else self.base
         model.eval()
         ids = torch.tensor([prompt])
         with torch.no_grad(), _adapter_or_base(self.model, key):
@@ -260,11 +265,18 @@ class AdapterPool:
         return torch.log_softmax(logits, dim=-1).gather(-1, full[:, 1:].unsqueeze(-1)).squeeze(-1)
 
     def _sampler_adapter(self, weights: str) -> str:
-        """A frozen adapter made from saved sampler weights, loaded once per path."""
+        """A frozen adapter made from saved sampler weights, loaded once per path while among the last
+        MAX_SAMPLER_ADAPTERS used (an RL loop saves new sampler weights every step)."""
         key = "s" + str(abs(hash(weights)))
         if self.model is None or key not in self.model.peft_config:
             self._load_weights(key, weights)
             self.optimizers.pop(key)  # frozen: not a training run
+            del self.configs[key]
+        self.samplers[weights] = key
+        self.samplers.move_to_end(weights)
+        while len(self.samplers) > MAX_SAMPLER_ADAPTERS:
+            _, old = self.samplers.popitem(last=False)
+            self.model.delete_adapter(old)
         return key
 
 
@@ -278,6 +290,8 @@ class _adapter_or_base:
         if self.model is None:
             return self
         if self.key is None:
+            if not self.model.peft_config:
+                return self  # every adapter dropped: the LoRA layers add nothing
             self._ctx = self.model.disable_adapter()
             self._ctx.__enter__()
         else:
@@ -307,12 +321,14 @@ class PoolService:
     def __init__(self, base_path: str, threads: int | None = None):
         self.pool = AdapterPool(base_path, threads)
         self.scheduler = FairScheduler()
+        self.served: collections.deque = collections.deque(maxlen=10_000)  # (tenant, method) in the order served
 
     def call(self, tenant: str, method: str, *args, **kwargs) -> dict:
         if method.startswith("_") or not hasattr(AdapterPool, method):
             raise PoolError(f"no pool method {method!r}")
 
         def timed():
+            self.served.append((tenant, method))
             start = time.monotonic()
             result = getattr(self.pool, method)(*args, **kwargs)
             return {"result": result, "compute_s": time.monotonic() - start}
@@ -322,13 +338,17 @@ class PoolService:
     def ping(self) -> str:
         return self.pool.base_path
 
+    def served_log(self) -> list[tuple[str, str]]:
+        """The last 10,000 calls served, (tenant, method), oldest first: what the fairness test counts."""
+        return list(self.served)
+
 
 def start_pool(name: str, namespace: str, base_path: str, num_cpus: float = 1.0) -> str:
     """Create (or find) the named, detached pool actor for one base model; returns its name."""
     import ray
 
     actor = ray.remote(PoolService).options(
-        name=name, namespace=namespace, lifetime="detached", get_if_exists=True, max_concurrency=32, num_cpus=num_cpus,
+        name=name, namespace=namespace, lifetime="detached", get_if_exists=True, max_concurrency=64, num_cpus=num_cpus,
         max_restarts=-1,
     )
     actor.remote(base_path, threads=max(1, int(num_cpus)))

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 
 from api.tinker import (
+    LOSSES,
     Tinker,
     TinkerError,
     check_name,
@@ -92,6 +93,16 @@ async def heartbeat(body: dict, tenant: Tenant, t: TinkerDep) -> dict:
     return {"type": "session_heartbeat"}
 
 
+@router.post("/sessions/{session_id}/finish")
+async def finish_session(session_id: str, body: dict, tenant: Tenant, t: TinkerDep) -> dict:
+    """The SDK's ServiceClient.close(): the session ends and its training runs are released (their saved states stay)."""
+    record = await t.records.get("session", session_id, tenant)
+    record.setdefault("finished", str((body.get("reason") or {}).get("type", "closed")))
+    await t.records.put("session", session_id, record)
+    await _release_ended(t, tenant)
+    return {}
+
+
 @router.post("/telemetry")
 async def telemetry(tenant: Tenant) -> dict:
     return {"status": "accepted"}
@@ -139,7 +150,11 @@ async def create_model(body: dict, request: Request, tenant: Tenant, t: TinkerDe
     if optimizer != "adamw":
         raise TinkerError(400, f"optimizer {optimizer!r} is not supported here (adamw only)")
     model_id = new_id("tm")
-    run = {"tenant": tenant, "base_model": base, "path": path, "rank": rank, "created": _now(), "last_state": None}
+    refused = await _over_quota(t, tenant, model_id)
+    if refused:
+        return refused
+    run = {"tenant": tenant, "base_model": base, "path": path, "rank": rank, "created": _now(), "last_state": None,
+           "session": str(body.get("session_id"))}
     await t.records.put("training_run", model_id, run)
 
     async def make():
@@ -148,6 +163,42 @@ async def create_model(body: dict, request: Request, tenant: Tenant, t: TinkerDe
         return {"type": "create_model", "model_id": model_id}
 
     return {"request_id": t.futures.submit(tenant, model_id, make), "model_id": model_id}
+
+
+async def _over_quota(t: Tinker, tenant: str, model_id: str) -> dict | None:
+    """Hold a place for a new training run; past the tenant's limit, the answer of a future that fails naming it."""
+    await _release_ended(t, tenant)
+    limit = t.settings.max_runs_per_tenant
+    if await t.records.hold_run(tenant, model_id, limit) is not None:
+        return None
+    message = (f"tenant quota: you hold {limit} training runs, the limit (RLHF_API_TINKER_MAX_RUNS_PER_TENANT = {limit}); close a "
+               f"ServiceClient (its session's runs are released) or let an idle session time out ({t.settings.session_timeout_s:g} s "
+               "without a heartbeat)")
+    return {"request_id": t.futures.fail(tenant, model_id, message), "model_id": model_id}
+
+
+async def _release_ended(t: Tinker, tenant: str) -> None:
+    """Release the tenant's held runs whose session finished or stopped beating; their adapters leave the pool."""
+    now = _now()
+    for model_id in await t.records.held_runs(tenant):
+        run = await t.records.get("training_run", model_id, tenant)
+        try:
+            session = await t.records.get("session", run.get("session", ""), tenant)
+        except TinkerError:
+            session = {"finished": "unknown session"}
+        beat = session.get("heartbeat") or session.get("created", now)
+        if session.get("finished") or now - beat > t.settings.session_timeout_s:
+            why = f"its session {run.get('session')} ended" if session.get("finished") else f"its session {run.get('session')} timed out"
+            if await t.records.release_run(tenant, model_id, why) is not None:
+                t.futures.submit(tenant, model_id, lambda run=run, model_id=model_id: _run(t, tenant, run, "drop", model_id))
+
+
+async def _live_run(t: Tinker, tenant: str, model_id: str) -> dict:
+    """The training run, refused (400, naming why) once released."""
+    run = await t.records.get("training_run", model_id, tenant)
+    if run.get("released"):
+        raise TinkerError(400, f"training run {model_id} was released ({run['released']}); load one of its saved states into a new run")
+    return run
 
 
 @router.post("/get_info")
@@ -163,7 +214,10 @@ async def forward_backward(request: Request, tenant: Tenant, t: TinkerDep) -> di
     if request.headers.get("content-encoding"):
         raise TinkerError(415, f"Content-Encoding {request.headers['content-encoding']!r} is not supported")
     req = decode_forward_backward(await request.body())
-    run = await t.records.get("training_run", req["model_id"], tenant)
+    run = await _live_run(t, tenant, req["model_id"])
+    if req["loss_fn"] not in LOSSES:
+        message = f"loss_fn {req['loss_fn']!r} is not supported here (supported: {', '.join(LOSSES)})"
+        return {"request_id": t.futures.fail(tenant, req["model_id"], message), "model_id": req["model_id"]}
 
     async def make():
         result = await _run_recovering(t, tenant, req["model_id"], run, "forward_backward", req["model_id"], req["data"], req["loss_fn"],
@@ -176,7 +230,7 @@ async def forward_backward(request: Request, tenant: Tenant, t: TinkerDep) -> di
 @router.post("/optim_step")
 async def optim_step(body: dict, tenant: Tenant, t: TinkerDep) -> dict:
     model_id = str(body.get("model_id"))
-    run = await t.records.get("training_run", model_id, tenant)
+    run = await _live_run(t, tenant, model_id)
     params = body.get("adam_params") or body.get("optim_params")
     if params is None:
         raise TinkerError(400, f"optimizer {(body.get('optimizer_params') or {}).get('type')!r} is not supported here (Adam only)")
@@ -239,7 +293,7 @@ async def _resolve(request: Request, t: Tinker, tenant: str, tinker_path: str, k
 @router.post("/save_weights")
 async def save_weights(body: dict, request: Request, tenant: Tenant, t: TinkerDep) -> dict:
     model_id = str(body.get("model_id"))
-    run = await t.records.get("training_run", model_id, tenant)
+    run = await _live_run(t, tenant, model_id)
     name = check_name(body.get("path") or f"state-{new_id('c')[2:12]}", "checkpoint name")
     directory = _dir(request, tenant, model_id, "weights", name)
 
@@ -256,10 +310,9 @@ async def save_weights(body: dict, request: Request, tenant: Tenant, t: TinkerDe
 @router.post("/load_weights")
 async def load_weights(body: dict, request: Request, tenant: Tenant, t: TinkerDep) -> dict:
     if body.get("model_id") is None:
-        raise TinkerError(400, "load_weights into a new training run (create_training_client_from_state) is not supported yet; "
-                               "create a LoRA training client and load_state into it")
+        return await _load_into_new_run(body, request, tenant, t)
     model_id = str(body["model_id"])
-    run = await t.records.get("training_run", model_id, tenant)
+    run = await _live_run(t, tenant, model_id)
     _, source_run, directory = await _resolve(request, t, tenant, str(body.get("path")))
     if source_run["base_model"] != run["base_model"]:
         raise TinkerError(400, f"checkpoint is of base model {source_run['base_model']!r}, this run trains {run['base_model']!r}")
@@ -272,10 +325,35 @@ async def load_weights(body: dict, request: Request, tenant: Tenant, t: TinkerDe
     return {"request_id": t.futures.submit(tenant, model_id, make), "model_id": model_id}
 
 
+async def _load_into_new_run(body: dict, request: Request, tenant: str, t: Tinker) -> dict:
+    """create_training_client_from_state: a new run of the checkpoint's base model and LoRA config, its weights (and,
+    with `optimizer`, its Adam state) loaded; its id is the one the SDK derives: `<session_id>:train:<model_seq_id>`."""
+    session_id = str(body.get("session_id"))
+    await t.records.get("session", session_id, tenant)
+    _, source, directory = await _resolve(request, t, tenant, str(body.get("path")))
+    if body.get("base_model") not in (None, source["base_model"]):
+        raise TinkerError(400, f"checkpoint is of base model {source['base_model']!r}, not {body['base_model']!r}")
+    model_id = f"{session_id}:train:{int(body.get('model_seq_id') or 0)}"
+    if await t.records.redis.exists(f"tinker:training_run:{model_id}"):
+        raise TinkerError(400, f"training run {model_id} exists")
+    refused = await _over_quota(t, tenant, model_id)
+    if refused:
+        return refused
+    run = {"tenant": tenant, "base_model": source["base_model"], "path": source["path"], "rank": source["rank"], "created": _now(),
+           "last_state": None, "session": session_id}
+    await t.records.put("training_run", model_id, run)
+
+    async def make():
+        await _run(t, tenant, run, "load_state", model_id, directory, bool(body.get("optimizer")))
+        return {"type": "load_weights", "path": body["path"], "model_id": model_id}
+
+    return {"request_id": t.futures.submit(tenant, model_id, make), "model_id": model_id}
+
+
 @router.post("/save_weights_for_sampler")
 async def save_for_sampler(body: dict, request: Request, tenant: Tenant, t: TinkerDep) -> dict:
     model_id = str(body.get("model_id"))
-    run = await t.records.get("training_run", model_id, tenant)
+    run = await _live_run(t, tenant, model_id)
     named = body.get("path") is not None
     name = check_name(body["path"] if named else f"snapshot-{new_id('c')[2:14]}", "checkpoint name")
     directory = _dir(request, tenant, model_id, "sampler_weights", name)
