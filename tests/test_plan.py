@@ -50,6 +50,12 @@ EXAMPLES = {
         {"roles": [("trainer", 1, 1.0, ("rollout", "reward"))],
          "phases": {"rollout": "trainer", "reward": "trainer", "update": "trainer"},
          "one_call_step": True, "sync": NO_SYNC, "bundles": [{"CPU": 1.0}], "steps": (3001, 3800)}],
+    "tools/pipeline.yaml": [
+        {"roles": [("trainer", 1, 0.5, ())], "phases": {"update": "trainer"},  # SFT on tool-call traces
+         "one_call_step": False, "sync": None, "bundles": [{"CPU": 0.5}], "steps": (1, 600)},
+        {"roles": [("trainer", 1, 1.0, ("rollout", "reward"))],  # multi-turn GRPO: the trainer runs the episodes
+         "phases": {"rollout": "trainer", "reward": "trainer", "update": "trainer"},
+         "one_call_step": True, "sync": NO_SYNC, "bundles": [{"CPU": 1.0}], "steps": (601, 660)}],
     "preference/dpo.yaml": [{
         "roles": [("trainer", 1, 0.5, ()), ("reference", 1, 0.5, ())],  # DPO scores its pairs against a reference actor
         "phases": {"reference": "reference", "update": "trainer"},
@@ -71,6 +77,20 @@ def test_the_examples_plans(name):
     plan = make_plan(load_spec(ROOT / "examples" / name))
     assert [summary(s) for s in plan.stages] == EXAMPLES[name]
     assert plan.total_steps == EXAMPLES[name][-1]["steps"][1]
+
+
+def test_a_multi_turn_rollout_and_its_sandbox_role():
+    agent = {"environment": "python_calculator", "sandbox": {"num_cpus": 0.5}}
+    stage = make_plan(parse_spec(base(rewards=[], rollout={"agent": agent}))).stages[0]
+    assert stage.rollout_mode == "multi_turn" and stage.where("rollout") == "trainer"
+    assert [(r.role, r.replicas, r.num_cpus, r.slots) for r in stage.roles] == [("trainer", 1, 1.0, (0,)), ("sandbox", 2, 0.5, (1, 2))]
+    assert [b.as_ray() for b in stage.bundles] == [{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 0.5}]
+    # An environment that runs no code starts no sandbox (unless asked); a plain job is single-turn.
+    calc = make_plan(parse_spec(base(rollout={"agent": {"environment": "calculator"}}))).stages[0]
+    assert [r.role for r in calc.roles] == ["trainer"] and calc.rollout_mode == "multi_turn"
+    asked = make_plan(parse_spec(base(rollout={"agent": {"environment": "calculator", "sandbox": {"actors": 1}}}))).stages[0]
+    assert [r.role for r in asked.roles] == ["trainer", "sandbox"]
+    assert make_plan(parse_spec(base())).stages[0].rollout_mode == "single_turn"
 
 
 def test_what_the_job_holds_at_once():

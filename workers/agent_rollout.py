@@ -11,20 +11,26 @@ ids are the chat template's text after everything so far, tokenized alone, and c
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from orchestrator.core.algos import logprobs_from_logits
 from orchestrator.core.batch import Batch, build_batch
 from orchestrator.core.environments import (
+    ENVIRONMENTS,
     AssistantTurn,
     Environment,
     Message,
     parse_tool_calls,
 )
+from orchestrator.core.seeds import step_seed
+
+if TYPE_CHECKING:
+    from orchestrator.core.spec import AgentSpec
 
 
 @dataclass
@@ -56,6 +62,16 @@ class Trajectory:
     def response_ids(self) -> list[int]:
         return self.ids[self.prompt_len :]
 
+    def summary(self) -> dict[str, Any]:
+        """What the driver reports of an episode (metrics, the run directory's trajectories.jsonl) and what
+        reward functions score: its messages, per-turn rewards and counters, plain JSON."""
+        final = next((m["content"] for m in reversed(self.messages) if m.get("role") == "assistant"), "")
+        return {"messages": self.messages, "rewards": self.rewards, "reward": self.reward, "final": final, "turns": self.turns,
+                "tool_calls": self.tool_calls, "invalid_calls": self.invalid_calls, "tool_errors": self.tool_errors,
+                "sandbox_s": self.sandbox_s, "truncated": self.truncated, "tokens": len(self.ids),
+                # what was trained on, to check against `messages` (tests/test_agent_job.py): ids, loss mask, sampling log-probs
+                "prompt_len": self.prompt_len, "ids": self.ids, "mask": self.mask, "logprobs": self.logprobs}
+
 
 @dataclass
 class AgentConfig:
@@ -70,8 +86,9 @@ class HFTurnSampler:
     """One turn for a batch of contexts with transformers' `generate`: (ids, sampling log-probs) per row,
     cut after the first stop token."""
 
-    def __init__(self, model, tokenizer, temperature: float = 1.0, stop_ids: list[int] | None = None):
-        self.model, self.tok, self.temperature = model, tokenizer, temperature
+    def __init__(self, model, tokenizer, temperature: float = 1.0, stop_ids: list[int] | None = None, greedy: bool = False):
+        self.model, self.tok, self.greedy = model, tokenizer, greedy
+        self.temperature = 1.0 if greedy else temperature
         end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.stop_ids = stop_ids or sorted({tokenizer.eos_token_id, *([end] if isinstance(end, int) and end != tokenizer.unk_token_id else [])})
 
@@ -79,13 +96,14 @@ class HFTurnSampler:
     def __call__(self, contexts: list[list[int]], max_new_tokens: list[int]) -> list[tuple[list[int], list[float]]]:
         width = max(map(len, contexts))
         pad = self.tok.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts])
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts])
-        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(max_new_tokens), do_sample=True,
-                                  temperature=self.temperature, top_p=1.0, top_k=0, eos_token_id=self.stop_ids,
-                                  pad_token_id=pad, return_dict_in_generate=True, output_logits=True)
-        gen = out.sequences[:, width:]
-        logprobs = logprobs_from_logits(torch.stack(out.logits, dim=1).float() / self.temperature, gen)
+        device = self.model.device
+        ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=device)
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)
+        sampling = {"do_sample": False} if self.greedy else {"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0}
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(max_new_tokens), eos_token_id=self.stop_ids,
+                                  pad_token_id=pad, return_dict_in_generate=True, output_logits=True, **sampling)
+        gen = out.sequences[:, width:].cpu()
+        logprobs = logprobs_from_logits(torch.stack(out.logits, dim=1).float().cpu() / self.temperature, gen)
         rows = []
         for i, limit in enumerate(max_new_tokens):
             row = gen[i, :limit].tolist()
@@ -188,10 +206,11 @@ class AgentRollout:
         return True
 
 
-def to_batch(trajs: list[Trajectory], pad_id: int, n: int = 1) -> Batch:
+def to_batch(trajs: list[Trajectory], pad_id: int, n: int = 1, extras: list[dict[str, Any]] | None = None) -> Batch:
     """The trajectories as the one batch contract: response = everything after the opening, response_mask
     = the loss mask (generated tokens only), logprobs = the sampling log-probs. Trajectories of one
-    prompt must be adjacent, `n` each, and share the opening."""
+    prompt must be adjacent, `n` each, and share the opening. Each prompt's extras (its data columns,
+    given or empty) get `episodes`: its trajectories' summaries, in row order (`episodes_of_rows`)."""
     width = max(len(t.response_ids) for t in trajs)
     responses = torch.full((len(trajs), width), pad_id, dtype=torch.long)
     valid, mask, logprobs = (torch.zeros(len(trajs), width) for _ in range(3))
@@ -202,18 +221,77 @@ def to_batch(trajs: list[Trajectory], pad_id: int, n: int = 1) -> Batch:
         mask[i, :r] = torch.tensor(t.mask, dtype=torch.float)
         logprobs[i, :r] = torch.tensor(t.logprobs)
     prompts = [trajs[i].ids[: trajs[i].prompt_len] for i in range(0, len(trajs), n)]
-    return build_batch(prompts, responses, valid, pad_id, n, response_mask=mask, logprobs=logprobs)
+    columns = extras or [{} for _ in prompts]
+    extras = [{**columns[g], "episodes": [t.summary() for t in trajs[g * n : (g + 1) * n]]} for g in range(len(prompts))]
+    return build_batch(prompts, responses, valid, pad_id, n, response_mask=mask, logprobs=logprobs, extras=extras)
 
 
-def agent_metrics(trajs: list[Trajectory]) -> dict[str, float]:
-    """Per-step metrics of a batch of episodes (means per episode, except the counts' totals)."""
-    k = max(1, len(trajs))
+def episodes_of_rows(batch: Batch) -> list[dict[str, Any]] | None:
+    """Each row's episode summary (`Trajectory.summary`), from its prompt's extras (rows of a prompt are
+    adjacent, in order); None for a batch of single-turn completions."""
+    if not batch.extras or "episodes" not in batch.extras[0]:
+        return None
+    seen: dict[int, int] = {}
+    out = []
+    for g in batch.group_ids.tolist():
+        out.append(batch.extras[g]["episodes"][seen.get(g, 0)])
+        seen[g] = seen.get(g, 0) + 1
+    return out
+
+
+def agent_metrics(episodes: list[Trajectory] | list[dict[str, Any]]) -> dict[str, float]:
+    """Per-step metrics of a batch of episodes (`Trajectory`s or their summaries): means per episode,
+    except the counts' totals."""
+    eps = [e.summary() if isinstance(e, Trajectory) else e for e in episodes]
+    k = max(1, len(eps))
     return {
-        "agent/turns_per_episode": sum(t.turns for t in trajs) / k,
-        "agent/tool_calls": float(sum(t.tool_calls for t in trajs)),
-        "agent/tool_errors": float(sum(t.tool_errors for t in trajs)),
-        "agent/invalid_calls": float(sum(t.invalid_calls for t in trajs)),
-        "agent/sandbox_s": sum(t.sandbox_s for t in trajs),
-        "agent/truncated": sum(t.truncated for t in trajs) / k,
-        "agent/reward_mean": sum(t.reward for t in trajs) / k,
+        "agent/turns_per_episode": sum(e["turns"] for e in eps) / k,
+        "agent/tool_calls": float(sum(e["tool_calls"] for e in eps)),
+        "agent/tool_errors": float(sum(e["tool_errors"] for e in eps)),
+        "agent/invalid_calls": float(sum(e["invalid_calls"] for e in eps)),
+        "agent/sandbox_s": sum(e["sandbox_s"] for e in eps),
+        "agent/truncated": sum(e["truncated"] for e in eps) / k,
+        "agent/reward_mean": sum(e["reward"] for e in eps) / k,
+        "agent/tokens_per_episode": sum(e["tokens"] for e in eps) / k,
     }
+
+
+class AgentSampler:
+    """The rollout phase of a multi-turn job (the plan's `rollout_mode` multi_turn), with `HFSampler`'s
+    `generate` (workers/rollout.py), so the trainer or a rollout actor runs it where it would sample
+    single completions: each of the `n` samples of a prompt is an episode of `agent.environment`,
+    opened by the prompt's data row, whose return is in its extras (`episodes`: the reward worker adds
+    it to the job's rewards). Seeded by (seed, step), as HFSampler."""
+
+    def __init__(self, tokenizer, n: int, agent: AgentSpec, max_new_tokens: int, temperature: float, seed: int):
+        self.tok, self.n, self.agent, self.temperature, self.seed = tokenizer, n, agent, temperature, seed
+        self.config = AgentConfig(max_turns=agent.max_turns, max_tokens=agent.max_tokens, max_new_tokens=max_new_tokens,
+                                  temperature=temperature)
+        self.sandbox = None
+
+    def attach_sandbox(self, actors: list) -> None:
+        """Run the environments' code on the job's sandbox actors (the plan's `sandbox` role)."""
+        from workers.sandbox import SandboxPool
+
+        self.sandbox = SandboxPool.of(actors)
+
+    def environments(self, count: int) -> list[Environment]:
+        from workers.environments import make_environment
+
+        entry = ENVIRONMENTS.get(self.agent.environment)
+        kwargs = dict(self.agent.kwargs)
+        if self.sandbox is not None and (entry is None or entry.sandbox):  # (an import path gets the pool if the job has one)
+            kwargs["sandbox"] = self.sandbox
+        return [make_environment(self.agent.environment, **kwargs) for _ in range(count)]
+
+    def generate(self, model, device, prompt_ids: list[list[int]], extras: list[dict[str, Any]], step: int,
+                 greedy: bool = False, with_logprobs: bool = True) -> tuple[Batch, float]:
+        """(the step's episodes as one Batch, the seconds spent). `prompt_ids` are unused: the environment's
+        opening messages, rendered with the chat template and its tools, are each episode's prompt."""
+        start = time.perf_counter()
+        torch.manual_seed(step_seed(self.seed, step))
+        n = 1 if greedy else self.n
+        rows = [{"prompt": e.get("prompt_text"), **e} for e in extras for _ in range(n)]
+        sampler = HFTurnSampler(model, self.tok, self.temperature, greedy=greedy)
+        trajs = AgentRollout(self.tok, sampler, self.config).run(self.environments(len(rows)), rows)
+        return to_batch(trajs, self.tok.pad_token_id, n, extras), time.perf_counter() - start

@@ -10,6 +10,7 @@ import torch
 
 from orchestrator.core.algorithms import BUILTIN_REWARDS
 from orchestrator.core.batch import Batch
+from workers.agent_rollout import episodes_of_rows
 from workers.common import (
     configure_threads,
     load_model,
@@ -62,6 +63,9 @@ class RewardModel:
 class RewardWorker:
     """Scores a Batch: decodes prompts and completions and calls every source.
 
+    A batch of multi-turn episodes (workers/agent_rollout.py `to_batch`) is scored on each episode's
+    final assistant text, and its environment's return is one more source, `environment`, of weight 1.
+
     `sources` are the job spec's reward sources (`JobSpec.reward_sources`), weighted and summed.
     `trust_remote_code` is the tokenizer's (the policy's); each reward model loads with its own
     source's flag alone, unset meaning no remote code: a model's trust is never another's.
@@ -80,16 +84,23 @@ class RewardWorker:
     def score(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
         """(summed weighted scores (b,), each source's raw scores (b,), seconds spent)."""
         start = time.perf_counter()
-        lengths = batch.response_mask.sum(1).long().tolist()
-        completions = self.tokenizer.batch_decode([r[:n] for r, n in zip(batch.responses.tolist(), lengths)], skip_special_tokens=True)
+        episodes = episodes_of_rows(batch)
+        if episodes is None:
+            lengths = batch.response_mask.sum(1).long().tolist()
+            completions = self.tokenizer.batch_decode([r[:n] for r, n in zip(batch.responses.tolist(), lengths)], skip_special_tokens=True)
+        else:
+            completions = [e["final"] for e in episodes]
         groups = batch.group_ids.tolist()
         prompts = [batch.extras[g]["prompt_text"] for g in groups]
         columns: dict[str, list[Any]] = {}
         for key in batch.extras[0] if batch.extras else ():
-            if key != "prompt_text":
+            if key not in ("prompt_text", "episodes"):
                 columns[key] = [batch.extras[g].get(key) for g in groups]
         total = torch.zeros(len(batch))
         per_source = {}
+        if episodes is not None:
+            per_source["environment"] = torch.tensor([float(e["reward"]) for e in episodes])
+            total += per_source["environment"]
         for label, fn, weight, kwargs in self.sources:
             try:
                 values = fn(prompts, completions, **columns, **kwargs)

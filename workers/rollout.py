@@ -4,7 +4,7 @@ batched `generate` with a KV cache, one call per step."""
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -16,6 +16,7 @@ from orchestrator.core.batch import (
     response_mask_until_eos,
 )
 from orchestrator.core.seeds import step_seed
+from workers.agent_rollout import AgentSampler
 from workers.common import (
     configure_threads,
     cpu_state_dict,
@@ -30,6 +31,9 @@ from workers.weight_transport import (
     from_transport,
     share_parameters,
 )
+
+if TYPE_CHECKING:
+    from orchestrator.core.spec import AgentSpec
 
 
 @runtime_checkable
@@ -107,18 +111,31 @@ class HFSampler:
         return batch, time.perf_counter() - start
 
 
+def make_sampler(tokenizer, n: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                 agent: AgentSpec | None = None) -> HFSampler | AgentSampler:
+    """The rollout phase's sampler: single completions (`HFSampler`), or with `agent` (the plan's
+    `rollout_mode` multi_turn) episodes of its environment (workers/agent_rollout.py `AgentSampler`)."""
+    if agent is not None:
+        return AgentSampler(tokenizer, n, agent, max_new_tokens, temperature, seed)
+    return HFSampler(tokenizer, n, max_new_tokens, temperature, top_p, seed)
+
+
 class HFRollout(OnNode):
-    """Samples `n` completions per prompt with transformers' `generate`."""
+    """Samples `n` completions per prompt with transformers' `generate` (with `agent`: `n` episodes)."""
 
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, n: int = 4,
                  max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                 num_gpus: float = 0, threads: int | None = None):
+                 num_gpus: float = 0, threads: int | None = None, agent: AgentSpec | None = None):
         configure_threads(threads)
         self.device = pick_device(num_gpus)
         self.model = load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device).eval()
-        self.sampler = HFSampler(load_tokenizer(model_path, trust_remote_code), n, max_new_tokens, temperature, top_p, seed)
+        self.sampler = make_sampler(load_tokenizer(model_path, trust_remote_code), n, max_new_tokens, temperature, top_p, seed, agent)
         self.partial = None  # the completions in flight of asynchronous training (`stream`)
         self.stream_keys: dict[int, int] = {}  # their prompt index -> the driver's key
+
+    def attach_sandbox(self, actors: list) -> None:
+        """The job's sandbox actors, where its environments' code runs (a multi-turn rollout only)."""
+        self.sampler.attach_sandbox(actors)
 
     def generate(self, prompt_ids: list[list[int]], extras: list[dict[str, Any]], step: int, greedy: bool = False,
                  with_logprobs: bool = True) -> tuple[Batch, float]:

@@ -110,7 +110,8 @@ def _killed_by(timed_out: bool, exit_code: int | None, stderr: str, cpu_s: float
 class Sandbox:
     """Runs untrusted Python, one call at a time per thread (calls from several threads are fine)."""
 
-    def __init__(self, limits: Limits | None = None, use_bwrap: bool = True):
+    def __init__(self, limits: Limits | None = None, use_bwrap: bool = True, threads: int | None = None):
+        # (`threads`: what the driver gives every role's actor; the code runs in a subprocess, one thread is enough here)
         self.limits = limits or Limits()
         self.bwrap = shutil.which("bwrap") if use_bwrap else None
         self.as_root = os.geteuid() == 0
@@ -405,6 +406,13 @@ class SandboxPool:
         actor = ray.remote(Sandbox).options(num_cpus=num_cpus, max_restarts=3, max_task_retries=0)
         self.actors = [actor.remote(limits, use_bwrap) for _ in range(size)]
         self._next = 0
+
+    @classmethod
+    def of(cls, actors: list) -> SandboxPool:
+        """A pool over actors started elsewhere (a job's `sandbox` role, in its placement group)."""
+        pool = cls.__new__(cls)
+        pool.actors, pool._next = list(actors), 0
+        return pool
 
     def _pick(self):
         a = self.actors[self._next % len(self.actors)]

@@ -78,6 +78,10 @@ class PolicyTrainer(WeightSource, DataParallel):
         """The reference's log-probs (b, R), as the Reference actor gives them (a `KeptReference` or `FrozenBase` part)."""
         return self._part("reference").compute_logprobs(batch)
 
+    def attach_sandbox(self, actors: list) -> None:
+        """The job's sandbox actors, where its environments' code runs (a multi-turn rollout only)."""
+        self._part("rollout").sampler.attach_sandbox(actors)
+
     def whole_step(self, prompt_ids: list[list[int]], extras: list[dict], step: int, with_logprobs: bool, num_mini_batches: int,
                    micro_batch_size: int | None, on_policy: bool) -> tuple[Batch, dict[str, Any], dict[str, float]]:
         """Sample, score, advantages, update in one call (its `OneCallStep` part)."""

@@ -20,7 +20,7 @@ from orchestrator.core.batch import Batch, tensors_to_wire
 from workers.common import batched_logprobs, load_tokenizer
 from workers.reference import Reference
 from workers.reward import RewardWorker
-from workers.rollout import HFSampler
+from workers.rollout import make_sampler
 
 if TYPE_CHECKING:
     from orchestrator.core.spec import JobSpec, RolloutSpec
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 class Sampling:
     """The rollout phase: the HF rollout's `generate` from the trainer's own weights, nothing to sync.
-    Replica i samples with seed `seed + i`, as rollout actor i would."""
+    Replica i samples with seed `seed + i`, as rollout actor i would. With `rollout.agent`, each sample
+    is an episode of its environment (workers/agent_rollout.py `AgentSampler`)."""
 
     phase: ClassVar[str] = "rollout"
 
@@ -39,7 +40,8 @@ class Sampling:
     def attach(self, trainer: PolicyTrainer) -> None:
         r = self.rollout
         self.trainer = trainer
-        self.sampler = HFSampler(load_tokenizer(self.tokenizer_path, self.trust_remote_code), r.n, r.max_new_tokens, r.temperature, r.top_p, self.seed)
+        self.sampler = make_sampler(load_tokenizer(self.tokenizer_path, self.trust_remote_code), r.n, r.max_new_tokens, r.temperature,
+                                    r.top_p, self.seed, r.agent)
 
     def generate(self, prompt_ids: list[list[int]], extras: list[dict], step: int, greedy: bool = False,
                  with_logprobs: bool = True) -> tuple[Batch, float]:

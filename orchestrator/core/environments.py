@@ -145,6 +145,10 @@ class ToolEnvironment:
               "When you know the answer, reply with the number alone.")
     tools: ClassVar[list[dict[str, Any]]] = []
 
+    def __init__(self, system: str | None = None):
+        if system is not None:  # (a short one keeps a tiny model's episodes short: `rlhf demo tools`)
+            self.system = system
+
     def reset(self, row: dict[str, Any]) -> list[Message]:
         self.answer = row.get("answer")
         return [{"role": "system", "content": self.system}, {"role": "user", "content": str(row["prompt"])}]

@@ -118,16 +118,49 @@ def steps_in_trainer(spec: Any) -> bool:
             and not needs_reference(spec) and not algo.critic and spec.resources.trainer.replicas == 1)
 
 
+def agent(spec: Any) -> Any:
+    """`rollout.agent` of an algorithm that samples each step (None: one completion per sample)."""
+    return spec.rollout.agent if ALGORITHMS[spec.algorithm.name].rollouts else None
+
+
+def rollout_mode(spec: Any) -> str:
+    """`multi_turn`: each sample is an episode of `rollout.agent`'s environment (workers/agent_rollout.py),
+    run where the rollout phase runs; `single_turn`: one completion per sample."""
+    return "multi_turn" if agent(spec) is not None else "single_turn"
+
+
+def sandbox_actors(spec: Any) -> int:
+    """The `sandbox` role's actors: where a multi-turn environment's code runs (0: none)."""
+    return agent(spec).sandbox_actors if agent(spec) is not None else 0
+
+
 def roles(spec: Any) -> list[str]:
     """The actors the stage starts, by role, in placement order: a trainer that is its own reference
     (LoRA, or a kept copy) starts no reference actor, one that samples no rollout actor, and rewards
-    computed in the driver no reward actor."""
+    computed in the driver no reward actor; a multi-turn environment that runs code adds sandbox actors."""
     dropped = {"reference"} if spec.model.lora or reference_copy_in_trainer(spec) else set()
     if rewards_in_driver(spec):
         dropped.add("reward")
     if rollouts_in_trainer(spec):
         dropped.add("rollout")
-    return [r for r in needed_roles(spec) if r not in dropped]
+    return [r for r in needed_roles(spec) if r not in dropped] + (["sandbox"] if sandbox_actors(spec) else [])
+
+
+@dataclass(frozen=True)
+class _SandboxResources:
+    """The sandbox role's resources, in the shape of `resources.<role>` (it has no section there)."""
+
+    replicas: int
+    num_cpus: float
+    num_gpus: float = 0.0
+    strategy: str = "ddp"
+
+
+def role_resources(spec: Any, role: str) -> Any:
+    """`resources.<role>`, or for the sandbox role what `rollout.agent.sandbox` asks for."""
+    if role == "sandbox":
+        return _SandboxResources(sandbox_actors(spec), agent(spec).sandbox.num_cpus)
+    return getattr(spec.resources, role)
 
 
 def sync_path(spec: Any) -> tuple[str, str]:
@@ -154,7 +187,7 @@ def one_at_a_time(spec: Any) -> bool:
     res, started = spec.resources, roles(spec)
     if max_staleness(spec):  # the rollout generates while the trainer updates
         return False
-    if "critic" in started or any(getattr(res, r).replicas > 1 for r in started if r != "reward"):
+    if "critic" in started or any(getattr(res, r).replicas > 1 for r in started if r not in ("reward", "sandbox")):
         return False
     scorers = [r for r in ("reward", "reference") if r in started] + (["trainer"] if reference_in_trainer(spec) else [])
     return len(scorers) <= 1
@@ -268,6 +301,7 @@ class StagePlan:
     first_step: int | None  # global step numbers first_step..last_step (None until the steps are known)
     last_step: int | None
     loop: LoopPlan = SYNC_LOOP
+    rollout_mode: str = "single_turn"  # or multi_turn: episodes of `rollout.agent`'s environment (`rollout_mode`)
 
     def where(self, phase: str) -> str | None:
         """Where `phase` runs: a role, "driver", or None."""
@@ -294,7 +328,7 @@ class StagePlan:
                 "weight_sync": None if self.weight_sync is None else dict(self.weight_sync.__dict__),
                 "bundles": [b.as_ray() for b in self.bundles], "driver_cpus": self.driver_cpus, "one_at_a_time": self.one_at_a_time,
                 "steps": self.steps, "epochs": self.epochs, "first_step": self.first_step, "last_step": self.last_step,
-                "loop": dict(self.loop.__dict__)}
+                "loop": dict(self.loop.__dict__), "rollout_mode": self.rollout_mode}
 
 
 @dataclass(frozen=True)
@@ -331,7 +365,7 @@ def _asks(spec: Any) -> dict[str, dict[str, float]]:
     also the rollout or keeps the reference, their CPUs as well (the phases take turns on one device)."""
     res, out = spec.resources, {}
     for role in roles(spec):
-        own = getattr(res, role)
+        own = role_resources(spec, role)
         ask = {"num_cpus": own.num_cpus, "num_gpus": own.num_gpus}
         if role == "trainer":
             for other in [r for r, inside in (("rollout", rollouts_in_trainer(spec)), ("reference", reference_copy_in_trainer(spec))) if inside]:
@@ -361,7 +395,7 @@ def _bundles(spec: Any) -> tuple[list[Bundle], dict[str, list[int]], dict[str, d
     for r in started:
         if r in shared:
             continue
-        for _ in range(1 if r == "reward" else getattr(res, r).replicas):
+        for _ in range(1 if r == "reward" else role_resources(spec, r).replicas):
             bundles.append(Bundle(asks[r]["num_cpus"], asks[r]["num_gpus"]))
             slots.setdefault(r, []).append(len(bundles) - 1)
     return bundles, slots, asks
@@ -392,7 +426,7 @@ def plan_stage(spec: Any, name: str | None = None, index: int = 0, first_step: i
     bundles, slots, asks = _bundles(spec)
     also = {"rollout": rollouts_in_trainer(spec), "reference": reference_in_trainer(spec), "reward": steps_in_trainer(spec)}
     role_plans = tuple(
-        RolePlan(r, len(slots[r]), asks[r]["num_cpus"], asks[r]["num_gpus"], getattr(res, r).strategy, tuple(slots[r]),
+        RolePlan(r, len(slots[r]), asks[r]["num_cpus"], asks[r]["num_gpus"], role_resources(spec, r).strategy, tuple(slots[r]),
                  tuple(p for p, inside in also.items() if inside) if r == "trainer" else ())
         for r in roles(spec))
     steps = spec.optim.steps
@@ -402,7 +436,8 @@ def plan_stage(spec: Any, name: str | None = None, index: int = 0, first_step: i
         one_call_step=steps_in_trainer(spec), reference_copy=reference_copy_in_trainer(spec), weight_sync=_weight_sync(spec),
         bundles=tuple(bundles), driver_cpus=res.reward.num_cpus if scores_with_rewards(spec) and rewards_in_driver(spec) else 0.0,
         one_at_a_time=one_at_a_time(spec), steps=steps, epochs=spec.optim.epochs,
-        first_step=first_step if known else None, last_step=first_step + steps - 1 if known else None, loop=_loop(spec))
+        first_step=first_step if known else None, last_step=first_step + steps - 1 if known else None, loop=_loop(spec),
+        rollout_mode=rollout_mode(spec))
 
 
 def make_plan(spec: Any) -> Plan:
@@ -437,7 +472,8 @@ def describe(plan: Plan) -> str:
             extra = f"; also {', '.join(r.also)}" if r.also else ""
             copy = " (a copy of the weights)" if r.role == "trainer" and s.reference_copy else ""
             lines.append(f"  {r.role}: {r.replicas} x ({r.num_cpus:g} CPU{gpu}), {r.strategy}, bundles {list(r.slots)}{extra}{copy}")
-        lines.append("  phases: " + ", ".join(f"{p} on {w}" for p, w in s.phases if w))
+        lines.append("  phases: " + ", ".join(f"{p} on {w}" for p, w in s.phases if w)
+                     + ("; rollout multi-turn (rollout.agent's episodes)" if s.rollout_mode == "multi_turn" else ""))
         lines.append(f"  step: {'one call to the trainer' if s.one_call_step else 'one call per phase'}")
         if s.loop.kind == "async":
             lines.append(f"  loop: async, max_staleness {s.loop.max_staleness}: the rollout generates in chunks of {s.loop.chunk_tokens} "

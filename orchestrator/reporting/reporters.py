@@ -82,7 +82,7 @@ class RunDirMirror:
     """Copies a local run directory's metrics and events to its URL (core/storage.py) after each
     checkpoint, at the end and at close: a URL run directory lags the local one by at most a checkpoint."""
 
-    FILES = ("metrics.jsonl", "events.jsonl")
+    FILES = ("metrics.jsonl", "events.jsonl", "trajectories.jsonl")
 
     def __init__(self, local: str | Path, url: str):
         self.local, self.url = Path(local), url

@@ -6,6 +6,7 @@ short method. Data moves between actors as one `Batch` of tensors through Ray's 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import Future
@@ -18,6 +19,7 @@ from orchestrator.core.advantages import compute_advantages
 from orchestrator.core.batch import Batch, concat, tensors_from_wire
 from orchestrator.core.data import PromptDataset, PromptSampler
 from orchestrator.core.plan import StagePlan
+from orchestrator.core.records import json_safe
 from orchestrator.core.spec import JobSpec
 from orchestrator.reporting.reporters import Reporter
 from orchestrator.runtime import stopping, waits, weight_sync
@@ -32,6 +34,7 @@ from orchestrator.runtime.placement import (
 )
 from orchestrator.runtime.waits import PhaseTimeout  # noqa: F401  (re-exported: run.py names its error code)
 from orchestrator.stages import evaluation, roles
+from workers.agent_rollout import agent_metrics, episodes_of_rows
 from workers.common import load_tokenizer
 from workers.reward import RewardWorker
 
@@ -137,7 +140,19 @@ class Orchestrator:
                 self.sync_weights(timing)
         timing["step"] = time.perf_counter() - start
         metrics.update(rollout_metrics(batch, per_source, self.spec, self.eos_token_id))
+        if self.stage.rollout_mode == "multi_turn":
+            metrics.update(self.report_episodes(step, batch))
         return {**metrics, **self.throughput(batch, timing), **{f"timing/{k}": v for k, v in timing.items()}}
+
+    def report_episodes(self, step: int, batch: Batch) -> dict[str, float]:
+        """A multi-turn step's agent metrics; its first prompt's episodes (turns, rewards) appended to the
+        run directory's trajectories.jsonl."""
+        episodes = episodes_of_rows(batch)
+        group = [e for e, g in zip(episodes, batch.group_ids.tolist()) if g == 0]
+        with (self.spec.run_dir / "trajectories.jsonl").open("a") as f:
+            for i, episode in enumerate(group):
+                f.write(json.dumps(json_safe({"step": step, "sample": i, **episode}), default=str) + "\n")
+        return agent_metrics(episodes)
 
     def wait(self, refs, phase: str):
         """The results of actor calls (or of a `Future`), bounded by `fault_tolerance.call_timeout_s`:
@@ -301,6 +316,8 @@ class Orchestrator:
             self.groups[role] = spawn_group(factory.cls, role, self.job_id, pg, layout, factory.kwargs, env, threads)
         self.local_rewards = roles.driver_rewards(spec, stage)  # (functions only: no device, no actor)
         self.wait_started()
+        if "sandbox" in self.groups:  # (whoever samples runs the environments, whose code runs there)
+            self.wait(self.rollout_group.call("attach_sandbox", self.groups["sandbox"].actors), "sandbox")
         self._init_data_parallel("trainer")
         if "critic" in self.groups:
             self._init_data_parallel("critic")

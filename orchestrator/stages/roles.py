@@ -22,6 +22,7 @@ from workers.reference import Reference
 from workers.reward import RewardWorker
 from workers.trainer import TrainerPart
 from workers.trainer_parts import FrozenBase, KeptReference, OneCallStep, Sampling
+from workers.sandbox import Limits, Sandbox
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,10 @@ def rollout(spec: JobSpec, stage: StagePlan) -> RoleFactory:
     m, r, res = spec.model, spec.rollout, spec.resources
     # Engine options only the vLLM backend takes: tensor parallelism and sleep/wake when colocated.
     vllm = {"tensor_parallel_size": r.tensor_parallel_size, "colocate": res.colocate} if r.backend == "vllm" else {}
+    agent = {"agent": r.agent} if stage.rollout_mode == "multi_turn" else {}  # (episodes of its environment: workers/agent_rollout.py)
     return RoleFactory(rollout_class(r.backend), lambda i: dict(
         model_path=m.path, n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-        seed=spec.optim.seed + i, num_gpus=res.rollout.num_gpus, trust_remote_code=m.trust_remote_code, dtype=m.dtype, **vllm))
+        seed=spec.optim.seed + i, num_gpus=res.rollout.num_gpus, trust_remote_code=m.trust_remote_code, dtype=m.dtype, **vllm, **agent))
 
 
 def trainer(spec: JobSpec, stage: StagePlan) -> RoleFactory:
@@ -64,8 +66,10 @@ def trainer(spec: JobSpec, stage: StagePlan) -> RoleFactory:
 
 
 def _sampling(spec: JobSpec, stage: StagePlan, i: int) -> Sampling:
-    """Replica i samples with the rollout seed `seed + i`, as rollout actor i would."""
-    return Sampling(spec.trained_model_path, spec.trained_model_trust, spec.rollout, spec.optim.seed + i)
+    """Replica i samples with the rollout seed `seed + i`, as rollout actor i would; episodes of `rollout.agent`
+    only where the plan's rollout is multi-turn (an SFT stage's evaluation samples single completions)."""
+    rollout = spec.rollout if stage.rollout_mode == "multi_turn" else spec.rollout.model_copy(update={"agent": None})
+    return Sampling(spec.trained_model_path, spec.trained_model_trust, rollout, spec.optim.seed + i)
 
 
 def _reference(spec: JobSpec, stage: StagePlan, i: int) -> KeptReference | FrozenBase:
@@ -109,8 +113,14 @@ def critic(spec: JobSpec, stage: StagePlan) -> RoleFactory:
         dtype=m.dtype, lora=m.lora if m.lora and m.lora.critic else None, **_sharded(spec, "critic", i)))
 
 
+def sandbox(spec: JobSpec, stage: StagePlan) -> RoleFactory:
+    """Where a multi-turn environment's code runs: `Sandbox` actors with `rollout.agent.sandbox`'s limits."""
+    box = spec.rollout.agent.sandbox
+    return RoleFactory(Sandbox, lambda i: {"limits": Limits(cpu_s=box.cpu_s, wall_s=box.wall_s, memory_mb=box.memory_mb)})
+
+
 FACTORIES: dict[str, Callable[[JobSpec, StagePlan], RoleFactory]] = {
-    "rollout": rollout, "trainer": trainer, "reward": reward, "reference": reference, "critic": critic}
+    "rollout": rollout, "trainer": trainer, "reward": reward, "reference": reference, "critic": critic, "sandbox": sandbox}
 
 
 def driver_rewards(spec: JobSpec, stage: StagePlan) -> RewardWorker | None:
