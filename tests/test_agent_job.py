@@ -52,7 +52,7 @@ def test_a_multi_turn_grpo_job_with_the_calculator_tool(ray_head, tiny_model, tm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     make = tool_data()
-    make.write(tmp_path / "data", sft=512, prompts=32, test=0, teacher_guess=0.2)
+    make.write(tmp_path / "data", sft=512, prompts=32, test=0, teacher_guess=0.0)
     sft_steps = 80
     spec = tiny_spec(tiny_model, tmp_path / "data" / "sft.jsonl", tmp_path / "out", rewards=[],
                      data={"max_prompt_length": 64, "max_completion_length": 160},
