@@ -271,7 +271,7 @@ def test_a_heavy_tenants_loop_does_not_starve_another(tinker_api, keys, ray_head
     prompt = types.ModelInput.from_ints(tok.encode("hello there"))
     params = types.SamplingParams(max_tokens=12, temperature=1.0, seed=3)
     with service(tinker_api, keys["bursty"]) as heavy, service(tinker_api, keys["queuer"]) as light:
-        hs, ls = heavy.create_sampling_client(base_model="tiny"), light.create_sampling_client(base_model="tiny")
+        hs, ls = (c.create_sampling_client(base_model="tiny").result(timeout=120) for c in (heavy, light))
         heavy_calls = [hs.sample(prompt, num_samples=1, sampling_params=params) for _ in range(40)]
         light_calls = [ls.sample(prompt, num_samples=1, sampling_params=params) for _ in range(8)]
         light_out = [f.result(timeout=300) for f in light_calls]
