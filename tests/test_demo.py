@@ -34,3 +34,12 @@ def test_the_preference_demo_prints_its_table(ray_head, tmp_path):
     for line in ("hidden score on 16 held-out prompts", "initial", "after SFT", "after PPO", "after DPO"):
         assert line in out, out[-2000:]
     assert (tmp_path / "pref" / "hidden_score.png").exists() and (tmp_path / "pref" / "dpo" / "metrics.png").exists()
+
+
+def test_the_tools_demo_prints_its_table(ray_head, tmp_path):
+    out = run_demo("tools", tmp_path / "tools", ray_head)
+    assert "held-out greedy episodes (16 problems" in out, out[-2000:]
+    for line in ("without tools (after SFT)", "after SFT", "after GRPO", "valid calls"):
+        assert line in out, out[-2000:]
+    assert [m["step"] for m in read_jsonl(tmp_path / "tools" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert {r["step"] for r in read_jsonl(tmp_path / "tools" / "trajectories.jsonl")} == {3, 4}  # the GRPO stage's episodes

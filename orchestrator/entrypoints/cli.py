@@ -72,8 +72,14 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from orchestrator.entrypoints.demo import run_demo, run_preference_demo
+    from orchestrator.entrypoints.demo import (
+        run_demo,
+        run_preference_demo,
+        run_tools_demo,
+    )
 
+    if args.which == "tools":
+        return run_tools_demo(args.out or "runs/tools-demo", seed=args.seed, quick=args.quick)
     if args.which == "preference":
         return run_preference_demo(args.out or "runs/pref-demo", seed=args.seed, quick=args.quick)
     return run_demo(args.out or "runs/arith-demo", seed=args.seed, quick=args.quick)
@@ -105,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_plot)
 
     p = sub.add_parser("demo", help="Demos on a tiny model: `arithmetic` (SFT then GRPO, held-out accuracy after each) or "
-                                    "`preference` (SFT, a reward model from preference pairs, PPO against it, and DPO; a hidden rater's score after each).")
-    p.add_argument("which", nargs="?", choices=["arithmetic", "preference"], default="arithmetic", help="Which demo (default: arithmetic).")
-    p.add_argument("--out", default=None, help="Run directory (model, data, metrics, checkpoints, plots); default runs/arith-demo or runs/pref-demo.")
+                                    "`preference` (SFT, a reward model from preference pairs, PPO against it, and DPO; a hidden rater's score after each) "
+                                    "or `tools` (SFT on calculator-call traces, then multi-turn GRPO; held-out accuracy with and without the tool).")
+    p.add_argument("which", nargs="?", choices=["arithmetic", "preference", "tools"], default="arithmetic", help="Which demo (default: arithmetic).")
+    p.add_argument("--out", default=None, help="Run directory (model, data, metrics, checkpoints, plots); default runs/arith-demo, runs/pref-demo or runs/tools-demo.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the model, the data and training.")
     p.add_argument("--quick", action="store_true", help="A few steps per stage: checks the wiring, shows no learning.")
     p.set_defaults(func=_demo)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from orchestrator.core.environments import CalculatorEnv
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "arithmetic"
 # The model and problem set that examples/arithmetic/pipeline.yaml is tuned for.
 MODEL = dict(hidden_size=128, layers=2)
@@ -61,9 +63,9 @@ def accuracy_by_kind(model_dir: Path, rows: list[dict]) -> dict[str, float]:
 
 
 def run_demo(out: str | Path = "runs/arith-demo", seed: int = 0, quick: bool = False) -> int:
-    from orchestrator.reporting.plot import plot_run
     from orchestrator.entrypoints.run import run_job
     from orchestrator.entrypoints.tiny_model import init_model
+    from orchestrator.reporting.plot import plot_run
 
     out = Path(out)
     if (out / "metrics.jsonl").exists():
@@ -184,9 +186,9 @@ def _plot_hidden(scores: dict[str, dict[str, float]], rm_accuracy: float | None,
 
 
 def run_preference_demo(out: str | Path = "runs/pref-demo", seed: int = 0, quick: bool = False) -> int:
-    from orchestrator.reporting.plot import plot_run
     from orchestrator.entrypoints.run import run_job
     from orchestrator.entrypoints.tiny_model import init_model
+    from orchestrator.reporting.plot import plot_run
 
     out = Path(out)
     if (out / "metrics.jsonl").exists():
@@ -219,4 +221,90 @@ def run_preference_demo(out: str | Path = "runs/pref-demo", seed: int = 0, quick
     for name, s in scores.items():
         print(f"  {name:16s} {s['sampled']:8.3f} {s['greedy']:7.3f}")
     print(f"wall time {elapsed / 60:.1f} min (training); plots {png}, {out / 'metrics.png'}, {out / 'dpo' / 'metrics.png'}")
+    return 0
+
+
+# ------------------------------------------------------------ `rlhf demo tools`
+# Multi-digit arithmetic with a calculator tool (issue 30): examples/tools/pipeline.yaml, SFT on a
+# teacher's tool-call traces (it calls the calculator 40% of the time and guesses the rest), then
+# multi-turn GRPO rewarded only for the right final number. Held-out greedy episodes after each stage,
+# with the calculator and with every call refused (the model's own arithmetic).
+
+TOOLS = Path(__file__).resolve().parents[2] / "examples" / "tools"
+TOOL_PROBLEMS = {"sft": 4000, "prompts": 2000, "test": 200, "teacher_guess": 0.6}
+
+
+class NoCalculatorEnv(CalculatorEnv):
+    """The calculator task with the tool refused: each call's answer is an error, so the final number is the
+    model's own (`rlhf demo tools`' "without tools" row)."""
+
+    def call(self, name: str, arguments: dict) -> tuple[str, dict]:
+        raise RuntimeError("the calculator is unavailable: answer yourself")
+
+
+def tool_episodes(model_dir: Path, rows: list[dict], agent: dict, environment: str = "calculator") -> dict[str, float]:
+    """Greedy episodes of a checkpoint on held-out `rows`: accuracy, tool calls per episode, and the valid
+    call rate (calls that ran / calls attempted, invalid JSON included)."""
+    from orchestrator.core.spec import AgentSpec
+    from workers.agent_rollout import episodes_of_rows
+    from workers.rollout import HFRollout
+
+    fields = {k: v for k, v in agent.items() if k != "max_new_tokens"}
+    spec = AgentSpec(**{**fields, "environment": environment})
+    rollout = HFRollout(str(model_dir), n=1, max_new_tokens=agent["max_new_tokens"], agent=spec)
+    batch, _ = rollout.generate([[0]] * len(rows), [{"prompt_text": r["prompt"], "answer": r["answer"]} for r in rows], step=0, greedy=True)
+    eps = episodes_of_rows(batch)
+    attempted = sum(e["tool_calls"] + e["invalid_calls"] for e in eps)
+    ran = sum(e["tool_calls"] - e["tool_errors"] for e in eps)
+    return {"accuracy": sum(e["reward"] for e in eps) / len(eps), "calls": attempted / len(eps),
+            "valid": ran / attempted if attempted else float("nan")}
+
+
+def tools_spec(out: Path, seed: int, quick: bool) -> dict:
+    spec = yaml.safe_load((TOOLS / "pipeline.yaml").read_text())
+    spec["model"]["path"] = str(out / "model")
+    spec["data"]["train_file"] = str(out / "data" / "sft.jsonl")
+    spec["stages"][1]["data"]["train_file"] = str(out / "data" / "prompts.jsonl")
+    spec["optim"]["seed"] = seed
+    spec["output_dir"] = str(out)
+    if quick:
+        for stage in spec["stages"]:
+            stage["optim"]["steps"] = 2
+    return spec
+
+
+def run_tools_demo(out: str | Path = "runs/tools-demo", seed: int = 0, quick: bool = False) -> int:
+    from orchestrator.entrypoints.run import run_job
+    from orchestrator.entrypoints.tiny_model import init_model
+    from orchestrator.reporting.plot import plot_run
+
+    out = Path(out)
+    if (out / "metrics.jsonl").exists():
+        raise SystemExit(f"{out} holds an earlier run; pass another --out or remove it")
+    spec = tools_spec(out, seed, quick)
+    init_model(out / "model", seed=seed, **MODEL)
+    make = importlib.util.spec_from_file_location("tools_make_data", TOOLS / "make_data.py")
+    module = importlib.util.module_from_spec(make)
+    make.loader.exec_module(module)
+    module.write(out / "data", **TOOL_PROBLEMS, seed=seed)
+    (out / "job.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    start = time.time()
+    code = run_job(out / "job.yaml", progress=True)
+    elapsed = time.time() - start
+    if code:
+        return code
+    rows = [json.loads(line) for line in (out / "data" / "test.jsonl").read_text().splitlines()]
+    rows = rows[:QUICK_PROMPTS] if quick else rows
+    finals = {e["stage"]: Path(e["path"]) / "policy" for e in map(json.loads, (out / "events.jsonl").read_text().splitlines())
+              if e["type"] == "checkpoint"}
+    agent = {**spec["rollout"]["agent"], "max_new_tokens": spec["rollout"]["max_new_tokens"]}
+    runs = {"without tools (after SFT)": tool_episodes(finals["sft"], rows, agent, "orchestrator.entrypoints.demo:NoCalculatorEnv"),
+            "after SFT": tool_episodes(finals["sft"], rows, agent),
+            "after GRPO": tool_episodes(finals["grpo"], rows, agent)}
+    png = plot_run(out)
+    print(f"\nheld-out greedy episodes ({len(rows)} problems a+b or a*b, 3-4 digits, none in training):")
+    print(f"  {'':24s} {'accuracy':>8s} {'calls/episode':>13s} {'valid calls':>11s}")
+    for name, r in runs.items():
+        print(f"  {name:24s} {100 * r['accuracy']:7.1f}% {r['calls']:13.2f} {100 * r['valid']:10.1f}%")
+    print(f"wall time {elapsed / 60:.1f} min (training); trajectories in {out / 'trajectories.jsonl'}; plot {png}")
     return 0
