@@ -10,6 +10,8 @@ PY=${PYTHON:-python3}
 # The CPU build of torch first: a bare `torch` requirement with no torch installed pulls a CUDA build.
 "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q -e ".[test,api,trackers,agents]"
+# tinker-cookbook (tests/api/test_tinker_cookbook.py): pip cannot resolve its deps here (tml-renderers>=0.4.1), so without them, plus those it imports.
+"$PY" -m pip install -q --no-deps "tinker-cookbook==0.6.1" && "$PY" -m pip install -q chz blobfile termcolor pyrage
 
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 || ! command -v bwrap >/dev/null 2>&1; then
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
