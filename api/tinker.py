@@ -51,6 +51,8 @@ class TinkerSettings(BaseSettings):
     tenant's next calls, instead of one tenant's backlog filling the actor's threads ahead of the others."""
     session_timeout_s: float = 300.0
     """A session that has not sent a heartbeat for this long is over: its training runs are released (the SDK beats every 10 s)."""
+    sweep_s: float = 30.0
+    """How often (at most) a heartbeat or create_model makes the API look for ended sessions of every tenant."""
 
 
 class TinkerError(Exception):
@@ -290,6 +292,11 @@ class Records:
             return None
         return held
 
+    async def holding_tenants(self) -> list[str]:
+        """Tenants with training runs held."""
+        keys = [k.decode() if isinstance(k, bytes) else k async for k in self.redis.scan_iter(match="tinker:held:*")]
+        return sorted(k.removeprefix("tinker:held:") for k in keys)
+
     async def held_runs(self, tenant: str) -> list[str]:
         return sorted(m.decode() if isinstance(m, bytes) else m for m in await self.redis.smembers(f"tinker:held:{tenant}"))
 
@@ -322,3 +329,4 @@ class Tinker:
         self.pools = Pools(self.settings)
         self.futures = Futures()
         self.records = Records(redis)
+        self.swept = float("-inf")  # time.monotonic() of the last look for ended sessions of every tenant

@@ -90,6 +90,7 @@ async def heartbeat(body: dict, tenant: Tenant, t: TinkerDep) -> dict:
     record = await t.records.get("session", str(body.get("session_id")), tenant)
     record["heartbeat"] = _now()
     await t.records.put("session", body["session_id"], record)
+    await _sweep(t)
     return {"type": "session_heartbeat"}
 
 
@@ -168,6 +169,7 @@ async def create_model(body: dict, request: Request, tenant: Tenant, t: TinkerDe
 async def _over_quota(t: Tinker, tenant: str, model_id: str) -> dict | None:
     """Hold a place for a new training run; past the tenant's limit, the answer of a future that fails naming it."""
     await _release_ended(t, tenant)
+    await _sweep(t)
     limit = t.settings.max_runs_per_tenant
     if await t.records.hold_run(tenant, model_id, limit) is not None:
         return None
@@ -175,6 +177,16 @@ async def _over_quota(t: Tinker, tenant: str, model_id: str) -> dict | None:
                f"ServiceClient (its session's runs are released) or let an idle session time out ({t.settings.session_timeout_s:g} s "
                "without a heartbeat)")
     return {"request_id": t.futures.fail(tenant, model_id, message), "model_id": model_id}
+
+
+async def _sweep(t: Tinker) -> None:
+    """At most every `sweep_s`: release the ended sessions' runs of every tenant, so that a client that died without
+    closing frees the pool's memory even if its tenant never comes back (any live client's heartbeat drives this)."""
+    if time.monotonic() - t.swept < t.settings.sweep_s:
+        return
+    t.swept = time.monotonic()
+    for tenant in await t.records.holding_tenants():
+        await _release_ended(t, tenant)
 
 
 async def _release_ended(t: Tinker, tenant: str) -> None:

@@ -31,7 +31,7 @@ def tinker_api(redis_url, ray_head, keys, workdir, operator):
     port = free_port()
     env = api_env(redis_url, ray_head, keys["path"], port, operator, RLHF_API_TINKER_RAY_ADDRESS=ray_head.address,
                   RLHF_API_REQUESTS_PER_MINUTE="100000",
-                  RLHF_API_TINKER_MAX_RUNS_PER_TENANT=str(MAX_RUNS))
+                  RLHF_API_TINKER_MAX_RUNS_PER_TENANT=str(MAX_RUNS), RLHF_API_TINKER_SWEEP_S="0")
     server = ApiServer(env, port, workdir / "api-tinker.log")
     server.start()
     yield server
@@ -288,3 +288,27 @@ def test_a_heavy_tenants_loop_does_not_starve_another(tinker_api, keys, ray_head
         usage = c.get("/api/v1/usage").json()
     generated = sum(len(out.sequences[0].tokens) for out in light_out)
     assert usage["requests"] == 8 and usage["tokens"] == 8 * prompt.length + generated, usage
+
+
+@pytest.mark.slow
+def test_a_client_that_stops_beating_has_its_runs_released_by_any_tenants_heartbeat(tinker_api, keys, redis_url):
+    """A client that dies without closing (here: plain HTTP, no heartbeats, its session made old) holds its runs only
+    until the API's next sweep, which another tenant's heartbeat drives: its calls are then refused naming the timeout."""
+    import json
+
+    import redis
+
+    with httpx.Client(base_url=tinker_api.url, headers={"X-API-Key": keys["rater"]}, timeout=60) as dead, \
+            httpx.Client(base_url=tinker_api.url, headers={"X-API-Key": keys["beta"]}, timeout=60) as live:
+        session = dead.post("/api/v1/create_session", json={}).json()["session_id"]
+        created = dead.post("/api/v1/create_model", json={"session_id": session, "model_seq_id": 0, "base_model": "tiny",
+                                                            "lora_config": {"rank": 4}}).json()
+        assert dead.post("/api/v1/retrieve_future", json={"request_id": created["request_id"]}).json()["model_id"] == created["model_id"]
+        store = redis.Redis.from_url(redis_url)
+        record = json.loads(store.get(f"tinker:session:{session}"))
+        store.set(f"tinker:session:{session}", json.dumps({**record, "created": record["created"] - 3600}))
+        other = live.post("/api/v1/create_session", json={}).json()["session_id"]
+        assert live.post("/api/v1/session_heartbeat", json={"session_id": other}).status_code == 200
+        r = dead.post("/api/v1/optim_step", json={"model_id": created["model_id"], "adam_params": {"learning_rate": 1e-4}})
+        assert r.status_code == 400 and f"its session {session} timed out" in r.json()["error"], r.text
+        assert store.scard("tinker:held:rater") == 0
