@@ -9,6 +9,7 @@ import os
 import signal
 
 import pytest
+from ray.util.state import list_actors
 
 from tests.conftest import (
     Entrypoint,
@@ -81,4 +82,31 @@ def test_a_driver_killed_mid_run_resumes_and_trains_each_prompt_once(tiny_model,
     events = read_jsonl(run_dir / "events.jsonl")
     resumed_at = [e["step"] for e in events if e["type"] == "resumed"]
     assert len(resumed_at) == 1 and resumed_at[0] <= killed_at < PROMPTS // 2
+    check_epoch(run_dir, PROMPTS // 2, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("role", ["rollout", "trainer"])
+def test_a_killed_actor_restarts_the_stage_and_each_prompt_trains_once(tiny_model, arith_file, tmp_path, ray_head, role):
+    """SIGKILL of the rollout actor (its generations in flight die with it) or of the trainer: the job places
+    its actors again, resumes from the checkpoint (the buffer's state in it) and trains every prompt once."""
+    run_dir = tmp_path / "run"
+    spec = write_spec(tmp_path / "job.yaml", async_spec(tiny_model, arith_file, run_dir, 1, per_step=2, checkpoint={"every": 3},
+                                                        name=f"async-kill-{role}"))
+    job = Entrypoint(spec, ray=ray_head)
+
+    def running_pid() -> int | None:
+        events = read_jsonl(run_dir / "events.jsonl") if (run_dir / "events.jsonl").exists() else []
+        if not any(e["type"] == "checkpoint" and e["step"] >= 6 for e in events):
+            return None
+        found = list_actors(address=ray_head.dashboard, filters=[("name", "=", f"async-kill-{role}/{role}-0"), ("state", "=", "ALIVE")])
+        return found[0].pid if found and found[0].pid else None
+
+    pid = wait_until(running_pid, 300, f"the {role} actor alive after a checkpoint at step 6")
+    os.kill(pid, signal.SIGKILL)
+    out = job.result(600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    events = read_jsonl(run_dir / "events.jsonl")
+    restarts = [e for e in events if e["type"] == "restart"]
+    assert len(restarts) == 1 and f"{role}-0" in restarts[0]["died"]
     check_epoch(run_dir, PROMPTS // 2, 1)

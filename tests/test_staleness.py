@@ -194,3 +194,16 @@ def test_repeated_kills_still_train_every_prompt_exactly_once():
     for first in range(0, 12):
         trained, _ = run({first, first + 4, first + 9})
         assert sorted(trained) == expected(), f"killed after ticks {first}, {first + 4}, {first + 9}"
+
+
+def test_take_by_prompt_ids_waits_for_exactly_those_groups():
+    """In-order consumption (the async driver): the step's prompts once all are complete, whatever finished first."""
+    buf = RolloutBuffer(range(4), group_size=2, groups_per_step=2, max_staleness=1)
+    buf.draw(4)
+    buf.put(2, group(0))
+    buf.put(1, group(0))
+    assert buf.take(0, prompt_ids=[0, 1]).groups == []  # prompt 0 is still generating
+    buf.put(0, group(1))
+    taken = buf.take(1, prompt_ids=[0, 1])
+    assert sorted(g.prompt_id for g in taken.groups) == [0, 1] and [g.prompt_id for g in buf.ready] == [2]
+    assert sorted(taken.staleness) == [0, 0, 1, 1]

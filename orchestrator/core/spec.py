@@ -698,6 +698,9 @@ class JobSpec(_Strict):
                                "mini_batch_size unset, ppo_epochs 1): its decoupled loss's proximal policy is the update's starting weights")
         if self.resources.rollout.replicas != 1 or self.resources.trainer.replicas != 1:
             raise _field_error(("rollout", "max_staleness"), "asynchronous training runs one rollout and one trainer replica (for now)")
+        if self.rollout.agent is not None:
+            raise _field_error(("rollout", "max_staleness"), "asynchronous training generates single-turn completions in chunks; "
+                               "not yet agent episodes (rollout.agent)")
 
     @model_validator(mode="after")
     def _stages_valid(self, info: ValidationInfo) -> "JobSpec":

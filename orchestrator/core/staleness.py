@@ -151,10 +151,11 @@ class RolloutBuffer:
         return group
 
     # ------------------------------------------------------------ the trainer's side
-    def take(self, version: int, num_groups: int | None = None, flush: bool = False) -> Taken:
+    def take(self, version: int, num_groups: int | None = None, flush: bool = False, prompt_ids: Sequence[int] | None = None) -> Taken:
         """`num_groups` (default groups_per_step) complete groups within the bound for an update from
         `version`, those of the oldest weights first (then in arrival order, as Tinker's cookbook takes them); none when fewer are ready (unless `flush`: the epoch's last,
-        smaller batch). Groups past the bound leave the buffer first (requeued or dropped)."""
+        smaller batch). Groups past the bound leave the buffer first (requeued or dropped).
+        With `prompt_ids`: exactly those prompts' groups, once all are ready (in-order consumption)."""
         num_groups = num_groups or self.groups_per_step
         stale = [g for g in self.ready if g.staleness(version) > self.max_staleness]
         if stale:
@@ -163,11 +164,21 @@ class RolloutBuffer:
                 if self.stale_policy == "regenerate":
                     self.requeued.append(g.prompt_id)
                 self.counts["stale_regenerated" if self.stale_policy == "regenerate" else "stale_dropped"] += 1
+        if prompt_ids is not None:
+            wanted = set(prompt_ids)
+            if len(wanted & {g.prompt_id for g in self.ready}) < len(wanted):
+                return Taken([], [g.prompt_id for g in stale], [])
+            groups = [g for g in self.ready if g.prompt_id in wanted]
+            self.ready = [g for g in self.ready if g.prompt_id not in wanted]
+            return self._taken(groups, stale, version)
         if len(self.ready) < num_groups and not flush:
             return Taken([], [g.prompt_id for g in stale], [])
         # Oldest weights first (then arrival order): a group left waiting only grows staler.
         self.ready.sort(key=lambda g: g.oldest)
         groups, self.ready = self.ready[:num_groups], self.ready[num_groups:]
+        return self._taken(groups, stale, version)
+
+    def _taken(self, groups: list[Group], stale: list[Group], version: int) -> Taken:
         staleness = []
         for g in groups:
             for s in g.samples:

@@ -8,8 +8,8 @@ The plan's `loop` is `async` (rollout.max_staleness k >= 1). Two loops share one
   rollouts, each token tagged with the version of the weights that drew it, behaviour log-probs
   recorded), scores the prompts whose `n` completions finished and puts their groups in the buffer;
   between two chunks it loads the newest weights the trainer published;
-- the trainer side (`train_step`, this driver's main thread): takes `prompts_per_step` complete
-  groups within the bound (every trained sample is checked), reference log-probs if any,
+- the trainer side (`train_step`, this driver's main thread): takes the next `prompts_per_step`
+  groups of the order once complete, within the bound (every trained sample is checked), reference log-probs if any,
   advantages, the update with the off-policy correction (workers/trainer.py), then publishes its
   weights to the object store for the rollout side to load.
 
@@ -103,14 +103,13 @@ class AsyncOrchestrator(Orchestrator):
             while True:
                 if self.producer_error is not None:
                     raise self.producer_error
-                b = self.buffer
-                drained = b.position == len(b.order) and not b.in_flight and not b.requeued
-                taken = b.take(self.version, flush=drained)
+                b, keys = self.buffer, self.next_keys()
+                if not keys:
+                    raise RuntimeError(f"step {step}: the epoch's prompts are used up (rollout buffer: {dict(b.counts)})")
+                taken = b.take(self.version, prompt_ids=keys)
                 self.cond.notify_all()  # stale groups went back to be generated again
                 if taken.groups:
                     break
-                if drained:
-                    raise RuntimeError(f"step {step}: the epoch's prompts are used up (rollout buffer: {dict(b.counts)})")
                 left = None if deadline is None else deadline - time.perf_counter()
                 if left is not None and left <= 0:
                     raise PhaseTimeout(f"the rollout phase of step {step} delivered {len(b.ready)} of {b.groups_per_step} groups "
@@ -122,6 +121,13 @@ class AsyncOrchestrator(Orchestrator):
         timing["wait_for_rollouts"] = time.perf_counter() - t0
         versions = sorted({v for g in taken.groups for s in g.samples for v in s.versions})
         return taken, batch, per_source, versions
+
+    def next_keys(self) -> list[int]:
+        """The step's prompts: the next `prompts_per_step` of the order not trained yet. Taken in order, not as
+        they finish: a loop that trains whatever finishes first trains shorter completions than were drawn."""
+        b, per_step = self.buffer, self.spec.optim.prompts_per_step
+        started = sorted({g.prompt_id for g in b.ready} | set(b.in_flight) | set(b.requeued))
+        return (started + list(b.order[b.position:b.position + per_step]))[:per_step]  # (undrawn keys come after drawn ones)
 
     def reference(self, batch: Batch, timing: dict) -> Batch:
         if self.reference_group is None:
