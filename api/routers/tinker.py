@@ -67,10 +67,13 @@ def install(app) -> None:
 # -- session, config, capabilities -------------------------------------------------------------------
 
 @router.post("/client/config")
-async def client_config(tenant: Tenant) -> dict:
-    # No JWT exchange (keys are checked on every request); plain httpx transport; per-request polling.
+async def client_config(request: Request, tenant: Tenant) -> dict:
+    # No JWT exchange (keys are checked on every request); plain httpx transport; per-request polling. A forward_backward
+    # body is bounded by max_body_bytes: the SDK splits a batch into requests of at most half of it (its size estimate
+    # leaves out the protobuf framing), sent one after another (a run's calls are served in the order they arrive).
     return {"pjwt_auth_enabled": False, "use_pyqwest_transport": False, "sample_use_retrieve_futures": False,
-            "custom_loss_server_side": False, "proto_compress_fwdbwd": False}
+            "custom_loss_server_side": False, "proto_compress_fwdbwd": False, "parallel_fwdbwd_chunks": False,
+            "fwdbwd_max_chunk_bytes_count": request.app.state.settings.max_body_bytes // 2}
 
 
 @router.post("/client/dynamic_config")

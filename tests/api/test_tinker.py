@@ -312,3 +312,22 @@ def test_a_client_that_stops_beating_has_its_runs_released_by_any_tenants_heartb
         r = dead.post("/api/v1/optim_step", json={"model_id": created["model_id"], "adam_params": {"learning_rate": 1e-4}})
         assert r.status_code == 400 and f"its session {session} timed out" in r.json()["error"], r.text
         assert store.scard("tinker:held:rater") == 0
+
+
+@pytest.mark.slow
+def test_a_batch_over_the_body_limit_is_sent_in_pieces_and_trains_as_one(tinker_api, keys, tiny_model):
+    """10 sequences of 500 tokens (80 KB of protobuf) against a 64 KiB request body limit: the SDK splits the batch as the
+    server's client config says; the pieces' losses add up to the batch's, and a step on it trains."""
+    tok = tokenizer(tiny_model)
+    ids = tok.encode(SEQ * 60)
+    assert len(ids) >= 511
+    data = [types.Datum(model_input=types.ModelInput.from_ints(ids[i:i + 500]),
+                        loss_fn_inputs={"target_tokens": ids[i + 1:i + 501], "weights": [1.0] * 500}) for i in range(10)]
+    with service(tinker_api, keys["alpha"]) as sc:
+        tc = sc.create_lora_training_client(base_model="tiny", rank=4, seed=0).result()
+        whole = tc.forward(data, "cross_entropy").result(timeout=300)
+        assert len(whole.loss_fn_outputs) == 10
+        alone = [tc.forward([d], "cross_entropy").result(timeout=120).metrics["loss:sum"] for d in data]
+        assert whole.metrics["loss:sum"] == pytest.approx(sum(alone), rel=1e-4)
+        losses = sft_steps(tc, data, 2, lr=1e-2)
+        assert losses[1] < losses[0]
