@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,6 +56,8 @@ class AsyncOrchestrator(Orchestrator):
         self.producer_error: BaseException | None = None
         self.stopping = threading.Event()
         self.rollout_clock = {"idle": 0.0, "tokens": 0.0, "weight_sync": 0.0}  # cumulative, read per step
+        self.in_call = False  # the rollout side waits for an actor call (which has its own deadline)
+        self.last_put = time.perf_counter()  # when a group last reached the buffer
         self.last_mark = (time.perf_counter(), dict(self.rollout_clock))
 
     @property
@@ -94,11 +97,11 @@ class AsyncOrchestrator(Orchestrator):
 
     # ------------------------------------------------------------ the trainer side
     def take(self, step: int, timing: dict):
-        """The step's groups from the buffer, within the staleness bound, waiting for them at most
-        `fault_tolerance.call_timeout_s`. Returns (Taken, the batch, each reward's scores, the versions seen)."""
+        """The step's groups from the buffer, within the staleness bound. The rollout side may go
+        `fault_tolerance.call_timeout_s` without delivering a group, but for a call of its own in progress
+        (whose timed wait names its phase when it hangs). Returns (Taken, the batch, each reward's scores, the versions seen)."""
         t0 = time.perf_counter()
         limit = self.spec.fault_tolerance.call_timeout_s
-        deadline = None if limit is None else t0 + limit
         with self.cond:
             while True:
                 if self.producer_error is not None:
@@ -110,11 +113,11 @@ class AsyncOrchestrator(Orchestrator):
                 self.cond.notify_all()  # stale groups went back to be generated again
                 if taken.groups:
                     break
-                left = None if deadline is None else deadline - time.perf_counter()
-                if left is not None and left <= 0:
+                left = None if limit is None else max(t0, self.last_put) + limit - time.perf_counter()
+                if left is not None and left <= 0 and not self.in_call:
                     raise PhaseTimeout(f"the rollout phase of step {step} delivered {len(b.ready)} of {b.groups_per_step} groups "
                                        f"within fault_tolerance.call_timeout_s={limit:g} s")
-                self.cond.wait(1.0 if left is None else min(left, 1.0))
+                self.cond.wait(1.0 if left is None else min(max(left, 0.05), 1.0))
             scored = [self.groups_ready.pop(g.prompt_id) for g in taken.groups]
         batch = concat([b for b, _ in scored])
         per_source = {k: torch.cat([s[k] for _, s in scored]) for k in scored[0][1]}
@@ -161,7 +164,8 @@ class AsyncOrchestrator(Orchestrator):
                 prompts = [self.dataset.prompt_ids[self.prompt_of(k)] for k in keys]
                 extras = [self.dataset.extras[self.prompt_of(k)] for k in keys]
                 [ref] = self.groups["rollout"].call("stream", keys, prompts, extras, version, self.stage.loop.chunk_tokens)
-                done, tokens, _ = self.wait(ref, "generate (a chunk of the partial rollouts)")
+                with self.calling():
+                    done, tokens, _ = self.wait(ref, "generate (a chunk of the partial rollouts)")
                 self.rollout_clock["tokens"] += tokens
                 if done:
                     self.put(done)
@@ -185,15 +189,26 @@ class AsyncOrchestrator(Orchestrator):
         if published is None:
             return
         t0 = time.perf_counter()
-        self.weight_sync.load(published[1])
+        with self.calling():
+            self.weight_sync.load(published[1])
         self.rollout_clock["weight_sync"] += time.perf_counter() - t0
         with self.cond:
             self.rollout_version = published[0]
 
+    @contextmanager
+    def calling(self):
+        """Marks a timed actor call of the rollout side: the trainer side leaves its deadline to that call's."""
+        self.in_call = True
+        try:
+            yield
+        finally:
+            self.in_call = False
+
     def put(self, done: list[tuple[int, Batch, torch.Tensor]]) -> None:
         """Score the finished groups (one reward call) and put them in the buffer."""
         batch = concat([b for _, b, _ in done])
-        scores, per_source, _ = self.wait(self.score_rewards(batch), "reward")
+        with self.calling():
+            scores, per_source, _ = self.wait(self.score_rewards(batch), "reward")
         n = self.spec.rollout.n
         with self.cond:
             for i, (key, group_batch, versions) in enumerate(done):
@@ -202,6 +217,7 @@ class AsyncOrchestrator(Orchestrator):
                 self.groups_ready[key] = (group_batch.replace(scores=scores[rows]), {k: v[rows] for k, v in per_source.items()})
                 if self.buffer.put(key, samples) is None:  # (dynamic sampling dropped it)
                     self.groups_ready.pop(key)
+            self.last_put = time.perf_counter()
             self.cond.notify_all()
 
     # ------------------------------------------------------------ metrics
