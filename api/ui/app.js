@@ -18,6 +18,21 @@ const CHARTS = [
   { id: "response_length/mean", title: "response length", keys: (k) => k === "response_length/mean" },
   // Held-out score: the rewards' mean on eval prompts (RL, SFT), pairwise accuracy (rm, dpo).
   { id: "eval", title: "eval", keys: (k) => ["eval/reward/mean", "eval/accuracy", "eval/rewards/accuracies"].includes(k) },
+  // Shown once a job reports them: asynchronous training (rollout.max_staleness > 0) ...
+  { id: "staleness", title: "staleness (versions)", optional: true, keys: (k) => k === "staleness/mean" || k === "staleness/max" },
+  { id: "staleness/frac", title: "staleness histogram (fraction)", optional: true, keys: (k) => k.startsWith("staleness/frac_") },
+  { id: "async/buffer_fill", title: "rollout buffer fill", optional: true, keys: (k) => k === "async/buffer_fill" },
+  { id: "idle", title: "idle fraction", optional: true, keys: (k) => k === "async/rollout_idle_frac" || k === "async/trainer_idle_frac" },
+  { id: "tokens_per_s", title: "tokens/s per side", optional: true,
+    keys: (k) => k === "throughput/rollout_tokens_per_s" || k === "throughput/trainer_tokens_per_s" },
+  { id: "off_policy", title: "off-policy ratio", optional: true, keys: (k) => ["off_policy/ratio_mean", "off_policy/ratio_max", "off_policy/ratio_min"].includes(k) },
+  { id: "off_policy/corrected", title: "truncated / masked (fraction)", optional: true,
+    keys: (k) => k === "off_policy/truncated_frac" || k === "off_policy/masked_frac" },
+  // ... and agents (rollout.agent).
+  { id: "agent/turns", title: "turns and tool calls per episode", optional: true,
+    keys: (k) => k === "agent/turns_per_episode" || k === "agent/tool_calls" },
+  { id: "agent/errors", title: "tool errors, invalid calls, truncated", optional: true,
+    keys: (k) => ["agent/tool_errors", "agent/invalid_calls", "agent/truncated"].includes(k) },
 ];
 const COLORS = ["#2f6fed", "#12805c", "#c0362c", "#b54708", "#7a5af8", "#0e9384"];
 
@@ -188,14 +203,15 @@ class Stream {
 // ------------------------------------------------------------------ curves (SVG, drawn here)
 
 class Chart {
-  constructor({ id, title, keys }) {
-    Object.assign(this, { id, title, keys });
+  constructor({ id, title, keys, optional = false }) {
+    Object.assign(this, { id, title, keys, optional });
     this.series = new Map(); // metric name -> Map(step -> value)
     this.last = h("span", { class: "last" }, "-");
     this.svg = s("svg", { viewBox: "0 0 320 150", role: "img", "aria-label": title });
     this.legend = h("div", { class: "legend" });
     const caption = h("figcaption", { title: id === "eval" ? "eval/reward/mean, eval/accuracy or eval/rewards/accuracies" : id }, h("span", {}, title), this.last);
-    this.el = h("figure", { class: "chart", dataset: { metric: id, points: "0" } }, caption, this.svg, this.legend);
+    // An optional chart stays hidden until a metric of its own arrives (a sync job shows no staleness).
+    this.el = h("figure", { class: "chart", hidden: optional, dataset: { metric: id, points: "0" } }, caption, this.svg, this.legend);
     this.pending = false;
     this.draw();
   }
@@ -208,6 +224,7 @@ class Chart {
       this.series.get(k).set(step, v); // a step seen again replaces its point
       changed = true;
     }
+    if (changed) this.el.hidden = false;
     if (changed && !this.pending) {
       this.pending = true;
       requestAnimationFrame(() => { this.pending = false; this.draw(); });

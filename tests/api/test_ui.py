@@ -201,3 +201,38 @@ def test_another_tenants_job_is_out_of_reach(browser, served, keys, redis_url):
     css(driver, "#sign-out").click()
     wait(driver, lambda d: css(d, "#api-key"), 10, "the sign-in form after signing out")
     assert driver.execute_script("return sessionStorage.getItem('rlhf.apiKey')") is None
+
+
+def test_an_async_jobs_page_shows_staleness_buffer_and_idle_curves(browser, served, keys, redis_url):
+    """The curves of asynchronous training (and agents) appear once a job reports them, and only then:
+    metrics written by the driver's own RedisReporter for one job, none for another."""
+    from orchestrator.reporting.redis_reporter import RedisReporter
+
+    api, driver = served, browser
+    async_job = make_record(redis_url, "alpha", name="ui-async", status="succeeded")
+    sync_job = make_record(redis_url, "alpha", name="ui-sync", status="succeeded")
+    reporter = RedisReporter(redis_url, async_job)
+    for step in range(1, 6):
+        reporter.metrics(step, {"reward/mean": 0.1 * step, "staleness/mean": 0.5, "staleness/max": 1.0, "staleness/frac_0": 0.5,
+                                "staleness/frac_1": 0.5, "async/buffer_fill": 0.25 * (step % 4), "async/rollout_idle_frac": 0.1,
+                                "async/trainer_idle_frac": 0.4, "throughput/rollout_tokens_per_s": 900.0 + step,
+                                "throughput/trainer_tokens_per_s": 2000.0, "off_policy/ratio_mean": 1.0, "agent/turns_per_episode": 2.0})
+    reporter.close()
+    RedisReporter(redis_url, sync_job).close()
+    shown = ("staleness", "staleness/frac", "async/buffer_fill", "idle", "tokens_per_s", "off_policy", "agent/turns")
+
+    def chart(metric: str):
+        return css(driver, f'.chart[data-metric="{metric}"]')
+
+    sign_in(driver, api, keys["alpha"])
+    driver.get(f"{api.url}/ui/#/jobs/{async_job}")
+    wait(driver, lambda d: chart("staleness").get_attribute("data-points") == "5", 30, "the staleness curve's 5 points")
+    for metric in shown:
+        assert chart(metric).is_displayed() and chart(metric).get_attribute("data-points") == "5", metric
+    assert not chart("agent/errors").is_displayed()  # no metric of its own arrived
+    assert chart("staleness").find_elements(By.CSS_SELECTOR, "polyline") and len(chart("idle").find_elements(By.CSS_SELECTOR, "polyline")) == 2
+    driver.save_screenshot(str(ARTIFACTS / "ui-async-job.png"))
+
+    driver.get(f"{api.url}/ui/#/jobs/{sync_job}")
+    wait(driver, lambda d: chart("reward/mean").is_displayed(), 30, "the sync job's page")
+    assert not any(chart(metric).is_displayed() for metric in shown)
