@@ -53,6 +53,15 @@ class TinkerSettings(BaseSettings):
     """A session that has not sent a heartbeat for this long is over: its training runs are released (the SDK beats every 10 s)."""
     sweep_s: float = 30.0
     """How often (at most) a heartbeat or create_model makes the API look for ended sessions of every tenant."""
+    max_sequence_tokens: int = 4096
+    """The longest sequence a tenant may send: a forward_backward datum's tokens, a sample's prompt plus its max_tokens."""
+    max_sample_tokens: int = 2048
+    """The largest max_tokens of one sample call."""
+    max_num_samples: int = 64
+    """The largest num_samples of one sample call."""
+    max_futures_per_tenant: int = 512
+    """A tenant's futures not yet finished, at once; past it a call is refused 429 (the SDK retries) until some finish.
+    Finished ones are kept for retrieval, the tenant's most recent `max_futures_per_tenant` of them."""
 
 
 class TinkerError(Exception):
@@ -98,9 +107,13 @@ def _dtype_codes():
 def decode_forward_backward(body: bytes) -> dict[str, Any]:
     """The SDK's ForwardBackwardRequest (protobuf) as {model_id, seq_id, loss_fn, config, forward_only, data}."""
     import numpy as np
+    from google.protobuf.message import DecodeError
 
     msg = pb().ForwardBackwardRequest()
-    msg.ParseFromString(body)
+    try:
+        msg.ParseFromString(body)
+    except DecodeError as err:
+        raise TinkerError(400, f"the forward_backward body is not a ForwardBackwardRequest ({err})") from None
     codes = _dtype_codes()
     data = []
     for d in msg.data:
@@ -108,11 +121,16 @@ def decode_forward_backward(body: bytes) -> dict[str, Any]:
         for chunk in d.model_input:
             if chunk.WhichOneof("chunk") != "encoded_text":
                 raise TinkerError(0, f"model_input chunks of kind {chunk.WhichOneof('chunk')!r} are not supported (text tokens only)")
-            tokens += np.frombuffer(chunk.encoded_text.tokens, dtype="<i4").tolist()
+            raw = chunk.encoded_text.tokens
+            if len(raw) % 4:
+                raise TinkerError(400, "model_input tokens are not int32")
+            tokens += np.frombuffer(raw, dtype="<i4").tolist()
         inputs = {}
         for name, t in d.loss_fn_inputs.items():
             if t.HasField("sparse_csr"):
                 raise TinkerError(0, f"sparse loss_fn_inputs[{name!r}] are not supported")
+            if t.dtype not in codes or len(t.dense) % np.dtype(codes[t.dtype]).itemsize:
+                raise TinkerError(400, f"loss_fn_inputs[{name!r}] is not a dense float32, int32 or int64 array")
             inputs[name] = np.frombuffer(t.dense, dtype=codes[t.dtype]).tolist()
         data.append({"tokens": tokens, "inputs": inputs})
     config = {k: (v.text if v.WhichOneof("value") == "text" else v.number) for k, v in msg.loss_fn_config_v2.items()}
@@ -160,13 +178,22 @@ class Futures:
 
     KEEP_S = 3600.0
 
-    def __init__(self):
+    def __init__(self, per_tenant: int = 512):
+        self.per_tenant = per_tenant
         self._tasks: dict[str, tuple[str, asyncio.Task, float]] = {}
         self._chains: dict[str, asyncio.Task] = {}
 
-    def submit(self, tenant: str, chain: str | None, make) -> str:
-        """Start `make()` (a coroutine factory) after the previous call of the same chain (a training run)."""
+    def submit(self, tenant: str, chain: str | None, make, limited: bool = True) -> str:
+        """Start `make()` (a coroutine factory) after the previous call of the same chain (a training run); 429 when the
+        tenant has `per_tenant` futures unfinished (`limited`: the server's own calls, such as dropping a run, are not)."""
         self._forget_old()
+        mine = [(rid, task) for rid, (owner, task, _) in self._tasks.items() if owner == tenant]
+        if limited and sum(not task.done() for _, task in mine) >= self.per_tenant:
+            raise TinkerError(429, f"you have {self.per_tenant} calls unfinished, the limit (RLHF_API_TINKER_MAX_FUTURES_PER_TENANT "
+                              f"= {self.per_tenant}); retrieve their results first")
+        done = [rid for rid, task in mine if task.done()]
+        for rid in done[:max(0, len(done) - self.per_tenant + 1)]:  # the oldest finished (dicts keep insertion order)
+            del self._tasks[rid]
         before = self._chains.get(chain) if chain else None
 
         async def run():
@@ -327,6 +354,6 @@ class Tinker:
     def __init__(self, redis):
         self.settings = TinkerSettings()
         self.pools = Pools(self.settings)
-        self.futures = Futures()
+        self.futures = Futures(self.settings.max_futures_per_tenant)
         self.records = Records(redis)
         self.swept = float("-inf")  # time.monotonic() of the last look for ended sessions of every tenant

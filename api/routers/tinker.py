@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 import os
 import time
 from typing import Annotated, Any
@@ -17,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 
+from api.errors import APIError
 from api.tinker import (
     LOSSES,
     Tinker,
@@ -46,7 +48,45 @@ async def tinker_tenant(request: Request, x_api_key: Annotated[str | None, Heade
     tenant = request.app.state.keyring.tenant_for(key) if key else None
     if tenant is None:
         raise TinkerError(401, "missing or invalid API key (send it in X-API-Key, as the tinker SDK does)")
+    if not request.url.path.endswith("/retrieve_future"):  # the SDK's polling: counted only when it names no future (below)
+        await _count(request, tenant)
     return tenant
+
+
+async def _count(request: Request, tenant: str) -> None:
+    """The request in the tenant's requests_per_minute, shared with the jobs API; past it 429 (the SDK retries 429)."""
+    try:
+        await request.app.state.rate.hit(tenant)
+    except APIError:
+        await asyncio.sleep(request.app.state.settings.refused_request_delay_s)  # as the jobs API: a resend costs a wait
+        raise
+
+
+def _int(value: Any, what: str, low: int, high: int, setting: str | None = None) -> int:
+    """An integer in low..high from a client's JSON, else 400 naming it (and the setting that bounds it)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TinkerError(400, f"{what} must be an integer, not {value!r}"[:200]) from None
+    if not low <= number <= high:
+        raise TinkerError(400, f"{what} must be {low}..{high}" + (f" ({setting} = {high})" if setting else ""))
+    return number
+
+
+def _float(value: Any, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TinkerError(400, f"{what} must be a number, not {value!r}"[:200]) from None
+    if not math.isfinite(number):
+        raise TinkerError(400, f"{what} must be a finite number")
+    return number
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TinkerError(400, f"checkpoint name must be a string, not {type(value).__name__}")
+    return check_name(value, "checkpoint name")
 
 
 Tenant = Annotated[str, Depends(tinker_tenant)]
@@ -147,9 +187,8 @@ async def create_model(body: dict, request: Request, tenant: Tenant, t: TinkerDe
     base = str(body.get("base_model"))
     path = _base_path(request, tenant, base)
     lora = body.get("lora_config") or {}
-    rank = int(lora.get("rank", 32))
-    if not 1 <= rank <= t.settings.max_rank:
-        raise TinkerError(400, f"lora_config.rank must be 1..{t.settings.max_rank}")
+    rank = _int(lora.get("rank", 32), "lora_config.rank", 1, t.settings.max_rank, "RLHF_API_TINKER_MAX_RANK")
+    seed = None if lora.get("seed") is None else _int(lora["seed"], "lora_config.seed", 0, 2**63 - 1)
     optimizer = (body.get("optimizer_config") or {}).get("type", "adamw")
     if optimizer != "adamw":
         raise TinkerError(400, f"optimizer {optimizer!r} is not supported here (adamw only)")
@@ -162,8 +201,8 @@ async def create_model(body: dict, request: Request, tenant: Tenant, t: TinkerDe
     await t.records.put("training_run", model_id, run)
 
     async def make():
-        await _run(t, tenant, run, "create", model_id, rank, seed=lora.get("seed"), train_attn=lora.get("train_attn", True),
-                   train_mlp=lora.get("train_mlp", True), train_unembed=lora.get("train_unembed", True))
+        await _run(t, tenant, run, "create", model_id, rank, seed=seed, train_attn=bool(lora.get("train_attn", True)),
+                   train_mlp=bool(lora.get("train_mlp", True)), train_unembed=bool(lora.get("train_unembed", True)))
         return {"type": "create_model", "model_id": model_id}
 
     return {"request_id": t.futures.submit(tenant, model_id, make), "model_id": model_id}
@@ -196,7 +235,11 @@ async def _release_ended(t: Tinker, tenant: str) -> None:
     """Release the tenant's held runs whose session finished or stopped beating; their adapters leave the pool."""
     now = _now()
     for model_id in await t.records.held_runs(tenant):
-        run = await t.records.get("training_run", model_id, tenant)
+        try:
+            run = await t.records.get("training_run", model_id, tenant)
+        except TinkerError:  # no record to read (none was written): nothing to release but the place it holds
+            await t.records.redis.srem(f"tinker:held:{tenant}", model_id)
+            continue
         try:
             session = await t.records.get("session", run.get("session", ""), tenant)
         except TinkerError:
@@ -205,7 +248,7 @@ async def _release_ended(t: Tinker, tenant: str) -> None:
         if session.get("finished") or now - beat > t.settings.session_timeout_s:
             why = f"its session {run.get('session')} ended" if session.get("finished") else f"its session {run.get('session')} timed out"
             if await t.records.release_run(tenant, model_id, why) is not None:
-                t.futures.submit(tenant, model_id, lambda run=run, model_id=model_id: _run(t, tenant, run, "drop", model_id))
+                t.futures.submit(tenant, model_id, lambda run=run, model_id=model_id: _run(t, tenant, run, "drop", model_id), limited=False)
 
 
 async def _live_run(t: Tinker, tenant: str, model_id: str) -> dict:
@@ -230,6 +273,13 @@ async def forward_backward(request: Request, tenant: Tenant, t: TinkerDep) -> di
         raise TinkerError(415, f"Content-Encoding {request.headers['content-encoding']!r} is not supported")
     req = decode_forward_backward(await request.body())
     run = await _live_run(t, tenant, req["model_id"])
+    longest = t.settings.max_sequence_tokens
+    for i, datum in enumerate(req["data"]):
+        if not 1 <= len(datum["tokens"]) <= longest:
+            raise TinkerError(400, f"datum {i} has {len(datum['tokens'])} tokens: a datum has 1..{longest} "
+                              "(RLHF_API_TINKER_MAX_SEQUENCE_TOKENS)")
+        if min(datum["tokens"]) < 0:
+            raise TinkerError(400, f"datum {i} has a negative token id")
     if req["loss_fn"] not in LOSSES:
         message = f"loss_fn {req['loss_fn']!r} is not supported here (supported: {', '.join(LOSSES)})"
         return {"request_id": t.futures.fail(tenant, req["model_id"], message), "model_id": req["model_id"]}
@@ -250,7 +300,9 @@ async def optim_step(body: dict, tenant: Tenant, t: TinkerDep) -> dict:
     if params is None:
         raise TinkerError(400, f"optimizer {(body.get('optimizer_params') or {}).get('type')!r} is not supported here (Adam only)")
     keys = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
-    adam = {k: float(params[k]) for k in keys if k in params}
+    if not isinstance(params, dict):
+        raise TinkerError(400, "adam_params must be an object")
+    adam = {k: _float(params[k], f"adam_params.{k}") for k in keys if k in params}
 
     async def make():
         result = await _run_recovering(t, tenant, model_id, run, "optim_step", model_id, **adam)
@@ -309,7 +361,7 @@ async def _resolve(request: Request, t: Tinker, tenant: str, tinker_path: str, k
 async def save_weights(body: dict, request: Request, tenant: Tenant, t: TinkerDep) -> dict:
     model_id = str(body.get("model_id"))
     run = await _live_run(t, tenant, model_id)
-    name = check_name(body.get("path") or f"state-{new_id('c')[2:12]}", "checkpoint name")
+    name = _name(body.get("path") or f"state-{new_id('c')[2:12]}")
     directory = _dir(request, tenant, model_id, "weights", name)
 
     async def make():
@@ -348,7 +400,8 @@ async def _load_into_new_run(body: dict, request: Request, tenant: str, t: Tinke
     _, source, directory = await _resolve(request, t, tenant, str(body.get("path")))
     if body.get("base_model") not in (None, source["base_model"]):
         raise TinkerError(400, f"checkpoint is of base model {source['base_model']!r}, not {body['base_model']!r}")
-    model_id = f"{session_id}:train:{int(body.get('model_seq_id') or 0)}"
+    # The id must stay one that Records.get reads (`:train:` and 1-9 digits), or the run could be held but never released.
+    model_id = f"{session_id}:train:{_int(body.get('model_seq_id') or 0, 'model_seq_id', 0, 999_999_999)}"
     if await t.records.redis.exists(f"tinker:training_run:{model_id}"):
         raise TinkerError(400, f"training run {model_id} exists")
     refused = await _over_quota(t, tenant, model_id)
@@ -370,7 +423,7 @@ async def save_for_sampler(body: dict, request: Request, tenant: Tenant, t: Tink
     model_id = str(body.get("model_id"))
     run = await _live_run(t, tenant, model_id)
     named = body.get("path") is not None
-    name = check_name(body["path"] if named else f"snapshot-{new_id('c')[2:14]}", "checkpoint name")
+    name = _name(body["path"] if named else f"snapshot-{new_id('c')[2:14]}")
     directory = _dir(request, tenant, model_id, "sampler_weights", name)
     tinker_path = f"tinker://{model_id}/sampler_weights/{name}"
 
@@ -421,12 +474,20 @@ async def asample(body: dict, tenant: Tenant, t: TinkerDep) -> dict:
     stop = params.get("stop")
     if isinstance(stop, str) or (isinstance(stop, list) and any(isinstance(x, str) for x in stop)):
         raise TinkerError(400, "stop strings are not supported here; pass stop token ids")
+    if stop is not None and not isinstance(stop, list):
+        raise TinkerError(400, "stop must be a list of token ids")
+    ts = t.settings
     prompt = _prompt_tokens(body.get("prompt") or {})
-    n = int(body.get("num_samples", 1))
-    if not 1 <= n <= 64:
-        raise TinkerError(400, "num_samples must be 1..64")
-    kwargs = {"max_tokens": int(params.get("max_tokens") or 16), "temperature": float(params.get("temperature", 1.0)),
-              "top_k": int(params.get("top_k", -1)), "top_p": float(params.get("top_p", 1.0)), "seed": params.get("seed"), "stop": stop}
+    n = _int(body.get("num_samples", 1), "num_samples", 1, ts.max_num_samples, "RLHF_API_TINKER_MAX_NUM_SAMPLES")
+    max_tokens = _int(params.get("max_tokens") or 16, "sampling_params.max_tokens", 1, ts.max_sample_tokens, "RLHF_API_TINKER_MAX_SAMPLE_TOKENS")
+    if len(prompt) + max_tokens > ts.max_sequence_tokens:
+        raise TinkerError(400, f"a prompt of {len(prompt)} tokens plus max_tokens {max_tokens} is over the longest sequence, "
+                          f"{ts.max_sequence_tokens} tokens (RLHF_API_TINKER_MAX_SEQUENCE_TOKENS)")
+    kwargs = {"max_tokens": max_tokens, "temperature": _float(params.get("temperature", 1.0), "sampling_params.temperature"),
+              "top_k": _int(params.get("top_k", -1), "sampling_params.top_k", -1, 2**31 - 1),
+              "top_p": _float(params.get("top_p", 1.0), "sampling_params.top_p"),
+              "seed": None if params.get("seed") is None else _int(params["seed"], "sampling_params.seed", 0, 2**63 - 1),
+              "stop": None if stop is None else [_int(x, "stop token id", 0, 2**31 - 1) for x in stop]}
 
     async def make():
         out = await t.pools.call(s["base_model"], s["path"], tenant, "sample", s["weights"], prompt, n, **kwargs)
@@ -443,7 +504,7 @@ def _prompt_tokens(model_input: dict) -> list[int]:
     for chunk in model_input.get("chunks") or []:
         if chunk.get("type", "encoded_text") != "encoded_text":
             raise TinkerError(400, f"prompt chunks of type {chunk.get('type')!r} are not supported (text tokens only)")
-        tokens += [int(x) for x in chunk.get("tokens") or []]
+        tokens += [_int(x, "prompt token id", 0, 2**31 - 1) for x in chunk.get("tokens") or []]
     if not tokens:
         raise TinkerError(400, "the prompt has no tokens")
     return tokens
@@ -452,8 +513,14 @@ def _prompt_tokens(model_input: dict) -> list[int]:
 # -- futures, checkpoints ---------------------------------------------------------------------------
 
 @router.post("/retrieve_future")
-async def retrieve_future(body: dict, tenant: Tenant, t: TinkerDep):
-    return await t.futures.retrieve(tenant, str(body.get("request_id")), t.settings.wait_s)
+async def retrieve_future(body: dict, request: Request, tenant: Tenant, t: TinkerDep):
+    """Not counted in requests_per_minute (the SDK polls each call's future until it is done; a tenant's futures are bounded
+    by RLHF_API_TINKER_MAX_FUTURES_PER_TENANT), except a poll that names no future of the tenant's."""
+    try:
+        return await t.futures.retrieve(tenant, str(body.get("request_id")), t.settings.wait_s)
+    except TinkerError:
+        await _count(request, tenant)
+        raise
 
 
 @router.post("/cancel_future")

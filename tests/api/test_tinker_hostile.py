@@ -1,0 +1,219 @@
+"""The Tinker API against a hostile tenant with a valid key, fast: the in-process API on the session's Redis (no Ray: a
+pool call, where one is needed, is a stand-in that waits). Every refusal is a 4xx naming what is wrong (and the setting
+that bounds it), never a 500, and nothing one request sends can make the shared pool or the API hold unbounded work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+
+import pytest
+
+from api.auth import add_key
+from api.tinker import new_id
+from tests.api.conftest import api_settings, in_process
+from tests.api.test_tinker_limits import add_run
+
+pytest.importorskip("tinker")
+
+
+def sampler_of(c) -> str:
+    return c.post("/api/v1/create_sampling_session", json={"base_model": "tiny"}).json()["sampling_session_id"]
+
+
+def asample(c, sampler: str, tokens=(1, 2), **fields):
+    body = {"sampling_session_id": sampler, "prompt": {"chunks": [{"type": "encoded_text", "tokens": list(tokens)}]}, **fields}
+    return c.post("/api/v1/asample", json=body)
+
+
+def run_with_checkpoint(api, c, tenant: str) -> tuple[str, str, str]:
+    """A session, a held run of `tenant` and a (dummy) saved state of it, `tinker://<run>/weights/ck`: (session, run, directory)."""
+    session = c.post("/api/v1/create_session", json={}).json()["session_id"]
+    model_id = add_run(api, tenant, session)
+    state = f"{api.app.state.storage.tenant_root(tenant)}/tinker/{model_id}/weights/ck"
+    os.makedirs(state, exist_ok=True)
+    open(f"{state}/state.pt", "wb").close()
+    return session, model_id, state
+
+
+def test_one_sample_call_is_bounded_naming_the_setting(api, keys):
+    """max_tokens, num_samples and prompt + max_tokens have limits (a call of max_tokens 10**9 went to the pool, which
+    would have generated for hours while every other tenant waited); malformed values are 400, not 500."""
+    with api.client(keys["alpha"]) as c:
+        sampler = sampler_of(c)
+        ts = api.app.state.tinker.settings
+        cases = [
+            ({"sampling_params": {"max_tokens": 10**9}}, "RLHF_API_TINKER_MAX_SAMPLE_TOKENS"),
+            ({"sampling_params": {"max_tokens": -5}}, "max_tokens must be 1.."),
+            ({"num_samples": 10**6}, "RLHF_API_TINKER_MAX_NUM_SAMPLES"),
+            ({"tokens": [1] * ts.max_sequence_tokens, "sampling_params": {"max_tokens": 8}}, "RLHF_API_TINKER_MAX_SEQUENCE_TOKENS"),
+            ({"sampling_params": {"max_tokens": "lots"}}, "max_tokens must be an integer"),
+            ({"sampling_params": {"temperature": "hot"}}, "temperature must be a number"),
+            ({"sampling_params": {"top_p": "nan"}}, "top_p must be a finite number"),
+            ({"sampling_params": {"seed": "x"}}, "seed must be an integer"),
+            ({"sampling_params": {"stop": 7}}, "stop must be a list"),
+            ({"tokens": [1, -3]}, "prompt token id must be 0.."),
+            ({"tokens": [1, "a"]}, "prompt token id must be an integer"),
+        ]
+        for fields, named in cases:
+            tokens = fields.pop("tokens", (1, 2))
+            r = asample(c, sampler, tokens, **fields)
+            assert r.status_code == 400 and named in r.json()["error"], (fields, r.status_code, r.text[:300])
+
+
+def test_malformed_training_calls_are_400_not_500(api, keys):
+    from tinker import types
+    from tinker.proto.request_conv import forward_backward_request_to_proto
+
+    with api.client(keys["alpha"]) as c:
+        session = c.post("/api/v1/create_session", json={}).json()["session_id"]
+        model_id = add_run(api, "alpha", session)
+        t = api.app.state.tinker
+        settings = t.settings
+        try:
+            for path, body, named in [
+                ("create_model", {"base_model": "tiny", "lora_config": {"rank": "big"}}, "lora_config.rank must be an integer"),
+                ("create_model", {"base_model": "tiny", "lora_config": {"rank": 10**6}}, "RLHF_API_TINKER_MAX_RANK"),
+                ("create_model", {"base_model": "tiny", "lora_config": {"rank": 8, "seed": "s"}}, "seed must be an integer"),
+                ("optim_step", {"model_id": model_id, "adam_params": {"learning_rate": "fast"}}, "learning_rate must be a number"),
+                ("optim_step", {"model_id": model_id, "adam_params": [1]}, "adam_params must be an object"),
+                ("save_weights", {"model_id": model_id, "path": 123}, "checkpoint name must be a string"),
+                ("save_weights", {"model_id": model_id, "path": ["a"]}, "checkpoint name must be a string"),
+                ("save_weights_for_sampler", {"model_id": model_id, "path": {"a": 1}}, "checkpoint name must be a string"),
+            ]:
+                r = c.post(f"/api/v1/{path}", json=body)
+                assert r.status_code == 400 and named in r.json()["error"], (path, body, r.status_code, r.text[:300])
+            headers = {"Content-Type": "application/x-protobuf"}
+            r = c.post("/api/v1/forward_backward", content=b"\xff\xff\xff\xff garbage", headers=headers)
+            assert r.status_code == 400 and "not a ForwardBackwardRequest" in r.json()["error"], r.text
+            # A sequence longer than RLHF_API_TINKER_MAX_SEQUENCE_TOKENS (here lowered: the body limit bounds it too).
+            n = 300
+            datum = types.Datum(model_input=types.ModelInput.from_ints(list(range(1, n + 1))),
+                                loss_fn_inputs={"target_tokens": list(range(2, n + 2)), "weights": [1.0] * n})
+            fb = forward_backward_request_to_proto(types.ForwardBackwardRequest(
+                forward_backward_input=types.ForwardBackwardInput(data=[datum], loss_fn="cross_entropy"), model_id=model_id, seq_id=1))
+            t.settings = settings.model_copy(update={"max_sequence_tokens": 100})
+            r = c.post("/api/v1/forward_backward", content=fb.SerializeToString(), headers=headers)
+            assert r.status_code == 400 and "RLHF_API_TINKER_MAX_SEQUENCE_TOKENS" in r.json()["error"], r.text
+        finally:
+            t.settings = settings
+            api.run(t.records.redis.srem, "tinker:held:alpha", model_id)
+
+
+def test_a_run_id_that_could_not_be_read_back_is_refused_and_cannot_stop_the_sweep(api, keys):
+    """create_training_client_from_state with a model_seq_id of 13 digits made a held run whose id Records.get refuses: the
+    tenant's place was never freed, and the sweep of every tenant's ended sessions (any heartbeat) failed 404 on it, naming
+    it to whichever tenant's heartbeat ran the sweep, and stopped there. Now 400; an unreadable held id is dropped."""
+    t = api.app.state.tinker
+    with api.client(keys["beta"]) as c, api.client(keys["alpha"]) as other:
+        session, model_id, _ = run_with_checkpoint(api, c, "beta")
+        held = api.run(t.records.held_runs, "beta")
+        for seq in (10**12, -1, "x"):
+            r = c.post("/api/v1/load_weights", json={"session_id": session, "path": f"tinker://{model_id}/weights/ck", "model_seq_id": seq})
+            assert r.status_code == 400 and "model_seq_id must be" in r.json()["error"], r.text
+        assert api.run(t.records.held_runs, "beta") == held
+        # A held id with no readable record (as such a request left one): the sweep drops it and goes on.
+        bogus = f"{session}:train:1234567890123"
+        api.run(t.records.redis.sadd, "tinker:held:beta", bogus)
+        t.swept = float("-inf")
+        other_session = other.post("/api/v1/create_session", json={}).json()["session_id"]
+        r = other.post("/api/v1/session_heartbeat", json={"session_id": other_session})
+        assert r.status_code == 200, r.text
+        assert bogus not in api.run(t.records.held_runs, "beta")
+        api.run(t.records.redis.srem, "tinker:held:beta", model_id)
+
+
+def test_paths_name_only_the_tenants_own_checkpoints(api, keys):
+    """`..`, absolute paths, other shapes and another tenant's run: 400 or 404, and no server path in any answer."""
+    with api.client(keys["alpha"]) as c, api.client(keys["beta"]) as other:
+        _, model_id, _ = run_with_checkpoint(api, c, "alpha")
+        root = api.app.state.storage.root
+        for path, status in [(f"tinker://{model_id}/weights/..", 400), (f"tinker://{model_id}/weights/../../x", 400),
+                             ("tinker://../weights/ck", 404), ("/etc/passwd", 400), ("file:///etc/passwd", 400),
+                             (f"tinker://{model_id}/weights/nope", 404), (f"tinker://{model_id}/weights/ck/..", 400)]:
+            r = c.post("/api/v1/create_sampling_session", json={"model_path": path})
+            assert r.status_code == status and str(root) not in r.text, (path, r.status_code, r.text)
+        # Another tenant's checkpoint, run, listing: 404, the same as one that does not exist.
+        r = other.post("/api/v1/create_sampling_session", json={"model_path": f"tinker://{model_id}/weights/ck"})
+        assert r.status_code == 404 and str(root) not in r.text, r.text
+        assert other.get(f"/api/v1/training_runs/{model_id}/checkpoints").status_code == 404
+        assert other.post("/api/v1/save_weights", json={"model_id": model_id, "path": "mine"}).status_code == 404
+        # The owner's sampler answers the tinker:// path, not where it lies.
+        r = c.post("/api/v1/create_sampling_session", json={"model_path": f"tinker://{model_id}/weights/ck"})
+        assert r.status_code == 200, r.text
+        got = c.get(f"/api/v1/samplers/{r.json()['sampling_session_id']}")
+        assert got.status_code == 200 and str(root) not in got.text
+        assert other.get(f"/api/v1/samplers/{r.json()['sampling_session_id']}").status_code == 404
+        api.run(api.app.state.tinker.records.redis.srem, "tinker:held:alpha", model_id)
+
+
+def test_a_tenants_unfinished_futures_are_bounded(api, keys, monkeypatch):
+    """Each call is a future held in the API (and a pool call queued): there was no limit, so one tenant could queue
+    unbounded work and memory. Past RLHF_API_TINKER_MAX_FUTURES_PER_TENANT unfinished, 429 (the SDK retries 429) naming
+    it; another tenant is unaffected; finished futures are kept up to the same number per tenant."""
+    t = api.app.state.tinker
+    gate = {}
+
+    async def waiting_call(*args, **kwargs):
+        await gate["open"].wait()
+        return {"result": [{"tokens": [3], "logprobs": [0.0], "stop": True}], "compute_s": 0.0}
+
+    async def make_gate():
+        gate["open"] = asyncio.Event()
+
+    api.run(make_gate)
+    monkeypatch.setattr(t.pools, "call", waiting_call)
+    monkeypatch.setattr(t.futures, "per_tenant", 3, raising=False)
+    with api.client(keys["alpha"]) as c, api.client(keys["beta"]) as other:
+        sampler, other_sampler = sampler_of(c), sampler_of(other)
+        ids = [asample(c, sampler).json()["request_id"] for _ in range(3)]
+        r = asample(c, sampler)
+        assert r.status_code == 429 and "RLHF_API_TINKER_MAX_FUTURES_PER_TENANT" in r.json()["error"], r.text
+        assert asample(other, other_sampler).status_code == 200
+        api.run(_set, gate["open"])
+        for rid in ids:
+            assert c.post("/api/v1/retrieve_future", json={"request_id": rid}).status_code == 200
+        for _ in range(5):
+            assert asample(c, sampler).status_code == 200
+        kept = [rid for rid, entry in t.futures._tasks.items() if entry[0] == "alpha"]
+        assert len(kept) <= 3, len(kept)
+
+
+async def _set(event: asyncio.Event) -> None:
+    event.set()
+
+
+def test_tinker_calls_count_in_requests_per_minute_but_polling_does_not(redis_url, operator, tmp_path):
+    """Tinker routes were not counted at all. Now each call counts in the tenant's requests_per_minute (the jobs API's
+    count: one budget), except retrieve_future of one of the tenant's futures (the SDK polls each call's future)."""
+    keys_path = tmp_path / "keys.yaml"
+    tenant = "tk-" + uuid.uuid4().hex[:8]  # a count of its own in the session's Redis
+    key = add_key(keys_path, tenant)
+    settings = api_settings(redis_url, keys_path, operator, RLHF_API_REQUESTS_PER_MINUTE="6", RLHF_API_REFUSED_REQUEST_DELAY_S="0")
+    if time.time() % 60 > 45:  # the count is per clock minute: start early in one
+        time.sleep(61 - time.time() % 60)
+    with in_process(settings) as api, api.client(key) as c:
+        headers = {"X-API-Key": key}
+        session = c.post("/api/v1/create_session", json={}, headers=headers)  # 1
+        assert session.status_code == 200, session.text
+
+        async def a_future():
+            return api.app.state.tinker.futures.fail(tenant, None, "refused")
+
+        rid = api.run(a_future)
+        for _ in range(15):  # polls of its own future: not counted
+            assert c.post("/api/v1/retrieve_future", json={"request_id": rid}, headers=headers).status_code == 200
+        # A poll naming no future of the tenant's is counted (2).
+        assert c.post("/api/v1/retrieve_future", json={"request_id": new_id("req")}, headers=headers).status_code == 404
+        for _ in range(4):  # 3..6
+            assert c.get("/api/v1/get_server_capabilities", headers=headers).status_code == 200
+        r = c.get("/api/v1/get_server_capabilities", headers=headers)
+        assert r.status_code == 429 and "requests_per_minute" in r.text and r.headers.get("Retry-After"), r.text
+        assert c.post("/api/v1/create_session", json={}, headers=headers).status_code == 429
+        # The jobs API shares the count.
+        assert c.get("/v1/jobs").status_code == 429
+        # Polling still works past the limit.
+        assert c.post("/api/v1/retrieve_future", json={"request_id": rid}, headers=headers).status_code == 200
