@@ -21,6 +21,7 @@ from api.admission import Capacity, Quota
 from api.launcher import RayJobMissing, RayJobState, RayLauncher, RayUnavailable
 from api.settings import Settings
 from api.store import JobStore
+from api.tinker import pool_cpus
 from orchestrator.core.records import PREFIX, TERMINAL
 from orchestrator.core.spec import FaultToleranceSpec
 
@@ -161,6 +162,7 @@ class Reconciler:
         self._last: dict[str, float] = {}  # chore -> when it last ran (time.monotonic())
         self._wake = asyncio.Event()
         self._capacity: tuple[float, Capacity] | None = None
+        self._pool_cpus = 0.0  # CPUs the Tinker API's adapter pools hold (api/tinker.py pool_cpus), counted with the capacity
         self._unreachable: dict[str, float] = {}  # job id -> when Ray first failed to answer about it (this process)
 
     def wake(self) -> None:
@@ -257,6 +259,10 @@ class Reconciler:
             except RayUnavailable as err:
                 log.warning("admission: %s", err)
                 return self._capacity[1] if self._capacity else None
+            try:
+                self._pool_cpus = await asyncio.wait_for(asyncio.to_thread(pool_cpus, self.settings.ray_address), 15)
+            except Exception as err:  # noqa: BLE001  (Ray's state API away, whatever it raises: the last count stands)
+                log.warning("admission: the Tinker pools' CPUs could not be counted (%s: %s)", type(err).__name__, err)
         return self._capacity[1]
 
     async def admit(self, ids: list[str], ending: list[dict[str, Any]] = ()) -> None:
@@ -266,8 +272,11 @@ class Reconciler:
         if not waiting:
             return
         admitted = [r for r in recs if not waiting_for_admission(r)] + [r for r in ending if r["id"] not in ids]
+        capacity = await self.capacity()
+        if self._pool_cpus:  # the Tinker API's adapter pools hold CPUs of the same cluster (as of the last capacity asked)
+            admitted.append({"id": "tinker-pools", "tenant": "", "priority": 0, "seq": 0, "demand": [{"CPU": self._pool_cpus}]})
         quotas = {t: Quota(**q.model_dump()) for t, q in self.settings.quotas.items()}
-        decision = admission.decide(waiting, admitted, await self.capacity(), quotas, Quota(**self.settings.default_quota.model_dump()))
+        decision = admission.decide(waiting, admitted, capacity, quotas, Quota(**self.settings.default_quota.model_dump()))
         by_id = {r["id"]: r for r in waiting}
         for job_id in decision.admit:
             await self._submit(by_id[job_id])

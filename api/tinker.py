@@ -348,6 +348,16 @@ class Records:
         return {"tokens": int(raw.get("tokens", 0)), "compute_s": raw.get("compute_s", 0.0), "requests": int(raw.get("requests", 0))}
 
 
+def pool_cpus(ray_address: str) -> float:
+    """The CPUs the adapter pools hold on the cluster (every `pool-*` actor of NAMESPACE not dead: a restarting one holds
+    them again), asked of Ray's state API at `ray_address`: the jobs' admission queue counts them as taken."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray_address, filters=[("ray_namespace", "=", NAMESPACE)], limit=10000, timeout=10, detail=True)
+    return sum(float((a.required_resources or {}).get("CPU", 0.0)) for a in actors
+               if a.state != "DEAD" and (a.name or "").startswith("pool-"))
+
+
 class Tinker:
     """What the routes use: settings, pools, futures, records; kept on app.state."""
 

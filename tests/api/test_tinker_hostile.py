@@ -217,3 +217,67 @@ def test_tinker_calls_count_in_requests_per_minute_but_polling_does_not(redis_ur
         assert c.get("/v1/jobs").status_code == 429
         # Polling still works past the limit.
         assert c.post("/api/v1/retrieve_future", json={"request_id": rid}, headers=headers).status_code == 200
+
+
+class _Launcher:
+    """Ray's side of admission, as the reconciler sees it: what was submitted."""
+
+    def __init__(self):
+        self.submitted: list[str] = []
+
+    async def submit(self, job_id, tenant, name, launch_spec, redis_user=None):
+        self.submitted.append(job_id)
+
+    async def stop(self, job_id):
+        return True
+
+
+def test_the_jobs_admission_queue_counts_the_cpus_the_tinker_pools_hold(api):
+    """The admission queue saw the cluster's whole capacity while the adapter pools held CPUs of it, so it admitted jobs
+    whose placement groups then could not be placed. Now the pools' CPUs (counted with the capacity) are taken: on 4 CPUs
+    with pools holding 2, a job of 3 CPUs waits for 1 more; with none held it is admitted."""
+    from api.admission import Capacity
+    from api.reconciler import Reconciler
+
+    store, launcher = api.app.state.store, _Launcher()
+    reconciler = Reconciler(store, launcher, api.app.state.settings)
+    reconciler._capacity = (time.monotonic() + 1e6, Capacity({"CPU": 4.0, "GPU": 0.0}, {"CPU": 4.0, "GPU": 0.0}))
+    job_id = "job-" + uuid.uuid4().hex[:24]
+
+    async def go():
+        await store.create(job_id, "tk-" + uuid.uuid4().hex[:8], "q", {"name": "q"}, {}, None, launch_spec={"name": "q"},
+                           demand=[{"CPU": 3.0}])
+        reconciler._pool_cpus = 2.0
+        await reconciler.admit([job_id])
+        waiting = (await store.get(job_id))["queue"]
+        reconciler._pool_cpus = 0.0
+        await reconciler.admit([job_id])
+        return waiting
+
+    waiting = api.run(go)
+    assert "waiting for 1 more CPUs" in waiting["reason"] and "2 CPUs and 0 GPUs are free" in waiting["reason"], waiting
+    assert launcher.submitted == [job_id]
+
+
+@pytest.mark.slow
+def test_the_pools_cpus_are_counted_from_ray(ray_head):
+    """pool_cpus reads the `pool-*` actors of the Tinker namespace from Ray's state API: a detached one of 1 CPU adds 1."""
+    import subprocess
+    import sys
+
+    from api.tinker import NAMESPACE, pool_cpus
+    from tests.conftest import RAY_ENV, wait_until
+
+    env = {**os.environ, **RAY_ENV, "RAY_ADDRESS": ray_head.address}
+    before = pool_cpus(ray_head.dashboard)
+    code = (f"import ray; ray.init(address={ray_head.address!r}, namespace={NAMESPACE!r}, log_to_driver=False)\n"
+            "A = ray.remote(num_cpus=1)(type('Probe', (), {'ping': lambda self: 1}))\n"
+            "a = A.options(name='pool-probe', lifetime='detached').remote(); ray.get(a.ping.remote())\n")
+    subprocess.run([sys.executable, "-c", code], env=env, timeout=120, check=True)
+    try:
+        wait_until(lambda: pool_cpus(ray_head.dashboard) == before + 1, 30, "the probe pool to be counted")
+    finally:
+        kill = (f"import ray; ray.init(address={ray_head.address!r}, namespace={NAMESPACE!r}, log_to_driver=False)\n"
+                "ray.kill(ray.get_actor('pool-probe'), no_restart=True)\n")
+        subprocess.run([sys.executable, "-c", kill], env=env, timeout=120, check=True)
+    wait_until(lambda: pool_cpus(ray_head.dashboard) == before, 30, "the killed probe pool to be uncounted")
