@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import logging
 import re
 import time
 import uuid
@@ -23,6 +24,7 @@ from typing import Any
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+log = logging.getLogger("api.tinker")
 NAMESPACE = "rlhf-tinker"
 # The losses the pools compute (workers/tinker_pool.py LOSSES; tests/api/test_tinker_limits.py checks they agree):
 # the API refuses any other before a call reaches a pool.
@@ -227,10 +229,14 @@ class Futures:
         err = task.exception()
         if err is None:
             return task.result()
-        user = isinstance(err, TinkerError) or type(err).__name__ in ("PoolError", "RayTaskError(PoolError)")
         cause = getattr(err, "cause", None)
-        message = getattr(err, "message", None) or str(cause or err).strip().splitlines()[-1]
-        return {"error": message, "category": "user" if user or type(cause).__name__ == "PoolError" else "server"}
+        if isinstance(err, TinkerError) or "PoolError" in (type(err).__name__, type(cause).__name__):  # the pool's refusals
+            return {"error": getattr(err, "message", None) or str(cause or err).strip().splitlines()[-1], "category": "user"}
+        # Anything else (a dead actor, a torch error, a file the store lost) may name nodes' addresses and server paths:
+        # the tenant gets its kind and the request id, the operator's log the whole of it.
+        log.warning("tinker call %s of tenant %s failed: %s", request_id, tenant, err)
+        return {"error": f"the call failed on the server ({type(cause or err).__name__}); quote {request_id} when reporting it",
+                "category": "server"}
 
     def _forget_old(self) -> None:
         now = time.monotonic()

@@ -281,3 +281,21 @@ def test_the_pools_cpus_are_counted_from_ray(ray_head):
                 "ray.kill(ray.get_actor('pool-probe'), no_restart=True)\n")
         subprocess.run([sys.executable, "-c", kill], env=env, timeout=120, check=True)
     wait_until(lambda: pool_cpus(ray_head.dashboard) == before, 30, "the killed probe pool to be uncounted")
+
+
+def test_a_server_failure_names_no_server_path_or_address(api, keys):
+    """A call that failed on the server (a dead pool actor, a torch error, a lost file) answered its exception's last line,
+    which can carry the store's paths and the nodes' addresses; now its kind and the request id, the rest in the log."""
+    t = api.app.state.tinker
+
+    async def failing():
+        async def make():
+            raise RuntimeError("The actor died: node 10.1.2.3:6379 lost; No such file: /srv/rlhf/tenants/alpha/tinker/state.pt")
+
+        return t.futures.submit("alpha", None, make)
+
+    rid = api.run(failing)
+    with api.client(keys["alpha"]) as c:
+        answer = c.post("/api/v1/retrieve_future", json={"request_id": rid}).json()
+    assert answer["category"] == "server" and "RuntimeError" in answer["error"] and rid in answer["error"], answer
+    assert "10.1.2.3" not in answer["error"] and "/srv/" not in answer["error"], answer
