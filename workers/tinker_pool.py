@@ -216,6 +216,10 @@ class AdapterPool:
     def _load_weights(self, adapter: str, path: str) -> dict:
         """Copy the weights saved under `path` into `adapter` (created with the saved LoRA config if missing)."""
         state = torch.load(Path(path) / "state.pt", weights_only=True)
+        if self.has(adapter) and state["config"] != self.configs[adapter]:
+            saved, mine = state["config"], self.configs[adapter]
+            raise PoolError(f"the checkpoint's LoRA (rank {saved['rank']}, {', '.join(saved['targets'])}) is not this run's "
+                            f"(rank {mine['rank']}, {', '.join(mine['targets'])}): load it into a new training run")
         if not self.has(adapter):
             cfg = state["config"]
             self.create(adapter, cfg["rank"], train_attn="q_proj" in cfg["targets"], train_mlp="gate_proj" in cfg["targets"],

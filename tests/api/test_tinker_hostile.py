@@ -299,3 +299,24 @@ def test_a_server_failure_names_no_server_path_or_address(api, keys):
         answer = c.post("/api/v1/retrieve_future", json={"request_id": rid}).json()
     assert answer["category"] == "server" and "RuntimeError" in answer["error"] and rid in answer["error"], answer
     assert "10.1.2.3" not in answer["error"] and "/srv/" not in answer["error"], answer
+
+
+def test_a_checkpoint_of_another_lora_shape_is_refused_naming_both(tiny_model, tmp_path):
+    """load_state of a rank-4 checkpoint into a rank-8 run failed in torch's copy_ (a size mismatch: a server error, its
+    message the store's paths and all); now the pool refuses it (a user error) naming both shapes, and the run is intact."""
+    from workers.tinker_pool import AdapterPool, PoolError
+
+    pool = AdapterPool(str(tiny_model), threads=1)
+    pool.create("small", rank=4, seed=0)
+    saved = pool.save_state("small", str(tmp_path / "small"), optimizer=True)
+    pool.create("big", rank=8, seed=0, train_mlp=False)
+    before = {k: v.clone() for k, v in pool._named_params("big").items()}
+    with pytest.raises(PoolError, match=r"rank 4, q_proj.*is not this run's \(rank 8, q_proj"):
+        pool.load_state("big", saved, optimizer=True)
+    assert all(torch_equal(v, pool._named_params("big")[k]) for k, v in before.items())
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
