@@ -56,7 +56,7 @@ def test_a_multi_turn_grpo_job_with_the_calculator_tool(ray_head, tiny_model, tm
     sft_steps = 80
     spec = tiny_spec(tiny_model, tmp_path / "data" / "sft.jsonl", tmp_path / "out", rewards=[],
                      data={"max_prompt_length": 64, "max_completion_length": 160},
-                     rollout={"n": 2, "max_new_tokens": 80, "agent": {"environment": "calculator", "kwargs": {"system": make.SYSTEM},
+                     rollout={"n": 2, "max_new_tokens": 100, "agent": {"environment": "calculator", "kwargs": {"system": make.SYSTEM},
                                                                        "max_turns": 3, "max_tokens": 256}},
                      stages=[{"name": "sft", "algorithm": {"name": "sft"}, "optim": {"lr": 3e-3, "steps": sft_steps, "prompts_per_step": 16}},
                              {"name": "grpo", "algorithm": {"name": "grpo"}, "data": {"train_file": str(tmp_path / "data" / "prompts.jsonl")},

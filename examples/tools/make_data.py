@@ -1,4 +1,4 @@
-"""Data for `rlhf demo tools`: multi-digit arithmetic that a tiny model cannot do in its head but can with
+"""Data for `rlhf demo tools`: multi-digit multiplication that a tiny model cannot do in its head but can with
 the `calculator` tool (orchestrator/core/environments.py CalculatorEnv).
 
 - `sft.jsonl`: tool-call traces (`messages`) from a teacher that calls the calculator only
@@ -21,10 +21,13 @@ SYSTEM = "Use the calculator."  # the environment's system message (kwargs.syste
 
 
 def problem(rng: random.Random) -> dict:
-    """a op b with 3- or 4-digit operands, + or *."""
-    a, b = rng.randint(100, 9999), rng.randint(100, 999)
-    op = rng.choice("+*")
-    return {"prompt": f"{a}{op}{b}", "answer": a + b if op == "+" else a * b}
+    """a*b: a of 3 digits, b of 2, their product of 5. Fixed widths put every digit that is copied (into
+    the call, and from the tool's result into the answer) at a fixed distance from where it is written,
+    which a 2-layer model learns in a few hundred steps; it does not learn to multiply in its head."""
+    while True:
+        a, b = rng.randint(100, 999), rng.randint(10, 99)
+        if 10000 <= a * b <= 99999:
+            return {"prompt": f"{a}*{b}", "answer": a * b}
 
 
 def guess(answer: int, rng: random.Random) -> int:
@@ -45,7 +48,7 @@ def trace(row: dict, rng: random.Random, teacher_guess: float) -> list[dict]:
             {"role": "assistant", "content": str(row["answer"])}]
 
 
-def write(out: Path, sft: int, prompts: int, test: int, seed: int = 0, teacher_guess: float = 0.6) -> None:
+def write(out: Path, sft: int, prompts: int, test: int, seed: int = 0, teacher_guess: float = 0.4) -> None:
     rng = random.Random(seed)
     seen, rows = set(), []
     while len(rows) < sft + prompts + test:
@@ -67,6 +70,6 @@ if __name__ == "__main__":
     p.add_argument("--prompts", type=int, default=2000)
     p.add_argument("--test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--teacher-guess", type=float, default=0.6)
+    p.add_argument("--teacher-guess", type=float, default=0.4)
     a = p.parse_args()
     write(Path(a.out), a.sft, a.prompts, a.test, a.seed, a.teacher_guess)

@@ -225,13 +225,13 @@ def run_preference_demo(out: str | Path = "runs/pref-demo", seed: int = 0, quick
 
 
 # ------------------------------------------------------------ `rlhf demo tools`
-# Multi-digit arithmetic with a calculator tool (issue 30): examples/tools/pipeline.yaml, SFT on a
-# teacher's tool-call traces (it calls the calculator 40% of the time and guesses the rest), then
+# Multi-digit multiplication with a calculator tool (issue 30): examples/tools/pipeline.yaml, SFT on a
+# teacher's tool-call traces (it calls the calculator 60% of the time and guesses the rest), then
 # multi-turn GRPO rewarded only for the right final number. Held-out greedy episodes after each stage,
 # with the calculator and with every call refused (the model's own arithmetic).
 
 TOOLS = Path(__file__).resolve().parents[2] / "examples" / "tools"
-TOOL_PROBLEMS = {"sft": 4000, "prompts": 2000, "test": 200, "teacher_guess": 0.6}
+TOOL_PROBLEMS = {"sft": 4000, "prompts": 2000, "test": 200, "teacher_guess": 0.4}
 
 
 class NoCalculatorEnv(CalculatorEnv):
@@ -302,7 +302,7 @@ def run_tools_demo(out: str | Path = "runs/tools-demo", seed: int = 0, quick: bo
             "after SFT": tool_episodes(finals["sft"], rows, agent),
             "after GRPO": tool_episodes(finals["grpo"], rows, agent)}
     png = plot_run(out)
-    print(f"\nheld-out greedy episodes ({len(rows)} problems a+b or a*b, 3-4 digits, none in training):")
+    print(f"\nheld-out greedy episodes ({len(rows)} problems a*b: 3 digits by 2, none in training):")
     print(f"  {'':24s} {'accuracy':>8s} {'calls/episode':>13s} {'valid calls':>11s}")
     for name, r in runs.items():
         print(f"  {name:24s} {100 * r['accuracy']:7.1f}% {r['calls']:13.2f} {100 * r['valid']:10.1f}%")
