@@ -150,10 +150,24 @@ def test_paths_name_only_the_tenants_own_checkpoints(api, keys):
         api.run(api.app.state.tinker.records.redis.srem, "tinker:held:alpha", model_id)
 
 
-def test_a_tenants_unfinished_futures_are_bounded(api, keys, monkeypatch):
+@pytest.fixture()
+def own_api(redis_url, operator, tmp_path):
+    """An in-process API with two tenants of this test's own: the suite's other tests spend alpha's and beta's
+    requests_per_minute in the same clock minute (Tinker calls count in it), which made this test's calls 429."""
+    keys_path = tmp_path / "keys.yaml"
+    tenants = {name: f"{name}-{uuid.uuid4().hex[:8]}" for name in ("alpha", "beta")}
+    keys = {name: add_key(keys_path, tenant) for name, tenant in tenants.items()}
+    with in_process(api_settings(redis_url, keys_path, operator)) as api:
+        yield api, keys, tenants
+
+
+def test_a_tenants_unfinished_futures_are_bounded(own_api, monkeypatch):
     """Each call is a future held in the API (and a pool call queued): there was no limit, so one tenant could queue
     unbounded work and memory. Past RLHF_API_TINKER_MAX_FUTURES_PER_TENANT unfinished, 429 (the SDK retries 429) naming
     it; another tenant is unaffected; finished futures are kept up to the same number per tenant."""
+    api, keys, tenants = own_api
+    with api.client(keys["alpha"]) as c:
+        sampler_of(c)  # (the app makes its Tinker state at the first Tinker request)
     t = api.app.state.tinker
     gate = {}
 
@@ -178,7 +192,7 @@ def test_a_tenants_unfinished_futures_are_bounded(api, keys, monkeypatch):
             assert c.post("/api/v1/retrieve_future", json={"request_id": rid}).status_code == 200
         for _ in range(5):
             assert asample(c, sampler).status_code == 200
-        kept = [rid for rid, entry in t.futures._tasks.items() if entry[0] == "alpha"]
+        kept = [rid for rid, entry in t.futures._tasks.items() if entry[0] == tenants["alpha"]]
         assert len(kept) <= 3, len(kept)
 
 
