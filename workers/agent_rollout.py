@@ -268,12 +268,22 @@ class AgentSampler:
         self.config = AgentConfig(max_turns=agent.max_turns, max_tokens=agent.max_tokens, max_new_tokens=max_new_tokens,
                                   temperature=temperature)
         self.sandbox = None
+        self._endpoint = None
 
     def attach_sandbox(self, actors: list) -> None:
         """Run the environments' code on the job's sandbox actors (the plan's `sandbox` role)."""
         from workers.sandbox import SandboxPool
 
         self.sandbox = SandboxPool.of(actors)
+
+    def chat_endpoint(self, model):
+        """The job's OpenAI-compatible endpoint over `model` (workers/chat_endpoint.py), started once."""
+        from workers.chat_endpoint import ChatEndpoint
+
+        if self._endpoint is None:
+            self._endpoint = ChatEndpoint(model, self.tok, self.config.max_new_tokens, self.temperature)
+        self._endpoint.model = model
+        return self._endpoint
 
     def environments(self, count: int) -> list[Environment]:
         from workers.environments import make_environment
@@ -292,6 +302,10 @@ class AgentSampler:
         torch.manual_seed(step_seed(self.seed, step))
         n = 1 if greedy else self.n
         rows = [{"prompt": e.get("prompt_text"), **e} for e in extras for _ in range(n)]
-        sampler = HFTurnSampler(model, self.tok, self.temperature, greedy=greedy)
-        trajs = AgentRollout(self.tok, sampler, self.config).run(self.environments(len(rows)), rows)
+        env = self.environments(1)[0]
+        if getattr(env, "owns_rollout", False):  # an agent on an OpenAI client (workers/verifiers_env.py)
+            trajs = env.rollout(self.chat_endpoint(model), rows, self.config, greedy=greedy)
+        else:
+            sampler = HFTurnSampler(model, self.tok, self.temperature, greedy=greedy)
+            trajs = AgentRollout(self.tok, sampler, self.config).run([env, *self.environments(len(rows) - 1)], rows)
         return to_batch(trajs, self.tok.pad_token_id, n, extras), time.perf_counter() - start

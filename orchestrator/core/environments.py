@@ -212,6 +212,10 @@ ENVIRONMENTS: dict[str, EnvironmentEntry] = {
         EnvironmentEntry("reasoning_gym", "workers.environments:ReasoningGymEnv",
                          "any reasoning-gym task (row column `task`, or kwargs), unmodified: its question, "
                          "its own score_answer on the final turn", needs="reasoning-gym"),
+        EnvironmentEntry("verifiers", "workers.verifiers_env:VerifiersEnv",
+                         "a verifiers 0.4 environment (kwargs.taskset: a name of workers/verifiers_env.py's "
+                         "VERIFIERS_TASKSETS), its own rollout loop, harness and rewards, unmodified, on the job's "
+                         "OpenAI-compatible chat endpoint", needs="verifiers"),
     )
 }
 

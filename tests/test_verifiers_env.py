@@ -1,0 +1,133 @@
+"""verifiers 0.4 environments as a rollout source (workers/verifiers_env.py): verifiers' own episode code
+(SingleAgentEnv, the null harness's chat program, its interception server, the task's rewards) runs
+against the job's chat endpoint on the tiny model, and what is trained on is what the model generated,
+token for token, with the environment's own reward."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+vf = pytest.importorskip("verifiers.v1")
+
+from tests.test_agent_rollout import check_token_identity, lm  # noqa: F401 (the tiny model fixture)
+from workers.agent_rollout import AgentConfig
+from workers.chat_endpoint import ChatEndpoint
+from workers.environments import make_environment
+from workers.verifiers_env import (
+    VERIFIERS_TASKSETS,
+    BoxedMathConfig,
+    BoxedMathTask,
+    BoxedMathTaskset,
+    VerifiersEnv,
+    stitch,
+)
+
+
+@pytest.fixture(scope="module")
+def endpoint(lm):  # noqa: F811 (the fixture imported above)
+    model, tok = lm
+    ep = ChatEndpoint(model, tok, max_new_tokens=12)
+    yield ep
+    ep.close()
+
+
+def digest_score(reply: str) -> float:
+    return int(hashlib.sha256(reply.encode()).hexdigest(), 16) % 1000 / 1000
+
+
+class DigestTask(BoxedMathTask):
+    """A reward that differs from episode to episode (a digest of the reply), so a reward handed to
+    the wrong trajectory shows."""
+
+    @vf.reward(weight=2.0)
+    async def digest(self, trace: vf.Trace) -> float:
+        return digest_score(trace.last_reply)
+
+
+class DigestTaskset(vf.Taskset[DigestTask, BoxedMathConfig]):
+    def load(self):
+        return []
+
+    def task(self, row):
+        base = BoxedMathTaskset.task(self, row)
+        return DigestTask(base.data, self.config.task)
+
+
+@pytest.fixture
+def digest_taskset(monkeypatch):
+    shim = types.ModuleType("rlhf_vf_digest")
+    shim.DigestTaskset, shim.__all__ = DigestTaskset, ["DigestTaskset"]
+    monkeypatch.setitem(sys.modules, "rlhf_vf_digest", shim)
+    monkeypatch.setitem(VERIFIERS_TASKSETS, "digest", "tests.test_verifiers_env:DigestTaskset")
+
+
+def test_verifiers_episodes_are_trained_on_token_for_token(endpoint, digest_taskset):
+    tok, model = endpoint.tok, endpoint.model
+    env = make_environment("verifiers", taskset="digest")
+    rows = [{"prompt": "3+4=", "answer": 7}, {"prompt": "12*3=", "answer": 36}]
+    torch.manual_seed(0)
+    trajs = env.rollout(endpoint, rows, AgentConfig(max_turns=2, max_new_tokens=12))
+    assert len(trajs) == 2
+    for traj, row in zip(trajs, rows):
+        # The opening is what verifiers' chat program sent: the task's system prompt and question, rendered by the template.
+        opening = [{"role": "system", "content": "Put the final answer in \\boxed{}."}, {"role": "user", "content": row["prompt"]}]
+        rendered = tok.apply_chat_template(opening, add_generation_prompt=True, tokenize=False)
+        assert traj.ids[: traj.prompt_len] == tok.encode(rendered, add_special_tokens=False)
+        # One call (the null harness has no tools): the response is exactly the generated ids, all trained.
+        assert traj.turns == 1 and traj.mask == [1] * len(traj.response_ids) and 0 < len(traj.response_ids) <= 12
+        # verifiers' trace holds the reply the model wrote; its rewards (math-verify's 0 and the digest, weight 2) are the return.
+        [system, user, reply] = traj.messages
+        assert (system["role"], user["content"], reply["role"]) == ("system", row["prompt"], "assistant")
+        generated = tok.decode(traj.response_ids, skip_special_tokens=False).removesuffix("<|im_end|>")
+        assert generated.strip() == (reply.get("content") or "").strip()
+        assert traj.reward == pytest.approx(2.0 * digest_score(generated.strip()))
+    assert len({t.reward for t in trajs}) == 2
+    with torch.no_grad():
+        check_token_identity(model, tok, trajs)  # log-probs recomputed from the trained batch equal the sampled ones (1e-5)
+    # The program ran on this Python (nothing downloaded by uv).
+    from verifiers.v1.runtimes.subprocess import SubprocessRuntime
+
+    assert set(SubprocessRuntime._interpreters.values()) == {sys.executable}
+
+
+def test_a_session_of_calls_is_stitched_with_the_observations_masked(endpoint):
+    """Two calls of one session (an agent's loop: the reply and a tool result go back in the history) make
+    one trajectory: the second prompt reuses the first's ids and completion as they were generated."""
+    import openai
+
+    tok, model = endpoint.tok, endpoint.model
+    client = openai.OpenAI(base_url=endpoint.base_url, api_key="unused", default_headers={"X-Session-ID": "episode-1"})
+    endpoint.take_calls()
+    messages = [{"role": "user", "content": "12*34"}]
+    first = client.chat.completions.create(model="policy", messages=messages, max_tokens=10)
+    history = [*messages, {"role": "assistant", "content": first.choices[0].message.content or ""},
+               {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"result": 408})}]
+    stream = client.chat.completions.create(model="policy", messages=history, max_tokens=10, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    calls = endpoint.take_calls()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == calls[1].text  # served as SSE
+    assert chunks[-1].usage.completion_tokens == len(calls[1].completion_ids)
+    assert [c.session for c in calls] == ["episode-1", "episode-1"]
+    traj = stitch(calls)
+    first_len = len(calls[0].prompt_ids) + len(calls[0].completion_ids)
+    assert traj.turns == 2 and not traj.truncated
+    assert traj.ids == calls[1].prompt_ids + calls[1].completion_ids  # the second prompt extends the first call's ids
+    assert traj.ids[:first_len] == calls[0].prompt_ids + calls[0].completion_ids
+    observation = traj.ids[first_len : len(calls[1].prompt_ids)]
+    assert traj.mask == [1] * len(calls[0].completion_ids) + [0] * len(observation) + [1] * len(calls[1].completion_ids)
+    assert "408" in tok.decode(observation)
+    with torch.no_grad():
+        check_token_identity(model, tok, [traj])
+
+
+def test_a_taskset_not_listed_is_refused_naming_the_kwarg():
+    with pytest.raises(ValueError, match=r"unknown taskset 'pkg.mod:Evil' \(kwargs.taskset\); listed: boxed_math"):
+        make_environment("verifiers", taskset="pkg.mod:Evil")
+    assert isinstance(make_environment("verifiers"), VerifiersEnv)
