@@ -131,3 +131,34 @@ def test_a_taskset_not_listed_is_refused_naming_the_kwarg():
     with pytest.raises(ValueError, match=r"unknown taskset 'pkg.mod:Evil' \(kwargs.taskset\); listed: boxed_math"):
         make_environment("verifiers", taskset="pkg.mod:Evil")
     assert isinstance(make_environment("verifiers"), VerifiersEnv)
+
+
+@pytest.mark.slow
+def test_a_grpo_job_on_a_verifiers_environment(ray_head, tiny_model, arith_file, tmp_path):
+    """The real entrypoint on the session's Ray: the trainer samples through verifiers (the job's chat
+    endpoint in the trainer actor, verifiers' chat program in a subprocess), 2 GRPO steps, `succeeded`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import read_jsonl, tiny_spec
+    from tests.test_agent_job import agent_metrics_of, run, trajectory
+
+    spec = tiny_spec(tiny_model, arith_file, tmp_path / "out", rewards=[{"function": "length_penalty", "weight": 0.1}],
+                     rollout={"n": 2, "max_new_tokens": 8,
+                              "agent": {"environment": "verifiers", "kwargs": {"taskset": "boxed_math"}, "max_tokens": 128}},
+                     optim={"steps": 2, "prompts_per_step": 2})
+    run(spec, tmp_path, ray_head)
+    metrics = agent_metrics_of(tmp_path, 1)
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["agent/turns_per_episode"] == 1.0 for m in metrics)
+    assert all("rewards/length_penalty/mean" in m for m in metrics)  # the job's reward functions add to the environment's
+    records = read_jsonl(tmp_path / "out" / "trajectories.jsonl")
+    assert [r["step"] for r in records] == [1, 1, 2, 2]
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    for r in records:
+        system, user, reply = r["messages"]  # verifiers' trace: the task's system prompt, the row's question, the reply
+        assert system["content"] == "Put the final answer in \\boxed{}." and user["content"].endswith("=")
+        generated = tok.decode(r["ids"][r["prompt_len"]:]).removesuffix("<|im_end|>").strip()
+        assert generated == reply["content"].strip() and r["final"] == reply["content"] and r["reward"] == sum(r["rewards"])
+    # Step 1 sampled with the initial weights: the recorded log-probs recompute from the trained batch.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        check_token_identity(model, tok, [trajectory(r) for r in records if r["step"] == 1])

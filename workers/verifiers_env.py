@@ -179,7 +179,8 @@ class VerifiersEnv:
         from verifiers.v1.dialects.chat import message_to_wire
 
         traj = stitch(calls, env=self)
-        traj.messages = [message_to_wire(m) for t in episode.traces for m in t.messages]
+        traj.messages = [{**wire, "content": wire.get("content") or ""}  # (text, for the job's reward functions)
+                         for t in episode.traces for wire in map(message_to_wire, t.messages)]
         traj.rewards = [0.0] * (traj.turns - 1) + [sum(t.reward for t in episode.traces)]
         traj.tool_errors = sum(len(t.errors) for t in episode.traces)
         return traj
