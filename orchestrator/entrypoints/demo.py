@@ -231,7 +231,7 @@ def run_preference_demo(out: str | Path = "runs/pref-demo", seed: int = 0, quick
 # with the calculator and with every call refused (the model's own arithmetic).
 
 TOOLS = Path(__file__).resolve().parents[2] / "examples" / "tools"
-TOOL_PROBLEMS = {"sft": 4000, "prompts": 2000, "test": 200, "teacher_guess": 0.4}
+TOOL_PROBLEMS = {"sft": 25600, "prompts": 2000, "test": 200, "teacher_guess": 0.1}
 
 
 class NoCalculatorEnv(CalculatorEnv):
