@@ -13,9 +13,9 @@ from tests.conftest import ROOT, entrypoint_env, read_jsonl
 pytestmark = pytest.mark.slow
 
 
-def run_demo(which: str, out, ray_head) -> str:
-    """`rlhf demo WHICH --quick` on the session's Ray; its stdout, after checking that it succeeded."""
-    cmd = [sys.executable, "-m", "orchestrator.entrypoints.cli", "demo", which, "--quick", "--out", str(out)]
+def run_demo(which: str, out, ray_head, *flags: str) -> str:
+    """`rlhf demo WHICH --quick [FLAGS]` on the session's Ray; its stdout, after checking that it succeeded."""
+    cmd = [sys.executable, "-m", "orchestrator.entrypoints.cli", "demo", which, "--quick", "--out", str(out), *flags]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False, env=entrypoint_env(ray_head))
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
@@ -27,6 +27,14 @@ def test_the_arithmetic_demo_prints_its_table(ray_head, tmp_path):
     assert "after sft" in out and "after grpo" in out and "GRPO gain" in out, out[-2000:]
     assert (tmp_path / "arith" / "metrics.png").exists()
     assert [m["step"] for m in read_jsonl(tmp_path / "arith" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_the_arithmetic_demo_trains_grpo_asynchronously_with_max_staleness(ray_head, tmp_path):
+    out = run_demo("arithmetic", tmp_path / "arith", ray_head, "--max-staleness", "1")
+    assert "after grpo" in out and "GRPO asynchronous, max_staleness 1" in out, out[-2000:]
+    metrics = read_jsonl(tmp_path / "arith" / "metrics.jsonl")
+    assert [(m["step"], m["stage"]) for m in metrics] == [(1, "sft"), (2, "sft"), (3, "grpo"), (4, "grpo")]
+    assert all(m["staleness/max"] <= 1 for m in metrics[2:]), metrics[2:]  # (only the asynchronous loop reports it)
 
 
 def test_the_preference_demo_prints_its_table(ray_head, tmp_path):

@@ -82,7 +82,7 @@ def _demo(args: argparse.Namespace) -> int:
         return run_tools_demo(args.out or "runs/tools-demo", seed=args.seed, quick=args.quick)
     if args.which == "preference":
         return run_preference_demo(args.out or "runs/pref-demo", seed=args.seed, quick=args.quick)
-    return run_demo(args.out or "runs/arith-demo", seed=args.seed, quick=args.quick)
+    return run_demo(args.out or "runs/arith-demo", seed=args.seed, quick=args.quick, max_staleness=args.max_staleness)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="Run directory (model, data, metrics, checkpoints, plots); default runs/arith-demo, runs/pref-demo or runs/tools-demo.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the model, the data and training.")
     p.add_argument("--quick", action="store_true", help="A few steps per stage: checks the wiring, shows no learning.")
+    p.add_argument("--max-staleness", type=int, default=0, metavar="K", help="arithmetic: the GRPO stage's rollout.max_staleness "
+                   "(0: the synchronous loop; K >= 1: asynchronous, samples up to K policy versions old; docs/async.md).")
     p.set_defaults(func=_demo)
 
     try:  # the control plane's commands (`serve`, `jobs ...`) need the api extra

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -62,36 +63,60 @@ def accuracy_by_kind(model_dir: Path, rows: list[dict]) -> dict[str, float]:
     return {"all": mean(right), "carry": mean([x for x, k in zip(right, kinds) if k]), "no carry": mean([x for x, k in zip(right, kinds) if not k])}
 
 
-def run_demo(out: str | Path = "runs/arith-demo", seed: int = 0, quick: bool = False) -> int:
+def train_demo(out: Path, spec: dict, seed: int, write_data: Callable[[Path], object]) -> tuple[int, float]:
+    """A demo's job in a fresh run directory `out`: the tiny model (initialised with `seed`), the data
+    (`write_data(out / "data")`), `job.yaml` from `spec`, then the job. Returns (exit code, wall seconds)."""
     from orchestrator.entrypoints.run import run_job
     from orchestrator.entrypoints.tiny_model import init_model
-    from orchestrator.reporting.plot import plot_run
 
-    out = Path(out)
     if (out / "metrics.jsonl").exists():
         raise SystemExit(f"{out} holds an earlier run; pass another --out or remove it")
-    spec = demo_spec(out, seed, quick)
     init_model(out / "model", seed=seed, **MODEL)
-    _make_data().write(out / "data", PROBLEMS["train"], PROBLEMS["test"], seed, PROBLEMS["max_operand"], PROBLEMS["teacher_slip"])
+    write_data(out / "data")
     (out / "job.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     start = time.time()
     code = run_job(out / "job.yaml", progress=True)
-    elapsed = time.time() - start
-    if code:
-        return code
+    return code, time.time() - start
+
+
+def with_staleness(spec: dict, max_staleness: int) -> dict:
+    """The demo spec with `rollout.max_staleness` set on its GRPO stage (0: the synchronous loop)."""
+    for stage in spec["stages"]:
+        if stage["algorithm"]["name"] == "grpo":
+            stage["rollout"] = {**stage.get("rollout", {}), "max_staleness": max_staleness}
+    return spec
+
+
+def write_problems(data: Path, seed: int) -> None:
+    _make_data().write(data, PROBLEMS["train"], PROBLEMS["test"], seed, PROBLEMS["max_operand"], PROBLEMS["teacher_slip"])
+
+
+def held_out(out: Path, spec: dict) -> tuple[int, dict[str, dict[str, float]]]:
+    """(problems, {stage: accuracy_by_kind}) of each stage's final checkpoint in run `out` (the SFT one is where GRPO started)."""
     rows = [json.loads(line) for line in (out / "data" / "test.jsonl").read_text().splitlines()]
     rows = rows[: spec["eval"].get("max_samples") or len(rows)]
-    # Each stage's final checkpoint (the SFT one is where GRPO started).
     finals = [e for e in map(json.loads, (out / "events.jsonl").read_text().splitlines()) if e["type"] == "checkpoint"]
-    after = {e["stage"]: accuracy_by_kind(Path(e["path"]) / "policy", rows) for e in finals}
+    return len(rows), {e["stage"]: accuracy_by_kind(Path(e["path"]) / "policy", rows) for e in finals}
+
+
+def run_demo(out: str | Path = "runs/arith-demo", seed: int = 0, quick: bool = False, max_staleness: int = 0) -> int:
+    from orchestrator.reporting.plot import plot_run
+
+    out = Path(out)
+    spec = with_staleness(demo_spec(out, seed, quick), max_staleness)
+    code, elapsed = train_demo(out, spec, seed, lambda data: write_problems(data, seed))
+    if code:
+        return code
+    problems, after = held_out(out, spec)
     png = plot_run(out)
-    print(f"\nheld-out greedy accuracy ({len(rows)} problems, none in training; carry: the ones digits carry or borrow):")
+    print(f"\nheld-out greedy accuracy ({problems} problems, none in training; carry: the ones digits carry or borrow):")
     print(f"  {'':12s} {'all':>6s} {'carry':>6s} {'no carry':>9s}")
     for stage, acc in after.items():
         print(f"  after {stage:6s} {100 * acc['all']:5.1f}% {100 * acc['carry']:5.1f}% {100 * acc['no carry']:8.1f}%")
     if "sft" in after and "grpo" in after:
         print(f"  GRPO gain    {100 * (after['grpo']['all'] - after['sft']['all']):+5.1f} points")
-    print(f"wall time {elapsed / 60:.1f} min; metrics in {out / 'metrics.jsonl'}; plot {png}")
+    loop = f"; GRPO asynchronous, max_staleness {max_staleness}" if max_staleness else ""
+    print(f"wall time {elapsed / 60:.1f} min{loop}; metrics in {out / 'metrics.jsonl'}; plot {png}")
     return 0
 
 
@@ -274,23 +299,14 @@ def tools_spec(out: Path, seed: int, quick: bool) -> dict:
 
 
 def run_tools_demo(out: str | Path = "runs/tools-demo", seed: int = 0, quick: bool = False) -> int:
-    from orchestrator.entrypoints.run import run_job
-    from orchestrator.entrypoints.tiny_model import init_model
     from orchestrator.reporting.plot import plot_run
 
     out = Path(out)
-    if (out / "metrics.jsonl").exists():
-        raise SystemExit(f"{out} holds an earlier run; pass another --out or remove it")
-    spec = tools_spec(out, seed, quick)
-    init_model(out / "model", seed=seed, **MODEL)
     make = importlib.util.spec_from_file_location("tools_make_data", TOOLS / "make_data.py")
     module = importlib.util.module_from_spec(make)
     make.loader.exec_module(module)
-    module.write(out / "data", **TOOL_PROBLEMS, seed=seed)
-    (out / "job.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    start = time.time()
-    code = run_job(out / "job.yaml", progress=True)
-    elapsed = time.time() - start
+    spec = tools_spec(out, seed, quick)
+    code, elapsed = train_demo(out, spec, seed, lambda data: module.write(data, **TOOL_PROBLEMS, seed=seed))
     if code:
         return code
     rows = [json.loads(line) for line in (out / "data" / "test.jsonl").read_text().splitlines()]
