@@ -121,3 +121,27 @@ def test_a_job_with_sandbox_actors_places_them_and_hands_them_to_the_rollout(ray
     assert placed["bundles"] == [{"CPU": 1.0}, {"CPU": 0.25}, {"CPU": 0.25}]
     [ready] = [e for e in events if e["type"] == "actors_ready"]
     assert sorted(a.split("/")[-1] for a in ready["actors"]) == ["sandbox-0", "sandbox-1", "trainer-0"]
+
+
+def test_an_async_multi_turn_job_keeps_the_staleness_bound(ray_head, tiny_model, tmp_path):
+    # rollout.max_staleness 1 with an environment: episodes run whole on the rollout actor while the trainer
+    # updates, new weights between two batches of episodes; every trained token within the bound.
+    make = tool_data()
+    make.write(tmp_path / "data", sft=0, prompts=24, test=0)
+    k, steps, per_step = 1, 4, 3
+    spec = tiny_spec(tiny_model, tmp_path / "data" / "prompts.jsonl", tmp_path / "out", rewards=[],
+                     rollout={"n": 2, "max_new_tokens": 12, "max_staleness": k,
+                              "agent": {"environment": "calculator", "kwargs": {"system": make.SYSTEM}, "max_turns": 2, "max_tokens": 96}},
+                     optim={"steps": steps, "prompts_per_step": per_step})
+    events = run(spec, tmp_path, ray_head)
+    trained = [e for e in events if e["type"] == "trained_prompts"]
+    assert [e["step"] for e in trained] == list(range(1, steps + 1))
+    for e in trained:
+        assert e["step"] - 1 - k <= min(e["versions"]) and max(e["versions"]) <= e["step"] - 1, e
+    prompts = [p for e in trained for p in e["prompts"]]
+    assert len(prompts) == len(set(prompts)) == steps * per_step  # each drawn prompt trained once
+    metrics = agent_metrics_of(tmp_path, 1)
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1)) and all(m["staleness/max"] <= k for m in metrics)
+    records = read_jsonl(tmp_path / "out" / "trajectories.jsonl")
+    assert [r["step"] for r in records] == [s for s in range(1, steps + 1) for _ in range(2)]
+    assert all(len(r["rewards"]) == r["turns"] for r in records)

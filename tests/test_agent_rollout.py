@@ -118,6 +118,9 @@ def test_sampled_turns_token_in_token_out(lm):
     short = AgentRollout(tok, HFTurnSampler(model, tok), AgentConfig(max_turns=3, max_tokens=40, max_new_tokens=6))
     [t] = short.run([Talk(3)], [{"prompt": "hello there"}])
     assert t.truncated and len(t.ids) <= 40 and agent_metrics([t])["agent/truncated"] == 1.0
+    # a budget the opening alone fills is an error naming the field, not episodes with nothing to train on
+    with pytest.raises(ValueError, match=r"rollout.agent.max_tokens=8 leaves no room to answer: the episode's opening .* is \d+ tokens"):
+        AgentRollout(tok, HFTurnSampler(model, tok), AgentConfig(max_turns=3, max_tokens=8, max_new_tokens=6)).run([Talk(3)], [{"prompt": "hello there"}])
 
 
 def test_a_slow_tool_stalls_only_its_trajectory(lm):

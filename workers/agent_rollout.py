@@ -132,6 +132,10 @@ class AgentRollout:
 
     def run(self, envs: list[Environment], rows: list[dict[str, Any]]) -> list[Trajectory]:
         trajs = [self.start(env, row) for env, row in zip(envs, rows)]
+        for t in trajs:  # (an episode that cannot generate a token would train on nothing, silently)
+            if len(t.ids) >= self.cfg.max_tokens:
+                raise ValueError(f"rollout.agent.max_tokens={self.cfg.max_tokens} leaves no room to answer: the episode's opening "
+                                 f"(the environment's first messages in the chat template) is {len(t.ids)} tokens alone")
         ready = [t for t in trajs if not self._out_of_budget(t)]
         pending: dict[cf.Future, tuple[Trajectory, AssistantTurn]] = {}
         with cf.ThreadPoolExecutor(self.cfg.tool_threads) as pool:

@@ -152,6 +152,8 @@ class HFRollout(OnNode):
 
         start = time.perf_counter()
         s = self.sampler
+        if isinstance(s, AgentSampler):
+            return self._stream_episodes(keys, prompt_ids, extras, version, start)
         if self.partial is None:
             tok = s.tokenizer
             self.partial = PartialRollout([], tok.eos_token_id, tok.pad_token_id, s.n, s.max_new_tokens, temperature=s.temperature,
@@ -161,6 +163,20 @@ class HFRollout(OnNode):
         tokens = self.partial.advance(self.model, version, chunk_tokens, self.device)
         done = [(self.stream_keys.pop(index), batch, versions) for index, batch, versions in self.partial.take_finished()]
         return done, tokens, time.perf_counter() - start
+
+    def _stream_episodes(self, keys: list[int], prompt_ids: list[list[int]], extras: list[dict[str, Any]], version: int,
+                         start: float) -> tuple[list[tuple[int, Batch, torch.Tensor]], int, float]:
+        """`stream` of a multi-turn job: the new prompts' episodes run whole with the weights loaded now (an
+        episode's turns wait on its environment, so it is not cut into chunks: new weights arrive between two
+        calls), every token of a response tagged `version`. Seeded by the call's first key."""
+        if not keys:
+            return [], 0, time.perf_counter() - start
+        batch, _ = self.sampler.generate(self.model, self.device, prompt_ids, extras, keys[0])
+        valid = batch.attention_mask[:, batch.prompt_len :].bool()
+        versions = torch.where(valid, torch.full_like(valid, version, dtype=torch.long), torch.full_like(valid, -1, dtype=torch.long))
+        n = self.sampler.n
+        done = [(key, batch.select(slice(i * n, (i + 1) * n)), versions[i * n : (i + 1) * n]) for i, key in enumerate(keys)]
+        return done, int(batch.response_mask.sum()), time.perf_counter() - start
 
     def load_weights(self, state_dict: dict[str, Any]) -> float:
         """Copy the trainer's weights in (a state dict, or its `to_transport` form)."""

@@ -633,8 +633,6 @@ class JobSpec(_Strict):
         agent = self.rollout.agent if self.algo.rollouts else None  # (a pipeline's SFT stage ignores the job's agent)
         if agent is not None and self.rollout.backend != "hf":
             raise _field_error(("rollout", "agent"), f"multi-turn rollouts sample with the hf backend, not {self.rollout.backend} (no vLLM turn sampler yet)")
-        if agent is not None and self.rollout.max_staleness:
-            raise _field_error(("rollout", "agent"), "multi-turn rollouts run in the synchronous loop for now: set rollout.max_staleness 0")
         if not self.rewards and self.scores_with_rewards and self.stages is None and agent is None:  # (a pipeline's stages are checked one by one)
             what = "completions" if self.algo.rollouts else "held-out prompts' completions (data.eval_file)"
             raise _field_error(("rewards",), f"{self.algorithm.name} scores its {what} with the rewards: give at least one reward source")
@@ -698,9 +696,6 @@ class JobSpec(_Strict):
                                "mini_batch_size unset, ppo_epochs 1): its decoupled loss's proximal policy is the update's starting weights")
         if self.resources.rollout.replicas != 1 or self.resources.trainer.replicas != 1:
             raise _field_error(("rollout", "max_staleness"), "asynchronous training runs one rollout and one trainer replica (for now)")
-        if self.rollout.agent is not None:
-            raise _field_error(("rollout", "max_staleness"), "asynchronous training generates single-turn completions in chunks; "
-                               "not yet agent episodes (rollout.agent)")
 
     @model_validator(mode="after")
     def _stages_valid(self, info: ValidationInfo) -> "JobSpec":

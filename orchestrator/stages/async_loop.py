@@ -91,6 +91,8 @@ class AsyncOrchestrator(Orchestrator):
         timing["step"] = time.perf_counter() - start
         metrics.update(self.async_metrics(taken, batch, timing))
         metrics.update(rollout_metrics(batch, per_source, self.spec, self.eos_token_id))
+        if self.stage.rollout_mode == "multi_turn":
+            metrics.update(self.report_episodes(step, batch))
         self.reporter.event("trained_prompts", f"step {step}: {len(taken.groups)} groups, staleness up to {max(taken.staleness)}",
                             step=step, prompts=[self.prompt_of(g.prompt_id) for g in taken.groups], versions=versions)
         return {**metrics, **self.throughput(batch, timing), **{f"timing/{k}": v for k, v in timing.items()}}
