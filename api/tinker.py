@@ -24,6 +24,8 @@ from typing import Any
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from api.tinker_storage import TenantLocks
+
 log = logging.getLogger("api.tinker")
 NAMESPACE = "rlhf-tinker"
 # The losses the pools compute (workers/tinker_pool.py LOSSES; tests/api/test_tinker_limits.py checks they agree):
@@ -52,9 +54,15 @@ class TinkerSettings(BaseSettings):
     """A tenant's calls in flight to one pool at once (more wait in the API): the pool's fair scheduler then sees every
     tenant's next calls, instead of one tenant's backlog filling the actor's threads ahead of the others."""
     session_timeout_s: float = 300.0
-    """A session that has not sent a heartbeat for this long is over: its training runs are released (the SDK beats every 10 s)."""
+    """A session that has not sent a heartbeat for this long is over: its record expires from Redis (a TTL each heartbeat
+    renews) and its training runs are released (the SDK beats every 10 s)."""
     sweep_s: float = 30.0
-    """How often (at most) a heartbeat or create_model makes the API look for ended sessions of every tenant."""
+    """How often the API looks for ended sessions of every tenant (in the background, and at a heartbeat or create_model)."""
+    max_checkpoints_per_tenant: int = 256
+    """Checkpoints (saved states and sampler weights, over all runs) a tenant may keep; past it the oldest unnamed sampler
+    weights are evicted, else a save fails naming the limit."""
+    max_checkpoint_bytes_per_tenant: int = 20 * 2**30
+    """Bytes of checkpoints a tenant may keep (a save starts only below it); past it, as for the count."""
     max_sequence_tokens: int = 4096
     """The longest sequence a tenant may send: a forward_backward datum's tokens, a sample's prompt plus its max_tokens."""
     max_sample_tokens: int = 2048
@@ -304,8 +312,9 @@ class Records:
     def __init__(self, redis):
         self.redis = redis
 
-    async def put(self, kind: str, id_: str, record: dict) -> None:
-        await self.redis.set(f"tinker:{kind}:{id_}", json.dumps(record))
+    async def put(self, kind: str, id_: str, record: dict, ttl_s: float | None = None) -> None:
+        """Write a record; with `ttl_s`, it expires from Redis that long after this write (a session's, renewed by heartbeats)."""
+        await self.redis.set(f"tinker:{kind}:{id_}", json.dumps(record), px=max(1, int(ttl_s * 1000)) if ttl_s else None)
 
     async def get(self, kind: str, id_: str, tenant: str) -> dict:
         """The record, or 404 when it is missing or another tenant's (the same answer)."""
@@ -373,3 +382,5 @@ class Tinker:
         self.futures = Futures(self.settings.max_futures_per_tenant)
         self.records = Records(redis)
         self.swept = float("-inf")  # time.monotonic() of the last look for ended sessions of every tenant
+        self.saving = TenantLocks()
+        self.sweeper: asyncio.Task | None = None

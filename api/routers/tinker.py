@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import math
 import os
 import time
@@ -29,16 +30,18 @@ from api.tinker import (
     encode_sample,
     new_id,
 )
+from api.tinker_storage import KINDS, make_room, mark_unnamed, remove, saved
 
 router = APIRouter(prefix="/api/v1", include_in_schema=False)
+log = logging.getLogger("api.tinker")
 
-KINDS = {"weights": "training", "sampler_weights": "sampler"}
 
-
-def tinker(request: Request) -> Tinker:
+async def tinker(request: Request) -> Tinker:
+    """The app's Tinker state, made at the first Tinker request, which also starts the background sweep of ended sessions."""
     state = request.app.state
     if getattr(state, "tinker", None) is None:
         state.tinker = Tinker(state.store.redis)
+        state.tinker.sweeper = asyncio.ensure_future(_sweep_forever(state.tinker))
     return state.tinker
 
 
@@ -124,25 +127,39 @@ async def dynamic_config(tenant: Tenant) -> dict:
 @router.post("/create_session")
 async def create_session(body: dict, tenant: Tenant, t: TinkerDep) -> dict:
     session_id = new_id("sess")
-    await t.records.put("session", session_id, {"tenant": tenant, "sdk_version": body.get("sdk_version"), "created": _now()})
+    record = {"tenant": tenant, "sdk_version": body.get("sdk_version"), "created": _now()}
+    await t.records.put("session", session_id, record, t.settings.session_timeout_s)
     return {"type": "create_session", "session_id": session_id}
 
 
 @router.post("/session_heartbeat")
 async def heartbeat(body: dict, tenant: Tenant, t: TinkerDep) -> dict:
-    record = await t.records.get("session", str(body.get("session_id")), tenant)
+    """Renews the session record's TTL. An ended or expired session is 410, on which the SDK stops beating."""
+    session_id = str(body.get("session_id"))
+    try:
+        record = await t.records.get("session", session_id, tenant)
+    except TinkerError:
+        record = {"finished": "expired"}
+    if record.get("finished"):
+        raise TinkerError(410, f"session {session_id!r} has ended, or expired after {t.settings.session_timeout_s:g} s without a "
+                          "heartbeat (RLHF_API_TINKER_SESSION_TIMEOUT_S): its training runs are released, its saved checkpoints stay")
     record["heartbeat"] = _now()
-    await t.records.put("session", body["session_id"], record)
+    await t.records.put("session", session_id, record, t.settings.session_timeout_s)
     await _sweep(t)
     return {"type": "session_heartbeat"}
 
 
 @router.post("/sessions/{session_id}/finish")
 async def finish_session(session_id: str, body: dict, tenant: Tenant, t: TinkerDep) -> dict:
-    """The SDK's ServiceClient.close(): the session ends and its training runs are released (their saved states stay)."""
-    record = await t.records.get("session", session_id, tenant)
-    record.setdefault("finished", str((body.get("reason") or {}).get("type", "closed")))
-    await t.records.put("session", session_id, record)
+    """The SDK's ServiceClient.close(): the session ends and its training runs are released (their saved states stay).
+    A session that has expired already (its runs released) closes without error."""
+    try:
+        record = await t.records.get("session", session_id, tenant)
+    except TinkerError:
+        record = None
+    if record is not None:
+        record.setdefault("finished", str((body.get("reason") or {}).get("type", "closed")))
+        await t.records.put("session", session_id, record, t.settings.session_timeout_s)
     await _release_ended(t, tenant)
     return {}
 
@@ -221,6 +238,17 @@ async def _over_quota(t: Tinker, tenant: str, model_id: str) -> dict | None:
     return {"request_id": t.futures.fail(tenant, model_id, message), "model_id": model_id}
 
 
+async def _sweep_forever(t: Tinker) -> None:
+    """Every `sweep_s` (at least 1 s): a session that stopped beating has its runs released within session_timeout_s +
+    sweep_s of its last heartbeat even when no client calls this API process."""
+    while True:
+        await asyncio.sleep(max(t.settings.sweep_s, 1.0))
+        try:
+            await _sweep(t)
+        except Exception as err:  # noqa: BLE001  (Redis away for a moment: the next round tries again)
+            log.warning("the sweep of ended Tinker sessions failed: %r", err)
+
+
 async def _sweep(t: Tinker) -> None:
     """At most every `sweep_s`: release the ended sessions' runs of every tenant, so that a client that died without
     closing frees the pool's memory even if its tenant never comes back (any live client's heartbeat drives this)."""
@@ -242,11 +270,11 @@ async def _release_ended(t: Tinker, tenant: str) -> None:
             continue
         try:
             session = await t.records.get("session", run.get("session", ""), tenant)
-        except TinkerError:
-            session = {"finished": "unknown session"}
+        except TinkerError:  # its record expired (no heartbeat for session_timeout_s), or never was
+            session = {"expired": True}
         beat = session.get("heartbeat") or session.get("created", now)
-        if session.get("finished") or now - beat > t.settings.session_timeout_s:
-            why = f"its session {run.get('session')} ended" if session.get("finished") else f"its session {run.get('session')} timed out"
+        if session.get("finished") or session.get("expired") or now - beat > t.settings.session_timeout_s:
+            why = f"its session {run.get('session')} " + ("ended" if session.get("finished") else "timed out")
             if await t.records.release_run(tenant, model_id, why) is not None:
                 t.futures.submit(tenant, model_id, lambda run=run, model_id=model_id: _run(t, tenant, run, "drop", model_id), limited=False)
 
@@ -340,8 +368,29 @@ async def _run_through_restart(t: Tinker, tenant: str, run: dict, method: str, *
 
 # -- weights: save, load, sampler -------------------------------------------------------------------
 
+def _root(request: Request, tenant: str) -> str:
+    return f"{request.app.state.storage.tenant_root(tenant)}/tinker"
+
+
 def _dir(request: Request, tenant: str, model_id: str, kind: str, name: str) -> str:
-    return f"{request.app.state.storage.tenant_root(tenant)}/tinker/{model_id}/{kind}/{name}"
+    return f"{_root(request, tenant)}/{model_id}/{kind}/{name}"
+
+
+async def _save(request: Request, t: Tinker, tenant: str, model_id: str, run: dict, directory: str, optimizer: bool,
+                unnamed: bool = False) -> None:
+    """save_state into `directory` within the tenant's checkpoint quota: past a limit the oldest unnamed sampler weights
+    are evicted, else the call fails naming the limit. Under the tenant's lock: concurrent saves are checked one by one."""
+    ts, root = t.settings, _root(request, tenant)
+    async with t.saving(tenant):
+        evicted, refusal = await asyncio.to_thread(make_room, root, ts.max_checkpoints_per_tenant, ts.max_checkpoint_bytes_per_tenant,
+                                                   directory)
+        if evicted:
+            log.info("tenant %s: evicted %d unnamed sampler weights past its checkpoint quota", tenant, len(evicted))
+        if refusal:
+            raise TinkerError(0, refusal)
+        await _run_recovering(t, tenant, model_id, run, "save_state", model_id, directory, optimizer)
+        if unnamed:
+            mark_unnamed(directory)
 
 
 async def _resolve(request: Request, t: Tinker, tenant: str, tinker_path: str, kinds=("weights",)) -> tuple[str, dict, str]:
@@ -365,7 +414,7 @@ async def save_weights(body: dict, request: Request, tenant: Tenant, t: TinkerDe
     directory = _dir(request, tenant, model_id, "weights", name)
 
     async def make():
-        await _run_recovering(t, tenant, model_id, run, "save_state", model_id, directory, True)
+        await _save(request, t, tenant, model_id, run, directory, True)
         latest = await t.records.get("training_run", model_id, tenant)
         latest["last_state"] = directory
         await t.records.put("training_run", model_id, latest)
@@ -428,7 +477,7 @@ async def save_for_sampler(body: dict, request: Request, tenant: Tenant, t: Tink
     tinker_path = f"tinker://{model_id}/sampler_weights/{name}"
 
     async def make():
-        await _run_recovering(t, tenant, model_id, run, "save_state", model_id, directory, False)
+        await _save(request, t, tenant, model_id, run, directory, False, unnamed=not named)
         if named:
             return {"type": "save_weights_for_sampler", "path": tinker_path}
         sampler_id = await _new_sampler(t, tenant, run["base_model"], run["path"], tinker_path, directory)
@@ -464,6 +513,9 @@ async def get_sampler(sampler_id: str, tenant: Tenant, t: TinkerDep) -> dict:
 @router.post("/asample")
 async def asample(body: dict, tenant: Tenant, t: TinkerDep) -> dict:
     s = await t.records.get("sampler", str(body.get("sampling_session_id")), tenant)
+    if s["weights"] and not os.path.isfile(f"{s['weights']}/state.pt"):
+        raise TinkerError(404, f"the weights of this sampling client, {s['model_path']}, were deleted (or, saved without a name, "
+                          "evicted past the checkpoint quota); save new ones")
     params = body.get("sampling_params") or {}
     for unsupported in ("prompt_logprobs", "record_stability_info"):
         if body.get(unsupported):
@@ -531,16 +583,24 @@ async def cancel_future(tenant: Tenant) -> dict:
 @router.get("/training_runs/{model_id}/checkpoints")
 async def checkpoints(model_id: str, request: Request, tenant: Tenant, t: TinkerDep) -> dict:
     await t.records.get("training_run", model_id, tenant)
-    found = []
-    for kind, label in KINDS.items():
-        root = os.path.dirname(_dir(request, tenant, model_id, kind, "x"))
-        for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-            state = f"{root}/{name}/state.pt"
-            if os.path.isfile(state):
-                st = os.stat(state)
-                found.append({"checkpoint_id": f"{kind}/{name}", "checkpoint_type": label, "tinker_path": f"tinker://{model_id}/{kind}/{name}",
-                              "time": dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc).isoformat(), "size_bytes": st.st_size})
-    return {"checkpoints": found}
+    found = await asyncio.to_thread(saved, _root(request, tenant), model_id)
+    return {"checkpoints": [{"checkpoint_id": f"{s.kind}/{s.name}", "checkpoint_type": KINDS[s.kind], "tinker_path": s.tinker_path,
+                             "time": dt.datetime.fromtimestamp(s.mtime, dt.timezone.utc).isoformat(), "size_bytes": s.bytes}
+                            for s in found]}
+
+
+@router.delete("/training_runs/{model_id}/checkpoints/{kind}/{name}")
+async def delete_checkpoint(model_id: str, kind: str, name: str, request: Request, tenant: Tenant, t: TinkerDep) -> Response:
+    """RestClient.delete_checkpoint(_from_tinker_path): the checkpoint's files are removed (its bytes and place in the
+    quota free at once); another tenant's is 404. After an in-flight save of the tenant (the same lock)."""
+    _, run, directory = await _resolve(request, t, tenant, f"tinker://{model_id}/{kind}/{name}", kinds=tuple(KINDS))
+    async with t.saving(tenant):
+        await asyncio.to_thread(remove, _root(request, tenant), directory)
+    if run.get("last_state") == directory:  # recovery after a lost pool actor must not load what is gone
+        latest = await t.records.get("training_run", model_id, tenant)
+        latest["last_state"] = None
+        await t.records.put("training_run", model_id, latest)
+    return Response(status_code=204)
 
 
 @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
