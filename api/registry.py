@@ -8,9 +8,12 @@
         trust_remote_code: false                 # may this model run its repository's code (a checkpoint's never)
     reward_functions:
       math-verify: my_rewards.math:verify        # name -> import path, installed on the cluster
+    environments:
+      sql-agent: my_envs.sql:SqlEnv              # name -> an Environment class (docs/agents.md), installed on the cluster
 
 A tenant's spec names a model here or one of its own checkpoints by id, a built-in reward, a reward
-function here by name, or a reward model here or among its checkpoints. Nothing else reaches the
+function here by name, or a reward model here or among its checkpoints; a built-in environment or one
+here by name. Nothing else reaches the
 cluster from REST. The file is read at startup (a bad file stops the API, naming the entry).
 """
 
@@ -21,6 +24,8 @@ from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator.core.environments import ENVIRONMENTS
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 IMPORT_PATH = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
@@ -48,6 +53,7 @@ class Registry(BaseModel):
 
     models: dict[str, RegisteredModel] = Field(default_factory=dict)
     reward_functions: dict[str, str] = Field(default_factory=dict)
+    environments: dict[str, str] = Field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path | None) -> "Registry":
@@ -64,12 +70,16 @@ class Registry(BaseModel):
         except ValidationError as err:
             where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
             raise RegistryError(f"{path}: {where}") from None
-        for name in [*registry.models, *registry.reward_functions]:
+        for name in [*registry.models, *registry.reward_functions, *registry.environments]:
             if not re.match(NAME, name):
                 raise RegistryError(f"{path}: {name!r} is not a valid name (letters, digits, _.:- ; at most 128)")
-        for name, target in registry.reward_functions.items():
-            if not re.match(IMPORT_PATH, target):
-                raise RegistryError(f"{path}: reward_functions.{name}: {target!r} is not an import path 'pkg.module:function'")
+        for section, what in (("reward_functions", "function"), ("environments", "Class")):
+            for name, target in getattr(registry, section).items():
+                if not re.match(IMPORT_PATH, target):
+                    raise RegistryError(f"{path}: {section}.{name}: {target!r} is not an import path 'pkg.module:{what}'")
+        for name in registry.environments:
+            if name in ENVIRONMENTS:
+                raise RegistryError(f"{path}: environments.{name}: a built-in environment has this name; choose another")
         return registry
 
     def model_for(self, name: str, tenant: str) -> RegisteredModel | None:

@@ -238,6 +238,13 @@ class ModelList(BaseModel):
     data: list[ModelPublic]
 
 
+class EnvironmentList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"object": "list", "data": ["calculator", "python_calculator", "sql-agent"]}]})
+
+    object: Literal["list"] = "list"
+    data: list[str] = Field(..., description="Names a spec's `rollout.agent.environment` may give: the built-ins and the operator's.")
+
+
 class RewardFunctionList(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"object": "list", "data": ["accuracy", "regex_match", "length_penalty", "math-verify"]}]})
 

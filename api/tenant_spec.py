@@ -7,7 +7,8 @@ path (the trusted entrypoints, `rlhf train` and `ray job submit`, keep both):
     model.path, model.critic_path, rm_path   a registry model this tenant may use, or ckpt-... of its own
     rewards[].function                       a built-in reward, or a reward function the operator registered
     rewards[].model                          a registry model, ckpt-... of its own, or stage:NAME (its pipeline)
-    rollout.agent.environment                a built-in environment (core/environments.py ENVIRONMENTS)
+    rollout.agent.environment                a built-in environment (core/environments.py ENVIRONMENTS), or
+                                             one the operator registered (its import path in the launch spec)
     output_dir, checkpoint.dir               refused: the server puts every run under the tenant's area
     model.trust_remote_code                  the policy's, and the default of every other model's own flag below
     model.critic_trust_remote_code,          each model's own: only where the registry entry of that model
@@ -68,7 +69,7 @@ class TenantSpec:
         out["data"] = await self._data(spec["data"], algorithm, "data")
         out["rewards"] = [await self._reward(r, f"rewards.{i}", policy_trust) for i, r in enumerate(spec.get("rewards") or [])]
         out["checkpoint"] = self._checkpoint(spec.get("checkpoint") or {}, "checkpoint")
-        self._check_environment(spec.get("rollout"), "rollout")
+        out["rollout"] = self._environment(spec.get("rollout"), "rollout")
         if spec.get("stages"):
             out["stages"] = []
             for i, stage in enumerate(spec["stages"]):
@@ -81,7 +82,8 @@ class TenantSpec:
                     stage["rewards"] = [await self._reward(r, f"{where}.rewards.{j}", policy_trust) for j, r in enumerate(stage["rewards"])]
                 if stage.get("checkpoint") is not None:
                     stage["checkpoint"] = self._checkpoint(stage["checkpoint"], f"{where}.checkpoint")
-                self._check_environment(stage.get("rollout"), f"{where}.rollout")
+                if stage.get("rollout") is not None:
+                    stage["rollout"] = self._environment(stage["rollout"], f"{where}.rollout")
                 out["stages"].append(stage)
         out["output_dir"] = self.storage.url(self.storage.run_path(self.tenant, job_id))
         return out
@@ -101,13 +103,19 @@ class TenantSpec:
             raise refused(f"{where}.dir", "the server chooses where checkpoints go (under the job's run directory); leave it out")
         return section
 
-    @staticmethod
-    def _check_environment(rollout: dict | None, where: str) -> None:
-        """`agent.environment` names a built-in environment (the spec refuses unknown names; import paths reach here)."""
-        name = ((rollout or {}).get("agent") or {}).get("environment")
-        if name is not None and name not in ENVIRONMENTS:
-            raise refused(f"{where}.agent.environment", f"{name!r} is not a built-in environment ({', '.join(ENVIRONMENTS)}); "
-                          "import paths are for the trusted entrypoints only")
+    def _environment(self, rollout: dict | None, where: str) -> dict | None:
+        """`rollout` with `agent.environment` a built-in environment, or a registered one's import path (the spec
+        refused unknown names; import paths reach here and are refused)."""
+        agent = (rollout or {}).get("agent") or {}
+        name = agent.get("environment")
+        if name is None or name in ENVIRONMENTS:
+            return rollout
+        registered = self.registry.environments
+        if name not in registered:
+            raise refused(f"{where}.agent.environment", f"{name!r} is neither a built-in environment ({', '.join(ENVIRONMENTS)}) nor one "
+                          f"the operator registered ({', '.join(sorted(registered)) or 'none'}); import paths are for the trusted "
+                          "entrypoints only")
+        return {**rollout, "agent": {**agent, "environment": registered[name]}}
 
     async def _models(self, model: dict) -> dict:
         out = {**model}

@@ -122,7 +122,7 @@ async def create_job(
     reward names) to what the job runs on and record the job (`queued`). The admission queue submits
     it to Ray (a Ray job whose submission id is the job id) once its resources are free; a job that
     could never fit the cluster is a 422 now. Nothing runs in the API's process."""
-    body, bundles = await run_in_threadpool(validated, raw, settings)
+    body, bundles = await run_in_threadpool(validated, raw, settings, request.app.state.registry.environments)
     spec, name = body.spec_dict(), body.name
     job_id = "job-" + uuid.uuid4().hex[:24]
     resolver = TenantSpec(tenant, request.app.state.registry, request.app.state.storage, store, settings.mlflow_tracking_uris)
@@ -157,12 +157,13 @@ async def create_job(
     return job_public(rec, settings, request.app.state.storage)
 
 
-def validated(raw: dict[str, Any], settings: Settings) -> tuple[JobCreate, list[dict[str, float]]]:
+def validated(raw: dict[str, Any], settings: Settings, environments: dict[str, str] | None = None) -> tuple[JobCreate, list[dict[str, float]]]:
     """The spec and what it holds at once (its bundles), its lists bounded before any of it is validated.
-    Validation errors are FastAPI's own (422 naming each field)."""
+    `environments`: the operator's registered ones, which a spec may name too. Validation errors are
+    FastAPI's own (422 naming each field)."""
     check_lengths(raw, settings)
     try:
-        body = JobCreate.model_validate(raw)
+        body = JobCreate.model_validate(raw, context={"environments": environments or {}})
     except ValidationError as err:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)]) from None
     return body, demand(body)

@@ -256,10 +256,12 @@ class AgentSpec(_Strict):
 
     @field_validator("environment")
     @classmethod
-    def _known(cls, value: str) -> str:
-        if value not in ENVIRONMENTS and not re.match(IMPORT_PATH, value):
-            raise ValueError(f"unknown environment {value!r}: built in: {', '.join(sorted(ENVIRONMENTS))}; or an import "
-                             "path 'pkg.module:Class' (trusted entrypoints only)")
+    def _known(cls, value: str, info: ValidationInfo) -> str:
+        registered = (info.context or {}).get("environments") or {}  # the operator's, over REST (api/tenant_spec.py)
+        if value not in ENVIRONMENTS and value not in registered and not re.match(IMPORT_PATH, value):
+            raise ValueError(f"unknown environment {value!r}: built in: {', '.join(sorted(ENVIRONMENTS))}"
+                             + (f"; registered: {', '.join(sorted(registered))}" if registered else "")
+                             + "; or an import path 'pkg.module:Class' (trusted entrypoints only)")
         return value
 
     @field_validator("kwargs")
@@ -703,6 +705,7 @@ class JobSpec(_Strict):
             names = [s.name for s in self.stages]
             if not names or len(set(names)) != len(names):
                 raise ValueError(f"stages need at least one stage and distinct names, got {names}")
+            self.__dict__["_environments"] = (info.context or {}).get("environments") or {}  # (the operator's, over REST)
             self.stage_specs()
         elif not (info.context or {}).get("stage"):
             for i, source in enumerate(self.rewards):
@@ -736,7 +739,8 @@ class JobSpec(_Strict):
             if "steps" in optim or "epochs" in optim:  # a stage's budget replaces the job's, in either unit
                 override["optim"] = {"steps": None, "epochs": None, **optim}
             try:
-                stage_spec = JobSpec.model_validate(_merge(base, override), context={"stage": True})
+                stage_spec = JobSpec.model_validate(_merge(base, override),
+                                                    context={"stage": True, "environments": self.__dict__.get("_environments") or {}})
             except ValidationError as err:
                 problems = "; ".join(".".join(str(p) for p in e["loc"]) + ": " * bool(e["loc"]) + e["msg"].removeprefix("Value error, ")
                                      for e in err.errors())

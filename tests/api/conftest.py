@@ -63,7 +63,7 @@ def redis_url(workdir):
 @pytest.fixture(scope="session")
 def operator(workdir, tiny_model) -> dict[str, str]:
     """What the operator configures: the artifact store and the registry (the session's tiny model
-    for every tenant, and for alpha only and beta only, and one registered reward function)."""
+    for every tenant, and for alpha only and beta only, one registered reward function and one environment)."""
     registry = workdir / "registry.yaml"
     registry.write_text(yaml.safe_dump({
         "models": {"tiny": {"path": str(tiny_model), "description": "2-layer test model"},
@@ -71,6 +71,7 @@ def operator(workdir, tiny_model) -> dict[str, str]:
                    "tiny-beta": {"path": str(tiny_model), "tenants": ["beta"]},
                    "missing": {"path": str(workdir / "no-model"), "description": "registered, but nothing there: fails in preflight"}},
         "reward_functions": {"short-answers": "workers.rewards:length_penalty"},
+        "environments": {"arith-tools": "orchestrator.core.environments:CalculatorEnv"},
     }))
     return {"RLHF_API_STORAGE_ROOT": str(workdir / "artifacts"), "RLHF_API_REGISTRY_FILE": str(registry)}
 

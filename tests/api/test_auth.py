@@ -21,6 +21,7 @@ ENDPOINTS = [
     ("DELETE", "/v1/files/file-0123456789abcdef01234567"),
     ("GET", "/v1/models"),
     ("GET", "/v1/reward_functions"),
+    ("GET", "/v1/environments"),
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
 ]

@@ -12,7 +12,7 @@ OPERATIONS = {
     ("/v1/jobs/{job_id}/events", "get"), ("/v1/jobs/{job_id}/metrics", "get"), ("/v1/jobs/{job_id}/checkpoints", "get"),
     ("/v1/jobs/{job_id}/logs", "get"), ("/v1/jobs/{job_id}/checkpoints/{checkpoint}/content", "get"),
     ("/v1/files", "post"), ("/v1/files", "get"), ("/v1/files/{file_id}", "get"), ("/v1/files/{file_id}", "delete"),
-    ("/v1/files/{file_id}/content", "get"), ("/v1/models", "get"), ("/v1/reward_functions", "get"),
+    ("/v1/files/{file_id}/content", "get"), ("/v1/models", "get"), ("/v1/reward_functions", "get"), ("/v1/environments", "get"),
     ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"),
 }
 

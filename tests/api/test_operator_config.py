@@ -12,15 +12,18 @@ from orchestrator.core.rows import DataError, check_upload
 
 def test_registry_file_errors_name_the_entry(tmp_path):
     path = tmp_path / "registry.yaml"
-    path.write_text("models:\n  good: {path: /m}\n  bad: {path: /m, trust_remote_code: maybe}\n")
-    with pytest.raises(RegistryError, match=r"registry.yaml: models.bad.trust_remote_code"):
-        Registry.load(path)
-    path.write_text("reward_functions:\n  mine: 'not an import path'\n")
-    with pytest.raises(RegistryError, match=r"reward_functions.mine: 'not an import path' is not an import path"):
-        Registry.load(path)
-    path.write_text("models:\n  'a/b': {path: /m}\n")
-    with pytest.raises(RegistryError, match=r"'a/b' is not a valid name"):
-        Registry.load(path)
+    cases = [
+        ("models:\n  good: {path: /m}\n  bad: {path: /m, trust_remote_code: maybe}\n", r"registry.yaml: models.bad.trust_remote_code"),
+        ("environments:\n  calculator: orchestrator.core.environments:CalculatorEnv\n",
+         r"environments.calculator: a built-in environment has this name"),
+        ("environments:\n  mine: 'os.system'\n", r"environments.mine: 'os.system' is not an import path 'pkg.module:Class'"),
+        ("reward_functions:\n  mine: 'not an import path'\n", r"reward_functions.mine: 'not an import path' is not an import path"),
+        ("models:\n  'a/b': {path: /m}\n", r"'a/b' is not a valid name"),
+    ]
+    for text, message in cases:
+        path.write_text(text)
+        with pytest.raises(RegistryError, match=message):
+            Registry.load(path)
     with pytest.raises(RegistryError, match="registry file not found"):
         Registry.load(tmp_path / "missing.yaml")
     assert Registry.load(None).models == {}

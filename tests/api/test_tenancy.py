@@ -14,8 +14,10 @@ import json
 
 import httpx
 import pytest
+import redis
 from ray.job_submission import JobSubmissionClient
 
+from orchestrator.core.records import control_key
 from tests.api.conftest import (
     ARITHMETIC,
     ApiServer,
@@ -161,6 +163,22 @@ def test_what_a_tenant_may_name_is_listed(alpha, beta):
     assert [m["id"] for m in alpha.get("/v1/models").json()["data"]] == ["missing", "tiny", "tiny-alpha"]
     assert [m["id"] for m in beta.get("/v1/models").json()["data"]] == ["missing", "tiny", "tiny-beta"]
     assert alpha.get("/v1/reward_functions").json()["data"] == ["accuracy", "regex_match", "length_penalty", "short-answers"]
+    assert alpha.get("/v1/environments").json()["data"][-2:] == ["verifiers", "arith-tools"]  # the built-ins, then the operator's
+
+
+def test_a_registered_environment_is_named_and_runs_by_its_import_path(alpha, tiny, workdir, redis_url):
+    agent = {"environment": "arith-tools", "max_tokens": 256}
+    body = job_body(tiny, workdir, "env", 2, stages=[{"name": "a"}, {"name": "b", "rollout": {"agent": agent}}])
+    body["rollout"]["agent"] = agent
+    r = alpha.post("/v1/jobs", json=body)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    launch = json.loads(redis.Redis.from_url(redis_url).hget(control_key(job_id), "launch_spec"))
+    alpha.post(f"/v1/jobs/{job_id}/cancel")
+    path = "orchestrator.core.environments:CalculatorEnv"
+    assert launch["rollout"]["agent"]["environment"] == path and launch["stages"][1]["rollout"]["agent"]["environment"] == path
+    # the tenant sees the name it gave, not the operator's import path
+    assert alpha.get(f"/v1/jobs/{job_id}").json()["spec"]["rollout"]["agent"]["environment"] == "arith-tools"
 
 
 def test_uploads_are_checked_and_private(api, alpha, beta, workdir, tiny):
