@@ -13,7 +13,7 @@ import torch
 
 from orchestrator.core.environments import CalculatorEnv
 from tests.conftest import ROOT, read_jsonl, run_entrypoint, tiny_spec, write_spec
-from tests.test_agent_rollout import check_token_identity
+from tests.test_agent_rollout import check_token_identity, mask_runs
 from workers.agent_rollout import Trajectory
 
 pytestmark = pytest.mark.slow
@@ -80,13 +80,7 @@ def test_a_multi_turn_grpo_job_with_the_calculator_tool(ray_head, tiny_model, tm
     for t, r in zip(first, records):
         opening = tok.apply_chat_template(t.messages[:2], tools=CalculatorEnv.tools, add_generation_prompt=True, tokenize=False)
         assert t.ids[: t.prompt_len] == tok.encode(opening, add_special_tokens=False)
-        runs, cur, prev = [], [], None
-        for x, m in zip(t.response_ids, t.mask):
-            if m != prev and cur:
-                runs.append((prev, cur))
-                cur = []
-            cur, prev = cur + [x], m
-        runs.append((prev, cur))
+        runs = mask_runs(t)
         generated = [tok.decode(ids).removesuffix("<|im_end|>") for m, ids in runs if m]
         assert generated == [m["content"] for m in t.messages if m["role"] == "assistant"] and len(generated) == r["turns"]
         for (m, ids), tool in zip([x for x in runs if not x[0]], [m for m in t.messages if m["role"] == "tool"]):

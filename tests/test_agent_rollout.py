@@ -61,6 +61,18 @@ class Talk:
         return StepResult([{"role": "user", "content": f"go on ({self.left})"}], reward=0.5, done=self.left == 0)
 
 
+def mask_runs(traj) -> list[tuple[int, list[int]]]:
+    """A trajectory's response as runs of equal loss mask: [(mask, ids), ...] (generated turns are 1, observations 0)."""
+    runs, cur, prev = [], [], None
+    for x, m in zip(traj.response_ids, traj.mask):
+        if m != prev and cur:
+            runs.append((prev, cur))
+            cur = []
+        cur, prev = cur + [x], m
+    runs.append((prev, cur))
+    return runs
+
+
 def check_token_identity(model, tok, trajs, generated_parts=None):
     batch = to_batch(trajs, tok.pad_token_id)
     recomputed, _ = response_logprobs(model, batch)

@@ -15,7 +15,7 @@ import torch
 
 vf = pytest.importorskip("verifiers.v1")
 
-from tests.test_agent_rollout import check_token_identity, lm  # noqa: F401 (the tiny model fixture)
+from tests.test_agent_rollout import check_token_identity, lm, mask_runs  # noqa: F401 (the tiny model fixture)
 from workers.agent_rollout import AgentConfig
 from workers.chat_endpoint import ChatEndpoint
 from workers.environments import make_environment
@@ -96,6 +96,31 @@ def test_verifiers_episodes_are_trained_on_token_for_token(endpoint, digest_task
     assert set(SubprocessRuntime._interpreters.values()) == {sys.executable}
 
 
+@pytest.mark.slow  # 28-64 s here: each turn of each seat starts verifiers' chat program again (a Python process)
+def test_a_multi_turn_verifiers_env_trains_the_assistant_seat_only(endpoint):
+    """verifiers' user_sim env: a modeled user (the same policy, not trainable) opens and answers; the
+    assistant's calls stitch into one trajectory per episode whose observations are the user's words,
+    masked, and the episodes of one prompt share one opening."""
+    tok, model = endpoint.tok, endpoint.model
+    env = make_environment("verifiers", env="user_sim", persona="Ask for {scenario} Say {done} when answered.")
+    row = {"prompt": "3+4=", "answer": 7}
+    torch.manual_seed(0)
+    trajs = env.rollout(endpoint, [dict(row), dict(row)], AgentConfig(max_turns=2, max_new_tokens=8))
+    assert [t.prompt_len for t in trajs] == [trajs[0].prompt_len] * 2
+    assert trajs[0].ids[: trajs[0].prompt_len] == trajs[1].ids[: trajs[1].prompt_len]
+    for t in trajs:
+        assert t.turns == 2 and not t.truncated  # each assistant call's prompt extended the one before, ids as generated
+        roles = [m["role"] for m in t.messages]
+        assert roles == ["system", "user", "assistant", "user", "assistant"], roles
+        runs = mask_runs(t)
+        generated = [tok.decode(ids).removesuffix("<|im_end|>") for m, ids in runs if m]
+        assert generated == [m["content"] for m in t.messages if m["role"] == "assistant"]
+        # The modeled user's second message (its own generated words) is an observation here: loss mask 0.
+        assert t.messages[3]["content"] in tok.decode([x for m, ids in runs if not m for x in ids])
+    with torch.no_grad():
+        check_token_identity(model, tok, trajs)
+
+
 def test_a_session_of_calls_is_stitched_with_the_observations_masked(endpoint):
     """Two calls of one session (an agent's loop: the reply and a tool result go back in the history) make
     one trajectory: the second prompt reuses the first's ids and completion as they were generated."""
@@ -130,6 +155,13 @@ def test_a_session_of_calls_is_stitched_with_the_observations_masked(endpoint):
 def test_a_taskset_not_listed_is_refused_naming_the_kwarg():
     with pytest.raises(ValueError, match=r"unknown taskset 'pkg.mod:Evil' \(kwargs.taskset\); listed: boxed_math"):
         make_environment("verifiers", taskset="pkg.mod:Evil")
+    with pytest.raises(ValueError, match=r"unknown env 'best_of_n' \(kwargs.env\); listed: single_agent, user_sim"):
+        make_environment("verifiers", env="best_of_n")
+    # verifiers' own config keys are not passed through: its taskset config reads a file named by `system_prompt`
+    # and its task config imports plugged reward functions by path.
+    for key, value in [("system_prompt", "/etc/passwd"), ("task", {"rewards": {"x": {"fn": "os:system"}}})]:
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{key}'"):
+            make_environment("verifiers", **{key: value})
     assert isinstance(make_environment("verifiers"), VerifiersEnv)
 
 

@@ -118,23 +118,47 @@ def _use_this_python() -> None:
 
 # ---------------------------------------------------------------------------- the environment
 
+# The envs a job may name (`kwargs.env`): name -> verifiers env id ("" is the taskset's own, SingleAgentEnv).
+VERIFIERS_ENVS: dict[str, str] = {
+    "single_agent": "",
+    "user_sim": "user-sim",  # a modeled user (the same policy, its tokens not trained) talks with the assistant: multi-turn
+}
+
+
 class VerifiersEnv:
-    """A verifiers environment (SingleAgentEnv over a listed taskset, the null harness) whose episodes
-    run through `rollout`, not step by step: `AgentSampler` hands it the job's chat endpoint."""
+    """A verifiers environment (a listed env over a listed taskset, every seat on the null harness)
+    whose episodes run through `rollout`, not step by step: `AgentSampler` hands it the job's chat
+    endpoint. Only these kwargs reach verifiers' configs: its taskset and task configs also take file
+    paths (`system_prompt`) and import paths (plugged rewards), which a REST tenant must not name."""
 
     tools: ClassVar[list[dict[str, Any]]] = []
     owns_rollout: ClassVar[bool] = True  # AgentSampler calls `rollout` instead of driving `reset`/`step`
 
-    def __init__(self, taskset: str = "boxed_math", timeout_s: float = 600.0, **taskset_kwargs: Any):
-        self.taskset = {"id": taskset_id(taskset), **taskset_kwargs}  # (a name not listed fails here, naming kwargs.taskset)
+    def __init__(self, taskset: str = "boxed_math", env: str = "single_agent", system: str | None = None,
+                 persona: str | None = None, timeout_s: float = 600.0):
+        if env not in VERIFIERS_ENVS:
+            raise ValueError(f"verifiers environment: unknown env {env!r} (kwargs.env); listed: {', '.join(sorted(VERIFIERS_ENVS))}")
+        self.taskset: dict[str, Any] = {"id": taskset_id(taskset)}  # (a name not listed fails here, naming kwargs.taskset)
+        if system is not None:
+            self.taskset["system"] = system
+        self.env_id, self.env_kwargs = VERIFIERS_ENVS[env], {}
+        if persona is not None:
+            if env != "user_sim":
+                raise ValueError("verifiers environment: kwargs.persona is for env user_sim only")
+            self.env_kwargs["persona"] = persona
         self.timeout = timeout_s
-        self.env = self.verifiers_env(max_turns=None)
+        self.env = self.verifiers_env(max_turns=None)  # validates the configs now
 
-    def verifiers_env(self, max_turns: int | None) -> vf.SingleAgentEnv:
-        from verifiers.v1.runtimes import SubprocessConfig
+    def verifiers_env(self, max_turns: int | None) -> vf.Env:
+        """The env, its every seat on the null harness in a local subprocess, with `max_turns` each."""
+        from verifiers.v1.utils.generic import concrete_type
+        from verifiers.v1.utils.loaders import environment_class
 
-        agent = vf.AgentConfig(harness={"id": "null"}, runtime=SubprocessConfig(), max_turns=max_turns)
-        return vf.SingleAgentEnv(vf.SingleAgentEnvConfig(taskset=self.taskset, agent=agent))
+        cls = environment_class(self.taskset["id"], self.env_id)
+        config_cls = concrete_type(cls, vf.EnvConfig, origin=vf.Env) or vf.EnvConfig
+        seat = {"harness": {"id": "null"}, "runtime": {"type": "subprocess"}, "max_turns": max_turns}
+        seats = {name: dict(seat) for name, f in config_cls.model_fields.items() if isinstance(f.default, vf.AgentConfig)}
+        return cls(config_cls.model_validate({"id": self.env_id, "taskset": self.taskset, **self.env_kwargs, **seats}))
 
     def reset(self, row: dict[str, Any]) -> list[Message]:
         raise TypeError("a verifiers environment runs its own loop: AgentSampler calls rollout()")
@@ -168,21 +192,26 @@ class VerifiersEnv:
         with cf.ThreadPoolExecutor(1, thread_name_prefix="verifiers") as pool:
             episodes = pool.submit(asyncio.run, run_all()).result(timeout=self.timeout)
         calls = endpoint.take_calls()
-        return [self.trajectory(ep, [c for c in calls if c.session in {t.id for t in ep.traces}]) for ep in episodes]
+        return share_openings([self.trajectory(ep, calls) for ep in episodes], rows)
 
     def trajectory(self, episode: vf.Episode, calls: list[ChatCall]) -> Trajectory:
-        """The episode's calls as one trajectory (`stitch`), its messages as verifiers recorded them
-        (the trace's final branch) and its return the sum of the traces' weighted rewards."""
-        if not calls:
-            why = "; ".join(f"{e.type}: {e.message}" for e in episode.errors) or "no model call reached the endpoint"
+        """The trainable seat's calls as one trajectory (`stitch`), its messages as verifiers recorded
+        them (its trace's final branch) and its return the trace's reward (the sum of its weighted
+        rewards). Other seats' calls (user_sim's modeled user) are not trained on."""
+        trainable = [t for t in episode.traces if t.agent.trainable]
+        if len(trainable) != 1:
+            raise RuntimeError(f"verifiers episode with {len(trainable)} trainable traces; one per episode is supported")
+        [trace] = trainable
+        mine = [c for c in calls if c.session == trace.id]
+        if not mine:
+            why = "; ".join(f"{e.type}: {e.message}" for e in [*episode.errors, *trace.errors]) or "no model call reached the endpoint"
             raise RuntimeError(f"verifiers episode of task {episode.task.key[:12]} made no model call: {why[-2000:]}")
         from verifiers.v1.dialects.chat import message_to_wire
 
-        traj = stitch(calls, env=self)
-        traj.messages = [{**wire, "content": wire.get("content") or ""}  # (text, for the job's reward functions)
-                         for t in episode.traces for wire in map(message_to_wire, t.messages)]
-        traj.rewards = [0.0] * (traj.turns - 1) + [sum(t.reward for t in episode.traces)]
-        traj.tool_errors = sum(len(t.errors) for t in episode.traces)
+        traj = stitch(mine, env=self)
+        traj.messages = [{**wire, "content": wire.get("content") or ""} for wire in map(message_to_wire, trace.messages)]
+        traj.rewards = [0.0] * (traj.turns - 1) + [trace.reward]
+        traj.tool_errors = len(trace.errors)
         return traj
 
 
@@ -206,3 +235,23 @@ def stitch(calls: list[ChatCall], env: Any = None) -> Trajectory:
         traj.messages = [*call.messages, {"role": "assistant", "content": call.text}]
     traj.done = True
     return traj
+
+
+def share_openings(trajs: list[Trajectory], rows: list[dict[str, Any]]) -> list[Trajectory]:
+    """Episodes of one prompt (adjacent equal rows) as `to_batch` takes them: one opening, their
+    longest common prefix; the rest of each one's first prompt moves to its response, masked (user_sim's
+    modeled user opens each episode with its own words)."""
+    start = 0
+    while start < len(trajs):
+        end = start + 1
+        while end < len(trajs) and rows[end] == rows[start]:
+            end += 1
+        group = trajs[start:end]
+        common = min(t.prompt_len for t in group)
+        for t in group[1:]:
+            common = next((i for i in range(common) if t.ids[i] != group[0].ids[i]), common)
+        for t in group:
+            moved = t.prompt_len - common
+            t.prompt_len, t.mask, t.logprobs = common, [0] * moved + t.mask, [0.0] * moved + t.logprobs
+        start = end
+    return trajs
