@@ -31,6 +31,7 @@ from api.routers import (
     jobs,
     logs,
     tinker,
+    trajectories,
     ui,
 )
 from api.settings import Settings
@@ -108,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _warn_if_streams_outnumber_connections(settings)
     app.state.metrics = ApiMetrics()
     errors.install(app)
-    for module in (health, jobs, events, checkpoints, files, catalog, logs, ui):  # ui: the web page at /ui
+    for module in (health, jobs, events, checkpoints, trajectories, files, catalog, logs, ui):  # ui: the web page at /ui
         app.include_router(module.router)
     tinker.install(app)  # the Tinker-compatible training API at /api/v1 (docs/tinker.md)
     _add_docs(app, settings.public_docs)

@@ -55,7 +55,7 @@ class Redactor:
         return strip_addresses(self.paths(value)) if self.addresses else self.paths(value)
 
     def __call__(self, value: Any) -> Any:
-        return _each_string(value, self.text)
+        return each_string(value, self.text)
 
     def json_bytes(self, data: bytes) -> bytes:
         """A checkpoint's JSON file with the paths in its strings redacted (not addresses: a vocabulary
@@ -66,17 +66,18 @@ class Redactor:
             text = data.decode("utf-8", "replace")
             out = self.paths(text)
             return data if out == text else out.encode()
-        out = _each_string(doc, self.paths)
+        out = each_string(doc, self.paths)
         return data if out == doc else json.dumps(out, indent=1).encode()
 
 
-def _each_string(value: Any, change) -> Any:
+def each_string(value: Any, change) -> Any:
+    """`value` with `change` applied to every string in it (lists and dicts walked)."""
     if isinstance(value, str):
         return change(value)
     if isinstance(value, dict):
-        return {k: _each_string(v, change) for k, v in value.items()}
+        return {k: each_string(v, change) for k, v in value.items()}
     if isinstance(value, list):
-        return [_each_string(v, change) for v in value]
+        return [each_string(v, change) for v in value]
     return value
 
 

@@ -192,6 +192,39 @@ class CheckpointList(BaseModel):
     has_more: bool = False
 
 
+class TrajectoryMessage(BaseModel):
+    role: str
+    content: str = Field(..., description="The message's text (its first 4,000 characters).")
+    name: str | None = Field(None, description="A tool message's tool.")
+
+
+class TrajectoryPublic(BaseModel):
+    object: Literal["job.trajectory"] = "job.trajectory"
+    step: int | None = Field(None, description="The training step that sampled it.")
+    sample: int | None = Field(None, description="Which of the prompt's `rollout.n` episodes.")
+    turns: int | None = None
+    reward: float | None = Field(None, description="The episode's return: the sum of its turns' rewards.")
+    rewards: list[float] | None = Field(None, description="Each turn's reward.")
+    tool_calls: int | None = None
+    invalid_calls: int | None = None
+    tool_errors: int | None = None
+    truncated: bool | None = Field(None, description="Ended by `rollout.agent.max_tokens` or `max_turns`.")
+    messages: list[TrajectoryMessage]
+
+
+class TrajectoryList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"object": "list", "data": [{
+        "object": "job.trajectory", "step": 3, "sample": 0, "turns": 2, "reward": 1.0, "rewards": [0.0, 1.0], "tool_calls": 1,
+        "invalid_calls": 0, "tool_errors": 0, "truncated": False, "messages": [
+            {"role": "system", "content": "Use the calculator."}, {"role": "user", "content": "753*14"},
+            {"role": "assistant", "content": "<tool_call>{\"name\": \"calculator\", \"arguments\": {\"expression\": \"753*14\"}}</tool_call>"},
+            {"role": "tool", "content": "10542", "name": "calculator"}, {"role": "assistant", "content": "10542"}]}], "has_more": False}]})
+
+    object: Literal["list"] = "list"
+    data: list[TrajectoryPublic]
+    has_more: bool = False
+
+
 class FilePublic(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"id": "file-9b2e4c1d0a7f4e3b8c6d5a41", "object": "file", "bytes": 1043, "created_at": 1764190000.0,
                                                               "filename": "train.jsonl", "purpose": "train", "rows": 16, "status": "processed"}]})

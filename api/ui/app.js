@@ -380,6 +380,9 @@ async function renderJob(id) {
   const liveNote = h("span", { class: "live off", id: "live" }, "connecting");
   const events = h("tbody");
   const checkpoints = h("tbody");
+  // A multi-turn job (rollout.agent, here or in a stage) shows its newest sample episodes.
+  const isAgent = !!(job.spec?.rollout?.agent || (job.spec?.stages || []).some((st) => st?.rollout?.agent));
+  const episodes = h("div", { id: "episodes" });
   const specBlock = h("pre", { class: "spec" }, JSON.stringify(job.spec, null, 2));
   let latestStep = job.step;
 
@@ -431,7 +434,20 @@ async function renderJob(id) {
       checkpoints.replaceChildren(...list.data.map((c) => h("tr", {},
         h("td", {}, c.step), h("td", { class: "mono" }, c.id), h("td", {}, `${(c.bytes / 1e6).toFixed(1)} MB`), h("td", {}, when(c.created_at)))));
       if (!list.data.length) checkpoints.replaceChildren(h("tr", {}, h("td", { colspan: 4, class: "muted" }, "none yet")));
+      if (isAgent) drawEpisodes((await api(`v1/jobs/${encodeURIComponent(id)}/trajectories?limit=8`)).data);
     } catch (err) { /* the streams report trouble; the next refresh tries again */ }
+  };
+  let episodesShown = null; // what is drawn: redrawn only when it changes, with the episodes the user opened kept open
+  const drawEpisodes = (list) => {
+    const key = JSON.stringify(list.map((t) => [t.step, t.sample]));
+    if (key === episodesShown) return;
+    episodesShown = key;
+    if (!list.length) { episodes.replaceChildren(h("p", { class: "muted" }, "none yet")); return; }
+    const open = new Set([...episodes.querySelectorAll("details[open]")].map((d) => `${d.dataset.step}/${d.dataset.sample}`));
+    episodes.replaceChildren(...list.slice().reverse().map((t) => h("details", { class: "episode card", open: open.has(`${t.step}/${t.sample}`) || null, dataset: { step: t.step, sample: t.sample, reward: t.reward } },
+      h("summary", {}, `step ${t.step} · episode ${t.sample} · reward ${fmt(t.reward, 3)} · ${t.turns} turns · ${t.tool_calls} tool calls`
+        + (t.tool_errors ? ` · ${t.tool_errors} tool errors` : "") + (t.truncated ? " · truncated" : "")),
+      ...t.messages.map((m) => h("div", { class: `turn turn-${m.role}` }, h("b", {}, m.name ? `${m.role} (${m.name})` : m.role), h("pre", {}, m.content))))));
   };
   let refreshTimer = null; // one refresh for a burst of events (a long job's history arrives at once)
   const scheduleRefresh = () => {
@@ -461,6 +477,7 @@ async function renderJob(id) {
       for (const c of charts) c.add(m.step, m.values);
       if (m.step > latestStep) {
         latestStep = m.step;
+        if (isAgent) scheduleRefresh(); // a new step appended its episodes
         stepText.textContent = `${latestStep}/${job.total_steps ?? "?"}`;
       }
     },
@@ -479,6 +496,7 @@ async function renderJob(id) {
     head, errorBox,
     h("h2", {}, "Curves"), h("div", { class: "charts", id: "charts" }, charts.map((c) => c.el)),
     h("h2", {}, "Events"), h("div", { class: "events card" }, h("table", { id: "events" }, events)),
+    ...(isAgent ? [h("h2", {}, "Episodes"), h("p", { class: "muted" }, "the newest sampled episodes (each step's first prompt), with their turns and rewards"), episodes] : []),
     h("h2", {}, "Checkpoints"), h("table", { id: "checkpoints" }, h("thead", {}, h("tr", {}, ["step", "id (a new job's model.path)", "size", "saved"].map((c) => h("th", {}, c)))), checkpoints),
     h("h2", {}, "Spec"), h("details", {}, h("summary", {}, "the validated job spec"), specBlock));
   refresh();

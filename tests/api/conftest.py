@@ -266,7 +266,7 @@ def run_async(coro):
     return asyncio.run(coro)
 
 
-def make_record(redis_url: str, tenant: str, name: str = "rec", status: str | None = None) -> str:
+def make_record(redis_url: str, tenant: str, name: str = "rec", status: str | None = None, spec: dict | None = None) -> str:
     """A job record written straight to the store (no Ray job): for listing and tenancy tests."""
     import uuid
 
@@ -276,7 +276,7 @@ def make_record(redis_url: str, tenant: str, name: str = "rec", status: str | No
         store = JobStore(redis_url)
         try:
             job_id = "job-" + uuid.uuid4().hex[:24]
-            await store.create(job_id, tenant, name, {"name": name}, {"kind": "record"}, None)
+            await store.create(job_id, tenant, name, spec or {"name": name}, {"kind": "record"}, None)
             if status:
                 await store.transition(job_id, status, status, **({"error": {"code": "x", "message": "boom"}} if status == "failed" else {}))
             return job_id

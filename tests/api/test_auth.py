@@ -13,6 +13,7 @@ ENDPOINTS = [
     ("GET", "/v1/jobs/{id}/metrics"),
     ("GET", "/v1/jobs/{id}/checkpoints"),
     ("GET", "/v1/jobs/{id}/logs"),
+    ("GET", "/v1/jobs/{id}/trajectories"),
     ("GET", "/v1/jobs/{id}/checkpoints/ckpt-0123456789abcdef01234567-2/content"),
     ("GET", "/v1/files"),
     ("POST", "/v1/files"),

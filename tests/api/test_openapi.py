@@ -10,7 +10,7 @@ from tests.api.conftest import ApiServer, api_env, free_port
 OPERATIONS = {
     ("/v1/jobs", "post"), ("/v1/jobs", "get"), ("/v1/jobs/{job_id}", "get"), ("/v1/jobs/{job_id}/cancel", "post"),
     ("/v1/jobs/{job_id}/events", "get"), ("/v1/jobs/{job_id}/metrics", "get"), ("/v1/jobs/{job_id}/checkpoints", "get"),
-    ("/v1/jobs/{job_id}/logs", "get"), ("/v1/jobs/{job_id}/checkpoints/{checkpoint}/content", "get"),
+    ("/v1/jobs/{job_id}/logs", "get"), ("/v1/jobs/{job_id}/trajectories", "get"), ("/v1/jobs/{job_id}/checkpoints/{checkpoint}/content", "get"),
     ("/v1/files", "post"), ("/v1/files", "get"), ("/v1/files/{file_id}", "get"), ("/v1/files/{file_id}", "delete"),
     ("/v1/files/{file_id}/content", "get"), ("/v1/models", "get"), ("/v1/reward_functions", "get"), ("/v1/environments", "get"),
     ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"),

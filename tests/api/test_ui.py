@@ -236,3 +236,37 @@ def test_an_async_jobs_page_shows_staleness_buffer_and_idle_curves(browser, serv
     driver.get(f"{api.url}/ui/#/jobs/{sync_job}")
     wait(driver, lambda d: chart("reward/mean").is_displayed(), 30, "the sync job's page")
     assert not any(chart(metric).is_displayed() for metric in shown)
+
+
+def test_a_multi_turn_jobs_page_shows_its_newest_episodes(browser, served, keys, redis_url, operator):
+    """A job with `rollout.agent` gets an Episodes section fed by GET /v1/jobs/{id}/trajectories; the
+    turns of each episode open under its summary line. A job without an agent has none."""
+    import json
+
+    from api.storage import ArtifactStore
+    from tests.api.test_trajectories import episode
+
+    api, driver = served, browser
+    agent_job = make_record(redis_url, "alpha", name="ui-agent", status="succeeded",
+                            spec={"name": "ui-agent", "rollout": {"agent": {"environment": "calculator"}}})
+    plain_job = make_record(redis_url, "alpha", name="ui-plain", status="succeeded")
+    run = Path(ArtifactStore(operator["RLHF_API_STORAGE_ROOT"]).run_path("alpha", agent_job))
+    run.mkdir(parents=True)
+    records = [episode(step, sample, answer) for step in (1, 2) for sample, answer in ((0, "10542"), (1, "99"))]
+    (run / "trajectories.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    sign_in(driver, api, keys["alpha"])
+    driver.get(f"{api.url}/ui/#/jobs/{agent_job}")
+    wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#episodes details.episode")) == 4, 30, "the job's 4 episodes")
+    shown = driver.find_elements(By.CSS_SELECTOR, "#episodes details.episode")
+    assert [(e.get_attribute("data-step"), e.get_attribute("data-reward")) for e in shown] == [("2", "0"), ("2", "1"), ("1", "0"), ("1", "1")]
+    assert shown[1].text.startswith("step 2 · episode 0 · reward 1 · ") and "2 turns" in shown[1].text and "1 tool calls" in shown[1].text
+    shown[1].find_element(By.CSS_SELECTOR, "summary").click()
+    turns = shown[1].find_elements(By.CSS_SELECTOR, ".turn")
+    assert [t.find_element(By.CSS_SELECTOR, "b").text for t in turns] == ["system", "user", "assistant", "tool (calculator)", "assistant"]
+    assert turns[3].find_element(By.CSS_SELECTOR, "pre").text == "10542"
+    driver.save_screenshot(str(ARTIFACTS / "ui-agent-episodes.png"))
+
+    driver.get(f"{api.url}/ui/#/jobs/{plain_job}")
+    wait(driver, lambda d: css(d, "#checkpoints"), 30, "the plain job's page")
+    assert not driver.find_elements(By.CSS_SELECTOR, "#episodes")
