@@ -141,6 +141,22 @@ class AsyncOrchestrator(Orchestrator):
         timing["reference"] = max(t for _, t in results)
         return batch.replace(ref_logprobs=torch.cat([lp for lp, _ in results]))
 
+    def evaluate(self, dataset) -> dict[str, float]:
+        """Held-out metrics of the trainer's current weights: the rollout actor samples them, so this waits
+        until the rollout side has loaded them (between two chunks), within `fault_tolerance.call_timeout_s`."""
+        limit = self.spec.fault_tolerance.call_timeout_s
+        t0 = time.perf_counter()
+        with self.cond:
+            while self.rollout_version < self.version:
+                if self.producer_error is not None:
+                    raise self.producer_error
+                left = None if limit is None else t0 + limit - time.perf_counter()
+                if left is not None and left <= 0 and not self.in_call:
+                    raise PhaseTimeout(f"the eval phase of step {self.current_step}: the rollout side did not load the weights of "
+                                       f"version {self.version} within fault_tolerance.call_timeout_s={limit:g} s")
+                self.cond.wait(1.0 if left is None else min(max(left, 0.05), 1.0))
+        return super().evaluate(dataset)
+
     def publish(self, step: int) -> None:
         """The new weights into the object store; the rollout side loads them between two chunks."""
         ref = self.weight_sync.publish()
@@ -196,6 +212,7 @@ class AsyncOrchestrator(Orchestrator):
         self.rollout_clock["weight_sync"] += time.perf_counter() - t0
         with self.cond:
             self.rollout_version = published[0]
+            self.cond.notify_all()  # an evaluation may wait for these weights
 
     @contextmanager
     def calling(self):
