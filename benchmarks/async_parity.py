@@ -11,7 +11,8 @@ seed; the settings differ only in the GRPO stage's rollout.max_staleness (0: the
 Held-out greedy accuracy (the demo's `held_out`: all 400 test problems) of the SFT and each GRPO
 final checkpoint. Times: the GRPO job's wall time (Ray's start, actors, the 800 steps, evals,
 checkpoints; Ray shut down between jobs) and the GRPO stage's own (its `stage` event to its last
-metrics line). The settings alternate which runs first per seed. Writes docs/benchmarks.md's
+metrics line). The settings alternate which runs first per seed. A rerun reuses the finished runs under
+--out (the SFT run, and each GRPO run's `parity_result.json`). Writes docs/benchmarks.md's
 `async_parity` block (benchmarks/record.py) unless --no-record.
 """
 
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.record import markdown_table, record
+
+RESULT = "parity_result.json"  # a finished GRPO run's numbers: a rerun reuses them (remove the run to measure again)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -54,12 +57,15 @@ def sft_once(out: Path, seed: int, quick: bool) -> Path:
 
 
 def grpo_from(sft: Path, out: Path, seed: int, k: int, quick: bool) -> dict:
-    """The demo's pipeline with the GRPO stage's max_staleness `k`, resumed in a copy of the SFT run `sft`."""
+    """The demo's pipeline with the GRPO stage's max_staleness `k`, resumed in a copy of the SFT run `sft`
+    (or the result a finished run left in `out`)."""
     import ray
 
     from orchestrator.entrypoints.demo import demo_spec, held_out, with_staleness
     from orchestrator.entrypoints.run import run_job
 
+    if (out / RESULT).exists():
+        return json.loads((out / RESULT).read_text())
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(sft, out, ignore=shutil.ignore_patterns(".lock", "*.png"))
     spec = with_staleness(demo_spec(sft, seed, quick), k)  # model and data stay the SFT run's (a resume keeps model.path)
@@ -76,8 +82,16 @@ def grpo_from(sft: Path, out: Path, seed: int, k: int, quick: bool) -> dict:
     grpo = [m for m in read_jsonl(out / "metrics.jsonl") if m.get("stage") == "grpo"]
     _, acc = held_out(out, spec)
     stale = [m["staleness/mean"] for m in grpo if "staleness/mean" in m]
-    return {"sft": acc["sft"], "grpo": acc["grpo"], "wall": wall, "stage": grpo[-1]["time"] - began,
-            "staleness": sum(stale) / len(stale) if stale else 0.0, "reward": sum(m["reward/mean"] for m in grpo[-50:]) / len(grpo[-50:])}
+    result = {"sft": acc["sft"], "grpo": acc["grpo"], "wall": wall, "stage": grpo[-1]["time"] - began,
+              "staleness": sum(stale) / len(stale) if stale else 0.0, "reward": sum(m["reward/mean"] for m in grpo[-50:]) / len(grpo[-50:])}
+    (out / RESULT).write_text(json.dumps(result))
+    return result
+
+
+def update_seconds(run: Path) -> float:
+    """The median `timing/update_compute` of the run's GRPO steps: the same 128 samples' update in either loop."""
+    values = sorted(m["timing/update_compute"] for m in read_jsonl(run / "metrics.jsonl") if m.get("stage") == "grpo")
+    return values[len(values) // 2]
 
 
 def pct(x: float) -> str:
@@ -103,18 +117,20 @@ def main() -> None:
                      f"{100 * (stale['grpo']['all'] - sync['grpo']['all']):+.1f}",
                      f"{pct(sync['grpo']['carry'])} / {pct(stale['grpo']['carry'])}",
                      f"{sync['wall'] / 60:.1f} / {sync['stage'] / 60:.1f}", f"{stale['wall'] / 60:.1f} / {stale['stage'] / 60:.1f}",
+                     f"{update_seconds(args.out / f'seed{seed}' / 'grpo_k0'):.2f} / {update_seconds(args.out / f'seed{seed}' / f'grpo_k{args.k}'):.2f}",
                      f"{stale['staleness']:.2f}", f"{sync['reward']:.3f} / {stale['reward']:.3f}"])
         print(json.dumps({"seed": seed, "runs": runs}), flush=True)
     k = args.k
     table = markdown_table(["seed", "held-out after SFT", "after GRPO sync", f"after GRPO k={k}", f"k={k} - sync (points)",
-                            f"carry: sync / k={k}", "GRPO sync: job / stage min", f"GRPO k={k}: job / stage min",
+                            f"carry: sync / k={k}", "GRPO sync: job / stage min", f"GRPO k={k}: job / stage min", f"update s/step (median): sync / k={k}",
                             f"k={k} staleness mean", f"reward/mean, last 50 steps: sync / k={k}"], rows)
     problems = 16 if args.quick else 400
     text = (f"`rlhf demo`'s pipeline (examples/arithmetic/pipeline.yaml: SFT 3,000 steps x 64, then GRPO 800 steps x 16 prompts x 8), "
             f"per seed the SFT stage once, then the GRPO stage from its final checkpoint twice: rollout.max_staleness 0 (the synchronous loop) "
             f"and {k} (asynchronous; the demo's resources, each actor with every core). Held-out greedy accuracy on {problems} test problems "
             f"(none in training) of each final checkpoint. Times in minutes on 2 cores shared with other workers' jobs: the GRPO job "
-            f"(Ray's start, actors, steps, evals, checkpoints) / its GRPO stage alone.\n\n{table}")
+            f"(Ray's start, actors, steps, evals, checkpoints) / its GRPO stage alone; the update of a step's 128 samples is the same work in both loops, so its median seconds show what "
+            f"the machine's load (and the synchronous plan's spinning OpenMP threads, which lose most on busy shared cores) did to each run.\n\n{table}")
     print("\n" + text)
     if not args.no_record and not args.quick:
         record("async_parity", text, title="Learning parity: SFT -> GRPO, synchronous vs max_staleness 1 (async_parity)")
