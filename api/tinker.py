@@ -33,8 +33,9 @@ NAMESPACE = "rlhf-tinker"
 LOSSES = ("cross_entropy", "importance_sampling", "ppo")
 POOL_FACTORY = "workers.tinker_pool:start_pool"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-# Our ids (`tm-<hex>`, ...), and the SDK's own for a run made from a checkpoint: `<session_id>:train:<seq>`.
-_ID = re.compile(r"^[a-z]+-[0-9a-f]{16,32}(:train:[0-9]{1,9})?$")
+# Our ids (`tm-<hex>`, ...), the SDK's own for a run made from a checkpoint: `<session_id>:train:<seq>`, and a sampling
+# session's, `<session_id>:sample:<hex>` (its record lives in its session's hash, and expires with it).
+_ID = re.compile(r"^[a-z]+-[0-9a-f]{16,32}(:train:[0-9]{1,9}|:sample:[0-9a-f]{12})?$")
 
 
 class TinkerSettings(BaseSettings):
@@ -318,11 +319,26 @@ class Records:
 
     async def get(self, kind: str, id_: str, tenant: str) -> dict:
         """The record, or 404 when it is missing or another tenant's (the same answer)."""
-        raw = await self.redis.get(f"tinker:{kind}:{id_}") if _ID.match(id_ or "") else None
+        raw = None
+        if _ID.match(id_ or ""):
+            key = f"tinker:samplers:{id_.partition(':sample:')[0]}" if kind == "sampler" else f"tinker:{kind}:{id_}"
+            raw = await self.redis.hget(key, id_) if kind == "sampler" else await self.redis.get(key)
         record = json.loads(raw) if raw else None
         if record is None or record.get("tenant") != tenant:
             raise TinkerError(404, f"no {kind.replace('_', ' ')} {id_!r}")
         return record
+
+    async def put_sampler(self, session_id: str, record: dict, ttl_s: float) -> str:
+        """A new sampling session of `session_id`: one field of the session's hash of samplers, which expires `ttl_s`
+        after its last renewal (each heartbeat of the session renews it), so a session's samplers go with it at once."""
+        sampler_id = f"{session_id}:sample:{uuid.uuid4().hex[:12]}"
+        key = f"tinker:samplers:{session_id}"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await pipe.hset(key, sampler_id, json.dumps(record)).pexpire(key, max(1, int(ttl_s * 1000))).execute()
+        return sampler_id
+
+    async def renew_samplers(self, session_id: str, ttl_s: float) -> None:
+        await self.redis.pexpire(f"tinker:samplers:{session_id}", max(1, int(ttl_s * 1000)))
 
     async def hold_run(self, tenant: str, model_id: str, limit: int) -> int | None:
         """Count `model_id` among the tenant's held runs; None if that makes more than `limit` (then it is not held)."""

@@ -145,6 +145,7 @@ async def heartbeat(body: dict, tenant: Tenant, t: TinkerDep) -> dict:
                           "heartbeat (RLHF_API_TINKER_SESSION_TIMEOUT_S): its training runs are released, its saved checkpoints stay")
     record["heartbeat"] = _now()
     await t.records.put("session", session_id, record, t.settings.session_timeout_s)
+    await t.records.renew_samplers(session_id, t.settings.session_timeout_s)
     await _sweep(t)
     return {"type": "session_heartbeat"}
 
@@ -209,12 +210,14 @@ async def create_model(body: dict, request: Request, tenant: Tenant, t: TinkerDe
     optimizer = (body.get("optimizer_config") or {}).get("type", "adamw")
     if optimizer != "adamw":
         raise TinkerError(400, f"optimizer {optimizer!r} is not supported here (adamw only)")
+    session_id = str(body.get("session_id"))
+    await t.records.get("session", session_id, tenant)  # a run belongs to a live session of the tenant's, and ends with it
     model_id = new_id("tm")
     refused = await _over_quota(t, tenant, model_id)
     if refused:
         return refused
     run = {"tenant": tenant, "base_model": base, "path": path, "rank": rank, "created": _now(), "last_state": None,
-           "session": str(body.get("session_id"))}
+           "session": session_id}
     await t.records.put("training_run", model_id, run)
 
     async def make():
@@ -480,27 +483,29 @@ async def save_for_sampler(body: dict, request: Request, tenant: Tenant, t: Tink
         await _save(request, t, tenant, model_id, run, directory, False, unnamed=not named)
         if named:
             return {"type": "save_weights_for_sampler", "path": tinker_path}
-        sampler_id = await _new_sampler(t, tenant, run["base_model"], run["path"], tinker_path, directory)
+        sampler_id = await _new_sampler(t, tenant, run["session"], run["base_model"], run["path"], tinker_path, directory)
         return {"type": "save_weights_for_sampler", "sampling_session_id": sampler_id}
 
     return {"request_id": t.futures.submit(tenant, model_id, make), "model_id": model_id}
 
 
-async def _new_sampler(t: Tinker, tenant: str, base_model: str, path: str, tinker_path: str | None, weights: str | None) -> str:
-    sampler_id = new_id("samp")
-    await t.records.put("sampler", sampler_id, {"tenant": tenant, "base_model": base_model, "path": path, "model_path": tinker_path,
-                                                 "weights": weights})
-    return sampler_id
+async def _new_sampler(t: Tinker, tenant: str, session_id: str, base_model: str, path: str, tinker_path: str | None,
+                       weights: str | None) -> str:
+    record = {"tenant": tenant, "base_model": base_model, "path": path, "model_path": tinker_path, "weights": weights}
+    return await t.records.put_sampler(session_id, record, t.settings.session_timeout_s)
 
 
 @router.post("/create_sampling_session")
 async def create_sampling_session(body: dict, request: Request, tenant: Tenant, t: TinkerDep) -> dict:
+    """A sampling session of the client's session (the SDK sends its session_id): it ends when that session does."""
+    session_id = str(body.get("session_id"))
+    await t.records.get("session", session_id, tenant)
     if body.get("model_path"):
         _, run, directory = await _resolve(request, t, tenant, body["model_path"], kinds=("sampler_weights", "weights"))
-        sampler_id = await _new_sampler(t, tenant, run["base_model"], run["path"], body["model_path"], directory)
+        sampler_id = await _new_sampler(t, tenant, session_id, run["base_model"], run["path"], body["model_path"], directory)
     else:
         base = str(body.get("base_model"))
-        sampler_id = await _new_sampler(t, tenant, base, _base_path(request, tenant, base), None, None)
+        sampler_id = await _new_sampler(t, tenant, session_id, base, _base_path(request, tenant, base), None, None)
     return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
 
 

@@ -21,7 +21,9 @@ pytest.importorskip("tinker")
 
 
 def sampler_of(c) -> str:
-    return c.post("/api/v1/create_sampling_session", json={"base_model": "tiny"}).json()["sampling_session_id"]
+    """A sampling session of the base model, in a new session of the client's tenant (a sampler lives in its session)."""
+    session = c.post("/api/v1/create_session", json={}).json()["session_id"]
+    return c.post("/api/v1/create_sampling_session", json={"base_model": "tiny", "session_id": session}).json()["sampling_session_id"]
 
 
 def asample(c, sampler: str, tokens=(1, 2), **fields):
@@ -129,20 +131,22 @@ def test_a_run_id_that_could_not_be_read_back_is_refused_and_cannot_stop_the_swe
 def test_paths_name_only_the_tenants_own_checkpoints(api, keys):
     """`..`, absolute paths, other shapes and another tenant's run: 400 or 404, and no server path in any answer."""
     with api.client(keys["alpha"]) as c, api.client(keys["beta"]) as other:
-        _, model_id, _ = run_with_checkpoint(api, c, "alpha")
+        session, model_id, _ = run_with_checkpoint(api, c, "alpha")
+        other_session = other.post("/api/v1/create_session", json={}).json()["session_id"]
         root = api.app.state.storage.root
         for path, status in [(f"tinker://{model_id}/weights/..", 400), (f"tinker://{model_id}/weights/../../x", 400),
                              ("tinker://../weights/ck", 404), ("/etc/passwd", 400), ("file:///etc/passwd", 400),
                              (f"tinker://{model_id}/weights/nope", 404), (f"tinker://{model_id}/weights/ck/..", 400)]:
-            r = c.post("/api/v1/create_sampling_session", json={"model_path": path})
+            r = c.post("/api/v1/create_sampling_session", json={"model_path": path, "session_id": session})
             assert r.status_code == status and str(root) not in r.text, (path, r.status_code, r.text)
         # Another tenant's checkpoint, run, listing: 404, the same as one that does not exist.
-        r = other.post("/api/v1/create_sampling_session", json={"model_path": f"tinker://{model_id}/weights/ck"})
+        r = other.post("/api/v1/create_sampling_session", json={"model_path": f"tinker://{model_id}/weights/ck", "session_id": other_session})
         assert r.status_code == 404 and str(root) not in r.text, r.text
         assert other.get(f"/api/v1/training_runs/{model_id}/checkpoints").status_code == 404
         assert other.post("/api/v1/save_weights", json={"model_id": model_id, "path": "mine"}).status_code == 404
         # The owner's sampler answers the tinker:// path, not where it lies.
-        r = c.post("/api/v1/create_sampling_session", json={"model_path": f"tinker://{model_id}/weights/ck"})
+        assert c.post("/api/v1/create_sampling_session", json={"base_model": "tiny", "session_id": other_session}).status_code == 404
+        r = c.post("/api/v1/create_sampling_session", json={"model_path": f"tinker://{model_id}/weights/ck", "session_id": session})
         assert r.status_code == 200, r.text
         got = c.get(f"/api/v1/samplers/{r.json()['sampling_session_id']}")
         assert got.status_code == 200 and str(root) not in got.text

@@ -178,9 +178,13 @@ def test_a_session_record_expires_without_heartbeats_and_its_runs_leave_the_pool
         assert 0 < store.pttl(f"tinker:session:{dead}") <= 1000
         run = add_run(api, tenants["alpha"], dead)
         result(c, c.post("/api/v1/save_weights", json={"model_id": run, "path": "kept"}))
+        # Its sampling sessions live in one hash that expires with it (one per step of an RL loop: not one key each).
+        sampler = c.post("/api/v1/create_sampling_session", json={"base_model": "tiny", "session_id": dead}).json()["sampling_session_id"]
+        assert 0 < store.pttl(f"tinker:samplers:{dead}") <= 1000
         # No request from here on: the background sweep alone releases the run.
         wait_until(lambda: (tenants["alpha"], "drop", (run,)) in calls, 10, "the pool to drop the expired session's adapter")
-        assert not store.exists(f"tinker:session:{dead}")
+        assert not store.exists(f"tinker:session:{dead}") and not store.exists(f"tinker:samplers:{dead}")
+        assert c.get(f"/api/v1/samplers/{sampler}").status_code == 404
         assert api.run(t.records.held_runs, tenants["alpha"]) == []
         state = f"{api.app.state.storage.tenant_root(tenants['alpha'])}/tinker/{run}/weights/kept/state.pt"
         assert os.path.isfile(state)
@@ -189,13 +193,17 @@ def test_a_session_record_expires_without_heartbeats_and_its_runs_leave_the_pool
         r = c.post("/api/v1/session_heartbeat", json={"session_id": dead})
         assert r.status_code == 410 and "RLHF_API_TINKER_SESSION_TIMEOUT_S" in r.json()["error"], r.text  # the SDK stops beating on 410
         assert c.post(f"/api/v1/sessions/{dead}/finish", json={}).status_code == 200  # ServiceClient.close() after expiry
+        r = c.post("/api/v1/create_model", json={"session_id": dead, "base_model": "tiny", "lora_config": {"rank": 4}})
+        assert r.status_code == 404, r.text  # no new run in an expired session
         # A session that beats (every 0.3 s, for 3 TTLs) stays, with its run.
         live = c.post("/api/v1/create_session", json={}).json()["session_id"]
         live_run = add_run(api, tenants["alpha"], live)
+        live_sampler = c.post("/api/v1/create_sampling_session", json={"base_model": "tiny", "session_id": live}).json()["sampling_session_id"]
         for _ in range(10):
             time.sleep(0.3)
             assert c.post("/api/v1/session_heartbeat", json={"session_id": live}).status_code == 200
         assert store.exists(f"tinker:session:{live}") and api.run(t.records.held_runs, tenants["alpha"]) == [live_run]
+        assert c.get(f"/api/v1/samplers/{live_sampler}").status_code == 200
         api.run(t.records.release_run, tenants["alpha"], live_run, "test over")
 
 
