@@ -13,20 +13,21 @@ import types
 import pytest
 import torch
 
-vf = pytest.importorskip("verifiers.v1")
-
 from tests.test_agent_rollout import check_token_identity, lm, mask_runs  # noqa: F401 (the tiny model fixture)
 from workers.agent_rollout import AgentConfig
 from workers.chat_endpoint import ChatEndpoint
 from workers.environments import make_environment
-from workers.verifiers_env import (
-    VERIFIERS_TASKSETS,
-    BoxedMathConfig,
-    BoxedMathTask,
-    BoxedMathTaskset,
-    VerifiersEnv,
-    stitch,
-)
+
+# verifiers is imported by the tests that use it, not at collection: importing verifiers.v1 takes 7.4 s here.
+
+
+@pytest.fixture(scope="module")
+def vfe():
+    """workers/verifiers_env.py (which imports verifiers.v1)."""
+    pytest.importorskip("verifiers.v1")
+    import workers.verifiers_env
+
+    return workers.verifiers_env
 
 
 @pytest.fixture(scope="module")
@@ -41,30 +42,28 @@ def digest_score(reply: str) -> float:
     return int(hashlib.sha256(reply.encode()).hexdigest(), 16) % 1000 / 1000
 
 
-class DigestTask(BoxedMathTask):
-    """A reward that differs from episode to episode (a digest of the reply), so a reward handed to
-    the wrong trajectory shows."""
-
-    @vf.reward(weight=2.0)
-    async def digest(self, trace: vf.Trace) -> float:
-        return digest_score(trace.last_reply)
-
-
-class DigestTaskset(vf.Taskset[DigestTask, BoxedMathConfig]):
-    def load(self):
-        return []
-
-    def task(self, row):
-        base = BoxedMathTaskset.task(self, row)
-        return DigestTask(base.data, self.config.task)
-
-
 @pytest.fixture
-def digest_taskset(monkeypatch):
+def digest_taskset(vfe, monkeypatch):
+    """A listed taskset `digest`: boxed_math plus a reward that differs from episode to episode (a digest
+    of the reply, weight 2), so a reward handed to the wrong trajectory shows."""
+    import verifiers.v1 as vf
+
+    class DigestTask(vfe.BoxedMathTask):
+        @vf.reward(weight=2.0)
+        async def digest(self, trace: vf.Trace) -> float:
+            return digest_score(trace.last_reply)
+
+    class DigestTaskset(vf.Taskset[DigestTask, vfe.BoxedMathConfig]):
+        def load(self):
+            return []
+
+        def task(self, row):
+            return DigestTask(vfe.BoxedMathTaskset.task(self, row).data, self.config.task)
+
     shim = types.ModuleType("rlhf_vf_digest")
     shim.DigestTaskset, shim.__all__ = DigestTaskset, ["DigestTaskset"]
     monkeypatch.setitem(sys.modules, "rlhf_vf_digest", shim)
-    monkeypatch.setitem(VERIFIERS_TASKSETS, "digest", "tests.test_verifiers_env:DigestTaskset")
+    monkeypatch.setitem(vfe.VERIFIERS_TASKSETS, "digest", "unused:DigestTaskset")  # (listed; its module is the shim above)
 
 
 def test_verifiers_episodes_are_trained_on_token_for_token(endpoint, digest_taskset):
@@ -97,7 +96,7 @@ def test_verifiers_episodes_are_trained_on_token_for_token(endpoint, digest_task
 
 
 @pytest.mark.slow  # 28-64 s here: each turn of each seat starts verifiers' chat program again (a Python process)
-def test_a_multi_turn_verifiers_env_trains_the_assistant_seat_only(endpoint):
+def test_a_multi_turn_verifiers_env_trains_the_assistant_seat_only(vfe, endpoint):
     """verifiers' user_sim env: a modeled user (the same policy, not trainable) opens and answers; the
     assistant's calls stitch into one trajectory per episode whose observations are the user's words,
     masked, and the episodes of one prompt share one opening."""
@@ -121,7 +120,7 @@ def test_a_multi_turn_verifiers_env_trains_the_assistant_seat_only(endpoint):
         check_token_identity(model, tok, trajs)
 
 
-def test_a_session_of_calls_is_stitched_with_the_observations_masked(endpoint):
+def test_a_session_of_calls_is_stitched_with_the_observations_masked(vfe, endpoint):
     """Two calls of one session (an agent's loop: the reply and a tool result go back in the history) make
     one trajectory: the second prompt reuses the first's ids and completion as they were generated."""
     import openai
@@ -140,7 +139,7 @@ def test_a_session_of_calls_is_stitched_with_the_observations_masked(endpoint):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == calls[1].text  # served as SSE
     assert chunks[-1].usage.completion_tokens == len(calls[1].completion_ids)
     assert [c.session for c in calls] == ["episode-1", "episode-1"]
-    traj = stitch(calls)
+    traj = vfe.stitch(calls)
     first_len = len(calls[0].prompt_ids) + len(calls[0].completion_ids)
     assert traj.turns == 2 and not traj.truncated
     assert traj.ids == calls[1].prompt_ids + calls[1].completion_ids  # the second prompt extends the first call's ids
@@ -152,7 +151,7 @@ def test_a_session_of_calls_is_stitched_with_the_observations_masked(endpoint):
         check_token_identity(model, tok, [traj])
 
 
-def test_a_taskset_not_listed_is_refused_naming_the_kwarg():
+def test_a_taskset_not_listed_is_refused_naming_the_kwarg(vfe):
     with pytest.raises(ValueError, match=r"unknown taskset 'pkg.mod:Evil' \(kwargs.taskset\); listed: boxed_math"):
         make_environment("verifiers", taskset="pkg.mod:Evil")
     with pytest.raises(ValueError, match=r"unknown env 'best_of_n' \(kwargs.env\); listed: single_agent, user_sim"):
@@ -162,11 +161,11 @@ def test_a_taskset_not_listed_is_refused_naming_the_kwarg():
     for key, value in [("system_prompt", "/etc/passwd"), ("task", {"rewards": {"x": {"fn": "os:system"}}})]:
         with pytest.raises(TypeError, match=f"unexpected keyword argument '{key}'"):
             make_environment("verifiers", **{key: value})
-    assert isinstance(make_environment("verifiers"), VerifiersEnv)
+    assert isinstance(make_environment("verifiers"), vfe.VerifiersEnv)
 
 
 @pytest.mark.slow
-def test_a_grpo_job_on_a_verifiers_environment(ray_head, tiny_model, arith_file, tmp_path):
+def test_a_grpo_job_on_a_verifiers_environment(vfe, ray_head, tiny_model, arith_file, tmp_path):
     """The real entrypoint on the session's Ray: the trainer samples through verifiers (the job's chat
     endpoint in the trainer actor, verifiers' chat program in a subprocess), 2 GRPO steps, `succeeded`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
