@@ -200,22 +200,24 @@ class EnvironmentEntry:
     description: str
     needs: str = ""  # an optional package it imports (the extra to install), empty if none
     sandbox: bool = False  # it runs code: its constructor takes `sandbox=` (a SandboxPool), and a job starts sandbox actors
+    kwargs: tuple[str, ...] | None = None  # the keyword arguments a spec may give (rollout.agent.kwargs); None: any
 
 
 ENVIRONMENTS: dict[str, EnvironmentEntry] = {
     e.name: e
     for e in (
         EnvironmentEntry("calculator", "orchestrator.core.environments:CalculatorEnv",
-                         "multi-digit arithmetic; tool: calculator; reward 1 for the right final number"),
+                         "multi-digit arithmetic; tool: calculator; reward 1 for the right final number", kwargs=("system",)),
         EnvironmentEntry("python_calculator", "workers.environments:PythonToolEnv",
-                         "the same task with a `python` tool run in the sandbox (workers/sandbox.py)", sandbox=True),
+                         "the same task with a `python` tool run in the sandbox (workers/sandbox.py)", sandbox=True, kwargs=()),
         EnvironmentEntry("reasoning_gym", "workers.environments:ReasoningGymEnv",
                          "any reasoning-gym task (row column `task`, or kwargs), unmodified: its question, "
                          "its own score_answer on the final turn", needs="reasoning-gym"),
         EnvironmentEntry("verifiers", "workers.verifiers_env:VerifiersEnv",
                          "a verifiers 0.4 environment (kwargs.taskset: a name of workers/verifiers_env.py's "
                          "VERIFIERS_TASKSETS), its own rollout loop, harness and rewards, unmodified, on the job's "
-                         "OpenAI-compatible chat endpoint", needs="verifiers"),
+                         "OpenAI-compatible chat endpoint", needs="verifiers",
+                         kwargs=("taskset", "env", "system", "persona", "timeout_s")),
     )
 }
 

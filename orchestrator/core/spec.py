@@ -266,7 +266,11 @@ class AgentSpec(_Strict):
 
     @field_validator("kwargs")
     @classmethod
-    def _bounded_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _bounded_kwargs(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        entry = ENVIRONMENTS.get(info.data.get("environment", ""))
+        if entry is not None and entry.kwargs is not None and set(value) - set(entry.kwargs):
+            raise ValueError(f"{', '.join(sorted(set(value) - set(entry.kwargs)))}: not a keyword argument of the {entry.name} "
+                             f"environment (it takes {', '.join(entry.kwargs) or 'none'})")
         return _bounded_json(value)
 
     @property

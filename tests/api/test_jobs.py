@@ -21,6 +21,9 @@ from tests.api.test_auth import assert_envelope
         (lambda b: b["rollout"].update(agent={"environment": "shell"}), "rollout.agent.environment"),
         (lambda b: b["rollout"].update(agent={"environment": "os:system"}), "rollout.agent.environment"),
         (lambda b: b.update(stages=[{"name": "g", "rollout": {"agent": {"environment": "os:system"}}}]), "stages.0.rollout.agent.environment"),
+        # An environment's kwargs reach its constructor: only those it declares (verifiers reads a system_prompt *file*).
+        (lambda b: b["rollout"].update(agent={"environment": "verifiers", "kwargs": {"system_prompt": "/etc/passwd"}}), "rollout.agent.kwargs"),
+        (lambda b: b["rollout"].update(agent={"environment": "python_calculator", "kwargs": {"limits": {"cpu_s": 3600}}}), "rollout.agent.kwargs"),
     ],
 )
 def test_spec_error_is_422_naming_the_field(alpha, tiny, workdir, change, param):
