@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from orchestrator.core.algos import logprobs_from_logits
 from orchestrator.core.batch import Batch, build_batch
 from orchestrator.core.environments import (
     ENVIRONMENTS,
@@ -28,6 +27,7 @@ from orchestrator.core.environments import (
     parse_tool_calls,
 )
 from orchestrator.core.seeds import step_seed
+from workers.turn_sampler import HFTurnSampler
 
 if TYPE_CHECKING:
     from orchestrator.core.spec import AgentSpec
@@ -80,37 +80,6 @@ class AgentConfig:
     max_new_tokens: int = 64  # per turn
     temperature: float = 1.0
     tool_threads: int = 8  # environment steps run at once
-
-
-class HFTurnSampler:
-    """One turn for a batch of contexts with transformers' `generate`: (ids, sampling log-probs) per row,
-    cut after the first stop token."""
-
-    def __init__(self, model, tokenizer, temperature: float = 1.0, stop_ids: list[int] | None = None, greedy: bool = False):
-        self.model, self.tok, self.greedy = model, tokenizer, greedy
-        self.temperature = 1.0 if greedy else temperature
-        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.stop_ids = stop_ids or sorted({tokenizer.eos_token_id, *([end] if isinstance(end, int) and end != tokenizer.unk_token_id else [])})
-
-    @torch.no_grad()
-    def __call__(self, contexts: list[list[int]], max_new_tokens: list[int]) -> list[tuple[list[int], list[float]]]:
-        width = max(map(len, contexts))
-        pad = self.tok.pad_token_id
-        device = self.model.device
-        ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=device)
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)
-        sampling = {"do_sample": False} if self.greedy else {"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0}
-        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(max_new_tokens), eos_token_id=self.stop_ids,
-                                  pad_token_id=pad, return_dict_in_generate=True, output_logits=True, **sampling)
-        gen = out.sequences[:, width:].cpu()
-        logprobs = logprobs_from_logits(torch.stack(out.logits, dim=1).float().cpu() / self.temperature, gen)
-        rows = []
-        for i, limit in enumerate(max_new_tokens):
-            row = gen[i, :limit].tolist()
-            stops = [j for j, t in enumerate(row) if t in self.stop_ids]
-            n = stops[0] + 1 if stops else len(row)
-            rows.append((row[:n], logprobs[i, :n].tolist()))
-        return rows
 
 
 class AgentRollout:

@@ -34,7 +34,7 @@ from fastapi.responses import StreamingResponse
 
 from orchestrator.core.batch import Batch, build_batch, right_pad
 from orchestrator.core.environments import format_tool_call, parse_tool_calls
-from workers.agent_rollout import HFTurnSampler
+from workers.turn_sampler import HFTurnSampler
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """Data for `rlhf demo tools`: multi-digit multiplication that a tiny model cannot do in its head but can with
 the `calculator` tool (orchestrator/core/environments.py CalculatorEnv).
 
-- `sft.jsonl`: tool-call traces (`messages`) from a teacher that calls the calculator only
-  `1 - teacher_guess` of the time; otherwise it answers at once with a guess that has the right
-  leading digits and wrong last ones. SFT learns the call format and the teacher's habit of guessing.
+- `sft.jsonl`: tool-call traces (`messages`) from a teacher that calls the calculator
+  `1 - teacher_guess` of the time (`rlhf demo tools`: always); otherwise it answers at once with a guess
+  that has the right leading digits and wrong last ones. Each trace is a new problem: with a few thousand
+  seen many times, the tiny model learned those problems' digits instead of copying (held-out 0%).
 - `prompts.jsonl`: GRPO's problems (`prompt`, `answer`), rewarded only for the right final number.
 - `test.jsonl`: held-out problems, none in the other two files.
 

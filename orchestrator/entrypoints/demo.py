@@ -256,7 +256,7 @@ def run_preference_demo(out: str | Path = "runs/pref-demo", seed: int = 0, quick
 # with the calculator and with every call refused (the model's own arithmetic).
 
 TOOLS = Path(__file__).resolve().parents[2] / "examples" / "tools"
-TOOL_PROBLEMS = {"sft": 25600, "prompts": 2000, "test": 200, "teacher_guess": 0.1}
+TOOL_PROBLEMS = {"sft": 32000, "prompts": 2000, "test": 200, "teacher_guess": 0.0}
 
 
 class NoCalculatorEnv(CalculatorEnv):
@@ -306,7 +306,8 @@ def run_tools_demo(out: str | Path = "runs/tools-demo", seed: int = 0, quick: bo
     module = importlib.util.module_from_spec(make)
     make.loader.exec_module(module)
     spec = tools_spec(out, seed, quick)
-    code, elapsed = train_demo(out, spec, seed, lambda data: module.write(data, **TOOL_PROBLEMS, seed=seed))
+    problems = {**TOOL_PROBLEMS, "sft": 256, "prompts": 64} if quick else TOOL_PROBLEMS  # (--quick: 2 steps a stage)
+    code, elapsed = train_demo(out, spec, seed, lambda data: module.write(data, **problems, seed=seed))
     if code:
         return code
     rows = [json.loads(line) for line in (out / "data" / "test.jsonl").read_text().splitlines()]
