@@ -67,10 +67,10 @@ def write(out: Path, sft: int, prompts: int, test: int, seed: int = 0, teacher_g
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/tools/data")
-    p.add_argument("--sft", type=int, default=4000)
+    p.add_argument("--sft", type=int, default=32000)
     p.add_argument("--prompts", type=int, default=2000)
     p.add_argument("--test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--teacher-guess", type=float, default=0.4)
+    p.add_argument("--teacher-guess", type=float, default=0.0)
     a = p.parse_args()
     write(Path(a.out), a.sft, a.prompts, a.test, a.seed, a.teacher_guess)
