@@ -318,3 +318,67 @@ class Entrypoint:
 
 def run_entrypoint(spec_path: Path, *args: str, timeout: float = 300, env: dict | None = None, ray: RayHead | None = None):
     return Entrypoint(spec_path, *args, env=env, ray=ray).result(timeout)
+
+
+# -- every module leaves the session's Ray head as it found it ------------------------------------------------------
+
+def ray_leftovers(head: RayHead) -> list[str]:
+    """What holds CPUs on the head: live actors that need any, placement groups, running Ray jobs (the state API and
+    the job API over the dashboard, from this process without joining the cluster)."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors, list_placement_groups
+
+    actors = [a for a in list_actors(address=head.dashboard, limit=10000, timeout=10, detail=True)
+              if a.state in ("ALIVE", "PENDING_CREATION", "RESTARTING") and float((a.required_resources or {}).get("CPU", 0)) > 0]
+    groups = [g for g in list_placement_groups(address=head.dashboard, limit=10000, timeout=10)
+              if g.state in ("CREATED", "PENDING", "RESCHEDULING")]
+    jobs = [j for j in JobSubmissionClient(head.dashboard).list_jobs() if j.submission_id and j.status in ("PENDING", "RUNNING")]
+    return ([f"actor {a.class_name} {a.name or a.actor_id} (namespace {a.ray_namespace}, {a.state})" for a in actors]
+            + [f"placement group {g.name or g.placement_group_id} ({g.state})" for g in groups]
+            + [f"Ray job {j.submission_id} ({j.status})" for j in jobs])
+
+
+_CLEAR = """
+import sys, ray
+from ray.job_submission import JobSubmissionClient
+from ray.util.placement_group import PlacementGroup
+from ray.util.state import list_actors, list_placement_groups
+address, dashboard = sys.argv[1], sys.argv[2]
+client = JobSubmissionClient(dashboard)
+for j in client.list_jobs():
+    if j.status in ("PENDING", "RUNNING"):
+        client.stop_job(j.submission_id)
+ray.init(address=address, log_to_driver=False)
+for a in list_actors(address=dashboard, limit=10000, timeout=10):
+    if a.state != "DEAD" and a.name:
+        ray.kill(ray.get_actor(a.name, namespace=a.ray_namespace), no_restart=True)
+for g in list_placement_groups(address=dashboard, limit=10000, timeout=10):
+    if g.state != "REMOVED":
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(g.placement_group_id))))
+"""
+
+
+def clear_ray_head(head: RayHead) -> None:
+    """Stop the head's running Ray jobs, kill its named actors, remove its placement groups (unnamed actors die with
+    their owners)."""
+    subprocess.run([sys.executable, "-c", _CLEAR, head.address, head.dashboard], env={**os.environ, **RAY_ENV, "RAY_ADDRESS": head.address},
+                   capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_head_left_as_found(request):
+    """A module that used the Ray head leaves nothing on it that holds CPUs: a leak (a detached pool, a job's placement
+    group) would make every later module on this worker wait for room and fail far from its cause. What is left after a
+    grace period is removed and named, as an error of this module."""
+    yield
+    head = request.config.stash.get(_RAY_HEAD, None)
+    used = any("ray_head" in getattr(item, "fixturenames", ()) for item in request.session.items
+               if getattr(item, "module", None) is request.module)
+    if head is None or head.log.closed or not used or request.config.getoption("--collect-only"):
+        return
+    deadline = time.monotonic() + 60
+    while (left := ray_leftovers(head)) and time.monotonic() < deadline:
+        time.sleep(2)
+    if left:
+        clear_ray_head(head)
+        pytest.fail(f"{request.module.__name__} left on the Ray head after 60 s: {'; '.join(left)}", pytrace=False)

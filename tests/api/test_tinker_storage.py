@@ -25,6 +25,7 @@ from tests.api.conftest import ApiServer, api_env, api_settings, in_process
 from tests.api.test_tinker import (
     SEQ,
     _driver_env,
+    _kill_pools,
     service,
     sft_datum,
     sft_steps,
@@ -227,6 +228,7 @@ def storage_api(redis_url, ray_head, workdir, operator, tmp_path_factory):
     server.start()
     yield server, keys, tenants
     server.stop()
+    _kill_pools(ray_head)  # detached: the pool of this module's server would hold its CPU for the rest of the session
 
 
 def _pool_has(ray_head, tenant: str, adapter: str) -> bool:
