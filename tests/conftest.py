@@ -79,6 +79,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 # ------------------------------------------------------------ one real Ray head for the whole session
 
+# The `rlhf serve` processes of the session (tests/api/conftest.py ApiServer). Here, in the module that every copy of
+# that conftest imports by one name: pytest loads it as `api.conftest`, the tests import it as `tests.api.conftest`.
+API_SERVERS: list = []
+
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
 
 

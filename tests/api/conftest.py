@@ -32,7 +32,7 @@ from starlette.testclient import TestClient
 from api.auth import add_key
 from api.main import create_app
 from api.settings import Settings
-from tests.conftest import RAY_ENV, RayHead, free_port, stop_group, wait_until  # noqa: F401  (ray_head fixture comes from there)
+from tests.conftest import API_SERVERS, RAY_ENV, RayHead, free_port, stop_group, wait_until  # noqa: F401  (ray_head fixture comes from there)
 
 
 @pytest.fixture(scope="session")
@@ -122,10 +122,26 @@ def keys(workdir):
 class ApiServer:
     """`rlhf serve` as a subprocess, restartable on the same port."""
 
+    started = API_SERVERS  # every one of the session: a failed test shows the tracebacks they logged meanwhile
+
     def __init__(self, env: dict[str, str], port: int, log: Path):
         self.env, self.port, self.log = env, port, log
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
+        ApiServer.started.append(self)
+
+    def log_size(self) -> int:
+        return self.log.stat().st_size if self.log.exists() else 0
+
+    def unhandled_since(self, offset: int, most: int = 3) -> list[str]:
+        """The first `most` tracebacks the server logged for requests it answered 500, from byte `offset` of its log."""
+        if not self.log.exists():
+            return []
+        with open(self.log, errors="replace") as f:
+            f.seek(offset)
+            lines = f.read().splitlines()
+        starts = [i for i, line in enumerate(lines) if "unhandled error in" in line][:most]
+        return ["\n".join(lines[i : i + 60]) for i in starts]
 
     def start(self) -> None:
         out = open(self.log, "a")
@@ -150,6 +166,23 @@ class ApiServer:
     def client(self, key: str | None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report carries the tracebacks behind any 500 that the session's API servers answered while it ran."""
+    if call.when == "setup":
+        item.stash[_LOG_OFFSETS] = {id(s): s.log_size() for s in ApiServer.started}
+    report = yield
+    if report.failed and call.when == "call":
+        offsets = item.stash.get(_LOG_OFFSETS, {})
+        for server in ApiServer.started:
+            for trace in server.unhandled_since(offsets.get(id(server), 0)):
+                report.sections.append((f"500 logged by the API at {server.url} ({server.log.name})", trace))
+    return report
+
+
+_LOG_OFFSETS = pytest.StashKey[dict]()
 
 
 def api_env(redis_url: str, ray_head: RayHead | None, keys_path: Path, port: int, operator: dict[str, str], **extra: str) -> dict[str, str]:
