@@ -73,7 +73,7 @@ def mask_runs(traj) -> list[tuple[int, list[int]]]:
     return runs
 
 
-def check_token_identity(model, tok, trajs, generated_parts=None):
+def check_token_identity(model, tok, trajs, generated_parts=None, atol: float = 1e-5):
     batch = to_batch(trajs, tok.pad_token_id)
     recomputed, _ = response_logprobs(model, batch)
     for i, t in enumerate(trajs):
@@ -83,7 +83,7 @@ def check_token_identity(model, tok, trajs, generated_parts=None):
         gen = [x for x, m in zip(t.response_ids, t.mask) if m]
         assert len(gen) == sum(t.mask) and len(t.logprobs) == r
     mask = batch.response_mask.bool()
-    assert torch.allclose(recomputed[mask], batch.logprobs[mask], atol=1e-5), (recomputed[mask] - batch.logprobs[mask]).abs().max()
+    assert torch.allclose(recomputed[mask], batch.logprobs[mask], atol=atol), (recomputed[mask] - batch.logprobs[mask]).abs().max()
     return batch
 
 

@@ -314,7 +314,9 @@ def test_an_agent_names_a_built_in_environment_or_an_import_path():
     with pytest.raises(SpecError) as e:
         parse_spec({**base(), "rollout": {"agent": {"environment": "calculatr"}}})
     assert "rollout.agent.environment: unknown environment 'calculatr': built in: calculator, python_calculator" in str(e.value)
-    with pytest.raises(SpecError, match="rollout.agent: multi-turn rollouts sample with the hf backend"):
-        parse_spec({**base(), "rollout": {"backend": "vllm", "agent": {"environment": "calculator"}}})
+    # vLLM samples the turns of the built-in environments; an agent on the chat endpoint needs the transformers model.
+    assert parse_spec({**base(), "rollout": {"backend": "vllm", "agent": {"environment": "calculator"}}}).rollout.backend == "vllm"
+    with pytest.raises(SpecError, match="rollout.agent.environment: verifiers runs its own agent on the job's chat endpoint.*use rollout.backend hf"):
+        parse_spec({**base(), "rollout": {"backend": "vllm", "agent": {"environment": "verifiers", "kwargs": {"taskset": "boxed_math"}}}})
     with pytest.raises(SpecError, match=r"rollout.agent.max_turns"):
         parse_spec({**base(), "rollout": {"agent": {"environment": "calculator", "max_turns": 0}}})

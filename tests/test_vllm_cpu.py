@@ -162,3 +162,75 @@ def test_a_merged_lora_export_loads_into_the_engine(engine, tiny_model, tmp_path
     ours, _ = engine.generate(PROMPTS, [{}, {}, {}], step=1, greedy=True)
     theirs, _ = hf.generate(PROMPTS, [{}, {}, {}], step=1, greedy=True)
     assert ours.input_ids.tolist() == theirs.input_ids.tolist()
+
+
+# -- multi-turn: the engine samples each turn of an episode ---------------------------------------------------------
+
+def test_a_turn_on_the_engine_stops_where_transformers_stops_and_keeps_the_stop_token(engine, trained, tiny_model):
+    """Greedy turns of the vLLM turn sampler and of transformers' (workers/turn_sampler.py) over the same weights:
+    the same ids, each row cut at its own budget or after its first stop token (kept), log-probs within the gap."""
+    from workers.turn_sampler import HFTurnSampler, VLLMTurnSampler
+
+    engine.load_weights(trained)
+    hf = HFRollout(str(tiny_model))
+    hf.load_weights(trained)
+    tok = engine.tokenizer
+    free = HFTurnSampler(hf.model, tok, greedy=True, stop_ids=[len(tok) + 1])(PROMPTS, [6, 6, 6])  # (a stop id never sampled)
+    stop = free[0][0][2]  # the first row's third token: a stop there cuts it to 3 tokens
+    budgets = [6, 4, 6]
+    theirs = HFTurnSampler(hf.model, tok, greedy=True, stop_ids=[stop])(PROMPTS, budgets)
+    ours = VLLMTurnSampler(engine.llm, tok, greedy=True, stop_ids=[stop])(PROMPTS, budgets)
+    assert [ids for ids, _ in ours] == [ids for ids, _ in theirs]
+    assert ours[0][0] == free[0][0][:3] and len(ours[1][0]) <= 4
+    for (ids, lp), (_, hf_lp) in zip(ours, theirs):
+        assert len(lp) == len(ids) and max(abs(a - b) for a, b in zip(lp, hf_lp)) < LOGPROB_ATOL
+
+
+def test_sampled_episodes_on_the_engine_are_token_in_token_out(engine, trained, tiny_model):
+    """Episodes of several turns sampled by the engine: what is trained on is the generated ids plus the observations'
+    ids (mask 0), and the trainer's forward recomputes the sampled log-probs within the engine/transformers gap."""
+    from tests.test_agent_rollout import Talk, check_token_identity
+    from workers.agent_rollout import AgentConfig, AgentRollout
+    from workers.turn_sampler import VLLMTurnSampler
+
+    engine.load_weights(trained)
+    hf = HFRollout(str(tiny_model))
+    hf.load_weights(trained)
+    tok = engine.tokenizer
+    rollout = AgentRollout(tok, VLLMTurnSampler(engine.llm, tok, temperature=1.0, seed=3), AgentConfig(max_turns=3, max_tokens=120, max_new_tokens=6))
+    trajs = rollout.run([Talk(3) for _ in range(4)], [{"prompt": f"{i}+{i}="} for i in range(4)])
+    assert all(t.turns == 3 and t.reward == 1.5 for t in trajs)
+    assert len({tuple(t.ids) for t in trajs}) > 1  # each request its own seed: the episodes differ
+    with torch.no_grad():
+        check_token_identity(hf.model, tok, trajs, atol=LOGPROB_ATOL)
+
+
+@pytest.mark.slow
+def test_a_multi_turn_grpo_job_samples_its_episodes_with_vllm(tiny_model, tmp_path, ray_session):
+    """`rollout.backend: vllm` with `rollout.agent`: the rollout actor's engine samples every turn of the calculator
+    episodes; the job trains on them and syncs the engine; the recorded episodes are token in, token out under the
+    weights that sampled them (the first step's: the checkpoint's)."""
+    from tests.conftest import read_jsonl, tiny_spec
+    from tests.test_agent_job import tool_data, trajectory
+    from tests.test_agent_rollout import check_token_identity
+    from tests.test_e2e import check_run, start
+
+    make = tool_data()
+    make.write(tmp_path / "data", sft=0, prompts=16, test=0)
+    spec = tiny_spec(tiny_model, tmp_path / "data" / "prompts.jsonl", tmp_path / "out", rewards=[],
+                     data={"max_prompt_length": 64},
+                     rollout={"backend": "vllm", "n": 2, "max_new_tokens": 24,
+                              "agent": {"environment": "calculator", "kwargs": {"system": make.SYSTEM}, "max_turns": 2, "max_tokens": 128}},
+                     optim={"steps": 2, "prompts_per_step": 4, "entropy_coef": 0.01})  # (untrained, every reward is 0: no advantage)
+    orch = start(spec)
+    try:
+        metrics = check_run(orch, tiny_model, {"rollout", "trainer"})
+    finally:
+        orch.shutdown()
+    assert all(m["agent/turns_per_episode"] >= 1 for m in metrics)
+    records = read_jsonl(tmp_path / "out" / "trajectories.jsonl")
+    first = [trajectory(r) for r in records if r["step"] == 1]
+    assert len(first) == 2
+    hf = HFRollout(str(tiny_model))
+    with torch.no_grad():
+        check_token_identity(hf.model, hf.sampler.tokenizer, first, atol=LOGPROB_ATOL)

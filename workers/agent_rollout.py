@@ -269,16 +269,25 @@ class AgentSampler:
 
     def generate(self, model, device, prompt_ids: list[list[int]], extras: list[dict[str, Any]], step: int,
                  greedy: bool = False, with_logprobs: bool = True) -> tuple[Batch, float]:
-        """(the step's episodes as one Batch, the seconds spent). `prompt_ids` are unused: the environment's
-        opening messages, rendered with the chat template and its tools, are each episode's prompt."""
-        start = time.perf_counter()
+        """(the step's episodes as one Batch, the seconds spent), each turn sampled by transformers' `generate`
+        on `model`. `prompt_ids` are unused: the environment's opening messages, rendered with the chat template
+        and its tools, are each episode's prompt."""
         torch.manual_seed(step_seed(self.seed, step))
+        return self.episodes(HFTurnSampler(model, self.tok, self.temperature, greedy=greedy), extras, greedy, model)
+
+    def episodes(self, sample: Callable[[list[list[int]], list[int]], list[tuple[list[int], list[float]]]], extras: list[dict[str, Any]],
+                 greedy: bool = False, model=None) -> tuple[Batch, float]:
+        """`n` episodes per data row of `extras` (1 if greedy), each turn sampled by `sample` (a turn sampler of
+        workers/turn_sampler.py); an agent on an OpenAI client talks to the chat endpoint over `model` instead."""
+        start = time.perf_counter()
         n = 1 if greedy else self.n
         rows = [{"prompt": e.get("prompt_text"), **e} for e in extras for _ in range(n)]
         env = self.environments(1)[0]
         if getattr(env, "owns_rollout", False):  # an agent on an OpenAI client (workers/verifiers_env.py)
+            if model is None:
+                raise ValueError(f"{self.agent.environment} runs its own agent on the job's chat endpoint, which serves a "
+                                 "transformers model: use rollout.backend hf")
             trajs = env.rollout(self.chat_endpoint(model), rows, self.config, greedy=greedy)
         else:
-            sampler = HFTurnSampler(model, self.tok, self.temperature, greedy=greedy)
-            trajs = AgentRollout(self.tok, sampler, self.config).run([env, *self.environments(len(rows) - 1)], rows)
+            trajs = AgentRollout(self.tok, sample, self.config).run([env, *self.environments(len(rows) - 1)], rows)
         return to_batch(trajs, self.tok.pad_token_id, n, extras), time.perf_counter() - start

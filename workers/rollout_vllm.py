@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
@@ -36,8 +36,10 @@ from orchestrator.core.batch import (
     response_mask_until_eos,
     right_pad,
 )
-from orchestrator.core.seeds import request_seed
+from orchestrator.core.seeds import request_seed, step_seed
+from workers.agent_rollout import AgentSampler
 from workers.common import configure_threads, load_tokenizer
+from workers.turn_sampler import VLLMTurnSampler
 from workers.weight_transport import (
     DEFAULT_BUCKET_BYTES,
     NoRoomForWeights,
@@ -53,6 +55,9 @@ from workers.weight_transport import (
     unpack_bucket,
     version,
 )
+
+if TYPE_CHECKING:
+    from orchestrator.core.spec import AgentSpec
 
 EXTENSION = "workers.rollout_vllm.WeightSyncExtension"
 
@@ -215,7 +220,7 @@ class VLLMRollout(OnNode):
                  max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                  num_gpus: float = 0, threads: int | None = None, tensor_parallel_size: int = 1,
                  colocate: bool = False, gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
-                 plain_cpu_gemm: bool = True):
+                 plain_cpu_gemm: bool = True, agent: AgentSpec | None = None):
         configure_threads(threads)
         self.on_gpu = num_gpus > 0 and torch.cuda.is_available()
         if not self.on_gpu:
@@ -230,6 +235,8 @@ class VLLMRollout(OnNode):
 
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.n, self.max_new_tokens, self.temperature, self.top_p, self.seed = n, max_new_tokens, temperature, top_p, seed
+        # Multi-turn: each sample is an episode of the agent's environment, its turns sampled by this engine.
+        self.agent = AgentSampler(self.tokenizer, n, agent, max_new_tokens, temperature, seed) if agent is not None else None
         # Sleep mode (weights and KV cache released around training) exists on CUDA only.
         self.sleeps = colocate and self.on_gpu
         extra = {}
@@ -271,6 +278,12 @@ class VLLMRollout(OnNode):
             raise RuntimeError("the colocated engine discarded its weights when it slept: sync weights before generating")
         self.wake_up(["kv_cache"])
         self._drop_stale_cache()
+        if self.agent is not None:
+            sampler = VLLMTurnSampler(self.llm, self.tokenizer, self.temperature, greedy=greedy, seed=step_seed(self.seed, step))
+            batch, _ = self.agent.episodes(sampler, extras, greedy)
+            if self.sleeps:
+                self.sleep()
+            return batch, time.perf_counter() - start
         n = 1 if greedy else self.n
         params = [
             SamplingParams(n=n, max_tokens=self.max_new_tokens, temperature=0.0 if greedy else self.temperature,
@@ -284,6 +297,10 @@ class VLLMRollout(OnNode):
         if self.sleeps:
             self.sleep()
         return batch, time.perf_counter() - start
+
+    def attach_sandbox(self, actors: list) -> None:
+        """The job's sandbox actors, where its environments' code runs (a multi-turn rollout only)."""
+        self.agent.attach_sandbox(actors)
 
     def _to_batch(self, prompt_ids: list[list[int]], extras: list[dict[str, Any]], samples: list, n: int) -> Batch:
         tok = self.tokenizer

@@ -38,3 +38,34 @@ class HFTurnSampler:
             n = stops[0] + 1 if stops else len(row)
             rows.append((row[:n], logprobs[i, :n].tolist()))
         return rows
+
+
+class VLLMTurnSampler:
+    """One turn for a batch of contexts with a vLLM engine (`vllm.LLM`, the rollout actor's): (ids, sampling
+    log-probs) per row, each stopped at its own `max_new_tokens` or after its first stop token, which is kept.
+    The log-probs are the engine's processed ones (temperature-scaled, as the trainer recomputes them); each
+    context is its own request, seeded by (seed, its index), so the engine batches and caches the prefixes."""
+
+    def __init__(self, llm, tokenizer, temperature: float = 1.0, stop_ids: list[int] | None = None, greedy: bool = False, seed: int = 0):
+        self.llm, self.greedy, self.seed = llm, greedy, seed
+        self.temperature = 1.0 if greedy else temperature
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.stop_ids = stop_ids or sorted({tokenizer.eos_token_id, *([end] if isinstance(end, int) and end != tokenizer.unk_token_id else [])})
+        self.calls = 0  # turns sampled so far: each call's requests get seeds of their own
+
+    def __call__(self, contexts: list[list[int]], max_new_tokens: list[int]) -> list[tuple[list[int], list[float]]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.calls += 1
+        params = [SamplingParams(n=1, max_tokens=limit, temperature=0.0 if self.greedy else self.temperature, top_p=1.0,
+                                 stop_token_ids=self.stop_ids, logprobs=0, detokenize=False, skip_special_tokens=False,
+                                 seed=None if self.greedy else (self.seed * 1_000_003 + self.calls * 10_007 + i) % 2**31)
+                  for i, limit in enumerate(max_new_tokens)]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(c)) for c in contexts], params, use_tqdm=False)
+        rows = []
+        for out in outputs:
+            sample = out.outputs[0]
+            ids = list(sample.token_ids)
+            rows.append((ids, [pos[t].logprob for pos, t in zip(sample.logprobs, ids)]))
+        return rows

@@ -201,6 +201,7 @@ class EnvironmentEntry:
     needs: str = ""  # an optional package it imports (the extra to install), empty if none
     sandbox: bool = False  # it runs code: its constructor takes `sandbox=` (a SandboxPool), and a job starts sandbox actors
     kwargs: tuple[str, ...] | None = None  # the keyword arguments a spec may give (rollout.agent.kwargs); None: any
+    chat_endpoint: bool = False  # it runs its own agent on the job's chat endpoint, which serves the transformers model
 
 
 ENVIRONMENTS: dict[str, EnvironmentEntry] = {
@@ -217,7 +218,7 @@ ENVIRONMENTS: dict[str, EnvironmentEntry] = {
                          "a verifiers 0.4 environment (kwargs.taskset: a name of workers/verifiers_env.py's "
                          "VERIFIERS_TASKSETS), its own rollout loop, harness and rewards, unmodified, on the job's "
                          "OpenAI-compatible chat endpoint", needs="verifiers",
-                         kwargs=("taskset", "env", "system", "persona", "timeout_s")),
+                         kwargs=("taskset", "env", "system", "persona", "timeout_s"), chat_endpoint=True),
     )
 }
 

@@ -637,8 +637,10 @@ class JobSpec(_Strict):
     def _consistent(self) -> "JobSpec":
         plan.check_weight_sync(self)  # (the placement rules live in core/plan.py)
         agent = self.rollout.agent if self.algo.rollouts else None  # (a pipeline's SFT stage ignores the job's agent)
-        if agent is not None and self.rollout.backend != "hf":
-            raise _field_error(("rollout", "agent"), f"multi-turn rollouts sample with the hf backend, not {self.rollout.backend} (no vLLM turn sampler yet)")
+        entry = ENVIRONMENTS.get(agent.environment) if agent is not None else None
+        if entry is not None and entry.chat_endpoint and self.rollout.backend != "hf":
+            raise _field_error(("rollout", "agent", "environment"), f"{entry.name} runs its own agent on the job's chat endpoint, which "
+                               f"serves the transformers model: use rollout.backend hf, not {self.rollout.backend}")
         if not self.rewards and self.scores_with_rewards and self.stages is None and agent is None:  # (a pipeline's stages are checked one by one)
             what = "completions" if self.algo.rollouts else "held-out prompts' completions (data.eval_file)"
             raise _field_error(("rewards",), f"{self.algorithm.name} scores its {what} with the rewards: give at least one reward source")
