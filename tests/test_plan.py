@@ -52,10 +52,10 @@ EXAMPLES = {
          "one_call_step": True, "sync": NO_SYNC, "bundles": [{"CPU": 1.0}], "steps": (3001, 3800)}],
     "tools/pipeline.yaml": [
         {"roles": [("trainer", 1, 0.5, ())], "phases": {"update": "trainer"},  # SFT on tool-call traces
-         "one_call_step": False, "sync": None, "bundles": [{"CPU": 0.5}], "steps": (1, 1000)},
+         "one_call_step": False, "sync": None, "bundles": [{"CPU": 0.5}], "steps": (1, 400)},
         {"roles": [("trainer", 1, 1.0, ("rollout", "reward"))],  # multi-turn GRPO: the trainer runs the episodes
          "phases": {"rollout": "trainer", "reward": "trainer", "update": "trainer"},
-         "one_call_step": True, "sync": NO_SYNC, "bundles": [{"CPU": 1.0}], "steps": (1001, 1040)}],
+         "one_call_step": True, "sync": NO_SYNC, "bundles": [{"CPU": 1.0}], "steps": (401, 424)}],
     "preference/dpo.yaml": [{
         "roles": [("trainer", 1, 0.5, ()), ("reference", 1, 0.5, ())],  # DPO scores its pairs against a reference actor
         "phases": {"reference": "reference", "update": "trainer"},

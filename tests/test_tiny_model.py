@@ -15,3 +15,21 @@ def test_ids_survive_save_load_round_trip(tiny_model):
 def test_head_dim_64_for_vllm(tiny_model):
     cfg = AutoConfig.from_pretrained(tiny_model)
     assert cfg.head_dim == 64 and cfg.hidden_size // cfg.num_attention_heads == 64
+
+
+def test_heads_splits_the_same_hidden_size_into_smaller_heads(tmp_path):
+    """`rlhf init-model --heads 4`: 4 heads of 32 in a hidden size of 128, the same parameter count as 2 heads of 64."""
+    import pytest
+
+    from orchestrator.entrypoints.cli import main
+    from orchestrator.entrypoints.tiny_model import init_model
+
+    assert main(["init-model", str(tmp_path / "four"), "--hidden-size", "128", "--heads", "4"]) == 0
+    cfg = AutoConfig.from_pretrained(tmp_path / "four")
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4, 4, 32)
+    from transformers import AutoModelForCausalLM
+
+    count = lambda path: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())  # noqa: E731
+    assert count(tmp_path / "four") == count(init_model(tmp_path / "two"))
+    with pytest.raises(ValueError, match="hidden_size 128 is not a multiple of heads 3"):
+        init_model(tmp_path / "three", heads=3)

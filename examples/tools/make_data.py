@@ -67,7 +67,7 @@ def write(out: Path, sft: int, prompts: int, test: int, seed: int = 0, teacher_g
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/tools/data")
-    p.add_argument("--sft", type=int, default=32000)
+    p.add_argument("--sft", type=int, default=12800)
     p.add_argument("--prompts", type=int, default=2000)
     p.add_argument("--test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)

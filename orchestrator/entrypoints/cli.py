@@ -54,7 +54,7 @@ def _report_learning(spec_path: str) -> None:
 def _init_model(args: argparse.Namespace) -> int:
     from orchestrator.entrypoints.tiny_model import init_model
 
-    out = init_model(args.dir, hidden_size=args.hidden_size, layers=args.layers, seed=args.seed)
+    out = init_model(args.dir, hidden_size=args.hidden_size, layers=args.layers, seed=args.seed, heads=args.heads)
     print(f"wrote a tiny random-weight model and tokenizer to {out}")
     return 0
 
@@ -100,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-model", help="Write a tiny random-weight causal LM and its tokenizer (no hub needed).")
     p.add_argument("dir", help="Output directory.")
-    p.add_argument("--hidden-size", type=int, default=128, help="Hidden size (a multiple of 64; head_dim is 64).")
+    p.add_argument("--hidden-size", type=int, default=128, help="Hidden size (a multiple of 64).")
     p.add_argument("--layers", type=int, default=2, help="Transformer layers.")
+    p.add_argument("--heads", type=int, default=None, help="Attention heads (default hidden size / 64: head_dim 64, which vLLM's "
+                   "CPU build needs; more heads of a smaller head_dim learn copying faster, for HF rollouts).")
     p.add_argument("--seed", type=int, default=0, help="Initialisation seed.")
     p.set_defaults(func=_init_model)
 

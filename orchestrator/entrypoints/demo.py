@@ -63,7 +63,7 @@ def accuracy_by_kind(model_dir: Path, rows: list[dict]) -> dict[str, float]:
     return {"all": mean(right), "carry": mean([x for x, k in zip(right, kinds) if k]), "no carry": mean([x for x, k in zip(right, kinds) if not k])}
 
 
-def train_demo(out: Path, spec: dict, seed: int, write_data: Callable[[Path], object]) -> tuple[int, float]:
+def train_demo(out: Path, spec: dict, seed: int, write_data: Callable[[Path], object], model: dict = MODEL) -> tuple[int, float]:
     """A demo's job in a fresh run directory `out`: the tiny model (initialised with `seed`), the data
     (`write_data(out / "data")`), `job.yaml` from `spec`, then the job. Returns (exit code, wall seconds)."""
     from orchestrator.entrypoints.run import run_job
@@ -71,7 +71,7 @@ def train_demo(out: Path, spec: dict, seed: int, write_data: Callable[[Path], ob
 
     if (out / "metrics.jsonl").exists():
         raise SystemExit(f"{out} holds an earlier run; pass another --out or remove it")
-    init_model(out / "model", seed=seed, **MODEL)
+    init_model(out / "model", seed=seed, **model)
     write_data(out / "data")
     (out / "job.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     start = time.time()
@@ -219,7 +219,7 @@ def run_preference_demo(out: str | Path = "runs/pref-demo", seed: int = 0, quick
     if (out / "metrics.jsonl").exists():
         raise SystemExit(f"{out} holds an earlier run; pass another --out or remove it")
     pipeline, dpo = preference_specs(out, seed, quick)
-    init_model(out / "model", seed=seed, **MODEL)
+    init_model(out / "model", seed=seed, **model)
     _preference_data().write(out / "data", train=2000, test=200, seed=seed)
     (out / "job.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     (out / "dpo.yaml").write_text(yaml.safe_dump(dpo, sort_keys=False))
@@ -251,12 +251,13 @@ def run_preference_demo(out: str | Path = "runs/pref-demo", seed: int = 0, quick
 
 # ------------------------------------------------------------ `rlhf demo tools`
 # Multi-digit multiplication with a calculator tool (issue 30): examples/tools/pipeline.yaml, SFT on a
-# teacher's tool-call traces (it calls the calculator 60% of the time and guesses the rest), then
+# teacher's tool-call traces (every trace a calculator call), then
 # multi-turn GRPO rewarded only for the right final number. Held-out greedy episodes after each stage,
 # with the calculator and with every call refused (the model's own arithmetic).
 
 TOOLS = Path(__file__).resolve().parents[2] / "examples" / "tools"
-TOOL_PROBLEMS = {"sft": 32000, "prompts": 2000, "test": 200, "teacher_guess": 0.0}
+TOOL_PROBLEMS = {"sft": 12800, "prompts": 2000, "test": 200, "teacher_guess": 0.0}
+TOOL_MODEL = dict(hidden_size=128, layers=2, heads=4)  # head_dim 32: see examples/tools/pipeline.yaml
 
 
 class NoCalculatorEnv(CalculatorEnv):
@@ -307,7 +308,7 @@ def run_tools_demo(out: str | Path = "runs/tools-demo", seed: int = 0, quick: bo
     make.loader.exec_module(module)
     spec = tools_spec(out, seed, quick)
     problems = {**TOOL_PROBLEMS, "sft": 256, "prompts": 64} if quick else TOOL_PROBLEMS  # (--quick: 2 steps a stage)
-    code, elapsed = train_demo(out, spec, seed, lambda data: module.write(data, **problems, seed=seed))
+    code, elapsed = train_demo(out, spec, seed, lambda data: module.write(data, **problems, seed=seed), TOOL_MODEL)
     if code:
         return code
     rows = [json.loads(line) for line in (out / "data" / "test.jsonl").read_text().splitlines()]

@@ -1,6 +1,6 @@
 """`rlhf init-model DIR`: a tiny random-weight causal LM and its tokenizer, built locally.
 
-For tests, demos and users without hub access. The model is a Qwen2 with head_dim 64 (vLLM's
+For tests, demos and users without hub access. The model is a Qwen2 with head_dim 64 by default (vLLM's
 CPU attention kernels need it). The tokenizer is byte-level with no merges: every byte is one
 token, so digits are single tokens and any text round-trips. It is saved as a plain
 `PreTrainedTokenizerFast`: transformers 5 rebuilds a `Qwen2Tokenizer`'s pre-tokenizer on load,
@@ -44,10 +44,15 @@ def build_tokenizer():
     return tok
 
 
-def build_model(vocab_size: int, hidden_size: int = 128, layers: int = 2, seed: int = 0, eos_token_id: int = 0, pad_token_id: int = 0):
+def build_model(vocab_size: int, hidden_size: int = 128, layers: int = 2, seed: int = 0, eos_token_id: int = 0, pad_token_id: int = 0,
+                heads: int | None = None):
+    """`heads`: attention heads, default hidden_size // 64 (head_dim 64, the only one vLLM's CPU build serves);
+    more heads of a smaller head_dim give the same parameters and compute more ways to attend."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    heads = max(1, hidden_size // 64)  # head_dim 64
+    heads = heads or max(1, hidden_size // 64)
+    if hidden_size % heads:
+        raise ValueError(f"hidden_size {hidden_size} is not a multiple of heads {heads}")
     config = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -55,7 +60,7 @@ def build_model(vocab_size: int, hidden_size: int = 128, layers: int = 2, seed: 
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        head_dim=64,
+        head_dim=hidden_size // heads,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         eos_token_id=eos_token_id,
@@ -66,11 +71,11 @@ def build_model(vocab_size: int, hidden_size: int = 128, layers: int = 2, seed: 
     return Qwen2ForCausalLM(config)
 
 
-def init_model(out_dir: str | Path, hidden_size: int = 128, layers: int = 2, seed: int = 0) -> Path:
+def init_model(out_dir: str | Path, hidden_size: int = 128, layers: int = 2, seed: int = 0, heads: int | None = None) -> Path:
     """Write a tiny Qwen2 and its tokenizer to out_dir; return the directory."""
     out = Path(out_dir)
     tok = build_tokenizer()
-    model = build_model(len(tok), hidden_size, layers, seed, tok.eos_token_id, tok.pad_token_id)
+    model = build_model(len(tok), hidden_size, layers, seed, tok.eos_token_id, tok.pad_token_id, heads)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
