@@ -58,3 +58,14 @@ def test_newer_modules_are_caught(tmp_path):
     bad.write_text("import tomllib\n")
     result = library_violations(str(bad))
     assert result.returncode != 0 and "tomllib" in result.stdout, result.stdout
+
+
+def test_no_name_is_used_undefined():
+    """Pyflakes' undefined names (ruff F821) in every file: a name a refactor left behind fails at once here rather
+    than in the one slow-tier path that runs it (a demo's `**model` once failed only in tests/test_demo.py)."""
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.fail("ruff is not installed: pip install -e '.[test]'")
+    result = subprocess.run([ruff, "check", "--no-cache", "--select", "F821", "orchestrator", "workers", "api", "scripts", "benchmarks",
+                             "examples", "tests"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -219,7 +219,7 @@ def run_preference_demo(out: str | Path = "runs/pref-demo", seed: int = 0, quick
     if (out / "metrics.jsonl").exists():
         raise SystemExit(f"{out} holds an earlier run; pass another --out or remove it")
     pipeline, dpo = preference_specs(out, seed, quick)
-    init_model(out / "model", seed=seed, **model)
+    init_model(out / "model", seed=seed, **MODEL)
     _preference_data().write(out / "data", train=2000, test=200, seed=seed)
     (out / "job.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     (out / "dpo.yaml").write_text(yaml.safe_dump(dpo, sort_keys=False))
