@@ -1,0 +1,95 @@
+"""`rlhf demo tools` (issue 30) for several seeds at once on this machine: held-out accuracy without the
+calculator, after SFT and after GRPO, calls per episode, the valid call rate, and the wall times.
+
+    python benchmarks/tools_demo.py [--seeds 0 1] [--out runs/tools-bench] [--quick] [--no-record]
+
+Each seed is its own `rlhf demo tools --seed S` process (an embedded Ray each), all started together, so on
+2 cores each demo has about one (its actors ask for 0.5-1 CPU, one torch thread). Wall times: the demo's own
+training time (its job) and the whole command (model, data, job, the three held-out evaluations). Writes
+docs/benchmarks.md's `tools_demo` block (benchmarks/record.py) unless --no-record or --quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.record import markdown_table, record
+
+
+def stage_minutes(run: Path) -> dict[str, float]:
+    """Minutes from each stage's first metrics line to its last."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    spans: dict[str, list[float]] = {}
+    for r in rows:
+        spans.setdefault(r["stage"], []).append(r["time"])
+    return {stage: (max(t) - min(t)) / 60 for stage, t in spans.items()}
+
+
+def grpo_reward(run: Path) -> tuple[float, float]:
+    """The GRPO stage's reward/mean over its first 5 and its last 5 steps (sampled episodes, temperature 1)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    g = [r["reward/mean"] for r in rows if r["stage"] == "grpo"]
+    return sum(g[:5]) / len(g[:5]), sum(g[-5:]) / len(g[-5:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "tools-bench")
+    parser.add_argument("--quick", action="store_true", help="the demo's --quick: checks the wiring")
+    parser.add_argument("--no-record", action="store_true", help="print only; leave docs/benchmarks.md as it is")
+    args = parser.parse_args()
+
+    procs, logs = {}, {}
+    start = time.time()
+    for seed in args.seeds:
+        out = args.out / f"seed{seed}"
+        if out.exists():
+            raise SystemExit(f"{out} holds an earlier run; pass another --out or remove it")
+        args.out.mkdir(parents=True, exist_ok=True)
+        logs[seed] = open(args.out / f"seed{seed}.log", "w")
+        cmd = [sys.executable, "-m", "orchestrator.entrypoints.cli", "demo", "tools", "--seed", str(seed), "--out", str(out),
+               *(["--quick"] if args.quick else [])]
+        procs[seed] = subprocess.Popen(cmd, cwd=ROOT, stdout=logs[seed], stderr=subprocess.STDOUT, env=os.environ.copy())
+    whole = {}
+    for seed, proc in procs.items():
+        if proc.wait() != 0:
+            raise SystemExit(f"seed {seed}'s demo failed: see {args.out / f'seed{seed}.log'}")
+        whole[seed] = time.time() - start
+        logs[seed].close()
+        print(f"seed {seed} done in {whole[seed] / 60:.1f} min", flush=True)
+
+    rows = []
+    for seed in args.seeds:
+        run = args.out / f"seed{seed}"
+        result = json.loads((run / "demo_result.json").read_text())
+        runs, stages = result["runs"], stage_minutes(run)
+        first, last = grpo_reward(run)
+        pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+        rows.append([seed, f"{result['training_s'] / 60:.1f} / {whole[seed] / 60:.1f}", f"{stages.get('sft', 0):.1f} / {stages.get('grpo', 0):.1f}",
+                     pct(runs["without tools (after SFT)"]["accuracy"]), pct(runs["after SFT"]["accuracy"]), pct(runs["after GRPO"]["accuracy"]),
+                     f"{runs['after GRPO']['calls']:.2f}", pct(runs["after GRPO"]["valid"]), f"{first:.3f} / {last:.3f}"])
+        print(json.dumps({"seed": seed, **result}), flush=True)
+    table = markdown_table(["seed", "wall min: training / whole command", "SFT / GRPO stage min", "held-out without tools",
+                            "after SFT", "after GRPO", "calls / episode (after GRPO)", "valid calls", "GRPO reward/mean: first 5 / last 5 steps"], rows)
+    problems = json.loads((args.out / f"seed{args.seeds[0]}" / "demo_result.json").read_text())["problems"]
+    text = (f"`rlhf demo tools` (examples/tools/pipeline.yaml: the tiny model with 4 heads of 32, SFT on calculator-call traces, then "
+            f"multi-turn GRPO with the calculator, rewarded for the right final number), {len(args.seeds)} seeds at once. Held-out greedy "
+            f"episodes on {problems} problems a*b (3 digits by 2, none in training): with every calculator call refused (the model's own "
+            f"arithmetic), after SFT and after GRPO.\n\n{table}")
+    print("\n" + text)
+    if not args.no_record and not args.quick:
+        record("tools_demo", text, title="Multi-turn tool use: rlhf demo tools (tools_demo)")
+
+
+if __name__ == "__main__":
+    main()
