@@ -46,27 +46,39 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "tools-bench")
     parser.add_argument("--quick", action="store_true", help="the demo's --quick: checks the wiring")
+    parser.add_argument("--timeout-min", type=float, default=60, help="stop the demos past this many minutes (default 60)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave docs/benchmarks.md as it is")
     args = parser.parse_args()
 
-    procs, logs = {}, {}
+    for seed in args.seeds:
+        if (args.out / f"seed{seed}").exists():
+            raise SystemExit(f"{args.out / f'seed{seed}'} holds an earlier run; pass another --out or remove it")
+    args.out.mkdir(parents=True, exist_ok=True)
+    procs, logs, whole = {}, {}, {}
     start = time.time()
     for seed in args.seeds:
-        out = args.out / f"seed{seed}"
-        if out.exists():
-            raise SystemExit(f"{out} holds an earlier run; pass another --out or remove it")
-        args.out.mkdir(parents=True, exist_ok=True)
         logs[seed] = open(args.out / f"seed{seed}.log", "w")
-        cmd = [sys.executable, "-m", "orchestrator.entrypoints.cli", "demo", "tools", "--seed", str(seed), "--out", str(out),
+        cmd = [sys.executable, "-m", "orchestrator.entrypoints.cli", "demo", "tools", "--seed", str(seed), "--out", str(args.out / f"seed{seed}"),
                *(["--quick"] if args.quick else [])]
         procs[seed] = subprocess.Popen(cmd, cwd=ROOT, stdout=logs[seed], stderr=subprocess.STDOUT, env=os.environ.copy())
-    whole = {}
-    for seed, proc in procs.items():
-        if proc.wait() != 0:
-            raise SystemExit(f"seed {seed}'s demo failed: see {args.out / f'seed{seed}.log'}")
-        whole[seed] = time.time() - start
-        logs[seed].close()
-        print(f"seed {seed} done in {whole[seed] / 60:.1f} min", flush=True)
+    try:
+        while len(whole) < len(procs):  # each seed's whole-command time is taken when it ends, whichever ends first
+            if time.time() - start > args.timeout_min * 60:
+                raise SystemExit(f"the demos of seeds {sorted(set(procs) - set(whole))} ran past --timeout-min {args.timeout_min}: "
+                                 f"see their logs in {args.out}")
+            for seed, proc in procs.items():
+                if seed not in whole and proc.poll() is not None:
+                    if proc.returncode != 0:
+                        raise SystemExit(f"seed {seed}'s demo failed (exit {proc.returncode}): see {args.out / f'seed{seed}.log'}")
+                    whole[seed] = time.time() - start
+                    print(f"seed {seed} done in {whole[seed] / 60:.1f} min", flush=True)
+            time.sleep(1)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for log in logs.values():
+            log.close()
 
     rows = []
     for seed in args.seeds:
@@ -74,7 +86,7 @@ def main() -> None:
         result = json.loads((run / "demo_result.json").read_text())
         runs, stages = result["runs"], stage_minutes(run)
         first, last = grpo_reward(run)
-        pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+        pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731  (valid calls: None when no call was made)
         rows.append([seed, f"{result['training_s'] / 60:.1f} / {whole[seed] / 60:.1f}", f"{stages.get('sft', 0):.1f} / {stages.get('grpo', 0):.1f}",
                      pct(runs["without tools (after SFT)"]["accuracy"]), pct(runs["after SFT"]["accuracy"]), pct(runs["after GRPO"]["accuracy"]),
                      f"{runs['after GRPO']['calls']:.2f}", pct(runs["after GRPO"]["valid"]), f"{first:.3f} / {last:.3f}"])

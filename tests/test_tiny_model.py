@@ -31,5 +31,9 @@ def test_heads_splits_the_same_hidden_size_into_smaller_heads(tmp_path):
 
     count = lambda path: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())  # noqa: E731
     assert count(tmp_path / "four") == count(init_model(tmp_path / "two"))
-    with pytest.raises(ValueError, match="hidden_size 128 is not a multiple of heads 3"):
-        init_model(tmp_path / "three", heads=3)
+    for bad in (3, 0):
+        with pytest.raises(ValueError, match=f"heads {bad} must be a positive divisor of hidden_size 128"):
+            init_model(tmp_path / "bad", heads=bad)
+        with pytest.raises(SystemExit, match=f"--heads {bad} must be a positive divisor of --hidden-size 128"):
+            main(["init-model", str(tmp_path / "bad"), "--heads", str(bad)])
+    assert not (tmp_path / "bad").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from orchestrator.core.algos import logprobs_from_logits
+from orchestrator.core.seeds import request_seed
 
 
 class HFTurnSampler:
@@ -60,7 +61,7 @@ class VLLMTurnSampler:
         self.calls += 1
         params = [SamplingParams(n=1, max_tokens=limit, temperature=0.0 if self.greedy else self.temperature, top_p=1.0,
                                  stop_token_ids=self.stop_ids, logprobs=0, detokenize=False, skip_special_tokens=False,
-                                 seed=None if self.greedy else (self.seed * 1_000_003 + self.calls * 10_007 + i) % 2**31)
+                                 seed=None if self.greedy else request_seed(self.seed, self.calls, i))
                   for i, limit in enumerate(max_new_tokens)]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(c)) for c in contexts], params, use_tqdm=False)
         rows = []

@@ -54,6 +54,8 @@ def _report_learning(spec_path: str) -> None:
 def _init_model(args: argparse.Namespace) -> int:
     from orchestrator.entrypoints.tiny_model import init_model
 
+    if args.heads is not None and (args.heads < 1 or args.hidden_size % args.heads):
+        raise SystemExit(f"rlhf init-model: --heads {args.heads} must be a positive divisor of --hidden-size {args.hidden_size}")
     out = init_model(args.dir, hidden_size=args.hidden_size, layers=args.layers, seed=args.seed, heads=args.heads)
     print(f"wrote a tiny random-weight model and tokenizer to {out}")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -325,5 +326,6 @@ def run_tools_demo(out: str | Path = "runs/tools-demo", seed: int = 0, quick: bo
     for name, r in runs.items():
         print(f"  {name:24s} {100 * r['accuracy']:7.1f}% {r['calls']:13.2f} {100 * r['valid']:10.1f}%")
     print(f"wall time {elapsed / 60:.1f} min (training); trajectories in {out / 'trajectories.jsonl'}; plot {png}")
-    (out / "demo_result.json").write_text(json.dumps({"problems": len(rows), "training_s": elapsed, "runs": runs}, indent=1))
+    strict = {name: {k: (None if math.isnan(v) else v) for k, v in r.items()} for name, r in runs.items()}  # (no calls: valid is NaN)
+    (out / "demo_result.json").write_text(json.dumps({"problems": len(rows), "training_s": elapsed, "runs": strict}, indent=1))
     return 0

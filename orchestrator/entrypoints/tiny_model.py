@@ -50,9 +50,9 @@ def build_model(vocab_size: int, hidden_size: int = 128, layers: int = 2, seed: 
     more heads of a smaller head_dim give the same parameters and compute more ways to attend."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    heads = heads or max(1, hidden_size // 64)
-    if hidden_size % heads:
-        raise ValueError(f"hidden_size {hidden_size} is not a multiple of heads {heads}")
+    heads = max(1, hidden_size // 64) if heads is None else heads
+    if heads < 1 or hidden_size % heads:
+        raise ValueError(f"heads {heads} must be a positive divisor of hidden_size {hidden_size}")
     config = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
