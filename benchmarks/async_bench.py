@@ -1,6 +1,6 @@
 """Synchronous vs asynchronous GRPO (issue 29) on a long-tailed response-length workload, on this machine.
 
-    python benchmarks/async_bench.py [--rounds 3] [--steps 12] [--no-record]
+    python benchmarks/async_bench.py [--rounds 3] [--steps 12] [--backend hf|vllm] [--no-record]
 
 The workload: the tiny model (`rlhf init-model`) made to end its completions after a geometric number
 of tokens: every token's embedding gets one constant dimension (which the tied LM head turns into
@@ -19,6 +19,8 @@ modes run in turn, `--rounds` times, each round in a rotated order. samples/s = 
 (last metrics line - the `actors_ready` event): model loading and Ray's start are left out, every
 step is in. Reward at equal samples: reward/mean over each run's last 3 steps. Response tokens/s: the completions'
 tokens over the same seconds (the lengths drift with training, differently per mode, unless the lr is small).
+`--backend vllm`: the rollout on vLLM's CPU build (its engine in the rollout actor in every mode; async
+pauses it at each chunk's end: workers/rollout_vllm.py `stream`), in its own block.
 Writes docs/benchmarks.md's `async_bench` block (benchmarks/record.py) unless --no-record.
 """
 
@@ -84,12 +86,12 @@ def length_tails(model_dir: Path, batches: int = 4) -> list[tuple[float, int]]:
     return out
 
 
-def spec(model_dir: Path, run_dir: Path, mode: str, steps: int, lr: float) -> dict:
+def spec(model_dir: Path, run_dir: Path, mode: str, steps: int, lr: float, backend: str = "hf") -> dict:
     k, threads = MODES[mode]
     return {
         "api_version": "rlhf/v1", "name": run_dir.name, "algorithm": {"name": "grpo"}, "model": {"path": str(model_dir)},
         "data": {"train_file": str(ROOT / "examples/arithmetic/data/train.jsonl"), "max_prompt_length": 16},
-        "rollout": {"n": N, "max_new_tokens": MAX_NEW, "max_staleness": k, "chunk_tokens": 16},
+        "rollout": {"n": N, "max_new_tokens": MAX_NEW, "max_staleness": k, "chunk_tokens": 16, "backend": backend},
         "rewards": [{"function": "accuracy"}, {"function": "regex_match", "name": "format", "weight": 0.5,
                                                 "kwargs": {"pattern": "^-?\\d"}}],
         "optim": {"lr": lr, "steps": steps, "prompts_per_step": PROMPTS, "seed": 0},
@@ -97,11 +99,11 @@ def spec(model_dir: Path, run_dir: Path, mode: str, steps: int, lr: float) -> di
     }
 
 
-def run(model_dir: Path, work: Path, mode: str, round_: int, steps: int, lr: float) -> dict:
+def run(model_dir: Path, work: Path, mode: str, round_: int, steps: int, lr: float, backend: str) -> dict:
     run_dir = work / f"{''.join(c for c in mode if c.isalnum())}-r{round_}"
     path = work / f"{run_dir.name}.json"
-    path.write_text(json.dumps(spec(model_dir, run_dir, mode, steps, lr)))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    path.write_text(json.dumps(spec(model_dir, run_dir, mode, steps, lr, backend)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.run", "--spec", str(path)], cwd=ROOT, env=env,
                           check=False, capture_output=True, text=True, timeout=1800)
@@ -127,6 +129,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5,
                         help="1e-5 (default) keeps the lengths, which set a step's cost, where they start in every mode; "
                         "a larger lr lets them drift, differently per mode (recorded in its own block)")
+    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="the rollout's engine (vllm: vLLM's CPU build)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave docs/benchmarks.md as it is")
     args = parser.parse_args()
     names = list(MODES)
@@ -135,7 +138,7 @@ def main() -> None:
         model_dir = long_tailed_model(work / "model")
         tails = length_tails(model_dir)
         print("median, longest per batch:", tails, flush=True)
-        results = [run(model_dir, work, mode, r + 1, args.steps, args.lr)
+        results = [run(model_dir, work, mode, r + 1, args.steps, args.lr, args.backend)
                    for r in range(args.rounds) for mode in names[r % len(names):] + names[:r % len(names)]]
     # The baseline: the faster of the two synchronous configurations (the machine decides which).
     sync = max(statistics.median(x["samples_per_s"] for x in results if x["mode"] == m) for m in names if m.startswith("sync"))
@@ -149,7 +152,7 @@ def main() -> None:
                      f"{statistics.mean(x['staleness_mean'] for x in mine):.2f}"])
     table = markdown_table(["mode", "samples/s per round", "median", "vs best sync", "response tokens/s (median)", "reward/mean, last 3 steps, per round",
                             "mean length", "staleness mean"], rows)
-    text = (f"GRPO, {args.steps} steps of {PROMPTS} prompts x {N} samples (max {MAX_NEW} tokens), {args.rounds} rounds, "
+    text = (f"GRPO on the {args.backend} backend, {args.steps} steps of {PROMPTS} prompts x {N} samples (max {MAX_NEW} tokens), {args.rounds} rounds, "
             f"modes alternating in rotated order. Workload: step-sized batches' (median, longest) completion lengths "
             f"{', '.join(f'({m:g}, {x})' for m, x in tails)}: longest / median {min(x / m for m, x in tails):.1f}-"
             f"{max(x / m for m, x in tails):.1f}x. sync: one call per step to the trainer (all cores, or 1 torch "
@@ -157,6 +160,7 @@ def main() -> None:
     print(text)
     if not args.no_record:
         section = "async_bench" if args.lr == parser.get_default("lr") else f"async_bench_lr{args.lr:g}"
+        section += "" if args.backend == "hf" else f"_{args.backend}"
         record(section, text, title="Synchronous vs asynchronous GRPO, long-tailed lengths (async_bench)")
 
 

@@ -234,3 +234,78 @@ def test_a_multi_turn_grpo_job_samples_its_episodes_with_vllm(tiny_model, tmp_pa
     hf = HFRollout(str(tiny_model))
     with torch.no_grad():
         check_token_identity(hf.model, hf.sampler.tokenizer, first, atol=LOGPROB_ATOL)
+
+
+# -- asynchronous training: partial rollouts on the engine ---------------------------------------------------------
+
+def test_chunks_on_the_engine_resume_to_the_greedy_completions_of_one_call(engine, trained):
+    """The engine pauses at each chunk's end (its requests stop there) and the next chunk resumes from prompt and
+    completion so far: chunks of 2 tokens give the ids and log-probs of one greedy call."""
+    from workers.partial_rollout import PartialRollout
+    from workers.turn_sampler import VLLMTurnSampler
+
+    engine.load_weights(trained)
+    tok = engine.tokenizer
+    whole, _ = engine.generate(PROMPTS, [{}, {}, {}], step=1, greedy=True)
+    rollout = PartialRollout(PROMPTS, tok.eos_token_id, tok.pad_token_id, n=1, max_new_tokens=6, greedy=True)
+    sampler = VLLMTurnSampler(engine.llm, tok, greedy=True, stop_ids=[tok.eos_token_id])
+    while not rollout.finished:
+        rollout.advance_with(sampler, version=0, chunk_tokens=2)
+    batch, versions = rollout.batch()
+    assert rollout.chunks == 3 and sampler.calls == 3
+    assert batch.input_ids.tolist() == whole.input_ids.tolist()
+    assert torch.allclose(batch.logprobs, whole.logprobs, atol=LOGPROB_ATOL)
+    assert set(versions[batch.response_mask.bool()].tolist()) == {0}
+
+
+def test_a_stream_on_the_engine_takes_new_weights_between_chunks(engine, trained, tiny_model):
+    """`VLLMRollout.stream`, as asynchronous training calls it: two prompts join, one chunk of 2 tokens with the
+    checkpoint's weights (version 0), then the trainer's weights are loaded and the completions continue with them
+    (version 1). Each token's recorded log-prob is its own version's: the checkpoint's model for the first two
+    tokens, the trained model's after them (and not the checkpoint's: the check can tell them apart)."""
+    old, new = HFRollout(str(tiny_model)), HFRollout(str(tiny_model))
+    new.load_weights(trained)
+    engine.load_weights(old.state_dict())
+    engine.partial = None
+    done, tokens, _ = engine.stream([10, 11], PROMPTS[:2], [{"i": 0}, {"i": 1}], version=0, chunk_tokens=2)
+    assert done == [] and 0 < tokens <= 2 * 3 * 2  # (n=3 rows per prompt, 2 tokens each at most)
+    engine.load_weights(trained)
+    for _ in range(4):
+        finished, _, _ = engine.stream([], [], [], version=1, chunk_tokens=2)
+        done += finished
+    assert sorted(key for key, _, _ in done) == [10, 11]
+    newer = 0
+    for key, batch, versions in done:
+        assert batch.extras == [{"i": key - 10}]  # (one per prompt)
+        valid = batch.response_mask.bool()
+        first = torch.zeros_like(valid)
+        first[:, :2] = True
+        assert torch.equal(versions[valid & first], torch.zeros_like(versions[valid & first]))
+        assert torch.equal(versions[valid & ~first], torch.ones_like(versions[valid & ~first]))
+        with torch.no_grad():
+            by_old, _ = response_logprobs(old.model, batch)
+            by_new, _ = response_logprobs(new.model, batch)
+        expected = torch.where(versions == 0, by_old, by_new)
+        assert ((expected - batch.logprobs).abs() * valid).max().item() < LOGPROB_ATOL
+        later = valid & ~first
+        newer += int(later.sum())
+        if later.any():
+            assert ((by_old - batch.logprobs).abs() * later).max().item() > 10 * LOGPROB_ATOL
+    assert newer > 0, "no completion ran past its first chunk (else the test shows nothing)"
+
+
+@pytest.mark.slow
+def test_an_async_grpo_job_on_the_engine_trains_each_prompt_once_within_the_bound(tiny_model, arith_file, tmp_path):
+    """`rollout.max_staleness: 1` with `rollout.backend: vllm` on real Ray: the engine generates in chunks while the
+    trainer updates, loads each published update between two chunks, and every prompt of the epoch is trained
+    once with every token within the bound (tests/test_async.py's checks)."""
+    from tests.conftest import run_entrypoint, write_spec
+    from tests.test_async import PROMPTS as EPOCH
+    from tests.test_async import async_spec, check_epoch
+
+    run_dir = tmp_path / "run"
+    spec = async_spec(tiny_model, arith_file, run_dir, 1, per_step=8)
+    spec["rollout"]["backend"] = "vllm"
+    out = run_entrypoint(write_spec(tmp_path / "job.yaml", spec), timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    check_epoch(run_dir, EPOCH // 8, 1)

@@ -4,10 +4,13 @@ not wait for the longest completion.
 Between two chunks the rollout may load new weights; the generations in flight then continue
 with them. Each token records the policy version that produced it and the log-prob it was drawn
 with, so the trainer can bound staleness by the oldest token (orchestrator/core/staleness.py) and
-correct with the behaviour log-probs (`algos.off_policy_correction`). Each chunk is one `generate`
-call on prompt + completion so far: its prefill recomputes the KV cache with the current weights
-(as AReaL's interruptible generation discards the cache computed by old weights, Fu et al. 2025,
-arXiv:2505.24298, sec. 4.1). Rows that finished (EOS or max_new_tokens) leave the batch.
+correct with the behaviour log-probs (`algos.off_policy_correction`). On the HF backend each chunk
+is one `generate` call on prompt + completion so far: its prefill recomputes the KV cache with the
+current weights (as AReaL's interruptible generation discards the cache computed by old weights,
+Fu et al. 2025, arXiv:2505.24298, sec. 4.1). On vLLM (`advance_with` a turn sampler) each row is a
+request that stops at the chunk's end, which is how the engine pauses: the next chunk resumes from
+its prefix cache, which a weight load resets (so new weights recompute it too). Rows that finished
+(EOS or max_new_tokens) leave the batch.
 """
 
 from __future__ import annotations
@@ -39,11 +42,15 @@ class PartialRollout:
         self.done: list[bool] = []
         self.taken: list[bool] = []  # per prompt: handed out by `take_finished`
         self.chunks = 0
+        self.keys: dict[int, int] = {}  # prompt index -> the key `add` was given
         self.add(prompt_ids)
 
-    def add(self, prompt_ids: list[list[int]], extras: list[dict[str, Any]] | None = None) -> list[int]:
-        """More prompts to generate `n` completions of; returns their indices (what `take_finished` names them by)."""
+    def add(self, prompt_ids: list[list[int]], extras: list[dict[str, Any]] | None = None, keys: list[int] | None = None) -> list[int]:
+        """More prompts to generate `n` completions of; returns their indices. `take_finished` names them by
+        `keys` (the async driver's) if given, else by these indices."""
         first = len(self.prompt_ids)
+        if keys is not None:
+            self.keys.update(zip(range(first, first + len(prompt_ids)), keys, strict=True))
         self.prompt_ids += prompt_ids
         self.extras += extras or [{} for _ in prompt_ids]
         self.taken += [False] * len(prompt_ids)
@@ -62,14 +69,12 @@ class PartialRollout:
 
     @torch.no_grad()
     def advance(self, model, version: int, chunk_tokens: int, device: torch.device | str = "cpu") -> int:
-        """Up to `chunk_tokens` more tokens for every unfinished row, by `model` (policy `version`).
-        Returns the tokens generated."""
-        active = [i for i, d in enumerate(self.done) if not d]
+        """Up to `chunk_tokens` more tokens for every unfinished row by transformers' `generate` with
+        `model` (policy `version`): one call, prompt and completion so far re-read. Returns the tokens generated."""
+        active, left = self._chunk(chunk_tokens)
         if not active:
             return 0
-        # Rows that joined later have generated fewer tokens: each stops at its own budget.
-        left = {i: self.max_new_tokens - len(self.tokens[i]) for i in active}
-        budget = min(chunk_tokens, max(left.values()))
+        budget = max(left)
         ids, mask = left_pad([self.rows[i] + self.tokens[i] for i in active], self.pad_id)
         sampling = dict(do_sample=False) if self.greedy else dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
         # Seeded by (seed, step, chunk) alone, so a chunk draws the same whatever ran before it in this process.
@@ -81,18 +86,37 @@ class PartialRollout:
         logits = torch.stack(out.logits, dim=1).float().cpu()
         # The behaviour log-probs: log softmax(z / T)[token], at the temperature the tokens were drawn with.
         logprobs = logprobs_from_logits(logits / (1.0 if self.greedy else self.temperature), new)
-        generated = 0
-        for j, i in enumerate(active):
-            row = new[j].tolist()
-            row = row[: left[i]]
+        return self._record(active, [(new[j].tolist(), logprobs[j].tolist()) for j in range(len(active))], left, version)
+
+    def advance_with(self, sample: Callable[[list[list[int]], list[int]], list[tuple[list[int], list[float]]]], version: int,
+                     chunk_tokens: int) -> int:
+        """`advance` by a turn sampler (workers/turn_sampler.py: contexts and each one's token budget in, (ids, behaviour
+        log-probs) out, cut after the stop token): the vLLM engine's, one request per row, whose prefix cache keeps
+        the KV of prompt and completion so far between chunks while the weights stay the same."""
+        active, left = self._chunk(chunk_tokens)
+        if not active:
+            return 0
+        return self._record(active, sample([self.rows[i] + self.tokens[i] for i in active], left), left, version)
+
+    def _chunk(self, chunk_tokens: int) -> tuple[list[int], list[int]]:
+        """The unfinished rows and each one's budget in this chunk: rows that joined later have generated
+        fewer tokens, and each stops at its own max_new_tokens."""
+        active = [i for i, d in enumerate(self.done) if not d]
+        return active, [min(chunk_tokens, self.max_new_tokens - len(self.tokens[i])) for i in active]
+
+    def _record(self, active: list[int], generated: list[tuple[list[int], list[float]]], left: list[int], version: int) -> int:
+        """Append each active row's new tokens (cut at its budget and after EOS), their log-probs and `version`."""
+        count = 0
+        for i, (ids, logprobs), limit in zip(active, generated, left, strict=True):
+            row = ids[:limit]
             end = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
             self.tokens[i] += row[:end]
-            self.logprobs[i] += logprobs[j, :end].tolist()
+            self.logprobs[i] += logprobs[:end]
             self.versions[i] += [version] * end
-            generated += end
+            count += end
             self.done[i] = self.eos_id in row or len(self.tokens[i]) >= self.max_new_tokens
         self.chunks += 1
-        return generated
+        return count
 
     def batch(self, extras: list[dict[str, Any]] | None = None) -> tuple[Batch, torch.Tensor]:
         """The finished rollout as the one Batch (behaviour log-probs included) and each response
@@ -111,7 +135,7 @@ class PartialRollout:
         return batch, versions
 
     def take_finished(self) -> list[tuple[int, Batch, torch.Tensor]]:
-        """(prompt index, its n samples as a Batch, their (n, R) token versions) for each prompt whose
+        """(prompt key or index, its n samples as a Batch, their (n, R) token versions) for each prompt whose
         rows have all finished since the last call; their rows are then forgotten (kept as empty lists)."""
         out = []
         for p, taken in enumerate(self.taken):
@@ -119,7 +143,7 @@ class PartialRollout:
             if taken or not all(self.done[r] for r in rows):
                 continue
             batch, versions = self._batch([p], [self.extras[p]])
-            out.append((p, batch, versions))
+            out.append((self.keys.pop(p, p), batch, versions))
             self.taken[p] = True
             for r in rows:
                 self.tokens[r], self.logprobs[r], self.versions[r] = [], [], []
@@ -139,3 +163,12 @@ def generate_chunked(model, rollout: PartialRollout, chunk_tokens: int, version:
             between_chunks(chunk)
         rollout.advance(model, version(), chunk_tokens, device)
     raise RuntimeError(f"generation did not finish in {max_chunks} chunks")
+
+
+def episodes_as_stream(batch: Batch, keys: list[int], n: int, version: int) -> list[tuple[int, Batch, torch.Tensor]]:
+    """`stream`'s answer for whole agent episodes (each key's `n` rows in `batch`, in `keys`' order): every
+    response token tagged `version`, -1 on padding. An episode's turns wait on its environment, so it is not
+    cut into chunks: new weights arrive between two calls."""
+    valid = batch.attention_mask[:, batch.prompt_len :].bool()
+    versions = torch.where(valid, torch.full_like(valid, version, dtype=torch.long), torch.full_like(valid, -1, dtype=torch.long))
+    return [(key, batch.select(slice(i * n, (i + 1) * n)), versions[i * n : (i + 1) * n]) for i, key in enumerate(keys)]

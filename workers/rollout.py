@@ -131,7 +131,6 @@ class HFRollout(OnNode):
         self.model = load_model(model_path, "AutoModelForCausalLM", dtype, trust_remote_code, self.device).eval()
         self.sampler = make_sampler(load_tokenizer(model_path, trust_remote_code), n, max_new_tokens, temperature, top_p, seed, agent)
         self.partial = None  # the completions in flight of asynchronous training (`stream`)
-        self.stream_keys: dict[int, int] = {}  # their prompt index -> the driver's key
 
     def attach_sandbox(self, actors: list) -> None:
         """The job's sandbox actors, where its environments' code runs (a multi-turn rollout only)."""
@@ -148,35 +147,22 @@ class HFRollout(OnNode):
         with the weights loaded now (policy `version`, which tags the chunk's tokens), and the prompts
         whose `n` completions have all finished leave. Returns their (key, Batch with behaviour
         log-probs, (n, R) token versions), the tokens generated, and the seconds spent."""
-        from workers.partial_rollout import PartialRollout
+        from workers.partial_rollout import PartialRollout, episodes_as_stream
 
         start = time.perf_counter()
         s = self.sampler
         if isinstance(s, AgentSampler):
-            return self._stream_episodes(keys, prompt_ids, extras, version, start)
+            if not keys:
+                return [], 0, time.perf_counter() - start
+            batch, _ = s.generate(self.model, self.device, prompt_ids, extras, keys[0])  # (seeded by the call's first key)
+            return episodes_as_stream(batch, keys, s.n, version), int(batch.response_mask.sum()), time.perf_counter() - start
         if self.partial is None:
             tok = s.tokenizer
             self.partial = PartialRollout([], tok.eos_token_id, tok.pad_token_id, s.n, s.max_new_tokens, temperature=s.temperature,
                                           top_p=s.top_p, seed=s.seed)
-        for key, index in zip(keys, self.partial.add(prompt_ids, extras), strict=True):
-            self.stream_keys[index] = key
+        self.partial.add(prompt_ids, extras, keys)
         tokens = self.partial.advance(self.model, version, chunk_tokens, self.device)
-        done = [(self.stream_keys.pop(index), batch, versions) for index, batch, versions in self.partial.take_finished()]
-        return done, tokens, time.perf_counter() - start
-
-    def _stream_episodes(self, keys: list[int], prompt_ids: list[list[int]], extras: list[dict[str, Any]], version: int,
-                         start: float) -> tuple[list[tuple[int, Batch, torch.Tensor]], int, float]:
-        """`stream` of a multi-turn job: the new prompts' episodes run whole with the weights loaded now (an
-        episode's turns wait on its environment, so it is not cut into chunks: new weights arrive between two
-        calls), every token of a response tagged `version`. Seeded by the call's first key."""
-        if not keys:
-            return [], 0, time.perf_counter() - start
-        batch, _ = self.sampler.generate(self.model, self.device, prompt_ids, extras, keys[0])
-        valid = batch.attention_mask[:, batch.prompt_len :].bool()
-        versions = torch.where(valid, torch.full_like(valid, version, dtype=torch.long), torch.full_like(valid, -1, dtype=torch.long))
-        n = self.sampler.n
-        done = [(key, batch.select(slice(i * n, (i + 1) * n)), versions[i * n : (i + 1) * n]) for i, key in enumerate(keys)]
-        return done, int(batch.response_mask.sum()), time.perf_counter() - start
+        return self.partial.take_finished(), tokens, time.perf_counter() - start
 
     def load_weights(self, state_dict: dict[str, Any]) -> float:
         """Copy the trainer's weights in (a state dict, or its `to_transport` form)."""

@@ -262,6 +262,7 @@ class VLLMRollout(OnNode):
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and tensor_parallel_size == 1
         self.asleep: set[str] = set()  # the memory tags released by `sleep`
         self._version: torch.Tensor | None = None  # the shared weights file's write count (see share_weights)
+        self.partial = None  # the completions in flight of asynchronous training (`stream`)
 
     # ------------------------------------------------------------ generation
     def generate(self, prompt_ids: list[list[int]], extras: list[dict[str, Any]], step: int, greedy: bool = False,
@@ -297,6 +298,36 @@ class VLLMRollout(OnNode):
         if self.sleeps:
             self.sleep()
         return batch, time.perf_counter() - start
+
+    def stream(self, keys: list[int], prompt_ids: list[list[int]], extras: list[dict[str, Any]], version: int,
+               chunk_tokens: int) -> tuple[list[tuple[int, Batch, torch.Tensor]], int, float]:
+        """Partial rollouts for asynchronous training, as `HFRollout.stream` (orchestrator/stages/async_loop.py
+        calls both): the prompts `keys` join those in flight, every unfinished completion advances by up to
+        `chunk_tokens` with the weights loaded now (`version` tags the chunk's tokens), and the prompts whose
+        `n` completions all finished leave. The engine pauses at a chunk's end: each row is one request that
+        stops there, and the next chunk's request resumes from the prefix cache (the KV of prompt and completion
+        so far), which `load_weights` resets, so after new weights the engine recomputes it with them."""
+        from workers.partial_rollout import PartialRollout, episodes_as_stream
+
+        start = time.perf_counter()
+        if "weights" in self.asleep:
+            raise RuntimeError("the colocated engine discarded its weights when it slept: sync weights before generating")
+        self._drop_stale_cache()
+        if self.agent is not None:
+            if not keys:
+                return [], 0, time.perf_counter() - start
+            batch, _ = self.generate(prompt_ids, extras, keys[0])  # (seeded by the call's first key)
+            return episodes_as_stream(batch, keys, self.n, version), int(batch.response_mask.sum()), time.perf_counter() - start
+        tok = self.tokenizer
+        if self.partial is None:
+            self.partial = PartialRollout([], tok.eos_token_id, tok.pad_token_id, self.n, self.max_new_tokens,
+                                          temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+            # One sampler for the run: each call (chunk) seeds its requests anew from (seed, its count, the row).
+            self.chunk_sampler = VLLMTurnSampler(self.llm, tok, self.temperature, stop_ids=[tok.eos_token_id], seed=self.seed,
+                                                 top_p=self.top_p)
+        self.partial.add(prompt_ids, extras, keys)
+        tokens = self.partial.advance_with(self.chunk_sampler, version, chunk_tokens)
+        return self.partial.take_finished(), tokens, time.perf_counter() - start
 
     def attach_sandbox(self, actors: list) -> None:
         """The job's sandbox actors, where its environments' code runs (a multi-turn rollout only)."""

@@ -47,9 +47,11 @@ class VLLMTurnSampler:
     The log-probs are the engine's processed ones (temperature-scaled, as the trainer recomputes them); each
     context is its own request, seeded by (seed, its index), so the engine batches and caches the prefixes."""
 
-    def __init__(self, llm, tokenizer, temperature: float = 1.0, stop_ids: list[int] | None = None, greedy: bool = False, seed: int = 0):
+    def __init__(self, llm, tokenizer, temperature: float = 1.0, stop_ids: list[int] | None = None, greedy: bool = False, seed: int = 0,
+                 top_p: float = 1.0):
         self.llm, self.greedy, self.seed = llm, greedy, seed
         self.temperature = 1.0 if greedy else temperature
+        self.top_p = 1.0 if greedy else top_p
         end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.stop_ids = stop_ids or sorted({tokenizer.eos_token_id, *([end] if isinstance(end, int) and end != tokenizer.unk_token_id else [])})
         self.calls = 0  # turns sampled so far: each call's requests get seeds of their own
@@ -59,7 +61,7 @@ class VLLMTurnSampler:
         from vllm.inputs import TokensPrompt
 
         self.calls += 1
-        params = [SamplingParams(n=1, max_tokens=limit, temperature=0.0 if self.greedy else self.temperature, top_p=1.0,
+        params = [SamplingParams(n=1, max_tokens=limit, temperature=0.0 if self.greedy else self.temperature, top_p=self.top_p,
                                  stop_token_ids=self.stop_ids, logprobs=0, detokenize=False, skip_special_tokens=False,
                                  seed=None if self.greedy else request_seed(self.seed, self.calls, i))
                   for i, limit in enumerate(max_new_tokens)]
