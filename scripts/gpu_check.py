@@ -45,7 +45,9 @@ def configs(**rollout) -> tuple:
                    grad_clip=1.0, gamma=1.0, lam=0.95, value_clip=0.2, seed=42)
         tis = NS(**{"enabled": False, "cap": 2.0, **rollout.get("importance_sampling", {})})
         optim.micro_batch_tokens, optim.gradient_checkpointing, optim.mixed_precision = None, False, "no"
-        return optim, NS(temperature=1.0, max_new_tokens=32, importance_sampling=tis)
+        off = NS(enabled=True, level="token", tis_cap=2.0, mask_band=None)
+        return optim, NS(temperature=1.0, max_new_tokens=32, importance_sampling=tis, max_staleness=rollout.get("max_staleness", 0),
+                         off_policy=off)
 
 
 def with_fields(section, **fields):
@@ -250,6 +252,44 @@ def main() -> int:
         gap = ((ours.cpu() - batch.logprobs).abs() * batch.response_mask).max().item()
         assert gap < LOGPROB_ATOL, f"differ by {gap:.1e}"
         return f"max gap {gap:.1e} (tol {LOGPROB_ATOL:.0e})"
+
+    @check("async step: chunks across a sync")
+    def _():
+        # Asynchronous training's rollout (docs/async.md): completions in chunks of 3 tokens, the trainer's weights
+        # loaded between two chunks; each token's recorded log-prob is that of the weights that drew it.
+        from orchestrator.core.batch import concat
+        from workers.rollout import HFRollout
+
+        r = HFRollout(model_dir, n=N, max_new_tokens=8, seed=0, num_gpus=NUM_GPUS)
+        done, _, _ = r.stream([0, 1, 2, 3], PROMPTS, [{} for _ in PROMPTS], 0, 3)
+        r.load_weights(STATE["trainer"].state_dict())  # version 1
+        for _ in range(4):
+            done += r.stream([], [], [], 1, 3)[0]
+        assert sorted(k for k, _, _ in done) == [0, 1, 2, 3], [k for k, _, _ in done]
+        batch, versions = concat([b for _, b, _ in done]), torch.cat([v for _, _, v in done])
+        later = (versions == 1) & batch.response_mask.bool()
+        assert (versions == 0).any() and later.any(), "no completion spans the sync"
+        t = STATE["trainer"]
+        with torch.no_grad():
+            ours, _ = response_logprobs(t.model, batch.to(t.device), 1.0)
+        gap = ((ours.cpu() - batch.logprobs).abs() * later).max().item()
+        assert gap < LOGPROB_ATOL, f"version-1 tokens' log-probs differ from the trainer's by {gap:.1e}"
+        scores = torch.rand(len(batch), generator=torch.Generator().manual_seed(1))
+        STATE["async_batch"] = batch.replace(scores=scores, advantages=algos.grpo_advantages(scores, batch.group_ids, batch.response_mask))
+        return f"versions {{0, 1}} in {len(done)} groups, max gap {gap:.1e} on {r.device}"
+
+    @check("async step: decoupled update")
+    def _():
+        # The update of asynchronous training: pi_prox the trainer's weights, each token weighted by pi_prox / pi_behav.
+        from workers.trainer import PolicyTrainer
+
+        optim, rollout = configs(max_staleness=1)
+        t = PolicyTrainer(model_dir, optim, rollout, num_gpus=NUM_GPUS)
+        t.model.load_state_dict(STATE["trainer"].state_dict())
+        stats = t.train_step(STATE["async_batch"], 2, 1, None, True)
+        assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()), stats
+        assert stats["off_policy/ratio_min"] < 1.0 or stats["off_policy/ratio_max"] > 1.0, "no token was off-policy"
+        return f"ratio {stats['off_policy/ratio_min']:.2f}..{stats['off_policy/ratio_max']:.2f} on {t.device}"
 
     @check("bucketed pack/unpack (NCCL layout)")
     def _():

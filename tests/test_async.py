@@ -110,3 +110,28 @@ def test_a_killed_actor_restarts_the_stage_and_each_prompt_trains_once(tiny_mode
     restarts = [e for e in events if e["type"] == "restart"]
     assert len(restarts) == 1 and f"{role}-0" in restarts[0]["died"]
     check_epoch(run_dir, PROMPTS // 2, 1)
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_drops_zero_spread_groups_and_keeps_every_step_full(tiny_model, arith_file, tmp_path):
+    """`rollout.dynamic_sampling`: a group whose samples all scored the same is dropped and another prompt drawn in its
+    place. Every step still trains prompts_per_step groups, none of them zero-spread, and every draw up to the last
+    one trained was either trained or dropped, once."""
+    run_dir = tmp_path / "run"
+    # The untrained model's first token is a digit now and then: some groups are all-or-nothing, some are mixed.
+    spec = async_spec(tiny_model, arith_file, run_dir, 1, per_step=4,
+                      rewards=[{"function": "regex_match", "kwargs": {"pattern": "^\\d"}}])
+    spec["rollout"]["dynamic_sampling"] = True
+    spec["optim"].update(epochs=None, steps=5)
+    out = run_entrypoint(write_spec(tmp_path / "job.yaml", spec), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    events = trained(run_dir)
+    assert sorted(events) == [1, 2, 3, 4, 5] and all(len(e["prompts"]) == 4 for e in events.values())
+    draws = [d for e in events.values() for d in e["draws"]]
+    dropped = [d for e in events.values() for d in e["filtered_draws"]]
+    assert dropped, "no group was dropped (else the test shows nothing)"
+    assert len(set(draws)) == len(draws) and len(set(dropped)) == len(dropped) and not set(draws) & set(dropped)
+    assert set(range(max(draws) + 1)) <= set(draws) | set(dropped), "a draw before the last trained one was lost"
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert all(r["frac_reward_zero_std"] == 0.0 for r in rows)
+    assert sum(r["dynamic_sampling/filtered_groups"] for r in rows) == len(dropped)

@@ -203,6 +203,8 @@ def test_an_async_job_plans_its_loop_and_a_rollout_actor(tmp_path):
     ({"optim": {"steps": 3, "prompts_per_step": 4, "mini_batch_size": 8}}, "one optimiser step per step"),
     ({"resources": {"rollout_in": "trainer"}}, "resources.rollout_in: the trainer cannot also be the rollout: rollout.max_staleness"),
     ({"rollout": {"max_staleness": 1, "off_policy": {"mask_band": [2, 5]}}}, "rollout.off_policy.mask_band"),
+    ({"rollout": {"max_staleness": 1, "backend": "vllm"}, "resources": {"colocate": True}}, ("rollout.max_staleness: asynchronous "
+     "training generates while the trainer updates: a vLLM engine colocated with the trainer sleeps")),
 ])
 def test_what_async_training_refuses_names_the_field(overrides, message):
     from pydantic import ValidationError
@@ -215,3 +217,9 @@ def test_what_async_training_refuses_names_the_field(overrides, message):
 
     text = format_validation_error(err.value) if isinstance(err.value, ValidationError) else str(err.value)
     assert message in text
+
+
+def test_dynamic_sampling_without_the_async_loop_names_the_field():
+    with pytest.raises(ValueError, match="rollout.dynamic_sampling: dropping zero-spread groups"):
+        parse_spec(base(rollout={"dynamic_sampling": True}))
+    assert parse_spec(base(rollout={"dynamic_sampling": True, "max_staleness": 1})).rollout.dynamic_sampling

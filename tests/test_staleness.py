@@ -70,6 +70,18 @@ def test_dynamic_sampling_drops_zero_spread_groups_and_asks_for_another_prompt()
     # Unscored samples are never filtered (the filter needs rewards).
     assert buf.put(2, [Sample([0]), Sample([0]), Sample([0])]) is not None
     assert len(buf.take(version=0).groups) == 2
+    assert buf.filtered == [0]
+    again = RolloutBuffer(order=range(6), group_size=3, groups_per_step=2, drop_zero_spread=True)
+    again.load_state_dict(json.loads(json.dumps(buf.state_dict())))
+    assert again.filtered == [0] and again.counts["filtered"] == 1  # a resumed run knows what was dropped
+
+
+def test_an_unbounded_order_is_kept_as_a_range():
+    """Dynamic sampling draws past the stage's steps (orchestrator/stages/async_loop.py): its order is open-ended."""
+    import sys
+
+    buf = RolloutBuffer(order=range(10, sys.maxsize), group_size=1, groups_per_step=2)
+    assert buf.draw() == [10, 11] and buf.want() == 0 and not buf.exhausted()
 
 
 def test_put_refuses_what_is_not_in_flight_or_overfills_a_group():

@@ -310,12 +310,16 @@ class RolloutSpec(_Strict):
         "between chunks, so a long completion does not hold an update back (its tokens carry their versions).")
     off_policy: OffPolicySpec = Field(
         default_factory=OffPolicySpec, description="Async only: importance weighting and masking of stale samples.")
+    dynamic_sampling: bool = Field(
+        False, description="Async only: DAPO's dynamic sampling (Yu et al. 2025, arXiv:2503.14476): a group whose `n` "
+        "samples all scored the same has no advantage to learn from; it is dropped and another prompt drawn in its place "
+        "(from the next epoch's order once this one runs out), so every step trains prompts_per_step groups.")
     agent: AgentSpec | None = Field(
         None, description="Multi-turn rollouts (docs/agents.md): each of the `n` samples of a prompt is an episode of an "
         "`environment` (a data row opens it) of at most `max_turns` model turns and `max_tokens` tokens, with the tool calls "
         "the model writes run and their results appended (masked out of the loss); the episode's return is its score, "
         "to which the job's `rewards`, if any, add. Fields: `environment`, `kwargs`, `max_turns`, `max_tokens`, "
-        "`sandbox.{actors, num_cpus, cpu_s, wall_s, memory_mb}`. `hf` backend only. Unset: one completion per sample.",
+        "`sandbox.{actors, num_cpus, cpu_s, wall_s, memory_mb}`. Either backend (on `vllm`, not an environment that runs its own agent on the chat endpoint). Unset: one completion per sample.",
     )
 
 
@@ -677,6 +681,9 @@ class JobSpec(_Strict):
         samples = self.optim.prompts_per_step * self.rollout.n
         if self.rollout.max_staleness:
             self._check_async(samples)
+        elif self.rollout.dynamic_sampling:
+            raise _field_error(("rollout", "dynamic_sampling"), "dropping zero-spread groups and drawing more prompts is done "
+                               "by the asynchronous loop's buffer: set rollout.max_staleness >= 1")
         mb = self.optim.mini_batch_size or samples
         if samples % mb:
             raise ValueError(f"optim.mini_batch_size ({mb}) must divide the step's samples ({samples} = prompts_per_step * rollout.n)")
@@ -696,9 +703,9 @@ class JobSpec(_Strict):
         if self.algo.critic or self.algorithm.name != "grpo":
             raise _field_error(("rollout", "max_staleness"), f"asynchronous training runs grpo (group advantages, no critic); "
                                f"not yet {self.algorithm.name}")
-        if self.rollout.backend != "hf":
-            raise _field_error(("rollout", "max_staleness"), "asynchronous training pauses generation between chunks on the hf "
-                               "backend; not yet vllm's (use rollout.backend hf)")
+        if self.rollout.backend == "vllm" and self.resources.colocate:
+            raise _field_error(("rollout", "max_staleness"), "asynchronous training generates while the trainer updates: a vLLM "
+                               "engine colocated with the trainer sleeps while it trains (set resources.colocate false)")
         if (self.optim.mini_batch_size or samples) != samples or self.optim.ppo_epochs != 1:
             raise _field_error(("rollout", "max_staleness"), "asynchronous training takes one optimiser step per step (optim."
                                "mini_batch_size unset, ppo_epochs 1): its decoupled loss's proximal policy is the update's starting weights")

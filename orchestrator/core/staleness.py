@@ -100,7 +100,7 @@ class RolloutBuffer:
             raise ValueError(f"stale_policy {stale_policy!r}: expected regenerate or drop")
         if max_staleness < 0 or group_size < 1 or groups_per_step < 1:
             raise ValueError("max_staleness >= 0, group_size >= 1 and groups_per_step >= 1")
-        self.order = list(order)
+        self.order = order if isinstance(order, range) else list(order)
         self.group_size, self.groups_per_step, self.max_staleness = group_size, groups_per_step, max_staleness
         self.capacity = capacity or (max_staleness + 1) * groups_per_step
         if self.capacity < groups_per_step:
@@ -110,6 +110,7 @@ class RolloutBuffer:
         self.requeued: list[int] = []  # prompts to generate again, drawn before `order`
         self.in_flight: dict[int, list[Sample]] = {}  # prompt id -> samples arrived so far
         self.ready: list[Group] = []  # complete groups, in arrival order
+        self.filtered: list[int] = []  # prompts dynamic sampling dropped
         self.counts: Counter = Counter()  # filtered, stale_regenerated, stale_dropped, taken_groups
         self.staleness_seen: Counter = Counter()  # staleness -> samples taken
 
@@ -146,6 +147,7 @@ class RolloutBuffer:
         group = Group(prompt_id, self.in_flight.pop(prompt_id))
         if self.drop_zero_spread and group.zero_spread():
             self.counts["filtered"] += 1
+            self.filtered.append(prompt_id)
             return None
         self.ready.append(group)
         return group
@@ -215,6 +217,7 @@ class RolloutBuffer:
             "in_flight": list(self.in_flight),
             "ready": [{"prompt_id": g.prompt_id, "samples": [dataclasses.asdict(s) for s in g.samples]} for g in self.ready],
             "counts": dict(self.counts),
+            "filtered": list(self.filtered),
             "staleness_seen": {str(k): v for k, v in self.staleness_seen.items()},
         }
 
@@ -225,6 +228,7 @@ class RolloutBuffer:
         self.in_flight = {}
         self.ready = [Group(int(g["prompt_id"]), [Sample(**s) for s in g["samples"]]) for g in state["ready"]]
         self.counts = Counter(state.get("counts", {}))
+        self.filtered = [int(p) for p in state.get("filtered", [])]
         self.staleness_seen = Counter({int(k): v for k, v in state.get("staleness_seen", {}).items()})
 
 

@@ -21,6 +21,7 @@ their samples, prompts in flight or queued again), so a resumed job trains every
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -44,9 +45,13 @@ class AsyncOrchestrator(Orchestrator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         loop, per_step = self.stage.loop, self.spec.optim.prompts_per_step
-        # The draws of the stage's steps, in the synchronous loop's order: key p is prompt `prompt_of(p)`.
-        order = range((self.stage.first_step - 1) * per_step, self.stage.last_step * per_step)
-        self.buffer = RolloutBuffer(order, self.spec.rollout.n, per_step, loop.max_staleness, capacity=loop.buffer_groups)
+        # The draws of the stage's steps, in the synchronous loop's order: key p is prompt `prompt_of(p)`. Dynamic
+        # sampling drops groups and draws on, into the next epochs' orders: its keys do not end with the stage's steps.
+        dynamic = self.spec.rollout.dynamic_sampling
+        order = range((self.stage.first_step - 1) * per_step, sys.maxsize if dynamic else self.stage.last_step * per_step)
+        self.buffer = RolloutBuffer(order, self.spec.rollout.n, per_step, loop.max_staleness, capacity=loop.buffer_groups,
+                                    drop_zero_spread=dynamic)
+        self.filtered_reported = 0  # the buffer's dropped prompts already named in a `trained_prompts` event
         self.groups_ready: dict[int, tuple[Batch, dict[str, torch.Tensor]]] = {}  # key -> its scored batch, each reward's scores
         self.cond = threading.Condition()  # guards the buffer, `groups_ready`, `published`, the counters below
         self.version = 0  # updates done (the trainer's weights)
@@ -93,8 +98,16 @@ class AsyncOrchestrator(Orchestrator):
         metrics.update(rollout_metrics(batch, per_source, self.spec, self.eos_token_id))
         if self.stage.rollout_mode == "multi_turn":
             metrics.update(self.report_episodes(step, batch))
-        self.reporter.event("trained_prompts", f"step {step}: {len(taken.groups)} groups, staleness up to {max(taken.staleness)}",
-                            step=step, prompts=[self.prompt_of(g.prompt_id) for g in taken.groups], versions=versions)
+        with self.cond:
+            filtered, self.filtered_reported = self.buffer.filtered[self.filtered_reported:], len(self.buffer.filtered)
+        if self.spec.rollout.dynamic_sampling:
+            metrics["dynamic_sampling/filtered_groups"] = float(len(filtered))
+        self.reporter.event("trained_prompts", f"step {step}: {len(taken.groups)} groups, staleness up to {max(taken.staleness)}"
+                            + (f", {len(filtered)} zero-spread groups dropped" if filtered else ""),
+                            step=step, prompts=[self.prompt_of(g.prompt_id) for g in taken.groups], versions=versions,
+                            filtered=[self.prompt_of(k) for k in filtered],
+                            # (positions in the stage's draw order: a prompt drawn again in a later epoch has another)
+                            draws=[g.prompt_id for g in taken.groups], filtered_draws=filtered)
         return {**metrics, **self.throughput(batch, timing), **{f"timing/{k}": v for k, v in timing.items()}}
 
     # ------------------------------------------------------------ the trainer side
@@ -198,7 +211,8 @@ class AsyncOrchestrator(Orchestrator):
         a generation starts only if it is among the first (v + k + 1) x prompts_per_step of the stage, v the
         updates its weights have seen, so that it is trained before it is more than k versions old."""
         b, per_step = self.buffer, self.spec.optim.prompts_per_step
-        started = b.position - len(b.requeued)  # (requeued prompts are not in flight: they start again)
+        # (requeued prompts are not in flight: they start again; dropped ones take no step's place)
+        started = b.position - len(b.requeued) - len(b.filtered)
         return max(0, (self.rollout_version - self.stage.first_step + 1 + b.max_staleness + 1) * per_step - started)
 
     def load_new_weights(self) -> None:
@@ -261,7 +275,8 @@ class AsyncOrchestrator(Orchestrator):
         """The buffer's state beside the weights, written before `state.json` marks the checkpoint complete."""
         with self.cond:
             state = {"buffer": self.buffer.state_dict(), "groups": {k: self.groups_ready[k] for k in
-                                                                     (g.prompt_id for g in self.buffer.ready)}}
+                                                                     (g.prompt_id for g in self.buffer.ready)},
+                     "filtered_reported": self.filtered_reported}
         with storage.local_dir_for(str(checkpoint.step_dir(self.spec.checkpoint_dir, step))) as out:
             torch.save(state, Path(out) / BUFFER_FILE)
         super().save_checkpoint(step)
@@ -276,4 +291,5 @@ class AsyncOrchestrator(Orchestrator):
         with self.cond:
             self.buffer.load_state_dict(state["buffer"])
             self.groups_ready = dict(state["groups"])
+            self.filtered_reported = state.get("filtered_reported", len(self.buffer.filtered))
         return step
