@@ -20,7 +20,7 @@ import re
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -45,6 +45,10 @@ class TinkerSettings(BaseSettings):
     """The Ray cluster's GCS address (host:port) the API joins to reach the adapter pools; empty: `auto`."""
     pool_cpus: float = 1.0
     """CPUs each base model's adapter pool holds (and its torch threads)."""
+    sampler: Literal["hf", "vllm"] = "hf"
+    """What the pools sample with: `hf` (transformers' generate, the saved adapter made the active one) or `vllm` (one vLLM
+    engine per pool with multi-LoRA: each saved sampler weights is an adapter of the engine, up to 8 loaded at once, and
+    several tenants' requests batch in it; vLLM installed beside the pool; an adapter on the unembedding samples on hf)."""
     wait_s: float = 20.0
     """How long one retrieve_future waits for a result before answering try_again (the SDK waits 45 s)."""
     max_rank: int = 64
@@ -282,7 +286,7 @@ class Pools:
             try:
                 actor = ray.get_actor(name, namespace=NAMESPACE)
             except ValueError:
-                await _start_pool_task().remote(POOL_FACTORY, name, NAMESPACE, path, self.settings.pool_cpus)
+                await _start_pool_task().remote(POOL_FACTORY, name, NAMESPACE, path, self.settings.pool_cpus, self.settings.sampler)
                 actor = ray.get_actor(name, namespace=NAMESPACE)
             self._actors[base_model] = actor
             return actor
@@ -298,9 +302,9 @@ def _start_pool_task():
     import ray
 
     @ray.remote(num_cpus=0)
-    def start(factory: str, name: str, namespace: str, path: str, cpus: float) -> str:
+    def start(factory: str, name: str, namespace: str, path: str, cpus: float, sampler: str) -> str:
         module, fn = factory.split(":")
-        return getattr(importlib.import_module(module), fn)(name, namespace, path, cpus)
+        return getattr(importlib.import_module(module), fn)(name, namespace, path, cpus, sampler)
 
     return start
 

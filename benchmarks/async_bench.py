@@ -42,6 +42,8 @@ from benchmarks.record import markdown_table, record
 
 PROMPTS, N, MAX_NEW = 4, 8, 128
 EOS_SHIFT = 0.28  # EOS's extra on the constant dimension: a median of 15-25 tokens (measured, see above)
+# What the synchronous plan runs, per backend (the HF rollout shares the trainer's actor on CPUs).
+SYNC_PLAN = {"hf": "one call per step to the trainer", "vllm": "the vLLM rollout actor, then the trainer, each step"}
 # mode -> (max_staleness, torch threads per actor; None: every core)
 MODES = {"sync": (0, None), "sync, 1 thread": (0, 1), "async k=1": (1, 1), "async k=2": (2, 1)}
 
@@ -155,7 +157,7 @@ def main() -> None:
     text = (f"GRPO on the {args.backend} backend, {args.steps} steps of {PROMPTS} prompts x {N} samples (max {MAX_NEW} tokens), {args.rounds} rounds, "
             f"modes alternating in rotated order. Workload: step-sized batches' (median, longest) completion lengths "
             f"{', '.join(f'({m:g}, {x})' for m, x in tails)}: longest / median {min(x / m for m, x in tails):.1f}-"
-            f"{max(x / m for m, x in tails):.1f}x. sync: one call per step to the trainer (all cores, or 1 torch "
+            f"{max(x / m for m, x in tails):.1f}x. sync: {SYNC_PLAN[args.backend]} (all cores, or 1 torch "
             f"thread); async: the rollout actor and the trainer, one torch thread each, chunks of 16 tokens. lr {args.lr:g}.\n\n{table}")
     print(text)
     if not args.no_record:

@@ -309,3 +309,58 @@ def test_an_async_grpo_job_on_the_engine_trains_each_prompt_once_within_the_boun
     out = run_entrypoint(write_spec(tmp_path / "job.yaml", spec), timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     check_epoch(run_dir, EPOCH // 8, 1)
+
+
+# -- the Tinker API's pools: multi-LoRA sampling on the engine ------------------------------------------------------
+
+def _saved_adapters(pool, tmp_path, specs) -> list[str]:
+    """Adapters (name, rank, targets kwargs) made on `pool`, moved off their zero start, saved as sampler weights."""
+    paths = []
+    for i, (name, rank, kwargs) in enumerate(specs):
+        pool.create(name, rank=rank, seed=i, **kwargs)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in pool._params(name):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        paths.append(pool.save_state(name, str(tmp_path / name), optimizer=False))
+    return paths
+
+
+def test_the_pools_engine_samples_each_saved_adapter_as_transformers_does(tiny_model, tmp_path):
+    """A Tinker pool with `sampler: vllm` serves saved sampler weights as LoRA adapters of one engine: greedy samples of
+    the base model and of two adapters (ranks 4 and 8) are transformers' (the HF pool's) ids and log-probs; the adapters
+    change what is sampled; a stop token ends a sample and is kept; seeded samples repeat, and their log-probs are the
+    adapter's under transformers' forward. An adapter on the unembedding (which vLLM does not serve) samples on HF."""
+    from workers.tinker_pool import AdapterPool, _adapter_or_base
+
+    hf = AdapterPool(str(tiny_model), threads=1)
+    engine = AdapterPool(str(tiny_model), threads=1, sampler="vllm")
+    paths = _saved_adapters(hf, tmp_path, [("a", 4, {}), ("b", 8, {"train_attn": False})])
+    prompt = [5, 6, 7, 8]
+    greedy = {}
+    for path in [None, *paths]:
+        [ours] = engine.sample(path, prompt, 1, max_tokens=6, temperature=0.0, stop=[])
+        [theirs] = hf.sample(path, prompt, 1, max_tokens=6, temperature=0.0, stop=[])
+        assert ours["tokens"] == theirs["tokens"] and not ours["stop"]
+        assert abs(ours["logprobs"] - theirs["logprobs"]).max() < LOGPROB_ATOL
+        greedy[path] = ours["tokens"]
+    assert len({tuple(t) for t in greedy.values()}) == 3, "the adapters sample what the base model does"
+    assert engine.engine is not None and len(engine.engine.ids) == 2  # one engine, both adapters loaded into it
+
+    stop = greedy[paths[0]][2]
+    [cut] = engine.sample(paths[0], prompt, 1, max_tokens=6, temperature=0.0, stop=[stop])
+    assert cut["tokens"] == greedy[paths[0]][:3] and cut["stop"]
+
+    drawn = engine.sample(paths[1], prompt, 4, max_tokens=6, temperature=1.0, seed=7, stop=[])
+    assert [d["tokens"] for d in drawn] == [d["tokens"] for d in engine.sample(paths[1], prompt, 4, max_tokens=6, temperature=1.0, seed=7, stop=[])]
+    assert len({tuple(d["tokens"]) for d in drawn}) > 1
+    hf._sampler_adapter(paths[1])
+    for d in drawn:
+        with torch.no_grad(), _adapter_or_base(hf.model, hf.samplers[paths[1]]):
+            recomputed = hf._logprobs_of(hf.model, torch.tensor([prompt + d["tokens"]]))[0, len(prompt) - 1:]
+        assert abs(recomputed.numpy() - d["logprobs"]).max() < LOGPROB_ATOL
+
+    [unembed] = _saved_adapters(hf, tmp_path, [("c", 4, {"train_unembed": True})])
+    [ours] = engine.sample(unembed, prompt, 1, max_tokens=6, temperature=0.0, stop=[])
+    assert ours["tokens"] == hf.sample(unembed, prompt, 1, max_tokens=6, temperature=0.0, stop=[])[0]["tokens"]
+    assert unembed not in engine.engine.ids  # sampled by the pool's transformers model

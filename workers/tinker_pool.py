@@ -6,6 +6,11 @@ it the active one. `FairScheduler` serves the pool's callers one at a time, roun
 tenants, so a tenant with many queued calls does not starve another. `start_pool` wraps both as a
 named, detached Ray actor (the control plane finds it by name: api/tinker.py).
 
+Sampling runs on transformers' `generate` with the saved adapter made the active one (`hf`), or on one
+vLLM engine of the base model with its multi-LoRA support (`vllm`, `VLLMLoraSampler`): each saved
+sampler weights is a LoRA adapter the engine loads by path, several tenants' adapters batch in one
+engine, and a tenant's LoRA on the unembedding (which vLLM does not serve) samples on `hf`.
+
 The losses are those the Tinker SDK names (`cross_entropy`, `importance_sampling`, `ppo`), as pure
 functions of per-token log-probs. Token layout (the SDK's): a datum's `model_input` is the sequence
 fed to the model, and position i of `target_tokens`, `weights`, `logprobs`, `advantages` is about
@@ -15,6 +20,9 @@ the token predicted at position i.
 from __future__ import annotations
 
 import collections
+import json
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +32,7 @@ import torch
 
 # Sampler weights kept loaded as frozen adapters, most recently used; older ones are reloaded from disk when sampled again.
 MAX_SAMPLER_ADAPTERS = 8
+LORA_ALPHA = 32  # every adapter's (the scale is LORA_ALPHA / rank)
 # The SDK's defaults for `ppo` (loss_fn_config clip_low_threshold / clip_high_threshold: bounds of the ratio).
 PPO_CLIP = (0.8, 1.2)
 
@@ -102,12 +111,16 @@ class FairScheduler:
 class AdapterPool:
     """One base model (loaded once) and a dict of LoRA adapters on it, each with its own optimizer."""
 
-    def __init__(self, base_path: str, threads: int | None = None):
+    def __init__(self, base_path: str, threads: int | None = None, sampler: str = "hf"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if sampler not in ("hf", "vllm"):
+            raise ValueError(f"sampler {sampler!r}: expected hf or vllm")
         if threads:
             torch.set_num_threads(threads)
-        self.base_path = base_path
+        self.base_path, self.sampler = base_path, sampler
+        self.engine: VLLMLoraSampler | None = None  # started at the first vllm sample
+        self.saved_configs: dict[str, dict] = {}  # sampler weights path -> its LoRA config
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
         self.base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
         self.model = None  # the PeftModel, made with the first adapter
@@ -125,7 +138,7 @@ class AdapterPool:
             targets.append("lm_head")
         if not targets:
             raise PoolError("lora_config trains nothing: set one of train_attn, train_mlp, train_unembed")
-        config = LoraConfig(r=rank, lora_alpha=32, target_modules=targets, lora_dropout=0.0)
+        config = LoraConfig(r=rank, lora_alpha=LORA_ALPHA, target_modules=targets, lora_dropout=0.0)
         if seed is not None:
             torch.manual_seed(seed)
         if self.model is None:
@@ -236,8 +249,11 @@ class AdapterPool:
     # -- sampling ---------------------------------------------------------------------------------
     def sample(self, weights: str | None, prompt: list[int], num_samples: int, max_tokens: int, temperature: float = 1.0,
                top_k: int = -1, top_p: float = 1.0, seed: int | None = None, stop: list[int] | None = None) -> list[dict]:
-        """Sample `num_samples` completions (HF generate) with the adapter saved at `weights` (None: the base
-        model); each: tokens, their log-probs under the sampled model, and why it stopped."""
+        """Sample `num_samples` completions with the adapter saved at `weights` (None: the base model), on the pool's
+        `sampler`; each: tokens, their log-probs under the sampled model, and why it stopped."""
+        if self.on_engine(weights):
+            return self.vllm().sample(weights, self._saved_config(weights) if weights else None, prompt, num_samples, max_tokens,
+                                      temperature, top_k, top_p, seed, stop)
         key = None
         if weights is not None:
             key = self._sampler_adapter(weights)
@@ -264,6 +280,22 @@ class AdapterPool:
                 out.append({"tokens": tokens, "logprobs": logprobs.float().numpy(), "stop": end < len(row) or (tokens and tokens[-1] in eos)})
         return out
 
+    def on_engine(self, weights: str | None) -> bool:
+        """Whether sampling `weights` runs on the vLLM engine: a vllm pool, and not a LoRA on the unembedding."""
+        return self.sampler == "vllm" and (weights is None or "lm_head" not in self._saved_config(weights)["targets"])
+
+    def vllm(self) -> VLLMLoraSampler:
+        """The pool's engine, started at its first use."""
+        if self.engine is None:
+            self.engine = VLLMLoraSampler(self.base_path, self.tokenizer)
+        return self.engine
+
+    def _saved_config(self, weights: str) -> dict:
+        """The LoRA config (rank, targets) of the sampler weights saved at `weights`, read once per path."""
+        if weights not in self.saved_configs:
+            self.saved_configs[weights] = torch.load(Path(weights) / "state.pt", weights_only=True)["config"]
+        return self.saved_configs[weights]
+
     def _logprobs_of(self, model, full: torch.Tensor) -> torch.Tensor:
         logits = model(input_ids=full[:, :-1]).logits.float()
         return torch.log_softmax(logits, dim=-1).gather(-1, full[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -282,6 +314,80 @@ class AdapterPool:
             _, old = self.samplers.popitem(last=False)
             self.model.delete_adapter(old)
         return key
+
+
+class VLLMLoraSampler:
+    """Sampling on one vLLM engine of the base model with multi-LoRA: the sampler weights saved at a path become a
+    LoRA adapter (exported once to PEFT's layout, which vLLM loads), and requests name theirs, so several tenants'
+    adapters share the engine's batches; the engine keeps MAX_SAMPLER_ADAPTERS loaded, the most recently used.
+    Same answer as `AdapterPool.sample` on HF: tokens, their log-probs under the sampled model (at temperature 1),
+    and whether a stop token ended them."""
+
+    MAX_RANK = 64
+
+    def __init__(self, base_path: str, tokenizer):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process (the pool's actor)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm import LLM
+
+        self.tokenizer = tokenizer
+        self.llm = LLM(model=base_path, tokenizer=base_path, dtype="float32", enable_lora=True, max_loras=MAX_SAMPLER_ADAPTERS,
+                       max_lora_rank=self.MAX_RANK, enforce_eager=not torch.cuda.is_available(), enable_prefix_caching=True)
+        self.exports = tempfile.mkdtemp(prefix="rlhf-lora-")
+        self.ids: dict[str, int] = {}  # weights path -> the engine's int id of its adapter
+
+    def sample(self, weights: str | None, config: dict | None, prompt: list[int], num_samples: int, max_tokens: int,
+               temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0, seed: int | None = None,
+               stop: list[int] | None = None) -> list[dict]:
+        return self.run([self.prepare(weights, config, prompt, num_samples, max_tokens, temperature, top_k, top_p, seed, stop)])[0]
+
+    def prepare(self, weights: str | None, config: dict | None, prompt: list[int], num_samples: int, max_tokens: int,
+                temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0, seed: int | None = None,
+                stop: list[int] | None = None) -> tuple:
+        """One sample call as the engine's (prompt, sampling params, LoRA request or None); a PoolError if it cannot serve it."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if config is not None and config["rank"] > self.MAX_RANK:
+            raise PoolError(f"LoRA rank {config['rank']} is over the {self.MAX_RANK} this pool's engine serves")
+        eos = stop if stop is not None else [self.tokenizer.eos_token_id]
+        # As transformers' generate: only `eos` stops (ignore_eos: not also the model's own end token), raw log-probs.
+        params = SamplingParams(n=num_samples, max_tokens=max_tokens, temperature=max(temperature, 0.0), top_k=top_k if top_k > 0 else 0,
+                                top_p=top_p, seed=seed, stop_token_ids=list(eos), ignore_eos=True, logprobs=0, detokenize=False,
+                                skip_special_tokens=False)
+        return TokensPrompt(prompt_token_ids=list(prompt)), params, self._lora(weights) if weights is not None else None
+
+    def run(self, requests: list[tuple]) -> list[list[dict]]:
+        """Prepared calls, as one `generate` (each with its own adapter): per call, its samples."""
+        import numpy as np
+
+        outputs = self.llm.generate([r[0] for r in requests], [r[1] for r in requests], lora_request=[r[2] for r in requests],
+                                    use_tqdm=False)
+        return [[{"tokens": list(c.token_ids), "logprobs": np.asarray([pos[t].logprob for pos, t in zip(c.logprobs, c.token_ids)], dtype=np.float32),
+                  "stop": c.finish_reason == "stop"} for c in out.outputs] for out in outputs]
+
+    def _lora(self, weights: str):
+        from vllm.lora.request import LoRARequest
+
+        if weights not in self.ids:
+            self.ids[weights] = len(self.ids) + 1
+            export_lora(weights, Path(self.exports) / str(self.ids[weights]))
+        return LoRARequest(f"s{self.ids[weights]}", self.ids[weights], str(Path(self.exports) / str(self.ids[weights])))
+
+
+def export_lora(weights: str, out: Path) -> Path:
+    """The adapter `AdapterPool.save_state` wrote at `weights` in PEFT's layout (adapter_config.json and
+    adapter_model.safetensors, the adapter's name taken out of its tensors' names), which vLLM loads."""
+    from safetensors.torch import save_file
+
+    state = torch.load(Path(weights) / "state.pt", weights_only=True)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = state["config"]
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["rank"], "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0,
+        "target_modules": cfg["targets"], "bias": "none", "fan_in_fan_out": False, "modules_to_save": None}))
+    save_file({k.replace(".ADAPTER.", "."): v.contiguous() for k, v in state["weights"].items()}, str(out / "adapter_model.safetensors"))
+    return out
 
 
 class _adapter_or_base:
@@ -319,17 +425,94 @@ def _loss_inputs(raw: dict, loss_fn: str, length: int) -> dict[str, torch.Tensor
     return out
 
 
+class SampleBatcher:
+    """Sample calls for the vLLM engine, batched: one thread takes every call waiting (up to MAX_BATCH, the tenants in
+    turn, each tenant's calls in order) and runs them as one `generate`, each request with its own adapter, so tenants'
+    calls share the engine's batches instead of waiting for each other. They do not wait for the pool's training calls
+    either: those run on transformers' model, the engine holds its own copy of the base weights."""
+
+    MAX_BATCH = 64
+
+    def __init__(self, pool: AdapterPool):
+        self.pool = pool
+        self._cond = threading.Condition()
+        self._waiting: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+        self._thread: threading.Thread | None = None
+        self.batches: collections.deque = collections.deque(maxlen=1000)  # calls per generate, the most recent
+
+    def run(self, tenant: str, args: tuple, kwargs: dict, timeout_s: float = 600.0) -> tuple[list[dict], float]:
+        """A sample call (AdapterPool.sample's arguments): its samples and its share of the batch's compute seconds."""
+        slot = {"args": args, "kwargs": kwargs, "done": threading.Event()}
+        with self._cond:
+            self._waiting.setdefault(tenant, collections.deque()).append(slot)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="vllm-sample-batcher", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        if not slot["done"].wait(timeout_s):
+            raise TimeoutError(f"waited {timeout_s:.0f} s for the pool's engine to sample")
+        if "error" in slot:
+            raise slot["error"]
+        return slot["result"], slot["compute_s"]
+
+    def _take(self) -> list[dict]:
+        with self._cond:
+            while not self._waiting:
+                self._cond.wait()
+            batch = []
+            while self._waiting and len(batch) < self.MAX_BATCH:
+                for tenant in list(self._waiting):
+                    queue = self._waiting[tenant]
+                    batch.append(queue.popleft())
+                    if not queue:
+                        del self._waiting[tenant]
+                    if len(batch) == self.MAX_BATCH:
+                        break
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch, ready = self._take(), []
+            for slot in batch:
+                try:
+                    weights, prompt, num_samples, *rest = slot["args"]
+                    config = self.pool._saved_config(weights) if weights else None
+                    slot["request"] = self.pool.vllm().prepare(weights, config, prompt, num_samples, *rest, **slot["kwargs"])
+                    ready.append(slot)
+                except Exception as err:  # noqa: BLE001 - this call's own refusal (its caller raises it)
+                    slot["error"] = err
+            start = time.monotonic()
+            try:
+                if ready:
+                    for slot, result in zip(ready, self.pool.vllm().run([s["request"] for s in ready]), strict=True):
+                        slot["result"] = result
+                    self.batches.append(len(ready))
+            except Exception as err:  # noqa: BLE001 - the engine's failure is every call's
+                for slot in ready:
+                    slot["error"] = err
+            share = (time.monotonic() - start) / max(len(ready), 1)
+            for slot in batch:
+                slot["compute_s"] = share
+                slot["done"].set()
+
+
 class PoolService:
     """What the Ray actor serves: the pool behind the fair scheduler, with each call's compute seconds."""
 
-    def __init__(self, base_path: str, threads: int | None = None):
-        self.pool = AdapterPool(base_path, threads)
+    def __init__(self, base_path: str, threads: int | None = None, sampler: str = "hf"):
+        self.pool = AdapterPool(base_path, threads, sampler)
         self.scheduler = FairScheduler()
+        self.batcher = SampleBatcher(self.pool)
         self.served: collections.deque = collections.deque(maxlen=10_000)  # (tenant, method) in the order served
 
     def call(self, tenant: str, method: str, *args, **kwargs) -> dict:
         if method.startswith("_") or not hasattr(AdapterPool, method):
             raise PoolError(f"no pool method {method!r}")
+
+        if method == "sample" and self.pool.on_engine(args[0] if args else kwargs.get("weights")):
+            self.served.append((tenant, method))
+            result, compute_s = self.batcher.run(tenant, args, kwargs)
+            return {"result": result, "compute_s": compute_s}
 
         def timed():
             self.served.append((tenant, method))
@@ -342,18 +525,24 @@ class PoolService:
     def ping(self) -> str:
         return self.pool.base_path
 
+    def sampling(self) -> dict:
+        """What the pool samples with: its `sampler`, and with vllm, the saved adapters its engine has served."""
+        engine = self.pool.engine
+        return {"sampler": self.pool.sampler, "engine_adapters": len(engine.ids) if engine is not None else 0,
+                "largest_batch": max(self.batcher.batches, default=0)}
+
     def served_log(self) -> list[tuple[str, str]]:
         """The last 10,000 calls served, (tenant, method), oldest first: what the fairness test counts."""
         return list(self.served)
 
 
-def start_pool(name: str, namespace: str, base_path: str, num_cpus: float = 1.0) -> str:
-    """Create (or find) the named, detached pool actor for one base model; returns its name."""
+def start_pool(name: str, namespace: str, base_path: str, num_cpus: float = 1.0, sampler: str = "hf") -> str:
+    """Create (or find) the named, detached pool actor for one base model (sampling with `sampler`); returns its name."""
     import ray
 
     actor = ray.remote(PoolService).options(
         name=name, namespace=namespace, lifetime="detached", get_if_exists=True, max_concurrency=64, num_cpus=num_cpus,
         max_restarts=-1,
     )
-    actor.remote(base_path, threads=max(1, int(num_cpus)))
+    actor.remote(base_path, threads=max(1, int(num_cpus)), sampler=sampler)
     return name
