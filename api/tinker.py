@@ -13,6 +13,7 @@ calls of different tenants meet in the pool's fair scheduler.
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib.util
 import json
 import logging
@@ -189,59 +190,118 @@ def encode_sample(sequences: list[dict]) -> bytes:
 # -- futures -------------------------------------------------------------------------------------------
 
 class Futures:
-    """request_id -> (tenant, task). A task's result is a JSON dict or protobuf bytes; its PoolError a failed future."""
+    """The calls' futures. This API process runs the calls it was sent (request_id -> (tenant, task)); every future also
+    has a record in Redis (`tinker:future:<id>`: its tenant, the process that runs it, and once done its answer), so any
+    API process behind the same Redis answers retrieve_future for it. A process beats (`tinker:api:<process>`, every
+    OWNER_TTL_S / 3); a future still pending when its process stopped beating fails, naming that. A tenant's unfinished
+    futures are counted in Redis too (`tinker:inflight:<tenant>`), across processes."""
 
     KEEP_S = 3600.0
+    OWNER_TTL_S = 30.0
+    POLL_S = 0.2
 
-    def __init__(self, per_tenant: int = 512):
-        self.per_tenant = per_tenant
+    def __init__(self, redis, per_tenant: int = 512):
+        self.redis, self.per_tenant = redis, per_tenant
+        self.process = new_id("api")
         self._tasks: dict[str, tuple[str, asyncio.Task, float]] = {}
         self._chains: dict[str, asyncio.Task] = {}
+        self._beating: asyncio.Task | None = None
 
-    def submit(self, tenant: str, chain: str | None, make, limited: bool = True) -> str:
-        """Start `make()` (a coroutine factory) after the previous call of the same chain (a training run); 429 when the
-        tenant has `per_tenant` futures unfinished (`limited`: the server's own calls, such as dropping a run, are not)."""
+    async def submit(self, tenant: str, chain: str | None, make, limited: bool = True) -> str:
+        """Start `make()` (a coroutine factory) after the previous call of the same chain (a training run, in this
+        process); 429 when the tenant has `per_tenant` futures unfinished (`limited`: the server's own calls, such as
+        dropping a run, are not counted). The future's record is in Redis before its id is returned."""
         self._forget_old()
-        mine = [(rid, task) for rid, (owner, task, _) in self._tasks.items() if owner == tenant]
-        if limited and sum(not task.done() for _, task in mine) >= self.per_tenant:
+        await self._beat_once()
+        request_id = new_id("req")
+        if limited and not await self._hold(tenant, request_id):
             raise TinkerError(429, f"you have {self.per_tenant} calls unfinished, the limit (RLHF_API_TINKER_MAX_FUTURES_PER_TENANT "
                               f"= {self.per_tenant}); retrieve their results first")
-        done = [rid for rid, task in mine if task.done()]
-        for rid in done[:max(0, len(done) - self.per_tenant + 1)]:  # the oldest finished (dicts keep insertion order)
+        await self.redis.set(f"tinker:future:{request_id}", json.dumps({"tenant": tenant, "process": self.process}),
+                             px=int(self.KEEP_S * 1000))
+        mine = [rid for rid, (owner, task, _) in self._tasks.items() if owner == tenant and task.done()]
+        for rid in mine[:max(0, len(mine) - self.per_tenant + 1)]:  # the oldest finished (dicts keep insertion order)
             del self._tasks[rid]
         before = self._chains.get(chain) if chain else None
 
         async def run():
             if before is not None:
                 await asyncio.wait([before])
-            return await make()
+            try:
+                result = await make()
+            except Exception as err:  # noqa: BLE001 - the call's failure is its answer
+                result = _Failed(self._failure(tenant, request_id, err))
+            await self._record(request_id, tenant, result, limited)
+            return result
 
         task = asyncio.ensure_future(run())
         if chain:
             self._chains[chain] = task
-        request_id = new_id("req")
         self._tasks[request_id] = (tenant, task, time.monotonic())
         return request_id
 
-    def fail(self, tenant: str, chain: str | None, message: str) -> str:
+    async def fail(self, tenant: str, chain: str | None, message: str) -> str:
         """A future that fails with `message` (the SDK raises RequestFailedError naming it), in its chain's order."""
 
         async def refuse():
             raise TinkerError(0, message)
 
-        return self.submit(tenant, chain, refuse)
+        return await self.submit(tenant, chain, refuse)
 
     async def retrieve(self, tenant: str, request_id: str, wait_s: float):
         entry = self._tasks.get(request_id)
-        if entry is None or entry[0] != tenant:
-            raise TinkerError(404, f"no future {request_id!r}")
-        task = entry[1]
-        done, _ = await asyncio.wait([task], timeout=wait_s)
-        if not done:
-            return {"type": "try_again", "request_id": request_id, "queue_state": "active"}
-        err = task.exception()
-        if err is None:
-            return task.result()
+        if entry is not None and entry[0] == tenant:
+            done, _ = await asyncio.wait([entry[1]], timeout=wait_s)
+            if not done:
+                return {"type": "try_again", "request_id": request_id, "queue_state": "active"}
+            result = entry[1].result()
+            return dict(result) if isinstance(result, _Failed) else result
+        return await self._retrieve_elsewhere(tenant, request_id, wait_s)
+
+    async def _retrieve_elsewhere(self, tenant: str, request_id: str, wait_s: float):
+        """A future another API process runs (or ran): its answer from Redis once there, polled for up to `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            raw = await self.redis.get(f"tinker:future:{request_id}") if _ID.match(request_id or "") else None
+            record = json.loads(raw) if raw else None
+            if record is None or record.get("tenant") != tenant:
+                raise TinkerError(404, f"no future {request_id!r}")
+            if "answer" in record:
+                return _decode_answer(record["answer"])
+            if not await self.redis.exists(f"tinker:api:{record['process']}"):
+                return {"error": f"the API process that ran this call stopped before it finished; send the call again "
+                                 f"(quote {request_id} when reporting it)", "category": "server"}
+            if time.monotonic() >= deadline:
+                return {"type": "try_again", "request_id": request_id, "queue_state": "active"}
+            await asyncio.sleep(min(self.POLL_S, max(0.0, deadline - time.monotonic())))
+
+    async def _record(self, request_id: str, tenant: str, answer, counted: bool) -> None:
+        """The finished future's answer where other processes read it; its place in the tenant's count freed."""
+        try:
+            await self.redis.set(f"tinker:future:{request_id}", json.dumps({"tenant": tenant, "process": self.process,
+                                 "answer": _encode_answer(answer)}), px=int(self.KEEP_S * 1000))
+            if counted:
+                await self.redis.hdel(f"tinker:inflight:{tenant}", request_id)
+        except Exception as err:  # noqa: BLE001 - Redis away: this process still answers it; others see it pending
+            log.warning("could not record the answer of %s in Redis: %r", request_id, err)
+
+    async def _hold(self, tenant: str, request_id: str) -> bool:
+        """A place among the tenant's unfinished futures (over every API process), if one is free. Places held by
+        processes that stopped beating are given back first."""
+        key = f"tinker:inflight:{tenant}"
+        if await self.redis.hlen(key) >= self.per_tenant:
+            holders = await self.redis.hgetall(key)
+            owners = {_text(p) for p in holders.values()}
+            dead = {p for p in owners if not await self.redis.exists(f"tinker:api:{p}")}
+            stale = [rid for rid, p in holders.items() if _text(p) in dead]
+            if stale:
+                await self.redis.hdel(key, *stale)
+            if await self.redis.hlen(key) >= self.per_tenant:
+                return False
+        await self.redis.hset(key, request_id, self.process)
+        return True
+
+    def _failure(self, tenant: str, request_id: str, err: BaseException) -> dict:
         cause = getattr(err, "cause", None)
         if isinstance(err, TinkerError) or "PoolError" in (type(err).__name__, type(cause).__name__):  # the pool's refusals
             return {"error": getattr(err, "message", None) or str(cause or err).strip().splitlines()[-1], "category": "user"}
@@ -251,10 +311,47 @@ class Futures:
         return {"error": f"the call failed on the server ({type(cause or err).__name__}); quote {request_id} when reporting it",
                 "category": "server"}
 
+    async def _beat_once(self) -> None:
+        """This process's heartbeat key, renewed by a background task from the first call on."""
+        if self._beating is None:
+            await self.redis.set(f"tinker:api:{self.process}", "1", px=int(self.OWNER_TTL_S * 1000))
+            self._beating = asyncio.ensure_future(self._beat_forever())
+
+    async def _beat_forever(self) -> None:
+        while True:
+            try:
+                await self.redis.set(f"tinker:api:{self.process}", "1", px=int(self.OWNER_TTL_S * 1000))
+            except Exception as err:  # noqa: BLE001 - Redis away for a moment: the next beat tries again
+                log.warning("the Tinker API's heartbeat failed: %r", err)
+            await asyncio.sleep(self.OWNER_TTL_S / 3)
+
     def _forget_old(self) -> None:
         now = time.monotonic()
         for rid in [r for r, (_, t, at) in self._tasks.items() if t.done() and now - at > self.KEEP_S]:
             del self._tasks[rid]
+
+
+class _Failed(dict):
+    """A failed call's answer (the SDK's error shape): what its future holds instead of raising."""
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _encode_answer(answer) -> dict:
+    """A call's answer (a JSON dict, or a Response of protobuf bytes) as JSON for Redis."""
+    if hasattr(answer, "body"):
+        return {"media_type": answer.media_type, "body": base64.b64encode(bytes(answer.body)).decode()}
+    return {"json": dict(answer) if isinstance(answer, _Failed) else answer}
+
+
+def _decode_answer(stored: dict):
+    if "json" in stored:
+        return stored["json"]
+    from starlette.responses import Response
+
+    return Response(base64.b64decode(stored["body"]), media_type=stored["media_type"])
 
 
 # -- the pools on Ray ----------------------------------------------------------------------------------
@@ -399,8 +496,8 @@ class Tinker:
     def __init__(self, redis):
         self.settings = TinkerSettings()
         self.pools = Pools(self.settings)
-        self.futures = Futures(self.settings.max_futures_per_tenant)
+        self.futures = Futures(redis, self.settings.max_futures_per_tenant)
         self.records = Records(redis)
         self.swept = float("-inf")  # time.monotonic() of the last look for ended sessions of every tenant
-        self.saving = TenantLocks()
+        self.saving = TenantLocks(redis)
         self.sweeper: asyncio.Task | None = None

@@ -10,10 +10,8 @@ an `unnamed` marker file: past the quota they are evicted, oldest first. Named c
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
-from collections import defaultdict
 from dataclasses import dataclass
 
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
@@ -110,11 +108,14 @@ def make_room(tinker_root: str, max_count: int, max_bytes: int, replacing: str =
 
 
 class TenantLocks:
-    """One asyncio lock per tenant: a save's quota check and write, and a deletion, of one tenant run one at a time (in
-    this API process), so that concurrent saves cannot all pass the check before any of them is written."""
+    """One lock per tenant, in Redis (`tinker:lock:checkpoints:<tenant>`): a save's quota check and write, and a deletion,
+    of one tenant run one at a time over every API process behind that Redis, so that concurrent saves cannot all pass
+    the check before any of them is written. A lock its process did not release (it died) expires after HOLD_S."""
 
-    def __init__(self):
-        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+    HOLD_S = 600.0
 
-    def __call__(self, tenant: str) -> asyncio.Lock:
-        return self._locks[tenant]
+    def __init__(self, redis):
+        self.redis = redis
+
+    def __call__(self, tenant: str):
+        return self.redis.lock(f"tinker:lock:checkpoints:{tenant}", timeout=self.HOLD_S, sleep=0.05)

@@ -225,7 +225,7 @@ async def create_model(body: dict, request: Request, tenant: Tenant, t: TinkerDe
                    train_mlp=bool(lora.get("train_mlp", True)), train_unembed=bool(lora.get("train_unembed", True)))
         return {"type": "create_model", "model_id": model_id}
 
-    return {"request_id": t.futures.submit(tenant, model_id, make), "model_id": model_id}
+    return {"request_id": await t.futures.submit(tenant, model_id, make), "model_id": model_id}
 
 
 async def _over_quota(t: Tinker, tenant: str, model_id: str) -> dict | None:
@@ -238,7 +238,7 @@ async def _over_quota(t: Tinker, tenant: str, model_id: str) -> dict | None:
     message = (f"tenant quota: you hold {limit} training runs, the limit (RLHF_API_TINKER_MAX_RUNS_PER_TENANT = {limit}); close a "
                f"ServiceClient (its session's runs are released) or let an idle session time out ({t.settings.session_timeout_s:g} s "
                "without a heartbeat)")
-    return {"request_id": t.futures.fail(tenant, model_id, message), "model_id": model_id}
+    return {"request_id": await t.futures.fail(tenant, model_id, message), "model_id": model_id}
 
 
 async def _sweep_forever(t: Tinker) -> None:
@@ -279,7 +279,7 @@ async def _release_ended(t: Tinker, tenant: str) -> None:
         if session.get("finished") or session.get("expired") or now - beat > t.settings.session_timeout_s:
             why = f"its session {run.get('session')} " + ("ended" if session.get("finished") else "timed out")
             if await t.records.release_run(tenant, model_id, why) is not None:
-                t.futures.submit(tenant, model_id, lambda run=run, model_id=model_id: _run(t, tenant, run, "drop", model_id), limited=False)
+                await t.futures.submit(tenant, model_id, lambda run=run, model_id=model_id: _run(t, tenant, run, "drop", model_id), limited=False)
 
 
 async def _live_run(t: Tinker, tenant: str, model_id: str) -> dict:
@@ -313,14 +313,14 @@ async def forward_backward(request: Request, tenant: Tenant, t: TinkerDep) -> di
             raise TinkerError(400, f"datum {i} has a negative token id")
     if req["loss_fn"] not in LOSSES:
         message = f"loss_fn {req['loss_fn']!r} is not supported here (supported: {', '.join(LOSSES)})"
-        return {"request_id": t.futures.fail(tenant, req["model_id"], message), "model_id": req["model_id"]}
+        return {"request_id": await t.futures.fail(tenant, req["model_id"], message), "model_id": req["model_id"]}
 
     async def make():
         result = await _run_recovering(t, tenant, req["model_id"], run, "forward_backward", req["model_id"], req["data"], req["loss_fn"],
                                        req["config"], backward=not req["forward_only"])
         return Response(encode_forward_backward(result["logprobs"], {"loss:sum": result["loss"]}), media_type="application/x-protobuf")
 
-    return {"request_id": t.futures.submit(tenant, req["model_id"], make), "model_id": req["model_id"]}
+    return {"request_id": await t.futures.submit(tenant, req["model_id"], make), "model_id": req["model_id"]}
 
 
 @router.post("/optim_step")
@@ -339,7 +339,7 @@ async def optim_step(body: dict, tenant: Tenant, t: TinkerDep) -> dict:
         result = await _run_recovering(t, tenant, model_id, run, "optim_step", model_id, **adam)
         return {"metrics": result}
 
-    return {"request_id": t.futures.submit(tenant, model_id, make), "model_id": model_id}
+    return {"request_id": await t.futures.submit(tenant, model_id, make), "model_id": model_id}
 
 
 async def _run_recovering(t: Tinker, tenant: str, model_id: str, run: dict, method: str, *args, **kwargs):
@@ -423,7 +423,7 @@ async def save_weights(body: dict, request: Request, tenant: Tenant, t: TinkerDe
         await t.records.put("training_run", model_id, latest)
         return {"type": "save_weights", "path": f"tinker://{model_id}/weights/{name}"}
 
-    return {"request_id": t.futures.submit(tenant, model_id, make), "model_id": model_id}
+    return {"request_id": await t.futures.submit(tenant, model_id, make), "model_id": model_id}
 
 
 @router.post("/load_weights")
@@ -441,7 +441,7 @@ async def load_weights(body: dict, request: Request, tenant: Tenant, t: TinkerDe
         await _run(t, tenant, run, "load_state", model_id, directory, optimizer)
         return {"type": "load_weights", "path": body["path"], "model_id": model_id}
 
-    return {"request_id": t.futures.submit(tenant, model_id, make), "model_id": model_id}
+    return {"request_id": await t.futures.submit(tenant, model_id, make), "model_id": model_id}
 
 
 async def _load_into_new_run(body: dict, request: Request, tenant: str, t: Tinker) -> dict:
@@ -467,7 +467,7 @@ async def _load_into_new_run(body: dict, request: Request, tenant: str, t: Tinke
         await _run(t, tenant, run, "load_state", model_id, directory, bool(body.get("optimizer")))
         return {"type": "load_weights", "path": body["path"], "model_id": model_id}
 
-    return {"request_id": t.futures.submit(tenant, model_id, make), "model_id": model_id}
+    return {"request_id": await t.futures.submit(tenant, model_id, make), "model_id": model_id}
 
 
 @router.post("/save_weights_for_sampler")
@@ -486,7 +486,7 @@ async def save_for_sampler(body: dict, request: Request, tenant: Tenant, t: Tink
         sampler_id = await _new_sampler(t, tenant, run["session"], run["base_model"], run["path"], tinker_path, directory)
         return {"type": "save_weights_for_sampler", "sampling_session_id": sampler_id}
 
-    return {"request_id": t.futures.submit(tenant, model_id, make), "model_id": model_id}
+    return {"request_id": await t.futures.submit(tenant, model_id, make), "model_id": model_id}
 
 
 async def _new_sampler(t: Tinker, tenant: str, session_id: str, base_model: str, path: str, tinker_path: str | None,
@@ -552,7 +552,7 @@ async def asample(body: dict, tenant: Tenant, t: TinkerDep) -> dict:
         await t.records.add_usage(tenant, tokens, out["compute_s"])
         return Response(encode_sample(out["result"]), media_type="application/x-protobuf")
 
-    request_id = t.futures.submit(tenant, None, make)
+    request_id = await t.futures.submit(tenant, None, make)
     return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}-{i}" for i in range(n)]}
 
 

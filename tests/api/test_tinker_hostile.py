@@ -222,7 +222,7 @@ def test_tinker_calls_count_in_requests_per_minute_but_polling_does_not(redis_ur
         assert session.status_code == 200, session.text
 
         async def a_future():
-            return api.app.state.tinker.futures.fail(tenant, None, "refused")
+            return await api.app.state.tinker.futures.fail(tenant, None, "refused")
 
         rid = api.run(a_future)
         for _ in range(15):  # polls of its own future: not counted
@@ -313,7 +313,7 @@ def test_a_server_failure_names_no_server_path_or_address(api, keys):
         async def make():
             raise RuntimeError("The actor died: node 10.1.2.3:6379 lost; No such file: /srv/rlhf/tenants/alpha/tinker/state.pt")
 
-        return t.futures.submit("alpha", None, make)
+        return await t.futures.submit("alpha", None, make)
 
     rid = api.run(failing)
     with api.client(keys["alpha"]) as c:

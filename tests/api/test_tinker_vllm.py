@@ -10,7 +10,14 @@ import sys
 import pytest
 
 from tests.api.conftest import ApiServer, api_env
-from tests.api.test_tinker import _driver_env, _kill_pools, service, sft_datum, sft_steps, tokenizer
+from tests.api.test_tinker import (
+    _driver_env,
+    _kill_pools,
+    service,
+    sft_datum,
+    sft_steps,
+    tokenizer,
+)
 from tests.conftest import free_port
 
 pytest.importorskip("tinker")
