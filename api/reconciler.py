@@ -21,7 +21,7 @@ from api.admission import Capacity, Quota
 from api.launcher import RayJobMissing, RayJobState, RayLauncher, RayUnavailable
 from api.settings import Settings
 from api.store import JobStore
-from api.tinker import pool_cpus
+from api.tinker import pool_resources
 from orchestrator.core.records import PREFIX, TERMINAL
 from orchestrator.core.spec import FaultToleranceSpec
 
@@ -162,7 +162,8 @@ class Reconciler:
         self._last: dict[str, float] = {}  # chore -> when it last ran (time.monotonic())
         self._wake = asyncio.Event()
         self._capacity: tuple[float, Capacity] | None = None
-        self._pool_cpus = 0.0  # CPUs the Tinker API's adapter pools hold (api/tinker.py pool_cpus), counted with the capacity
+        self._pool_cpus = 0.0  # CPUs the Tinker API's adapter pools hold (api/tinker.py pool_resources), counted with the capacity
+        self._pool_gpus = 0.0  # and their GPUs (RLHF_API_TINKER_POOL_GPUS)
         self._unreachable: dict[str, float] = {}  # job id -> when Ray first failed to answer about it (this process)
 
     def wake(self) -> None:
@@ -260,9 +261,10 @@ class Reconciler:
                 log.warning("admission: %s", err)
                 return self._capacity[1] if self._capacity else None
             try:
-                self._pool_cpus = await asyncio.wait_for(asyncio.to_thread(pool_cpus, self.settings.ray_address), 15)
+                held = await asyncio.wait_for(asyncio.to_thread(pool_resources, self.settings.ray_address), 15)
+                self._pool_cpus, self._pool_gpus = held["CPU"], held["GPU"]
             except Exception as err:  # noqa: BLE001  (Ray's state API away, whatever it raises: the last count stands)
-                log.warning("admission: the Tinker pools' CPUs could not be counted (%s: %s)", type(err).__name__, err)
+                log.warning("admission: the Tinker pools' CPUs and GPUs could not be counted (%s: %s)", type(err).__name__, err)
         return self._capacity[1]
 
     async def admit(self, ids: list[str], ending: list[dict[str, Any]] = ()) -> None:
@@ -273,8 +275,9 @@ class Reconciler:
             return
         admitted = [r for r in recs if not waiting_for_admission(r)] + [r for r in ending if r["id"] not in ids]
         capacity = await self.capacity()
-        if self._pool_cpus:  # the Tinker API's adapter pools hold CPUs of the same cluster (as of the last capacity asked)
-            admitted.append({"id": "tinker-pools", "tenant": "", "priority": 0, "seq": 0, "demand": [{"CPU": self._pool_cpus}]})
+        if self._pool_cpus or self._pool_gpus:  # the Tinker API's adapter pools hold part of the same cluster (as last asked)
+            held = {"CPU": self._pool_cpus, **({"GPU": self._pool_gpus} if self._pool_gpus else {})}
+            admitted.append({"id": "tinker-pools", "tenant": "", "priority": 0, "seq": 0, "demand": [held]})
         quotas = {t: Quota(**q.model_dump()) for t, q in self.settings.quotas.items()}
         decision = admission.decide(waiting, admitted, capacity, quotas, Quota(**self.settings.default_quota.model_dump()))
         by_id = {r["id"]: r for r in waiting}

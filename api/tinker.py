@@ -46,6 +46,9 @@ class TinkerSettings(BaseSettings):
     """The Ray cluster's GCS address (host:port) the API joins to reach the adapter pools; empty: `auto`."""
     pool_cpus: float = 1.0
     """CPUs each base model's adapter pool holds (and its torch threads)."""
+    pool_gpus: float = 0.0
+    """GPUs each pool holds (0: none, it trains and samples on its CPUs; 1: its base model, adapters and vLLM engine on one
+    GPU). Counted by the jobs' admission queue as taken, as its CPUs are."""
     sampler: Literal["hf", "vllm"] = "hf"
     """What the pools sample with: `hf` (transformers' generate, the saved adapter made the active one) or `vllm` (one vLLM
     engine per pool with multi-LoRA: each saved sampler weights is an adapter of the engine, up to 8 loaded at once, and
@@ -383,7 +386,8 @@ class Pools:
             try:
                 actor = ray.get_actor(name, namespace=NAMESPACE)
             except ValueError:
-                await _start_pool_task().remote(POOL_FACTORY, name, NAMESPACE, path, self.settings.pool_cpus, self.settings.sampler)
+                await _start_pool_task().remote(POOL_FACTORY, name, NAMESPACE, path, self.settings.pool_cpus, self.settings.sampler,
+                                                self.settings.pool_gpus)
                 actor = ray.get_actor(name, namespace=NAMESPACE)
             self._actors[base_model] = actor
             return actor
@@ -399,9 +403,9 @@ def _start_pool_task():
     import ray
 
     @ray.remote(num_cpus=0)
-    def start(factory: str, name: str, namespace: str, path: str, cpus: float, sampler: str) -> str:
+    def start(factory: str, name: str, namespace: str, path: str, cpus: float, sampler: str, gpus: float) -> str:
         module, fn = factory.split(":")
-        return getattr(importlib.import_module(module), fn)(name, namespace, path, cpus, sampler)
+        return getattr(importlib.import_module(module), fn)(name, namespace, path, cpus, sampler, gpus)
 
     return start
 
@@ -480,14 +484,19 @@ class Records:
         return {"tokens": int(raw.get("tokens", 0)), "compute_s": raw.get("compute_s", 0.0), "requests": int(raw.get("requests", 0))}
 
 
-def pool_cpus(ray_address: str) -> float:
-    """The CPUs the adapter pools hold on the cluster (every `pool-*` actor of NAMESPACE not dead: a restarting one holds
-    them again), asked of Ray's state API at `ray_address`: the jobs' admission queue counts them as taken."""
+def pool_resources(ray_address: str) -> dict[str, float]:
+    """The CPUs and GPUs the adapter pools hold on the cluster (every `pool-*` actor of NAMESPACE not dead: a restarting
+    one holds them again), asked of Ray's state API at `ray_address`: the jobs' admission queue counts them as taken."""
     from ray.util.state import list_actors
 
     actors = list_actors(address=ray_address, filters=[("ray_namespace", "=", NAMESPACE)], limit=10000, timeout=10, detail=True)
-    return sum(float((a.required_resources or {}).get("CPU", 0.0)) for a in actors
-               if a.state != "DEAD" and (a.name or "").startswith("pool-"))
+    held = [a.required_resources or {} for a in actors if a.state != "DEAD" and (a.name or "").startswith("pool-")]
+    return {"CPU": sum(float(r.get("CPU", 0.0)) for r in held), "GPU": sum(float(r.get("GPU", 0.0)) for r in held)}
+
+
+def pool_cpus(ray_address: str) -> float:
+    """The CPUs of `pool_resources`."""
+    return pool_resources(ray_address)["CPU"]
 
 
 class Tinker:

@@ -291,6 +291,28 @@ def main() -> int:
         assert stats["off_policy/ratio_min"] < 1.0 or stats["off_policy/ratio_max"] > 1.0, "no token was off-policy"
         return f"ratio {stats['off_policy/ratio_min']:.2f}..{stats['off_policy/ratio_max']:.2f} on {t.device}"
 
+    @check("Tinker adapter pool (LoRA loop)")
+    def _():
+        # The Tinker API's pool with RLHF_API_TINKER_POOL_GPUS: base model and adapters on the device, states saved on the CPU.
+        from workers.tinker_pool import AdapterPool
+
+        pool = AdapterPool(model_dir, threads=1, num_gpus=NUM_GPUS)
+        pool.create("run", rank=8, seed=0, train_unembed=False)
+        seq = list(range(5, 30))
+        datum = {"tokens": seq[:-1], "inputs": {"target_tokens": seq[1:], "weights": [1.0] * (len(seq) - 1)}}
+        losses = []
+        for _ in range(5):
+            losses.append(pool.forward_backward("run", [datum], "cross_entropy")["loss"])
+            pool.optim_step("run", learning_rate=1e-2)
+        assert losses[-1] < losses[0], losses
+        path = pool.save_state("run", str(Path(tmp) / "pool-run"))
+        state = torch.load(Path(path) / "state.pt", weights_only=True)
+        assert all(v.device.type == "cpu" for v in state["weights"].values())
+        pool.load_state("run", path, optimizer=True)
+        [sample] = pool.sample(path, seq[:4], 1, max_tokens=6, temperature=0.0, stop=[])
+        assert len(sample["tokens"]) == 6 and len(sample["logprobs"]) == 6
+        return f"loss {losses[0]:.2f} -> {losses[-1]:.2f} in 5 steps, sampled on {pool.device}"
+
     @check("bucketed pack/unpack (NCCL layout)")
     def _():
         from workers.weight_transport import bucket_size, pack_bucket, plan_buckets, unpack_bucket

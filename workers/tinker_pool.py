@@ -111,7 +111,7 @@ class FairScheduler:
 class AdapterPool:
     """One base model (loaded once) and a dict of LoRA adapters on it, each with its own optimizer."""
 
-    def __init__(self, base_path: str, threads: int | None = None, sampler: str = "hf"):
+    def __init__(self, base_path: str, threads: int | None = None, sampler: str = "hf", num_gpus: float = 0):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if sampler not in ("hf", "vllm"):
@@ -122,7 +122,9 @@ class AdapterPool:
         self.engine: VLLMLoraSampler | None = None  # started at the first vllm sample
         self.saved_configs: dict[str, dict] = {}  # sampler weights path -> its LoRA config
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
-        self.base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        # On the GPU Ray gave the pool's actor (RLHF_API_TINKER_POOL_GPUS), else the CPU; states are saved on the CPU.
+        self.device = torch.device("cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).to(self.device)
         self.model = None  # the PeftModel, made with the first adapter
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.configs: dict[str, dict] = {}
@@ -178,14 +180,14 @@ class AdapterPool:
         outputs, total, tokens = [], 0.0, 0
         with torch.set_grad_enabled(backward):
             for datum in data:
-                inputs = _loss_inputs(datum["inputs"], loss_fn, len(datum["tokens"]))
-                logprobs = self._logprobs(torch.tensor([datum["tokens"]]), inputs["target_tokens"].unsqueeze(0))[0]
+                inputs = {k: v.to(self.device) for k, v in _loss_inputs(datum["inputs"], loss_fn, len(datum["tokens"])).items()}
+                logprobs = self._logprobs(torch.tensor([datum["tokens"]], device=self.device), inputs["target_tokens"].unsqueeze(0))[0]
                 loss = LOSSES[loss_fn](logprobs, inputs, config or {})
                 if backward:
                     loss.backward()
                 total += float(loss.detach())
                 tokens += len(datum["tokens"])
-                outputs.append(logprobs.detach().float().numpy())
+                outputs.append(logprobs.detach().float().cpu().numpy())
         return {"logprobs": outputs, "loss": total, "tokens": tokens}
 
     def _logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -210,7 +212,7 @@ class AdapterPool:
         """The adapter's weights (and its optimizer state) under `path`, a directory."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        state = {"config": self.configs[adapter], "weights": {k: v.detach().clone() for k, v in self._named_params(adapter).items()}}
+        state = {"config": self.configs[adapter], "weights": {k: v.detach().cpu().clone() for k, v in self._named_params(adapter).items()}}
         if optimizer:
             state["optimizer"] = self.optimizers[adapter].state_dict()
         torch.save(state, out / "state.pt")
@@ -228,7 +230,7 @@ class AdapterPool:
 
     def _load_weights(self, adapter: str, path: str) -> dict:
         """Copy the weights saved under `path` into `adapter` (created with the saved LoRA config if missing)."""
-        state = torch.load(Path(path) / "state.pt", weights_only=True)
+        state = torch.load(Path(path) / "state.pt", weights_only=True, map_location="cpu")
         if self.has(adapter) and state["config"] != self.configs[adapter]:
             saved, mine = state["config"], self.configs[adapter]
             raise PoolError(f"the checkpoint's LoRA (rank {saved['rank']}, {', '.join(saved['targets'])}) is not this run's "
@@ -264,7 +266,7 @@ class AdapterPool:
         # name is stale): the base model, whose LoRA layers then hold nothing, runs as before any run.
         model = self.model if self.model is not None and (key is not None or self.model.peft_config) else self.base
         model.eval()
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=self.device)
         with torch.no_grad(), _adapter_or_base(self.model, key):
             gen = model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=temperature > 0, temperature=max(temperature, 1e-5),
@@ -275,9 +277,9 @@ class AdapterPool:
             for row in gen[:, len(prompt):].tolist():
                 end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
                 tokens = row[:end]
-                full = torch.tensor([prompt + tokens])
+                full = torch.tensor([prompt + tokens], device=self.device)
                 logprobs = self._logprobs_of(model, full)[0, len(prompt) - 1:] if tokens else torch.zeros(0)
-                out.append({"tokens": tokens, "logprobs": logprobs.float().numpy(), "stop": end < len(row) or (tokens and tokens[-1] in eos)})
+                out.append({"tokens": tokens, "logprobs": logprobs.float().cpu().numpy(), "stop": end < len(row) or (tokens and tokens[-1] in eos)})
         return out
 
     def on_engine(self, weights: str | None) -> bool:
@@ -287,13 +289,13 @@ class AdapterPool:
     def vllm(self) -> VLLMLoraSampler:
         """The pool's engine, started at its first use."""
         if self.engine is None:
-            self.engine = VLLMLoraSampler(self.base_path, self.tokenizer)
+            self.engine = VLLMLoraSampler(self.base_path, self.tokenizer, on_gpu=self.device.type == "cuda")
         return self.engine
 
     def _saved_config(self, weights: str) -> dict:
         """The LoRA config (rank, targets) of the sampler weights saved at `weights`, read once per path."""
         if weights not in self.saved_configs:
-            self.saved_configs[weights] = torch.load(Path(weights) / "state.pt", weights_only=True)["config"]
+            self.saved_configs[weights] = torch.load(Path(weights) / "state.pt", weights_only=True, map_location="cpu")["config"]
         return self.saved_configs[weights]
 
     def _logprobs_of(self, model, full: torch.Tensor) -> torch.Tensor:
@@ -325,14 +327,17 @@ class VLLMLoraSampler:
 
     MAX_RANK = 64
 
-    def __init__(self, base_path: str, tokenizer):
+    GPU_MEMORY = 0.5  # of the pool's GPU: the rest holds transformers' copy, the adapters and their optimizer states
+
+    def __init__(self, base_path: str, tokenizer, on_gpu: bool = False):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process (the pool's actor)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 
         self.tokenizer = tokenizer
         self.llm = LLM(model=base_path, tokenizer=base_path, dtype="float32", enable_lora=True, max_loras=MAX_SAMPLER_ADAPTERS,
-                       max_lora_rank=self.MAX_RANK, enforce_eager=not torch.cuda.is_available(), enable_prefix_caching=True)
+                       max_lora_rank=self.MAX_RANK, enforce_eager=not on_gpu, enable_prefix_caching=True,
+                       **({"gpu_memory_utilization": self.GPU_MEMORY} if on_gpu else {}))
         self.exports = tempfile.mkdtemp(prefix="rlhf-lora-")
         self.ids: dict[str, int] = {}  # weights path -> the engine's int id of its adapter
 
@@ -380,7 +385,7 @@ def export_lora(weights: str, out: Path) -> Path:
     adapter_model.safetensors, the adapter's name taken out of its tensors' names), which vLLM loads."""
     from safetensors.torch import save_file
 
-    state = torch.load(Path(weights) / "state.pt", weights_only=True)
+    state = torch.load(Path(weights) / "state.pt", weights_only=True, map_location="cpu")
     out.mkdir(parents=True, exist_ok=True)
     cfg = state["config"]
     (out / "adapter_config.json").write_text(json.dumps({
@@ -499,8 +504,8 @@ class SampleBatcher:
 class PoolService:
     """What the Ray actor serves: the pool behind the fair scheduler, with each call's compute seconds."""
 
-    def __init__(self, base_path: str, threads: int | None = None, sampler: str = "hf"):
-        self.pool = AdapterPool(base_path, threads, sampler)
+    def __init__(self, base_path: str, threads: int | None = None, sampler: str = "hf", num_gpus: float = 0):
+        self.pool = AdapterPool(base_path, threads, sampler, num_gpus)
         self.scheduler = FairScheduler()
         self.batcher = SampleBatcher(self.pool)
         self.served: collections.deque = collections.deque(maxlen=10_000)  # (tenant, method) in the order served
@@ -536,13 +541,14 @@ class PoolService:
         return list(self.served)
 
 
-def start_pool(name: str, namespace: str, base_path: str, num_cpus: float = 1.0, sampler: str = "hf") -> str:
-    """Create (or find) the named, detached pool actor for one base model (sampling with `sampler`); returns its name."""
+def start_pool(name: str, namespace: str, base_path: str, num_cpus: float = 1.0, sampler: str = "hf", num_gpus: float = 0) -> str:
+    """Create (or find) the named, detached pool actor for one base model (sampling with `sampler`, on a GPU of its own
+    with `num_gpus`); returns its name."""
     import ray
 
     actor = ray.remote(PoolService).options(
-        name=name, namespace=namespace, lifetime="detached", get_if_exists=True, max_concurrency=64, num_cpus=num_cpus,
+        name=name, namespace=namespace, lifetime="detached", get_if_exists=True, max_concurrency=64, num_cpus=num_cpus, num_gpus=num_gpus,
         max_restarts=-1,
     )
-    actor.remote(base_path, threads=max(1, int(num_cpus)), sampler=sampler)
+    actor.remote(base_path, threads=max(1, int(num_cpus)), sampler=sampler, num_gpus=num_gpus)
     return name

@@ -280,6 +280,32 @@ def test_the_jobs_admission_queue_counts_the_cpus_the_tinker_pools_hold(api):
     assert launcher.submitted == [job_id]
 
 
+def test_the_admission_queue_counts_the_gpus_the_tinker_pools_hold(api):
+    """With RLHF_API_TINKER_POOL_GPUS a pool holds a GPU: on a cluster of one GPU that a pool holds, a job asking for a GPU
+    waits for it; with none held it is admitted."""
+    from api.admission import Capacity
+    from api.reconciler import Reconciler
+
+    store, launcher = api.app.state.store, _Launcher()
+    reconciler = Reconciler(store, launcher, api.app.state.settings)
+    reconciler._capacity = (time.monotonic() + 1e6, Capacity({"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}))
+    job_id = "job-" + uuid.uuid4().hex[:24]
+
+    async def go():
+        await store.create(job_id, "tk-" + uuid.uuid4().hex[:8], "q", {"name": "q"}, {}, None, launch_spec={"name": "q"},
+                           demand=[{"CPU": 1.0, "GPU": 1.0}])
+        reconciler._pool_cpus, reconciler._pool_gpus = 1.0, 1.0
+        await reconciler.admit([job_id])
+        waiting = (await store.get(job_id))["queue"]
+        reconciler._pool_cpus, reconciler._pool_gpus = 0.0, 0.0
+        await reconciler.admit([job_id])
+        return waiting
+
+    waiting = api.run(go)
+    assert "GPU" in waiting["reason"] and "0 GPUs are free" in waiting["reason"], waiting
+    assert launcher.submitted == [job_id]
+
+
 @pytest.mark.slow
 def test_the_pools_cpus_are_counted_from_ray(ray_head):
     """pool_cpus reads the `pool-*` actors of the Tinker namespace from Ray's state API: a detached one of 1 CPU adds 1."""
