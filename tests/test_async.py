@@ -135,3 +135,17 @@ def test_dynamic_sampling_drops_zero_spread_groups_and_keeps_every_step_full(tin
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert all(r["frac_reward_zero_std"] == 0.0 for r in rows)
     assert sum(r["dynamic_sampling/filtered_groups"] for r in rows) == len(dropped)
+
+
+@pytest.mark.slow
+def test_two_rollout_replicas_share_the_prompts_and_each_trains_once(tiny_model, arith_file, tmp_path):
+    """`resources.rollout.replicas: 2`: new prompts join the replica with the fewest in flight and both advance at once;
+    every prompt of the epoch is trained once, within the bound, and each replica generated some of them."""
+    run_dir = tmp_path / "run"
+    spec = async_spec(tiny_model, arith_file, run_dir, 1, per_step=8)
+    spec["resources"]["rollout"] = {"replicas": 2}
+    out = run_entrypoint(write_spec(tmp_path / "job.yaml", spec), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    check_epoch(run_dir, PROMPTS // 8, 1)
+    replicas = [r for e in trained(run_dir).values() for r in e["replicas"]]
+    assert len(replicas) == PROMPTS and set(replicas) == {0, 1}, replicas

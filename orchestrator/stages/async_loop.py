@@ -4,7 +4,8 @@ The plan's `loop` is `async` (rollout.max_staleness k >= 1). Two loops share one
 (orchestrator/core/staleness.py):
 
 - the rollout side (a thread of this driver, `produce`): draws prompts while the buffer has room,
-  advances every completion in flight one chunk on the rollout actor (`HFRollout.stream`: partial
+  advances every completion in flight one chunk on the rollout actors (`HFRollout.stream` or
+  `VLLMRollout.stream`, each replica its own prompts, all at once: partial
   rollouts, each token tagged with the version of the weights that drew it, behaviour log-probs
   recorded), scores the prompts whose `n` completions finished and puts their groups in the buffer;
   between two chunks it loads the newest weights the trainer published;
@@ -21,6 +22,7 @@ their samples, prompts in flight or queued again), so a resumed job trains every
 
 from __future__ import annotations
 
+import collections
 import sys
 import threading
 import time
@@ -52,6 +54,8 @@ class AsyncOrchestrator(Orchestrator):
         self.buffer = RolloutBuffer(order, self.spec.rollout.n, per_step, loop.max_staleness, capacity=loop.buffer_groups,
                                     drop_zero_spread=dynamic)
         self.filtered_reported = 0  # the buffer's dropped prompts already named in a `trained_prompts` event
+        self.replica_of: dict[int, int] = {}  # key in flight -> the rollout replica generating it
+        self.generated_by: dict[int, int] = {}  # key generated, not trained yet -> the replica that generated it
         self.groups_ready: dict[int, tuple[Batch, dict[str, torch.Tensor]]] = {}  # key -> its scored batch, each reward's scores
         self.cond = threading.Condition()  # guards the buffer, `groups_ready`, `published`, the counters below
         self.version = 0  # updates done (the trainer's weights)
@@ -107,7 +111,8 @@ class AsyncOrchestrator(Orchestrator):
                             step=step, prompts=[self.prompt_of(g.prompt_id) for g in taken.groups], versions=versions,
                             filtered=[self.prompt_of(k) for k in filtered],
                             # (positions in the stage's draw order: a prompt drawn again in a later epoch has another)
-                            draws=[g.prompt_id for g in taken.groups], filtered_draws=filtered)
+                            draws=[g.prompt_id for g in taken.groups], filtered_draws=filtered,
+                            replicas=[self.generated_by.pop(g.prompt_id, None) for g in taken.groups])
         return {**metrics, **self.throughput(batch, timing), **{f"timing/{k}": v for k, v in timing.items()}}
 
     # ------------------------------------------------------------ the trainer side
@@ -192,12 +197,13 @@ class AsyncOrchestrator(Orchestrator):
                         self.rollout_clock["idle"] += time.perf_counter() - t0
                         continue
                     version = self.rollout_version
-                prompts = [self.dataset.prompt_ids[self.prompt_of(k)] for k in keys]
-                extras = [self.dataset.extras[self.prompt_of(k)] for k in keys]
-                [ref] = self.groups["rollout"].call("stream", keys, prompts, extras, version, self.stage.loop.chunk_tokens)
+                refs = self.stream_chunk(keys, version)
                 with self.calling():
-                    done, tokens, _ = self.wait(ref, "generate (a chunk of the partial rollouts)")
-                self.rollout_clock["tokens"] += tokens
+                    results = self.wait(refs, "generate (a chunk of the partial rollouts)")
+                done = [group for finished, _, _ in results for group in finished]
+                for key, _, _ in done:
+                    self.generated_by[key] = self.replica_of.pop(key)
+                self.rollout_clock["tokens"] += sum(tokens for _, tokens, _ in results)
                 if done:
                     self.put(done)
         except BaseException as err:  # noqa: BLE001 - the trainer side raises it (a lost actor then restarts the stage)
@@ -205,6 +211,25 @@ class AsyncOrchestrator(Orchestrator):
                 with self.cond:
                     self.producer_error = err
                     self.cond.notify_all()
+
+    def stream_chunk(self, keys: list[int], version: int) -> list:
+        """One chunk on every rollout replica with completions in flight: the new prompts `keys` join the replica with
+        the fewest prompts in flight (each keeps its own), and the replicas advance at once. Returns the calls' refs."""
+        actors = self.groups["rollout"].actors
+        load = collections.Counter(self.replica_of.values())
+        joining: dict[int, list[int]] = collections.defaultdict(list)
+        for key in keys:
+            replica = min(range(len(actors)), key=lambda r: load[r])
+            joining[replica].append(key)
+            load[replica] += 1
+            self.replica_of[key] = replica
+        calls = []
+        for replica, actor in enumerate(actors):
+            if load[replica]:
+                new = joining[replica]
+                calls.append(actor.stream.remote(new, [self.dataset.prompt_ids[self.prompt_of(k)] for k in new],
+                                                 [self.dataset.extras[self.prompt_of(k)] for k in new], version, self.stage.loop.chunk_tokens))
+        return calls
 
     def admissible(self) -> int:
         """How many prompts may start now: AReaL's admission rule (Fu et al. 2025, arXiv:2505.24298, sec. 5.1),
@@ -250,6 +275,7 @@ class AsyncOrchestrator(Orchestrator):
                 self.groups_ready[key] = (group_batch.replace(scores=scores[rows]), {k: v[rows] for k, v in per_source.items()})
                 if self.buffer.put(key, samples) is None:  # (dynamic sampling dropped it)
                     self.groups_ready.pop(key)
+                    self.generated_by.pop(key, None)
             self.last_put = time.perf_counter()
             self.cond.notify_all()
 
