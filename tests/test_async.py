@@ -149,3 +149,15 @@ def test_two_rollout_replicas_share_the_prompts_and_each_trains_once(tiny_model,
     check_epoch(run_dir, PROMPTS // 8, 1)
     replicas = [r for e in trained(run_dir).values() for r in e["replicas"]]
     assert len(replicas) == PROMPTS and set(replicas) == {0, 1}, replicas
+
+
+@pytest.mark.slow
+def test_two_trainer_replicas_update_data_parallel_and_each_prompt_trains_once(tiny_model, arith_file, tmp_path):
+    """`resources.trainer.replicas: 2`: each update is sharded over two data-parallel trainers (their gradients
+    all-reduced), rank 0 publishes the weights; every prompt is trained once within the bound."""
+    run_dir = tmp_path / "run"
+    spec = async_spec(tiny_model, arith_file, run_dir, 1, per_step=8)
+    spec["resources"]["trainer"] = {"replicas": 2}
+    out = run_entrypoint(write_spec(tmp_path / "job.yaml", spec), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    check_epoch(run_dir, PROMPTS // 8, 1)

@@ -709,9 +709,6 @@ class JobSpec(_Strict):
         if (self.optim.mini_batch_size or samples) != samples or self.optim.ppo_epochs != 1:
             raise _field_error(("rollout", "max_staleness"), "asynchronous training takes one optimiser step per step (optim."
                                "mini_batch_size unset, ppo_epochs 1): its decoupled loss's proximal policy is the update's starting weights")
-        if self.resources.trainer.replicas != 1:
-            raise _field_error(("rollout", "max_staleness"), "asynchronous training runs one trainer replica (for now); "
-                               "resources.rollout.replicas may be more")
 
     @model_validator(mode="after")
     def _stages_valid(self, info: ValidationInfo) -> "JobSpec":
