@@ -161,3 +161,16 @@ def test_two_trainer_replicas_update_data_parallel_and_each_prompt_trains_once(t
     out = run_entrypoint(write_spec(tmp_path / "job.yaml", spec), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     check_epoch(run_dir, PROMPTS // 8, 1)
+
+
+@pytest.mark.slow
+def test_async_ppo_trains_each_prompt_once_within_the_bound(tiny_model, arith_file, tmp_path):
+    """`algorithm: ppo` with `max_staleness: 1`: the critic's values of the taken groups (the critic as it is at the
+    update) feed GAE, the critic updates beside the policy; every prompt trained once, within the bound."""
+    run_dir = tmp_path / "run"
+    spec = async_spec(tiny_model, arith_file, run_dir, 1, per_step=8, algorithm={"name": "ppo"})
+    out = run_entrypoint(write_spec(tmp_path / "job.yaml", spec), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    check_epoch(run_dir, PROMPTS // 8, 1)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert all(math.isfinite(r["value_loss"]) for r in rows), rows[0].keys()  # (the critic updated each step)

@@ -199,7 +199,7 @@ def test_an_async_job_plans_its_loop_and_a_rollout_actor(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"algorithm": {"name": "ppo"}}, "asynchronous training runs grpo"),
+    ({"rollout": {"max_staleness": 1, "dynamic_sampling": True, "n": 1}}, "rollout.dynamic_sampling: a group of one sample"),
     ({"optim": {"steps": 3, "prompts_per_step": 4, "mini_batch_size": 8}}, "one optimiser step per step"),
     ({"resources": {"rollout_in": "trainer"}}, "resources.rollout_in: the trainer cannot also be the rollout: rollout.max_staleness"),
     ({"rollout": {"max_staleness": 1, "off_policy": {"mask_band": [2, 5]}}}, "rollout.off_policy.mask_band"),

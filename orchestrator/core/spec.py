@@ -700,9 +700,11 @@ class JobSpec(_Strict):
 
     def _check_async(self, samples: int) -> None:
         """What `rollout.max_staleness` >= 1 needs (core/plan.py places its rollout in its own actor)."""
-        if self.algo.critic or self.algorithm.name != "grpo":
-            raise _field_error(("rollout", "max_staleness"), f"asynchronous training runs grpo (group advantages, no critic); "
-                               f"not yet {self.algorithm.name}")
+        if self.algorithm.name not in ("grpo", "ppo"):
+            raise _field_error(("rollout", "max_staleness"), f"asynchronous training runs grpo and ppo; not {self.algorithm.name}")
+        if self.rollout.dynamic_sampling and self.rollout.n < 2:
+            raise _field_error(("rollout", "dynamic_sampling"), "a group of one sample always has zero spread: dynamic sampling "
+                               "needs rollout.n >= 2")
         if self.rollout.backend == "vllm" and self.resources.colocate:
             raise _field_error(("rollout", "max_staleness"), "asynchronous training generates while the trainer updates: a vLLM "
                                "engine colocated with the trainer sleeps while it trains (set resources.colocate false)")

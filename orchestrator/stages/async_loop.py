@@ -1,4 +1,4 @@
-"""Asynchronous GRPO (issue 29): the rollout actor generates while the trainer updates.
+"""Asynchronous GRPO and PPO (issue 29): the rollout actors generate while the trainer updates.
 
 The plan's `loop` is `async` (rollout.max_staleness k >= 1). Two loops share one `RolloutBuffer`
 (orchestrator/core/staleness.py):
@@ -11,7 +11,7 @@ The plan's `loop` is `async` (rollout.max_staleness k >= 1). Two loops share one
   between two chunks it loads the newest weights the trainer published;
 - the trainer side (`train_step`, this driver's main thread): takes the next `prompts_per_step`
   groups of the order once complete, within the bound (every trained sample is checked), reference log-probs if any,
-  advantages, the update with the off-policy correction (workers/trainer.py), then publishes its
+  the critic's values (ppo), advantages, the update with the off-policy correction (workers/trainer.py), then publishes its
   weights to the object store for the rollout side to load.
 
 Policy version v is the weights after v updates, i.e. after step v. Every wait is timed
@@ -153,11 +153,19 @@ class AsyncOrchestrator(Orchestrator):
         return (started + list(b.order[b.position:b.position + per_step]))[:per_step]  # (undrawn keys come after drawn ones)
 
     def reference(self, batch: Batch, timing: dict) -> Batch:
-        if self.reference_group is None:
-            return batch
-        results = self.wait(self.reference_group.call_sharded("compute_logprobs", batch), "reference")
-        timing["reference"] = max(t for _, t in results)
-        return batch.replace(ref_logprobs=torch.cat([lp for lp, _ in results]))
+        """The taken groups' reference log-probs (if `kl_coef`) and, with a critic (ppo), their values under the critic
+        as it is now (GAE's bootstrap is the current critic's, whatever weights drew the samples), both at once."""
+        ref_refs = self.reference_group.call_sharded("compute_logprobs", batch) if self.reference_group is not None else None
+        critic_refs = self.groups["critic"].call_sharded("compute_values", batch) if "critic" in self.groups else None
+        if ref_refs is not None:
+            results = self.wait(ref_refs, "reference")
+            timing["reference"] = max(t for _, t in results)
+            batch = batch.replace(ref_logprobs=torch.cat([lp for lp, _ in results]))
+        if critic_refs is not None:
+            results = self.wait(critic_refs, "critic")
+            timing["critic"] = max(t for _, t in results)
+            batch = batch.replace(values=torch.cat([v for v, _ in results]))
+        return batch
 
     def evaluate(self, dataset) -> dict[str, float]:
         """Held-out metrics of the trainer's current weights: the rollout actor samples them, so this waits
