@@ -88,12 +88,12 @@ def length_tails(model_dir: Path, batches: int = 4) -> list[tuple[float, int]]:
     return out
 
 
-def spec(model_dir: Path, run_dir: Path, mode: str, steps: int, lr: float, backend: str = "hf") -> dict:
+def spec(model_dir: Path, run_dir: Path, mode: str, steps: int, lr: float, backend: str = "hf", chunk_tokens: int = 16) -> dict:
     k, threads = MODES[mode]
     return {
         "api_version": "rlhf/v1", "name": run_dir.name, "algorithm": {"name": "grpo"}, "model": {"path": str(model_dir)},
         "data": {"train_file": str(ROOT / "examples/arithmetic/data/train.jsonl"), "max_prompt_length": 16},
-        "rollout": {"n": N, "max_new_tokens": MAX_NEW, "max_staleness": k, "chunk_tokens": 16, "backend": backend},
+        "rollout": {"n": N, "max_new_tokens": MAX_NEW, "max_staleness": k, "chunk_tokens": chunk_tokens, "backend": backend},
         "rewards": [{"function": "accuracy"}, {"function": "regex_match", "name": "format", "weight": 0.5,
                                                 "kwargs": {"pattern": "^-?\\d"}}],
         "optim": {"lr": lr, "steps": steps, "prompts_per_step": PROMPTS, "seed": 0},
@@ -101,10 +101,10 @@ def spec(model_dir: Path, run_dir: Path, mode: str, steps: int, lr: float, backe
     }
 
 
-def run(model_dir: Path, work: Path, mode: str, round_: int, steps: int, lr: float, backend: str) -> dict:
+def run(model_dir: Path, work: Path, mode: str, round_: int, steps: int, lr: float, backend: str, chunk_tokens: int) -> dict:
     run_dir = work / f"{''.join(c for c in mode if c.isalnum())}-r{round_}"
     path = work / f"{run_dir.name}.json"
-    path.write_text(json.dumps(spec(model_dir, run_dir, mode, steps, lr, backend)))
+    path.write_text(json.dumps(spec(model_dir, run_dir, mode, steps, lr, backend, chunk_tokens)))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.run", "--spec", str(path)], cwd=ROOT, env=env,
@@ -132,6 +132,7 @@ def main() -> None:
                         help="1e-5 (default) keeps the lengths, which set a step's cost, where they start in every mode; "
                         "a larger lr lets them drift, differently per mode (recorded in its own block)")
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="the rollout's engine (vllm: vLLM's CPU build)")
+    parser.add_argument("--chunk-tokens", type=int, default=16, help="async: tokens per chunk of a partial rollout (weights load between chunks)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave docs/benchmarks.md as it is")
     args = parser.parse_args()
     names = list(MODES)
@@ -140,7 +141,7 @@ def main() -> None:
         model_dir = long_tailed_model(work / "model")
         tails = length_tails(model_dir)
         print("median, longest per batch:", tails, flush=True)
-        results = [run(model_dir, work, mode, r + 1, args.steps, args.lr, args.backend)
+        results = [run(model_dir, work, mode, r + 1, args.steps, args.lr, args.backend, args.chunk_tokens)
                    for r in range(args.rounds) for mode in names[r % len(names):] + names[:r % len(names)]]
     # The baseline: the faster of the two synchronous configurations (the machine decides which).
     sync = max(statistics.median(x["samples_per_s"] for x in results if x["mode"] == m) for m in names if m.startswith("sync"))
@@ -158,11 +159,11 @@ def main() -> None:
             f"modes alternating in rotated order. Workload: step-sized batches' (median, longest) completion lengths "
             f"{', '.join(f'({m:g}, {x})' for m, x in tails)}: longest / median {min(x / m for m, x in tails):.1f}-"
             f"{max(x / m for m, x in tails):.1f}x. sync: {SYNC_PLAN[args.backend]} (all cores, or 1 torch "
-            f"thread); async: the rollout actor and the trainer, one torch thread each, chunks of 16 tokens. lr {args.lr:g}.\n\n{table}")
+            f"thread); async: the rollout actor and the trainer, one torch thread each, chunks of {args.chunk_tokens} tokens. lr {args.lr:g}.\n\n{table}")
     print(text)
     if not args.no_record:
         section = "async_bench" if args.lr == parser.get_default("lr") else f"async_bench_lr{args.lr:g}"
-        section += "" if args.backend == "hf" else f"_{args.backend}"
+        section += ("" if args.backend == "hf" else f"_{args.backend}") + ("" if args.chunk_tokens == 16 else f"_chunk{args.chunk_tokens}")
         record(section, text, title="Synchronous vs asynchronous GRPO, long-tailed lengths (async_bench)")
 
 
