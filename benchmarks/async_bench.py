@@ -119,7 +119,10 @@ def run(model_dir: Path, work: Path, mode: str, round_: int, steps: int, lr: flo
               "tokens_per_s": sum(m["response_length/mean"] for m in metrics) * PROMPTS * N / seconds,
               "reward_last3": statistics.mean(m["reward/mean"] for m in metrics[-3:]),
               "length_mean": statistics.mean(m["response_length/mean"] for m in metrics),
-              "staleness_mean": statistics.mean(m.get("staleness/mean", 0.0) for m in metrics)}
+              "staleness_mean": statistics.mean(m.get("staleness/mean", 0.0) for m in metrics),
+              # A synchronous step's split (after the first): what overlapping generation and update can gain at most.
+              "generate_s": statistics.mean(m.get("timing/generate_compute", 0.0) for m in metrics[1:]),
+              "update_s": statistics.mean(m.get("timing/update_compute", 0.0) for m in metrics[1:])}
     print(json.dumps(result), flush=True)
     return result
 
@@ -160,6 +163,11 @@ def main() -> None:
             f"{', '.join(f'({m:g}, {x})' for m, x in tails)}: longest / median {min(x / m for m, x in tails):.1f}-"
             f"{max(x / m for m, x in tails):.1f}x. sync: {SYNC_PLAN[args.backend]} (all cores, or 1 torch "
             f"thread); async: the rollout actor and the trainer, one torch thread each, chunks of {args.chunk_tokens} tokens. lr {args.lr:g}.\n\n{table}")
+    one = [x for x in results if x["mode"] == "sync, 1 thread"]
+    gen, upd = statistics.median(x["generate_s"] for x in one), statistics.median(x["update_s"] for x in one)
+    text += (f"\n\nThe synchronous step (1 thread, median of the rounds' means): generate {gen:.3f} s, update {upd:.3f} s; "
+             f"overlapping them can give at most (generate + update) / max(generate, update) = {(gen + upd) / max(gen, upd, 1e-9):.2f}x "
+             "its samples/s, and less when a chunked generation costs more than one call.")
     print(text)
     if not args.no_record:
         section = "async_bench" if args.lr == parser.get_default("lr") else f"async_bench_lr{args.lr:g}"
