@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api.tinker_storage import TenantLocks
@@ -46,9 +47,10 @@ class TinkerSettings(BaseSettings):
     """The Ray cluster's GCS address (host:port) the API joins to reach the adapter pools; empty: `auto`."""
     pool_cpus: float = 1.0
     """CPUs each base model's adapter pool holds (and its torch threads)."""
-    pool_gpus: float = 0.0
+    pool_gpus: int = Field(0, ge=0, le=1)
     """GPUs each pool holds (0: none, it trains and samples on its CPUs; 1: its base model, adapters and vLLM engine on one
-    GPU). Counted by the jobs' admission queue as taken, as its CPUs are."""
+    GPU; a share of one is refused: the engine takes half of the GPU it is given). Counted by the jobs' admission queue
+    as taken, as its CPUs are."""
     sampler: Literal["hf", "vllm"] = "hf"
     """What the pools sample with: `hf` (transformers' generate, the saved adapter made the active one) or `vllm` (one vLLM
     engine per pool with multi-LoRA: each saved sampler weights is an adapter of the engine, up to 8 loaded at once, and
@@ -199,9 +201,13 @@ class Futures:
     OWNER_TTL_S / 3); a future still pending when its process stopped beating fails, naming that. A tenant's unfinished
     futures are counted in Redis too (`tinker:inflight:<tenant>`), across processes."""
 
-    KEEP_S = 3600.0
+    KEEP_S = 3600.0  # a finished future's answer, in this process
+    ANSWER_KEEP_S = 600.0  # and in Redis, for the other processes (the SDK retrieves at once)
     OWNER_TTL_S = 30.0
     POLL_S = 0.2
+    # Take a place among a tenant's unfinished futures if fewer than the limit are held: the count and the write as one.
+    HOLD = """if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"""
 
     def __init__(self, redis, per_tenant: int = 512):
         self.redis, self.per_tenant = redis, per_tenant
@@ -220,8 +226,13 @@ class Futures:
         if limited and not await self._hold(tenant, request_id):
             raise TinkerError(429, f"you have {self.per_tenant} calls unfinished, the limit (RLHF_API_TINKER_MAX_FUTURES_PER_TENANT "
                               f"= {self.per_tenant}); retrieve their results first")
-        await self.redis.set(f"tinker:future:{request_id}", json.dumps({"tenant": tenant, "process": self.process}),
-                             px=int(self.KEEP_S * 1000))
+        try:
+            await self.redis.set(f"tinker:future:{request_id}", json.dumps({"tenant": tenant, "process": self.process}),
+                                 px=int(self.KEEP_S * 1000))
+        except BaseException:
+            if limited:
+                await self.redis.hdel(f"tinker:inflight:{tenant}", request_id)
+            raise
         mine = [rid for rid, (owner, task, _) in self._tasks.items() if owner == tenant and task.done()]
         for rid in mine[:max(0, len(mine) - self.per_tenant + 1)]:  # the oldest finished (dicts keep insertion order)
             del self._tasks[rid]
@@ -282,27 +293,25 @@ class Futures:
         """The finished future's answer where other processes read it; its place in the tenant's count freed."""
         try:
             await self.redis.set(f"tinker:future:{request_id}", json.dumps({"tenant": tenant, "process": self.process,
-                                 "answer": _encode_answer(answer)}), px=int(self.KEEP_S * 1000))
+                                 "answer": _encode_answer(answer)}), px=int(self.ANSWER_KEEP_S * 1000))
             if counted:
                 await self.redis.hdel(f"tinker:inflight:{tenant}", request_id)
         except Exception as err:  # noqa: BLE001 - Redis away: this process still answers it; others see it pending
             log.warning("could not record the answer of %s in Redis: %r", request_id, err)
 
     async def _hold(self, tenant: str, request_id: str) -> bool:
-        """A place among the tenant's unfinished futures (over every API process), if one is free. Places held by
-        processes that stopped beating are given back first."""
-        key = f"tinker:inflight:{tenant}"
-        if await self.redis.hlen(key) >= self.per_tenant:
-            holders = await self.redis.hgetall(key)
-            owners = {_text(p) for p in holders.values()}
-            dead = {p for p in owners if not await self.redis.exists(f"tinker:api:{p}")}
-            stale = [rid for rid, p in holders.items() if _text(p) in dead]
-            if stale:
-                await self.redis.hdel(key, *stale)
-            if await self.redis.hlen(key) >= self.per_tenant:
-                return False
-        await self.redis.hset(key, request_id, self.process)
-        return True
+        """A place among the tenant's unfinished futures (over every API process), if one is free (checked and taken at
+        once, in Redis). When none is, places held by processes that stopped beating, or for longer than KEEP_S (a
+        place its process failed to give back), are given back first."""
+        key, mine = f"tinker:inflight:{tenant}", f"{self.process} {time.time():.3f}"
+        if await self.redis.eval(self.HOLD, 1, key, self.per_tenant, request_id, mine):
+            return True
+        holders = {rid: _text(v).split() for rid, v in (await self.redis.hgetall(key)).items()}
+        alive = {p: bool(await self.redis.exists(f"tinker:api:{p}")) for p in {v[0] for v in holders.values()}}
+        stale = [rid for rid, (process, since) in holders.items() if not alive[process] or time.time() - float(since) > self.KEEP_S]
+        if stale:
+            await self.redis.hdel(key, *stale)
+        return bool(await self.redis.eval(self.HOLD, 1, key, self.per_tenant, request_id, mine))
 
     def _failure(self, tenant: str, request_id: str, err: BaseException) -> dict:
         cause = getattr(err, "cause", None)

@@ -10,9 +10,15 @@ an `unnamed` marker file: past the quota they are evicted, oldest first. Named c
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 from dataclasses import dataclass
+
+from redis.exceptions import LockError
+
+log = logging.getLogger("api.tinker")
 
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
 UNNAMED = "unnamed"
@@ -110,12 +116,22 @@ def make_room(tinker_root: str, max_count: int, max_bytes: int, replacing: str =
 class TenantLocks:
     """One lock per tenant, in Redis (`tinker:lock:checkpoints:<tenant>`): a save's quota check and write, and a deletion,
     of one tenant run one at a time over every API process behind that Redis, so that concurrent saves cannot all pass
-    the check before any of them is written. A lock its process did not release (it died) expires after HOLD_S."""
+    the check before any of them is written. A lock its process did not release (it died) expires after HOLD_S, longer
+    than a save may take (its pool call's own deadline is 10 minutes)."""
 
-    HOLD_S = 600.0
+    HOLD_S = 1800.0
 
     def __init__(self, redis):
         self.redis = redis
 
-    def __call__(self, tenant: str):
-        return self.redis.lock(f"tinker:lock:checkpoints:{tenant}", timeout=self.HOLD_S, sleep=0.05)
+    @contextlib.asynccontextmanager
+    async def __call__(self, tenant: str):
+        lock = self.redis.lock(f"tinker:lock:checkpoints:{tenant}", timeout=self.HOLD_S, sleep=0.05)
+        await lock.acquire()
+        try:
+            yield
+        finally:
+            try:
+                await lock.release()
+            except LockError as err:  # it expired (a save longer than HOLD_S): what ran under it stands
+                log.warning("the checkpoint lock of tenant %s was lost before its release: %r", tenant, err)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -29,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("workers.tinker_pool")
 
 # Sampler weights kept loaded as frozen adapters, most recently used; older ones are reloaded from disk when sampled again.
 MAX_SAMPLER_ADAPTERS = 8
@@ -119,12 +123,20 @@ class AdapterPool:
         if threads:
             torch.set_num_threads(threads)
         self.base_path, self.sampler = base_path, sampler
-        self.engine: VLLMLoraSampler | None = None  # started at the first vllm sample
-        self.saved_configs: dict[str, dict] = {}  # sampler weights path -> its LoRA config
+        self.saved_configs: dict[tuple, dict] = {}  # (sampler weights path, its stamp) -> its LoRA config
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
         # On the GPU Ray gave the pool's actor (RLHF_API_TINKER_POOL_GPUS), else the CPU; states are saved on the CPU.
         self.device = torch.device("cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.engine: VLLMLoraSampler | None = None
+        self.engine_error: str | None = None  # why the vllm sampler's engine did not start (each sample call says so)
+        if sampler == "vllm":  # first, while the GPU is free: vLLM takes its share of the memory at start
+            try:
+                self.engine = VLLMLoraSampler(base_path, self.tokenizer, on_gpu=self.device.type == "cuda")
+            except Exception as err:  # noqa: BLE001 - the pool still trains; its samples say the engine is missing
+                log.exception("the pool's vLLM engine did not start")
+                self.engine_error = type(err).__name__
         self.base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).to(self.device)
+        self.vocab = self.base.config.vocab_size
         self.model = None  # the PeftModel, made with the first adapter
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.configs: dict[str, dict] = {}
@@ -175,6 +187,10 @@ class AdapterPool:
         """data: [{"tokens": [int], "inputs": {name: list}}]; returns per-datum logprobs, the loss and tokens counted."""
         if loss_fn not in LOSSES:
             raise PoolError(f"loss_fn {loss_fn!r} is not supported here (supported: {', '.join(LOSSES)})")
+        for i, datum in enumerate(data):
+            self.check_ids(datum["tokens"], f"datum {i}'s tokens")
+            if "target_tokens" in datum["inputs"]:
+                self.check_ids(datum["inputs"]["target_tokens"], f"datum {i}'s target_tokens")
         self._activate(adapter)
         self.model.train(backward)
         outputs, total, tokens = [], 0.0, 0
@@ -214,7 +230,7 @@ class AdapterPool:
         out.mkdir(parents=True, exist_ok=True)
         state = {"config": self.configs[adapter], "weights": {k: v.detach().cpu().clone() for k, v in self._named_params(adapter).items()}}
         if optimizer:
-            state["optimizer"] = self.optimizers[adapter].state_dict()
+            state["optimizer"] = _to_cpu(self.optimizers[adapter].state_dict())
         torch.save(state, out / "state.pt")
         return str(out)
 
@@ -253,6 +269,7 @@ class AdapterPool:
                top_k: int = -1, top_p: float = 1.0, seed: int | None = None, stop: list[int] | None = None) -> list[dict]:
         """Sample `num_samples` completions with the adapter saved at `weights` (None: the base model), on the pool's
         `sampler`; each: tokens, their log-probs under the sampled model, and why it stopped."""
+        self.check_ids(prompt, "the prompt")
         if self.on_engine(weights):
             return self.vllm().sample(weights, self._saved_config(weights) if weights else None, prompt, num_samples, max_tokens,
                                       temperature, top_k, top_p, seed, stop)
@@ -282,21 +299,32 @@ class AdapterPool:
                 out.append({"tokens": tokens, "logprobs": logprobs.float().cpu().numpy(), "stop": end < len(row) or (tokens and tokens[-1] in eos)})
         return out
 
+    def check_ids(self, ids, what: str) -> None:
+        """A PoolError naming `what` if a token id is outside the base model's vocabulary (on a GPU an embedding lookup
+        out of range would poison the device for every tenant; vLLM would refuse a whole batch)."""
+        bad = next((int(t) for t in ids if not 0 <= int(t) < self.vocab), None)
+        if bad is not None:
+            raise PoolError(f"{what}: token id {bad} is outside the base model's vocabulary (0..{self.vocab - 1})")
+
     def on_engine(self, weights: str | None) -> bool:
         """Whether sampling `weights` runs on the vLLM engine: a vllm pool, and not a LoRA on the unembedding."""
         return self.sampler == "vllm" and (weights is None or "lm_head" not in self._saved_config(weights)["targets"])
 
     def vllm(self) -> VLLMLoraSampler:
-        """The pool's engine, started at its first use."""
+        """The pool's engine (started with the pool), or a PoolError naming why it did not start."""
         if self.engine is None:
-            self.engine = VLLMLoraSampler(self.base_path, self.tokenizer, on_gpu=self.device.type == "cuda")
+            raise PoolError(f"this pool's vLLM engine did not start ({self.engine_error}; the pool's log has why): its operator "
+                            "can set RLHF_API_TINKER_SAMPLER=hf")
         return self.engine
 
     def _saved_config(self, weights: str) -> dict:
         """The LoRA config (rank, targets) of the sampler weights saved at `weights`, read once per path."""
-        if weights not in self.saved_configs:
-            self.saved_configs[weights] = torch.load(Path(weights) / "state.pt", weights_only=True, map_location="cpu")["config"]
-        return self.saved_configs[weights]
+        stamp = (weights, _stamp(weights))
+        if stamp not in self.saved_configs:
+            if len(self.saved_configs) > 4096:
+                self.saved_configs.clear()
+            self.saved_configs[stamp] = torch.load(Path(weights) / "state.pt", weights_only=True, map_location="cpu")["config"]
+        return self.saved_configs[stamp]
 
     def _logprobs_of(self, model, full: torch.Tensor) -> torch.Tensor:
         logits = model(input_ids=full[:, :-1]).logits.float()
@@ -305,11 +333,14 @@ class AdapterPool:
     def _sampler_adapter(self, weights: str) -> str:
         """A frozen adapter made from saved sampler weights, loaded once per path while among the last
         MAX_SAMPLER_ADAPTERS used (an RL loop saves new sampler weights every step)."""
-        key = "s" + str(abs(hash(weights)))
+        key = "s" + str(abs(hash((weights, _stamp(weights)))))  # (saved again under the same name: another adapter)
         if self.model is None or key not in self.model.peft_config:
             self._load_weights(key, weights)
             self.optimizers.pop(key)  # frozen: not a training run
             del self.configs[key]
+        old = self.samplers.get(weights)
+        if old is not None and old != key:
+            self.model.delete_adapter(old)
         self.samplers[weights] = key
         self.samplers.move_to_end(weights)
         while len(self.samplers) > MAX_SAMPLER_ADAPTERS:
@@ -326,8 +357,8 @@ class VLLMLoraSampler:
     and whether a stop token ended them."""
 
     MAX_RANK = 64
-
     GPU_MEMORY = 0.5  # of the pool's GPU: the rest holds transformers' copy, the adapters and their optimizer states
+    KEEP_EXPORTS = 4 * MAX_SAMPLER_ADAPTERS  # exported adapters kept on disk (and known to the engine), the most recent
 
     def __init__(self, base_path: str, tokenizer, on_gpu: bool = False):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process (the pool's actor)
@@ -335,11 +366,15 @@ class VLLMLoraSampler:
         from vllm import LLM
 
         self.tokenizer = tokenizer
-        self.llm = LLM(model=base_path, tokenizer=base_path, dtype="float32", enable_lora=True, max_loras=MAX_SAMPLER_ADAPTERS,
-                       max_lora_rank=self.MAX_RANK, enforce_eager=not on_gpu, enable_prefix_caching=True,
+        # vLLM's GPU LoRA kernels take float16 / bfloat16 only: on a GPU the engine samples in bfloat16 (its log-probs
+        # then differ from the float32 trainer's by bfloat16's rounding); on the CPU in float32, as the trainer.
+        self.llm = LLM(model=base_path, tokenizer=base_path, dtype="bfloat16" if on_gpu else "float32", enable_lora=True,
+                       max_loras=MAX_SAMPLER_ADAPTERS, max_lora_rank=self.MAX_RANK, enforce_eager=not on_gpu, enable_prefix_caching=True,
                        **({"gpu_memory_utilization": self.GPU_MEMORY} if on_gpu else {}))
+        self.vocab = self.llm.llm_engine.model_config.get_vocab_size()
         self.exports = tempfile.mkdtemp(prefix="rlhf-lora-")
-        self.ids: dict[str, int] = {}  # weights path -> the engine's int id of its adapter
+        self.ids: collections.OrderedDict[tuple, int] = collections.OrderedDict()  # (weights path, stamp) -> adapter id, LRU
+        self.next_id = 1
 
     def sample(self, weights: str | None, config: dict | None, prompt: list[int], num_samples: int, max_tokens: int,
                temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0, seed: int | None = None,
@@ -355,6 +390,9 @@ class VLLMLoraSampler:
 
         if config is not None and config["rank"] > self.MAX_RANK:
             raise PoolError(f"LoRA rank {config['rank']} is over the {self.MAX_RANK} this pool's engine serves")
+        bad = next((t for t in prompt if not 0 <= t < self.vocab), None)
+        if bad is not None:
+            raise PoolError(f"the prompt: token id {bad} is outside the base model's vocabulary (0..{self.vocab - 1})")
         eos = stop if stop is not None else [self.tokenizer.eos_token_id]
         # As transformers' generate: only `eos` stops (ignore_eos: not also the model's own end token), raw log-probs.
         params = SamplingParams(n=num_samples, max_tokens=max_tokens, temperature=max(temperature, 0.0), top_k=top_k if top_k > 0 else 0,
@@ -372,12 +410,21 @@ class VLLMLoraSampler:
                   "stop": c.finish_reason == "stop"} for c in out.outputs] for out in outputs]
 
     def _lora(self, weights: str):
+        """The LoRA request of the sampler weights at `weights` as saved now (saved again under the same name: a new
+        adapter); the oldest exports past KEEP_EXPORTS leave the disk and the engine."""
         from vllm.lora.request import LoRARequest
 
-        if weights not in self.ids:
-            self.ids[weights] = len(self.ids) + 1
-            export_lora(weights, Path(self.exports) / str(self.ids[weights]))
-        return LoRARequest(f"s{self.ids[weights]}", self.ids[weights], str(Path(self.exports) / str(self.ids[weights])))
+        key = (weights, _stamp(weights))
+        if key not in self.ids:
+            self.ids[key], self.next_id = self.next_id, self.next_id + 1
+            export_lora(weights, Path(self.exports) / str(self.ids[key]))
+        self.ids.move_to_end(key)
+        while len(self.ids) > self.KEEP_EXPORTS:
+            _, old = self.ids.popitem(last=False)
+            self.llm.llm_engine.remove_lora(old)
+            shutil.rmtree(Path(self.exports) / str(old), ignore_errors=True)
+        lora_id = self.ids[key]
+        return LoRARequest(f"s{lora_id}", lora_id, str(Path(self.exports) / str(lora_id)))
 
 
 def export_lora(weights: str, out: Path) -> Path:
@@ -393,6 +440,22 @@ def export_lora(weights: str, out: Path) -> Path:
         "target_modules": cfg["targets"], "bias": "none", "fan_in_fan_out": False, "modules_to_save": None}))
     save_file({k.replace(".ADAPTER.", "."): v.contiguous() for k, v in state["weights"].items()}, str(out / "adapter_model.safetensors"))
     return out
+
+
+def _stamp(weights: str) -> int:
+    """When the sampler weights at `weights` were last written (a name saved again is other weights)."""
+    return (Path(weights) / "state.pt").stat().st_mtime_ns
+
+
+def _to_cpu(value):
+    """A state dict's tensors on the CPU (an optimizer's state from a GPU loads anywhere)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value
 
 
 class _adapter_or_base:
@@ -477,28 +540,45 @@ class SampleBatcher:
 
     def _loop(self) -> None:
         while True:
-            batch, ready = self._take(), []
-            for slot in batch:
-                try:
-                    weights, prompt, num_samples, *rest = slot["args"]
-                    config = self.pool._saved_config(weights) if weights else None
-                    slot["request"] = self.pool.vllm().prepare(weights, config, prompt, num_samples, *rest, **slot["kwargs"])
-                    ready.append(slot)
-                except Exception as err:  # noqa: BLE001 - this call's own refusal (its caller raises it)
-                    slot["error"] = err
-            start = time.monotonic()
+            batch = self._take()
             try:
-                if ready:
-                    for slot, result in zip(ready, self.pool.vllm().run([s["request"] for s in ready]), strict=True):
-                        slot["result"] = result
-                    self.batches.append(len(ready))
-            except Exception as err:  # noqa: BLE001 - the engine's failure is every call's
-                for slot in ready:
-                    slot["error"] = err
-            share = (time.monotonic() - start) / max(len(ready), 1)
-            for slot in batch:
-                slot["compute_s"] = share
-                slot["done"].set()
+                self._serve(batch)
+            except BaseException as err:  # noqa: BLE001 - never leave a caller waiting: each call fails with it
+                for slot in batch:
+                    slot.setdefault("error", err)
+                    slot.setdefault("compute_s", 0.0)
+                    slot["done"].set()
+
+    def _serve(self, batch: list[dict]) -> None:
+        """Prepare each call (its own refusals are its own), run the rest as one generate; a batch that fails runs again
+        one call at a time, so that one call's fault is not every tenant's."""
+        ready = []
+        for slot in batch:
+            try:
+                weights, prompt, num_samples, *rest = slot["args"]
+                config = self.pool._saved_config(weights) if weights else None
+                slot["request"] = self.pool.vllm().prepare(weights, config, prompt, num_samples, *rest, **slot["kwargs"])
+                ready.append(slot)
+            except Exception as err:  # noqa: BLE001 - this call's own refusal (its caller raises it)
+                slot["error"] = err
+        start = time.monotonic()
+        try:
+            if ready:
+                for slot, result in zip(ready, self.pool.vllm().run([s["request"] for s in ready]), strict=True):
+                    slot["result"] = result
+                self.batches.append(len(ready))
+        except Exception as err:  # noqa: BLE001 - see above
+            for slot in ready:
+                try:
+                    if len(ready) == 1:
+                        raise err
+                    slot["result"] = self.pool.vllm().run([slot["request"]])[0]
+                except Exception as own:  # noqa: BLE001 - this call's
+                    slot["error"] = own
+        share = (time.monotonic() - start) / max(len(ready), 1)
+        for slot in batch:
+            slot["compute_s"] = share
+            slot["done"].set()
 
 
 class PoolService:
@@ -534,7 +614,7 @@ class PoolService:
         """What the pool samples with: its `sampler`, and with vllm, the saved adapters its engine has served."""
         engine = self.pool.engine
         return {"sampler": self.pool.sampler, "engine_adapters": len(engine.ids) if engine is not None else 0,
-                "largest_batch": max(self.batcher.batches, default=0)}
+                "largest_batch": max(list(self.batcher.batches), default=0)}
 
     def served_log(self) -> list[tuple[str, str]]:
         """The last 10,000 calls served, (tenant, method), oldest first: what the fairness test counts."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from api.tinker import LOSSES, Records
 
@@ -173,3 +174,41 @@ def test_the_pool_samples_the_base_model_after_its_last_adapter_is_dropped(tiny_
     assert after[0]["tokens"] == before[0]["tokens"] and abs(after[0]["logprobs"] - before[0]["logprobs"]).max() < 1e-5
     pool.create("next", rank=4, seed=0)
     assert pool.has("next") and not pool.has("run")
+
+
+def test_a_token_outside_the_vocabulary_is_refused_naming_it(tiny_model):
+    """An out-of-range id reached the embedding (on a GPU a device-side assert that poisons the pool for every tenant;
+    on vLLM a refusal of the whole batch). The pool refuses it first, a user error naming where it is."""
+    from workers.tinker_pool import AdapterPool, PoolError
+
+    pool = AdapterPool(str(tiny_model), threads=1)
+    pool.create("run", rank=4, seed=0)
+    big = pool.vocab
+    with pytest.raises(PoolError, match=f"datum 0's tokens: token id {big} is outside"):
+        pool.forward_backward("run", [{"tokens": [1, big], "inputs": {"target_tokens": [2, 3], "weights": [1, 1]}}], "cross_entropy")
+    with pytest.raises(PoolError, match=f"datum 0's target_tokens: token id {big + 5}"):
+        pool.forward_backward("run", [{"tokens": [1, 2], "inputs": {"target_tokens": [2, big + 5], "weights": [1, 1]}}], "cross_entropy")
+    with pytest.raises(PoolError, match="the prompt: token id -1"):
+        pool.sample(None, [1, -1], 1, max_tokens=2)
+    assert pool.forward_backward("run", [{"tokens": [1, big - 1], "inputs": {"target_tokens": [2, 3], "weights": [1, 1]}}],
+                                 "cross_entropy")["tokens"] == 2
+
+
+def test_sampler_weights_saved_again_under_a_name_are_sampled_anew(tiny_model, tmp_path):
+    """The pool kept the adapter it made of a path: weights saved again under the same name (allowed) were not seen."""
+    import os
+
+    from workers.tinker_pool import AdapterPool
+
+    pool = AdapterPool(str(tiny_model), threads=1)
+    pool.create("run", rank=4, seed=0)
+    path = pool.save_state("run", str(tmp_path / "named"), optimizer=False)
+    first = pool.sample(path, [1, 2, 3], 1, max_tokens=4, temperature=0.0, stop=[])
+    with torch.no_grad():
+        for p in pool._params("run"):
+            p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    pool.save_state("run", path, optimizer=False)
+    os.utime(os.path.join(path, "state.pt"), ns=(1, 2))  # (a stamp of its own, whatever the clock's resolution)
+    again = pool.sample(path, [1, 2, 3], 1, max_tokens=4, temperature=0.0, stop=[])
+    assert abs(again[0]["logprobs"] - first[0]["logprobs"]).max() > 1e-3
+    assert len(pool.samplers) == 1  # the old adapter left
