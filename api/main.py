@@ -61,9 +61,11 @@ async def lifespan(app: FastAPI):
         yield
     finally:
         if task is not None:
+            app.state.reconciler.stopping = True
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            done, _ = await asyncio.wait({task}, timeout=30)
+            if not done:
+                log.warning("the reconciler did not stop within 30 s of shutdown; leaving it")
         await app.state.store.close()
 
 

@@ -164,6 +164,9 @@ class Reconciler:
         self._capacity: tuple[float, Capacity] | None = None
         self._pool_cpus = 0.0  # CPUs the Tinker API's adapter pools hold (api/tinker.py pool_resources), counted with the capacity
         self._pool_gpus = 0.0  # and their GPUs (RLHF_API_TINKER_POOL_GPUS)
+        # Set at shutdown beside the task's cancel: Python 3.11's wait_for can swallow a cancel that arrives as its
+        # wait ends (a loop that then ran on held the app's shutdown forever); this ends the loop at its next round.
+        self.stopping = False
         self._unreachable: dict[str, float] = {}  # job id -> when Ray first failed to answer about it (this process)
 
     def wake(self) -> None:
@@ -171,7 +174,8 @@ class Reconciler:
         self._wake.set()
 
     async def run(self) -> None:
-        while True:
+        """Reconcile every `interval_s` (sooner when woken) until `stopping` is set or the task is cancelled."""
+        while not self.stopping:
             try:
                 await self.reconcile_once()
             except asyncio.CancelledError:
