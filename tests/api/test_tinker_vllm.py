@@ -61,7 +61,7 @@ def test_two_tenants_sample_their_adapters_on_the_pools_engine(tinker_vllm_api, 
             # (train_unembed: the SDK's default LoRA on the unembedding, which vLLM does not serve, would sample on HF)
             tc = sc.create_lora_training_client(base_model="tiny", rank=8, seed=0, train_unembed=False).result(timeout=120)
             sft_steps(tc, [sft_datum(tok, text)], 4, lr=5e-3)
-            runs[name] = (tc, tc.save_weights_and_get_sampling_client())
+            runs[name] = (tc, tc.save_weights_and_get_sampling_client().result(timeout=120))
         calls = {name: [sampler.sample(prompt, num_samples=2, sampling_params=types.SamplingParams(max_tokens=6, temperature=1.0, seed=i))
                         for i in range(6)] for name, (_, sampler) in runs.items()}
         results = {name: [f.result(timeout=300) for f in futures] for name, futures in calls.items()}
