@@ -126,8 +126,10 @@ class TenantLocks:
 
     @contextlib.asynccontextmanager
     async def __call__(self, tenant: str):
-        lock = self.redis.lock(f"tinker:lock:checkpoints:{tenant}", timeout=self.HOLD_S, sleep=0.05)
-        await lock.acquire()
+        lock = self.redis.lock(f"tinker:lock:checkpoints:{tenant}", timeout=self.HOLD_S, sleep=0.05, blocking_timeout=self.HOLD_S)
+        if not await lock.acquire():
+            raise LockError(f"tenant {tenant}'s checkpoint lock stayed held for {self.HOLD_S:g} s: another save or deletion of "
+                            "its checkpoints did not end")
         try:
             yield
         finally:

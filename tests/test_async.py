@@ -4,6 +4,7 @@ SIGKILLed mid-run and the job is resumed from its checkpoint (the rollout buffer
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -112,6 +113,15 @@ def test_a_killed_actor_restarts_the_stage_and_each_prompt_trains_once(tiny_mode
     check_epoch(run_dir, PROMPTS // 2, 1)
 
 
+def run_dynamic(tiny_model, arith_file, tmp_path, per_step: int, steps: int, pattern: str):
+    """An async job (k=1) with `rollout.dynamic_sampling` and one reward, `regex_match` of `pattern`, into tmp_path/run."""
+    spec = async_spec(tiny_model, arith_file, tmp_path / "run", 1, per_step=per_step,
+                      rewards=[{"function": "regex_match", "kwargs": {"pattern": pattern}}])
+    spec["rollout"]["dynamic_sampling"] = True
+    spec["optim"].update(epochs=None, steps=steps)
+    return run_entrypoint(write_spec(tmp_path / "job.yaml", spec), timeout=600)
+
+
 @pytest.mark.slow
 def test_dynamic_sampling_drops_zero_spread_groups_and_keeps_every_step_full(tiny_model, arith_file, tmp_path):
     """`rollout.dynamic_sampling`: a group whose samples all scored the same is dropped and another prompt drawn in its
@@ -119,11 +129,7 @@ def test_dynamic_sampling_drops_zero_spread_groups_and_keeps_every_step_full(tin
     one trained was either trained or dropped, once."""
     run_dir = tmp_path / "run"
     # The untrained model's first token is a digit now and then: some groups are all-or-nothing, some are mixed.
-    spec = async_spec(tiny_model, arith_file, run_dir, 1, per_step=4,
-                      rewards=[{"function": "regex_match", "kwargs": {"pattern": "^\\d"}}])
-    spec["rollout"]["dynamic_sampling"] = True
-    spec["optim"].update(epochs=None, steps=5)
-    out = run_entrypoint(write_spec(tmp_path / "job.yaml", spec), timeout=600)
+    out = run_dynamic(tiny_model, arith_file, tmp_path, per_step=4, steps=5, pattern="^\\d")
     assert out.returncode == 0, out.stderr[-3000:]
     events = trained(run_dir)
     assert sorted(events) == [1, 2, 3, 4, 5] and all(len(e["prompts"]) == 4 for e in events.values())
@@ -138,29 +144,20 @@ def test_dynamic_sampling_drops_zero_spread_groups_and_keeps_every_step_full(tin
 
 
 @pytest.mark.slow
-def test_two_rollout_replicas_share_the_prompts_and_each_trains_once(tiny_model, arith_file, tmp_path):
-    """`resources.rollout.replicas: 2`: new prompts join the replica with the fewest in flight and both advance at once;
-    every prompt of the epoch is trained once, within the bound, and each replica generated some of them."""
+@pytest.mark.parametrize("role", ["rollout", "trainer"])
+def test_two_replicas_of_a_role_and_each_prompt_trains_once(tiny_model, arith_file, tmp_path, role):
+    """`resources.<role>.replicas: 2`. Rollout: new prompts join the replica with the fewest in flight and both advance
+    at once, each generating some of them. Trainer: each update is sharded over two data-parallel trainers (gradients
+    all-reduced), rank 0 publishes. Either way every prompt of the epoch is trained once, within the bound."""
     run_dir = tmp_path / "run"
     spec = async_spec(tiny_model, arith_file, run_dir, 1, per_step=8)
-    spec["resources"]["rollout"] = {"replicas": 2}
+    spec["resources"][role] = {"replicas": 2}
     out = run_entrypoint(write_spec(tmp_path / "job.yaml", spec), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     check_epoch(run_dir, PROMPTS // 8, 1)
-    replicas = [r for e in trained(run_dir).values() for r in e["replicas"]]
-    assert len(replicas) == PROMPTS and set(replicas) == {0, 1}, replicas
-
-
-@pytest.mark.slow
-def test_two_trainer_replicas_update_data_parallel_and_each_prompt_trains_once(tiny_model, arith_file, tmp_path):
-    """`resources.trainer.replicas: 2`: each update is sharded over two data-parallel trainers (their gradients
-    all-reduced), rank 0 publishes the weights; every prompt is trained once within the bound."""
-    run_dir = tmp_path / "run"
-    spec = async_spec(tiny_model, arith_file, run_dir, 1, per_step=8)
-    spec["resources"]["trainer"] = {"replicas": 2}
-    out = run_entrypoint(write_spec(tmp_path / "job.yaml", spec), timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    check_epoch(run_dir, PROMPTS // 8, 1)
+    if role == "rollout":
+        replicas = [r for e in trained(run_dir).values() for r in e["replicas"]]
+        assert len(replicas) == PROMPTS and set(replicas) == {0, 1}, replicas
 
 
 @pytest.mark.slow
@@ -174,3 +171,14 @@ def test_async_ppo_trains_each_prompt_once_within_the_bound(tiny_model, arith_fi
     check_epoch(run_dir, PROMPTS // 8, 1)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert all(math.isfinite(r["value_loss"]) for r in rows), rows[0].keys()  # (the critic updated each step)
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_with_no_signal_fails_naming_it(tiny_model, arith_file, tmp_path):
+    """A reward that never varies: every group is dropped and dynamic sampling would draw prompts forever. Past ten steps'
+    worth of dropped groups the job fails, naming rollout.dynamic_sampling and the rewards."""
+    run_dir = tmp_path / "run"
+    out = run_dynamic(tiny_model, arith_file, tmp_path, per_step=2, steps=3, pattern="^never matched$")
+    assert out.returncode != 0
+    failed = [e for e in read_jsonl(run_dir / "events.jsonl") if e.get("status") == "failed"]
+    assert failed and "rollout.dynamic_sampling dropped" in json.dumps(failed[-1]), failed

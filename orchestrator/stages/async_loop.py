@@ -44,6 +44,10 @@ class AsyncOrchestrator(Orchestrator):
     """The driver of a stage whose plan's loop is `async`: the same phases as the synchronous driver,
     the rollout side running beside them."""
 
+    # Dynamic sampling draws on while groups are dropped: past this many steps' worth of dropped groups while one step
+    # waits, the job fails naming why (a constant reward would otherwise draw prompts forever).
+    MAX_DROPPED_STEPS = 10
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         loop, per_step = self.stage.loop, self.spec.optim.prompts_per_step
@@ -133,6 +137,11 @@ class AsyncOrchestrator(Orchestrator):
                 self.cond.notify_all()  # stale groups went back to be generated again
                 if taken.groups:
                     break
+                dropped = len(b.filtered) - self.filtered_reported
+                if dropped > self.MAX_DROPPED_STEPS * b.groups_per_step:
+                    raise RuntimeError(f"step {step}: rollout.dynamic_sampling dropped {dropped} groups in a row (every sample of each "
+                                       f"scored the same) without filling the step: {self.MAX_DROPPED_STEPS} steps' worth of prompts "
+                                       "gave no signal; check the rewards (a constant one?) or turn dynamic_sampling off")
                 left = None if limit is None else max(t0, self.last_put) + limit - time.perf_counter()
                 if left is not None and left <= 0 and not self.in_call:
                     raise PhaseTimeout(f"the rollout phase of step {step} delivered {len(b.ready)} of {b.groups_per_step} groups "
