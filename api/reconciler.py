@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from redis.exceptions import LockError
+
 from api import admission
 from api.admission import Capacity, Quota
 from api.launcher import RayJobMissing, RayJobState, RayLauncher, RayUnavailable
 from api.settings import Settings
-from api.store import JobStore
+from api.store import CLAIM_S, JobStore
 from api.tinker import pool_resources
 from orchestrator.core.records import PREFIX, TERMINAL
 from orchestrator.core.spec import FaultToleranceSpec
@@ -272,7 +274,22 @@ class Reconciler:
         return self._capacity[1]
 
     async def admit(self, ids: list[str], ending: list[dict[str, Any]] = ()) -> None:
-        """`ending`: records of jobs that reported they ended while their Ray jobs still run (they hold what they held)."""
+        """`ending`: records of jobs that reported they ended while their Ray jobs still run (they hold what they held).
+        One API process at a time admits; the others skip the round (the records are read again under the lock)."""
+        if not any(r is not None and waiting_for_admission(r) for r in [await self.store.get(i) for i in ids]):
+            return
+        lock = self.store.admission_lock()
+        if not await lock.acquire():
+            return
+        try:
+            await self._admit(ids, ending)
+        finally:
+            try:
+                await lock.release()
+            except LockError:  # held past its timeout (a Ray that took long to answer): another may hold it now
+                log.warning("admission: a round outlasted its lock (%.0f s)", CLAIM_S)
+
+    async def _admit(self, ids: list[str], ending: list[dict[str, Any]]) -> None:
         recs = [r for r in [await self.store.get(i) for i in ids] if r is not None and r["status"] not in TERMINAL]
         waiting = [r for r in recs if waiting_for_admission(r)]
         if not waiting:
@@ -296,10 +313,14 @@ class Reconciler:
 
     async def _submit(self, rec: dict[str, Any]) -> None:
         job_id, tenant = rec["id"], rec["tenant"]
+        if not await self.store.claim_submission(job_id):
+            log.warning("admission: job %s is being submitted by another API process", job_id)
+            return
         try:
             user = await self.store.job_user(job_id) if self.settings.job_credentials == "acl" else None
             await self.launcher.submit(job_id, tenant, rec.get("name") or "", rec["launch_spec"], redis_user=user)
         except RayUnavailable as err:
+            await self.store.release_submission(job_id)
             await self.store.set_fields(job_id, queue={"position": 1, "reason": f"Ray is unavailable: {err}"})
             return
         waited = time.time() - (rec["created_at"] or time.time())
@@ -314,6 +335,8 @@ class Reconciler:
         same run directory, the next attempt's submission id; the restarts spent so far go with it."""
         job_id, restart = rec["id"], decision.restart
         new_id = submission_id(job_id, restart)
+        if not await self.store.claim_submission(new_id):  # another API process resubmits it (the same decision)
+            return
         try:
             # Ray may have it already: a round whose record of the submission was lost (Redis failed right
             # after it). Sent again, it would change the job user's password and the launch file under
@@ -325,6 +348,7 @@ class Reconciler:
                 await self.launcher.submit(job_id, rec["tenant"], rec.get("name") or "", rec["launch_spec"], redis_user=user,
                                            submission_id=new_id, restarts_used=restart)
         except RayUnavailable as err:
+            await self.store.release_submission(new_id)
             log.warning("resubmitting %s: %s (next round)", job_id, err)
             return
         allowed = max_restarts(rec)

@@ -40,6 +40,8 @@ JOB_USER_COMMANDS = ("auth", "hello", "ping", "select", "reset", "multi", "exec"
 ACL_HASH_FIELD = "acl_sha256"  # in the control hash: how the job user is recreated after Redis lost it
 FILE_SEQ_KEY = f"{PREFIX}files:seq"
 IDEMPOTENCY_TTL_S = 24 * 3600
+ADMISSION_LOCK_KEY = f"{PREFIX}lock:admission"  # held by the one API process that runs an admission round
+CLAIM_S = 120  # how long a claim on a Ray submission holds: past any submit (RayLauncher.TIMEOUT_S and the launch file)
 _JSON_FIELDS = ("metrics", "error", "metadata", "spec", "checkpoints", "launch_spec", "demand", "queue")
 _FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at", "admitted_at", "resubmitted_at")
 _INT_FIELDS = ("step", "total_steps", "seq", "priority", "restarts")
@@ -62,6 +64,10 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 return 1
 """
+
+
+def _claim_key(submission_id: str) -> str:
+    return f"{PREFIX}claim:submission:{submission_id}"
 
 
 def _sha256(text: str) -> str:
@@ -317,6 +323,25 @@ class JobStore:
     async def status_counts(self) -> dict[str, int]:
         raw = await self.redis.hgetall(COUNTS_KEY)
         return {s: int(raw.get(s, 0)) for s in STATUSES}
+
+    # --- one API process at a time --------------------------------------------------------------
+
+    def admission_lock(self):
+        """Held around an admission round: with several API processes on one Redis, one decides at a
+        time from what the others admitted (two rounds on the same snapshot would both fill the same
+        room). Not blocking: `await lock.acquire()` is False while another process holds it."""
+        return self.redis.lock(ADMISSION_LOCK_KEY, timeout=CLAIM_S, blocking=False)
+
+    async def claim_submission(self, submission_id: str) -> bool:
+        """Whether this process may submit `submission_id` to Ray now: the first to ask in CLAIM_S does.
+        A second submitter would give the job's Redis user a new password and rewrite the launch file
+        under the process that the first one started (its reports then fail to authenticate)."""
+        return bool(await self.redis.set(_claim_key(submission_id), secrets.token_hex(8), nx=True, ex=CLAIM_S))
+
+    async def release_submission(self, submission_id: str) -> None:
+        """A claimed submission that did not reach Ray (Ray away): the next round, anyone's, tries again."""
+        await self.redis.delete(_claim_key(submission_id))
+
 
     # --- a job's own Redis user -------------------------------------------------------------------
 

@@ -118,7 +118,9 @@ def run_dynamic(tiny_model, arith_file, tmp_path, per_step: int, steps: int, pat
     spec = async_spec(tiny_model, arith_file, tmp_path / "run", 1, per_step=per_step,
                       rewards=[{"function": "regex_match", "kwargs": {"pattern": pattern}}])
     spec["rollout"]["dynamic_sampling"] = True
-    spec["optim"].update(epochs=None, steps=steps)
+    # A policy that learns the pattern makes every group all-ones and dropped (CI saw 42 in a row at lr 1e-3, and the
+    # guard against a reward that never varies failed the job): here it barely moves, keeping the untrained mix.
+    spec["optim"].update(epochs=None, steps=steps, lr=1e-7)
     return run_entrypoint(write_spec(tmp_path / "job.yaml", spec), timeout=600)
 
 

@@ -309,3 +309,69 @@ def test_a_record_from_before_the_control_hash_is_adopted_and_its_user_narrowed(
     with pytest.raises(redis.exceptions.NoPermissionError):
         old_user.scard(ACTIVE_KEY)
     assert old_user.hget(job_key(job_id), "step") == b"3"  # the password its processes hold still works
+
+
+def test_two_api_processes_admit_each_job_once_and_its_driver_reports_with_its_credentials(redis_url, ray_head, keys, operator):
+    """Several API processes on one Redis each run an admission round. Both used to submit the same waiting job: the
+    second gave its Redis user a new password and rewrote the launch file under the driver the first had started, whose
+    reports then failed to authenticate (CI: a job that succeeded showed no checkpoints), and both filled the same room.
+    Now one round admits at a time and a submission is claimed first. Two jobs of 3 CPUs on 4, two processes at once:
+    one job is submitted, once, and its driver (a spec that fails validation) reports its failure with its own user."""
+    import asyncio
+    import uuid
+
+    from ray.job_submission import JobSubmissionClient
+
+    from api.admission import Capacity
+    from api.launcher import RayLauncher
+    from api.reconciler import Reconciler
+
+    settings = api_settings(redis_url, keys["path"], operator, ray=ray_head)
+    tenant = "two-" + uuid.uuid4().hex[:8]
+    ids = ["job-" + uuid.uuid4().hex[:24] for _ in range(2)]
+
+    async def go():
+        stores = [JobStore(redis_url), JobStore(redis_url)]
+        try:
+            for job_id in ids:
+                await stores[0].create(job_id, tenant, "twice", {"name": "twice"}, {}, None, launch_spec={"name": "twice"},
+                                       demand=[{"CPU": 3.0}], priority=0)
+            reconcilers = [Reconciler(s, RayLauncher(settings), settings) for s in stores]
+            for r in reconcilers:  # the room both see: 4 CPUs free (the head's, whatever else this session runs)
+                r._capacity = (time.monotonic() + 1e6, Capacity({"CPU": 4.0, "GPU": 0.0}, {"CPU": 4.0, "GPU": 0.0}))
+            await asyncio.gather(*(r.admit(ids) for r in reconcilers))
+            return [await stores[0].get(i) for i in ids], [[e for _, e in (await stores[0].history(i, "events", None, 100))[0] if e["type"] == "admitted"] for i in ids]
+        finally:
+            for s in stores:
+                await s.close()
+
+    recs, admitted = run_async(go())
+    assert sorted(len(a) for a in admitted) == [0, 1], admitted  # one job, one admission
+    first = 0 if admitted[0] else 1
+    assert recs[1 - first]["status"] == "queued" and "waiting for" in recs[1 - first]["queue"]["reason"], recs[1 - first]
+    ray = JobSubmissionClient(ray_head.dashboard)
+    wait_until(lambda: str(ray.get_job_status(ids[first])) in ("FAILED", "SUCCEEDED", "STOPPED"), 120, "the admitted job's driver to end")
+
+    def reported():
+        rec = run_async(_get(redis_url, ids[first]))
+        return rec if rec["status"] == "failed" else None
+
+    rec = wait_until(reported, 30, f"job {ids[first]}'s driver to report its failure to Redis with its own user")
+    assert rec["error"]["code"] == "invalid_spec", rec["error"]
+    run_async(_delete(redis_url, ids[1 - first]))
+
+
+async def _get(redis_url: str, job_id: str) -> dict:
+    store = JobStore(redis_url)
+    try:
+        return await store.get(job_id)
+    finally:
+        await store.close()
+
+
+async def _delete(redis_url: str, job_id: str) -> None:
+    store = JobStore(redis_url)
+    try:
+        await store.delete(job_id)
+    finally:
+        await store.close()
