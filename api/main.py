@@ -66,6 +66,10 @@ async def lifespan(app: FastAPI):
             done, _ = await asyncio.wait({task}, timeout=30)
             if not done:
                 log.warning("the reconciler did not stop within 30 s of shutdown; leaving it")
+        tinker = getattr(app.state, "tinker", None)  # (made at the first Tinker request)
+        if tinker is not None:
+            tinker.sweeper.cancel()
+            await tinker.futures.close()
         await app.state.store.close()
 
 

@@ -5,9 +5,9 @@ actors, one per registered base model, started by import path from a Ray task an
 (the layering rule keeps api/ from importing workers/). The API process joins the Ray cluster as a
 driver (`RLHF_API_TINKER_RAY_ADDRESS`, the GCS address) at the first Tinker request.
 
-Futures live in this API process (a first slice: one API replica serves a Tinker client). Calls on one
-training run run in the order the client sent them (the SDK sends in turn order and expects it);
-calls of different tenants meet in the pool's fair scheduler.
+A call runs in the API process it was sent to, and any process answers its future (the record is in Redis). Calls on
+one training run run in the order of their `seq_id` (the SDK numbers them and expects them run in turn) whichever
+processes a load balancer sent them to; calls of different tenants meet in the pool's fair scheduler.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def decode_forward_backward(body: bytes) -> dict[str, Any]:
         data.append({"tokens": tokens, "inputs": inputs})
     config = {k: (v.text if v.WhichOneof("value") == "text" else v.number) for k, v in msg.loss_fn_config_v2.items()}
     config = config or dict(msg.loss_fn_config)
-    return {"model_id": msg.model_id, "seq_id": msg.seq_id, "loss_fn": msg.loss_fn, "config": config,
+    return {"model_id": msg.model_id, "seq_id": msg.seq_id or None, "loss_fn": msg.loss_fn, "config": config,
             "forward_only": msg.forward_only, "data": data}
 
 
@@ -216,10 +216,12 @@ redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"""
         self._chains: dict[str, asyncio.Task] = {}
         self._beating: asyncio.Task | None = None
 
-    async def submit(self, tenant: str, chain: str | None, make, limited: bool = True) -> str:
-        """Start `make()` (a coroutine factory) after the previous call of the same chain (a training run, in this
-        process); 429 when the tenant has `per_tenant` futures unfinished (`limited`: the server's own calls, such as
-        dropping a run, are not counted). The future's record is in Redis before its id is returned."""
+    async def submit(self, tenant: str, chain: str | None, make, limited: bool = True, seq: int | None = None) -> str:
+        """Start `make()` (a coroutine factory) after the previous call of the same chain (a training run) in this
+        process and, with the SDK's `seq` (its seq_id), after every call of the chain with a lower one that any API
+        process holds (a load balancer may send a client's consecutive calls to different processes); 429 when the
+        tenant has `per_tenant` futures unfinished (`limited`: the server's own calls, such as dropping a run, are not
+        counted). The future's record, and its place in the chain's order, are in Redis before its id is returned."""
         self._forget_old()
         await self._beat_once()
         request_id = new_id("req")
@@ -233,6 +235,9 @@ redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"""
             if limited:
                 await self.redis.hdel(f"tinker:inflight:{tenant}", request_id)
             raise
+        ordered = chain is not None and seq is not None
+        if ordered:
+            await self._take_place(chain, seq, request_id)
         mine = [rid for rid, (owner, task, _) in self._tasks.items() if owner == tenant and task.done()]
         for rid in mine[:max(0, len(mine) - self.per_tenant + 1)]:  # the oldest finished (dicts keep insertion order)
             del self._tasks[rid]
@@ -242,10 +247,14 @@ redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"""
             if before is not None:
                 await asyncio.wait([before])
             try:
+                if ordered:
+                    await self._wait_turn(chain, seq, request_id)
                 result = await make()
             except Exception as err:  # noqa: BLE001 - the call's failure is its answer
                 result = _Failed(self._failure(tenant, request_id, err))
             await self._record(request_id, tenant, result, limited)
+            if ordered:
+                await self._leave(chain, request_id)
             return result
 
         task = asyncio.ensure_future(run())
@@ -254,13 +263,50 @@ redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"""
         self._tasks[request_id] = (tenant, task, time.monotonic())
         return request_id
 
-    async def fail(self, tenant: str, chain: str | None, message: str) -> str:
+    async def fail(self, tenant: str, chain: str | None, message: str, seq: int | None = None) -> str:
         """A future that fails with `message` (the SDK raises RequestFailedError naming it), in its chain's order."""
 
         async def refuse():
             raise TinkerError(0, message)
 
-        return await self.submit(tenant, chain, refuse)
+        return await self.submit(tenant, chain, refuse, seq=seq)
+
+    # A chain's calls in flight over every process: `tinker:order:<chain>` maps request id -> "<seq> <process>".
+    ORDER_KEEP_S = 24 * 3600.0
+    TURN_POLL_S = 0.02
+
+    async def _take_place(self, chain: str, seq: int, request_id: str) -> None:
+        key = f"tinker:order:{chain}"
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(key, request_id, f"{seq} {self.process}")
+        pipe.pexpire(key, int(self.ORDER_KEEP_S * 1000))
+        await pipe.execute()
+
+    async def _wait_turn(self, chain: str, seq: int, request_id: str) -> None:
+        """Until no call of the chain with a lower seq is in flight in a live process. (The SDK sends a call only once
+        the one before it was accepted, so every earlier call is in the order already; one whose process stopped
+        beating is dropped from it: its future fails, naming that.)"""
+        key = f"tinker:order:{chain}"
+        while True:
+            held = {rid: _text(v).split() for rid, v in (await self.redis.hgetall(key)).items()}
+            # (This process's earlier calls of the chain ran before this one, its chain's order: any still here came in
+            # after it, out of turn, and waiting on them would wait forever.)
+            earlier = {_text(rid): process for rid, (s, process) in held.items() if int(s) < seq and process != self.process}
+            if not earlier:
+                return
+            alive = {p: bool(await self.redis.exists(f"tinker:api:{p}")) for p in set(earlier.values())}
+            dead = [rid for rid, p in earlier.items() if not alive[p]]
+            if dead:
+                await self.redis.hdel(key, *dead)
+            if len(dead) == len(earlier):
+                return
+            await asyncio.sleep(self.TURN_POLL_S)
+
+    async def _leave(self, chain: str, request_id: str) -> None:
+        try:
+            await self.redis.hdel(f"tinker:order:{chain}", request_id)
+        except Exception as err:  # noqa: BLE001 - Redis away: the later calls wait until this process stops beating
+            log.warning("could not take %s out of the order of %s: %r", request_id, chain, err)
 
     async def retrieve(self, tenant: str, request_id: str, wait_s: float):
         entry = self._tasks.get(request_id)
@@ -329,8 +375,22 @@ redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"""
             await self.redis.set(f"tinker:api:{self.process}", "1", px=int(self.OWNER_TTL_S * 1000))
             self._beating = asyncio.ensure_future(self._beat_forever())
 
+    async def close(self) -> None:
+        """At the API's shutdown: the heartbeat stops and its key goes, so that the other processes see at once that
+        this one's unfinished calls will not finish (and stop waiting on them)."""
+        self._stopped = True
+        if self._beating is not None:
+            self._beating.cancel()
+            await asyncio.wait([self._beating], timeout=5)
+            try:
+                await self.redis.delete(f"tinker:api:{self.process}")
+            except Exception as err:  # noqa: BLE001 - Redis away: the key expires by itself within OWNER_TTL_S
+                log.warning("could not remove the Tinker API's heartbeat: %r", err)
+
+    _stopped = False
+
     async def _beat_forever(self) -> None:
-        while True:
+        while not self._stopped:
             try:
                 await self.redis.set(f"tinker:api:{self.process}", "1", px=int(self.OWNER_TTL_S * 1000))
             except Exception as err:  # noqa: BLE001 - Redis away for a moment: the next beat tries again

@@ -313,14 +313,14 @@ async def forward_backward(request: Request, tenant: Tenant, t: TinkerDep) -> di
             raise TinkerError(400, f"datum {i} has a negative token id")
     if req["loss_fn"] not in LOSSES:
         message = f"loss_fn {req['loss_fn']!r} is not supported here (supported: {', '.join(LOSSES)})"
-        return {"request_id": await t.futures.fail(tenant, req["model_id"], message), "model_id": req["model_id"]}
+        return {"request_id": await t.futures.fail(tenant, req["model_id"], message, seq=req["seq_id"]), "model_id": req["model_id"]}
 
     async def make():
         result = await _run_recovering(t, tenant, req["model_id"], run, "forward_backward", req["model_id"], req["data"], req["loss_fn"],
                                        req["config"], backward=not req["forward_only"])
         return Response(encode_forward_backward(result["logprobs"], {"loss:sum": result["loss"]}), media_type="application/x-protobuf")
 
-    return {"request_id": await t.futures.submit(tenant, req["model_id"], make), "model_id": req["model_id"]}
+    return {"request_id": await t.futures.submit(tenant, req["model_id"], make, seq=req["seq_id"]), "model_id": req["model_id"]}
 
 
 @router.post("/optim_step")
@@ -339,7 +339,12 @@ async def optim_step(body: dict, tenant: Tenant, t: TinkerDep) -> dict:
         result = await _run_recovering(t, tenant, model_id, run, "optim_step", model_id, **adam)
         return {"metrics": result}
 
-    return {"request_id": await t.futures.submit(tenant, model_id, make), "model_id": model_id}
+    return {"request_id": await t.futures.submit(tenant, model_id, make, seq=_seq(body)), "model_id": model_id}
+
+
+def _seq(body: dict) -> int | None:
+    """The SDK's seq_id of a call on a training run (its calls run in that order): None where it sent none."""
+    return None if body.get("seq_id") is None else _int(body["seq_id"], "seq_id", 0, 2**62)
 
 
 async def _run_recovering(t: Tinker, tenant: str, model_id: str, run: dict, method: str, *args, **kwargs):
@@ -423,7 +428,7 @@ async def save_weights(body: dict, request: Request, tenant: Tenant, t: TinkerDe
         await t.records.put("training_run", model_id, latest)
         return {"type": "save_weights", "path": f"tinker://{model_id}/weights/{name}"}
 
-    return {"request_id": await t.futures.submit(tenant, model_id, make), "model_id": model_id}
+    return {"request_id": await t.futures.submit(tenant, model_id, make, seq=_seq(body)), "model_id": model_id}
 
 
 @router.post("/load_weights")
@@ -441,7 +446,7 @@ async def load_weights(body: dict, request: Request, tenant: Tenant, t: TinkerDe
         await _run(t, tenant, run, "load_state", model_id, directory, optimizer)
         return {"type": "load_weights", "path": body["path"], "model_id": model_id}
 
-    return {"request_id": await t.futures.submit(tenant, model_id, make), "model_id": model_id}
+    return {"request_id": await t.futures.submit(tenant, model_id, make, seq=_seq(body)), "model_id": model_id}
 
 
 async def _load_into_new_run(body: dict, request: Request, tenant: str, t: Tinker) -> dict:
@@ -486,7 +491,7 @@ async def save_for_sampler(body: dict, request: Request, tenant: Tenant, t: Tink
         sampler_id = await _new_sampler(t, tenant, run["session"], run["base_model"], run["path"], tinker_path, directory)
         return {"type": "save_weights_for_sampler", "sampling_session_id": sampler_id}
 
-    return {"request_id": await t.futures.submit(tenant, model_id, make), "model_id": model_id}
+    return {"request_id": await t.futures.submit(tenant, model_id, make, seq=_seq(body)), "model_id": model_id}
 
 
 async def _new_sampler(t: Tinker, tenant: str, session_id: str, base_model: str, path: str, tinker_path: str | None,

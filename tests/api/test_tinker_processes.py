@@ -20,13 +20,16 @@ LONG = {"num_samples": 1, "sampling_params": {"max_tokens": 2048, "temperature":
 
 
 @pytest.fixture
-def two_servers(redis_url, ray_head, keys, workdir, operator):
+def two_servers(request, redis_url, ray_head, keys, workdir, operator):
+    """Two `rlhf serve` processes on one Redis and Ray; futures per tenant: LIMIT, or the test's `limit` mark."""
+    mark = request.node.get_closest_marker("limit")
+    limit = mark.args[0] if mark else LIMIT
     servers = []
     for name in ("a", "b"):
         port = free_port()
         env = api_env(redis_url, ray_head, keys["path"], port, operator, RLHF_API_TINKER_RAY_ADDRESS=ray_head.address,
                       RLHF_API_REQUESTS_PER_MINUTE="100000", RLHF_API_TINKER_SWEEP_S="0",
-                      RLHF_API_TINKER_MAX_FUTURES_PER_TENANT=str(LIMIT))
+                      RLHF_API_TINKER_MAX_FUTURES_PER_TENANT=str(limit))
         servers.append(ApiServer(env, port, workdir / f"api-tinker-{name}.log"))
         servers[-1].start()
     yield servers
@@ -34,6 +37,52 @@ def two_servers(redis_url, ray_head, keys, workdir, operator):
         if server.proc.poll() is None:
             server.stop()
     _kill_pools(ray_head)
+
+
+class RoundRobin:
+    """A load balancer on a free loopback port that sends each HTTP request to the next of `urls` in turn (as a
+    Kubernetes Service may spread one client's requests over the API's replicas)."""
+
+    def __init__(self, urls: list[str]):
+        import itertools
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import httpx
+
+        turn, lock = itertools.cycle(urls), threading.Lock()
+        client = httpx.Client(timeout=120)
+
+        class Forward(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                with lock:
+                    upstream = next(turn)
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")}
+                r = client.request(self.command, upstream + self.path, content=body, headers=headers)
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                        self.send_header(k, v)
+                self.send_header("content-length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Forward)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def answer(client, request_id: str, timeout_s: float = 120.0):
@@ -83,3 +132,37 @@ def test_a_future_of_a_killed_process_fails_naming_it_and_frees_its_place(two_se
         # The dead process's places in alpha's count are given back: B takes new calls.
         wait_until(lambda: asample(cb, sampler_of(cb), num_samples=1, sampling_params={"max_tokens": 2}).status_code == 200, 60,
                    "alpha's places held by the killed process to be freed")
+
+
+@pytest.mark.limit(64)
+def test_a_clients_calls_run_in_turn_when_a_load_balancer_spreads_them_over_processes(two_servers, keys, tiny_model):
+    """The SDK's recommended loop submits forward_backward and optim_step of several steps before waiting. Through a
+    round-robin balancer over two processes, a step's optim_step (on one process) used to run before its
+    forward_backward (on the other) had: the losses went their own way. Now each run's calls run in seq_id order:
+    the losses are those of the same loop against one process (same seed, same data)."""
+    import tinker
+    from tinker import types
+
+    from tests.api.test_tinker import SEQ, sft_datum, tokenizer
+
+    def pipelined(url: str) -> list[float]:
+        with tinker.ServiceClient(base_url=url, api_key=keys["alpha"]) as sc:
+            tc = sc.create_lora_training_client(base_model="tiny", rank=8, seed=0).result()
+            data = [sft_datum(tokenizer(tiny_model), SEQ)]
+            steps = [(tc.forward_backward(data, "cross_entropy"), tc.optim_step(types.AdamParams(learning_rate=2e-3)))
+                     for _ in range(8)]
+            losses = [fb.result(timeout=180).metrics["loss:sum"] for fb, _ in steps]
+            for _, opt in steps:
+                opt.result(timeout=180)
+            return losses
+
+    a, b = two_servers
+    balancer = RoundRobin([a.url, b.url])
+    try:
+        spread = pipelined(balancer.url)
+    finally:
+        balancer.close()
+    alone = pipelined(a.url)
+    print("losses, one process:", [round(x, 4) for x in alone], "spread over two:", [round(x, 4) for x in spread])
+    assert spread == pytest.approx(alone, rel=1e-4), (spread, alone)
+    assert alone[-1] < 0.8 * alone[0]
