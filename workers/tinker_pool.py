@@ -518,6 +518,12 @@ class SampleBatcher:
                 self._thread.start()
             self._cond.notify_all()
         if not slot["done"].wait(timeout_s):
+            with self._cond:  # not taken into a batch yet: it leaves the queue and never runs (one taken runs to its end)
+                queue = self._waiting.get(tenant)
+                if queue is not None and any(x is slot for x in queue):
+                    self._waiting[tenant] = queue = collections.deque(x for x in queue if x is not slot)
+                    if not queue:
+                        del self._waiting[tenant]
             raise TimeoutError(f"waited {timeout_s:.0f} s for the pool's engine to sample")
         if "error" in slot:
             raise slot["error"]

@@ -212,3 +212,27 @@ def test_sampler_weights_saved_again_under_a_name_are_sampled_anew(tiny_model, t
     again = pool.sample(path, [1, 2, 3], 1, max_tokens=4, temperature=0.0, stop=[])
     assert abs(again[0]["logprobs"] - first[0]["logprobs"]).max() > 1e-3
     assert len(pool.samplers) == 1  # the old adapter left
+
+
+def test_a_sample_call_that_timed_out_in_the_batchers_queue_never_runs():
+    """vLLM sampling: a call still waiting in the SampleBatcher's queue when its caller gives up leaves the queue (it
+    used to stay, and the engine sampled it for no one); the other calls wait on. The engine's thread is not started
+    here (it is taken as busy), so nothing leaves the queue but by the timeout."""
+    from workers.tinker_pool import SampleBatcher
+
+    batcher = SampleBatcher(pool=None)
+    batcher._thread = threading.current_thread()  # "running": the queue is only filled
+    answers = []
+    waiting = threading.Thread(target=lambda: answers.append(batcher.run("b", ("w",), {}, timeout_s=30)))
+    waiting.start()
+    while "b" not in batcher._waiting:
+        waiting.join(0.01)
+    with pytest.raises(TimeoutError, match="waited 0 s for the pool's engine"):
+        batcher.run("a", ("w",), {}, timeout_s=0.2)
+    assert "a" not in batcher._waiting and len(batcher._waiting["b"]) == 1
+    with batcher._cond:  # b's call: taken by the engine's thread now, as its loop does
+        (slot,) = batcher._take()
+    slot.update(result=[], compute_s=0.0)
+    slot["done"].set()
+    waiting.join(5)
+    assert answers == [([], 0.0)]
