@@ -120,11 +120,17 @@ def test_a_job_with_sandbox_actors_places_them_and_hands_them_to_the_rollout(ray
 def test_an_async_multi_turn_job_keeps_the_staleness_bound(ray_head, tiny_model, tmp_path):
     # rollout.max_staleness 1 with an environment: episodes run whole on the rollout actor while the trainer
     # updates, new weights between two batches of episodes; every trained token within the bound.
+    check_async_multi_turn(tiny_model, tmp_path, ray_head, backend="hf")
+
+
+def check_async_multi_turn(tiny_model, tmp_path, ray_head, backend: str) -> None:
+    """An async (k=1) calculator job of 4 steps on `backend`: each step's groups within the bound, each drawn prompt
+    trained once, the agent's metrics and one recorded episode per sample of a step's first prompt."""
     make = tool_data()
     make.write(tmp_path / "data", sft=0, prompts=24, test=0)
     k, steps, per_step = 1, 4, 3
-    spec = tiny_spec(tiny_model, tmp_path / "data" / "prompts.jsonl", tmp_path / "out", rewards=[],
-                     rollout={"n": 2, "max_new_tokens": 12, "max_staleness": k,
+    spec = tiny_spec(tiny_model, tmp_path / "data" / "prompts.jsonl", tmp_path / "out", rewards=[], data={"max_prompt_length": 64},
+                     rollout={"n": 2, "max_new_tokens": 12, "max_staleness": k, "backend": backend,
                               "agent": {"environment": "calculator", "kwargs": {"system": make.SYSTEM}, "max_turns": 2, "max_tokens": 96}},
                      optim={"steps": steps, "prompts_per_step": per_step})
     events = run(spec, tmp_path, ray_head)

@@ -311,6 +311,16 @@ def test_an_async_grpo_job_on_the_engine_trains_each_prompt_once_within_the_boun
     check_epoch(run_dir, EPOCH // 8, 1)
 
 
+@pytest.mark.slow
+def test_an_async_multi_turn_job_on_the_engine_keeps_the_staleness_bound(tiny_model, tmp_path):
+    """`rollout.max_staleness: 1` with `rollout.agent` and `rollout.backend: vllm`: the engine samples every turn of the
+    calculator episodes while the trainer updates, new weights loaded between two batches of episodes; every trained
+    token within the bound, every drawn prompt trained once (tests/test_agent_job.py's checks, on the engine)."""
+    from tests.test_agent_job import check_async_multi_turn
+
+    check_async_multi_turn(tiny_model, tmp_path, None, backend="vllm")
+
+
 # -- the Tinker API's pools: multi-LoRA sampling on the engine ------------------------------------------------------
 
 def _saved_adapters(pool, tmp_path, specs) -> list[str]:
