@@ -68,8 +68,8 @@ async def lifespan(app: FastAPI):
                 log.warning("the reconciler did not stop within 30 s of shutdown; leaving it")
         tinker = getattr(app.state, "tinker", None)  # (made at the first Tinker request)
         if tinker is not None:
+            await tinker.futures.close()  # (sets `stopped`, which the sweep reads too)
             tinker.sweeper.cancel()
-            await tinker.futures.close()
         await app.state.store.close()
 
 

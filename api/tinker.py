@@ -378,7 +378,7 @@ redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"""
     async def close(self) -> None:
         """At the API's shutdown: the heartbeat stops and its key goes, so that the other processes see at once that
         this one's unfinished calls will not finish (and stop waiting on them)."""
-        self._stopped = True
+        self.stopped = True
         if self._beating is not None:
             self._beating.cancel()
             await asyncio.wait([self._beating], timeout=5)
@@ -387,10 +387,10 @@ redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"""
             except Exception as err:  # noqa: BLE001 - Redis away: the key expires by itself within OWNER_TTL_S
                 log.warning("could not remove the Tinker API's heartbeat: %r", err)
 
-    _stopped = False
+    stopped = False  # set at shutdown: the heartbeat and the sweep of ended sessions end at their next round
 
     async def _beat_forever(self) -> None:
-        while not self._stopped:
+        while not self.stopped:
             try:
                 await self.redis.set(f"tinker:api:{self.process}", "1", px=int(self.OWNER_TTL_S * 1000))
             except Exception as err:  # noqa: BLE001 - Redis away for a moment: the next beat tries again

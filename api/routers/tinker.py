@@ -244,7 +244,7 @@ async def _over_quota(t: Tinker, tenant: str, model_id: str) -> dict | None:
 async def _sweep_forever(t: Tinker) -> None:
     """Every `sweep_s` (at least 1 s): a session that stopped beating has its runs released within session_timeout_s +
     sweep_s of its last heartbeat even when no client calls this API process."""
-    while True:
+    while not t.futures.stopped:  # (a cancel that lands in a Redis call can be swallowed there: the flag ends it)
         await asyncio.sleep(max(t.settings.sweep_s, 1.0))
         try:
             await _sweep(t)

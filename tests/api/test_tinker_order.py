@@ -65,7 +65,7 @@ def test_a_call_does_not_wait_on_a_process_that_stopped_beating(redis_url):
             return {"ok": True}
 
         await a.submit("t", "tm-order2", stuck, seq=1)
-        a._stopped = True  # process A "dies": it beats no more ...
+        a.stopped = True  # process A "dies": it beats no more ...
         a._beating.cancel()
         await asyncio.wait([a._beating], timeout=5)
         await r.delete(f"tinker:api:{a.process}")  # ... and its heartbeat key has expired
