@@ -275,21 +275,25 @@ class Reconciler:
 
     async def admit(self, ids: list[str], ending: list[dict[str, Any]] = ()) -> None:
         """`ending`: records of jobs that reported they ended while their Ray jobs still run (they hold what they held).
-        One API process at a time admits; the others skip the round (the records are read again under the lock)."""
+        One API process at a time admits; the others skip the round. Under the lock the active jobs are listed and read
+        again (another process may have admitted some since `ids` was listed), and the lock is renewed before each
+        submission; a round that lost it stops (another process decides from there)."""
         if not any(r is not None and waiting_for_admission(r) for r in [await self.store.get(i) for i in ids]):
             return
         lock = self.store.admission_lock()
         if not await lock.acquire():
             return
         try:
-            await self._admit(ids, ending)
+            await self._admit(await self.store.active_ids(), ending, lock)
+        except LockError:
+            log.warning("admission: a round outlasted its lock (%.0f s); the next round goes on", CLAIM_S)
         finally:
             try:
                 await lock.release()
             except LockError:  # held past its timeout (a Ray that took long to answer): another may hold it now
                 log.warning("admission: a round outlasted its lock (%.0f s)", CLAIM_S)
 
-    async def _admit(self, ids: list[str], ending: list[dict[str, Any]]) -> None:
+    async def _admit(self, ids: list[str], ending: list[dict[str, Any]], lock) -> None:
         recs = [r for r in [await self.store.get(i) for i in ids] if r is not None and r["status"] not in TERMINAL]
         waiting = [r for r in recs if waiting_for_admission(r)]
         if not waiting:
@@ -303,7 +307,9 @@ class Reconciler:
         decision = admission.decide(waiting, admitted, capacity, quotas, Quota(**self.settings.default_quota.model_dump()))
         by_id = {r["id"]: r for r in waiting}
         for job_id in decision.admit:
-            await self._submit(by_id[job_id])
+            await lock.reacquire()  # (LockNotOwnedError, a LockError, once another process may hold it)
+            if not await self._submit(by_id[job_id]):
+                break  # Ray away: the rest wait for the next round
         for job_id, (position, reason) in decision.waiting.items():
             queue = {"position": position, "reason": reason}
             if by_id[job_id].get("queue") != queue:
@@ -311,24 +317,30 @@ class Reconciler:
                     await self.store.add_event(job_id, "queued", f"waiting for admission: {reason}", position=position)
                 await self.store.set_fields(job_id, queue=queue)
 
-    async def _submit(self, rec: dict[str, Any]) -> None:
+    async def _submit(self, rec: dict[str, Any]) -> bool:
+        """Submit a waiting job to Ray; False when Ray did not answer. A submission is claimed first and its claim is
+        kept (CLAIM_S) even when Ray did not answer: a submit that timed out may still reach Ray, and only once the
+        claim has lapsed does a round ask Ray whether it has the job before sending it again."""
         job_id, tenant = rec["id"], rec["tenant"]
         if not await self.store.claim_submission(job_id):
             log.warning("admission: job %s is being submitted by another API process", job_id)
-            return
+            return True
         try:
-            user = await self.store.job_user(job_id) if self.settings.job_credentials == "acl" else None
-            await self.launcher.submit(job_id, tenant, rec.get("name") or "", rec["launch_spec"], redis_user=user)
+            if await self._in_ray(job_id):  # a submit whose answer was lost (it timed out, or its process died) reached Ray
+                log.warning("admission: Ray already has job %s; recorded as admitted, not sent again", job_id)
+            else:
+                user = await self.store.job_user(job_id) if self.settings.job_credentials == "acl" else None
+                await self.launcher.submit(job_id, tenant, rec.get("name") or "", rec["launch_spec"], redis_user=user)
         except RayUnavailable as err:
-            await self.store.release_submission(job_id)
             await self.store.set_fields(job_id, queue={"position": 1, "reason": f"Ray is unavailable: {err}"})
-            return
+            return False
         waited = time.time() - (rec["created_at"] or time.time())
         await self.store.set_fields(job_id, admitted_at=time.time(), queue=None)
         await self.store.add_event(job_id, "admitted", f"admitted after {waited:.1f} s in the queue: submitted to Ray", waited_s=waited)
         after = await self.store.get(job_id)
         if after is not None and after["status"] in TERMINAL:  # cancelled while it was being submitted
             await self.launcher.stop(job_id)
+        return True
 
     async def resubmit(self, rec: dict[str, Any], decision: Resubmit) -> None:
         """Submit a job whose driver died to Ray again, resuming from its last checkpoint: same job id,
@@ -347,8 +359,7 @@ class Reconciler:
                 user = await self.store.job_user(job_id) if self.settings.job_credentials == "acl" else None
                 await self.launcher.submit(job_id, rec["tenant"], rec.get("name") or "", rec["launch_spec"], redis_user=user,
                                            submission_id=new_id, restarts_used=restart)
-        except RayUnavailable as err:
-            await self.store.release_submission(new_id)
+        except RayUnavailable as err:  # (the claim stays until it lapses: see _submit)
             log.warning("resubmitting %s: %s (next round)", job_id, err)
             return
         allowed = max_restarts(rec)

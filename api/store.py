@@ -338,10 +338,6 @@ class JobStore:
         under the process that the first one started (its reports then fail to authenticate)."""
         return bool(await self.redis.set(_claim_key(submission_id), secrets.token_hex(8), nx=True, ex=CLAIM_S))
 
-    async def release_submission(self, submission_id: str) -> None:
-        """A claimed submission that did not reach Ray (Ray away): the next round, anyone's, tries again."""
-        await self.redis.delete(_claim_key(submission_id))
-
 
     # --- a job's own Redis user -------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import importlib.util
 import json
 import logging
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
+from redis import exceptions as aioredis_errors
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api.tinker_storage import TenantLocks
@@ -215,6 +217,7 @@ redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"""
         self._tasks: dict[str, tuple[str, asyncio.Task, float]] = {}
         self._chains: dict[str, asyncio.Task] = {}
         self._beating: asyncio.Task | None = None
+        self._unleft: set[tuple[str, str]] = set()  # (chain, request id) of finished calls whose place Redis did not take back
 
     async def submit(self, tenant: str, chain: str | None, make, limited: bool = True, seq: int | None = None) -> str:
         """Start `make()` (a coroutine factory) after the previous call of the same chain (a training run) in this
@@ -228,16 +231,20 @@ redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"""
         if limited and not await self._hold(tenant, request_id):
             raise TinkerError(429, f"you have {self.per_tenant} calls unfinished, the limit (RLHF_API_TINKER_MAX_FUTURES_PER_TENANT "
                               f"= {self.per_tenant}); retrieve their results first")
+        ordered = chain is not None and seq is not None
         try:
             await self.redis.set(f"tinker:future:{request_id}", json.dumps({"tenant": tenant, "process": self.process}),
                                  px=int(self.KEEP_S * 1000))
+            if ordered:
+                await self._take_place(chain, seq, request_id)
         except BaseException:
-            if limited:
-                await self.redis.hdel(f"tinker:inflight:{tenant}", request_id)
+            with contextlib.suppress(Exception):  # (Redis away: the place lapses by its own rules)
+                if limited:
+                    await self.redis.hdel(f"tinker:inflight:{tenant}", request_id)
+                await self.redis.delete(f"tinker:future:{request_id}")
+                if ordered:
+                    await self.redis.hdel(f"tinker:order:{chain}", request_id)
             raise
-        ordered = chain is not None and seq is not None
-        if ordered:
-            await self._take_place(chain, seq, request_id)
         mine = [rid for rid, (owner, task, _) in self._tasks.items() if owner == tenant and task.done()]
         for rid in mine[:max(0, len(mine) - self.per_tenant + 1)]:  # the oldest finished (dicts keep insertion order)
             del self._tasks[rid]
@@ -247,14 +254,16 @@ redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"""
             if before is not None:
                 await asyncio.wait([before])
             try:
+                try:
+                    if ordered:
+                        await self._wait_turn(chain, seq, request_id)
+                    result = await make()
+                except Exception as err:  # noqa: BLE001 - the call's failure is its answer
+                    result = _Failed(self._failure(tenant, request_id, err))
+                await self._record(request_id, tenant, result, limited)
+            finally:  # (cancelled too: a place left behind would hold the run's later calls in other processes)
                 if ordered:
-                    await self._wait_turn(chain, seq, request_id)
-                result = await make()
-            except Exception as err:  # noqa: BLE001 - the call's failure is its answer
-                result = _Failed(self._failure(tenant, request_id, err))
-            await self._record(request_id, tenant, result, limited)
-            if ordered:
-                await self._leave(chain, request_id)
+                    await self._leave(chain, request_id)
             return result
 
         task = asyncio.ensure_future(run())
@@ -271,42 +280,70 @@ redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"""
 
         return await self.submit(tenant, chain, refuse, seq=seq)
 
-    # A chain's calls in flight over every process: `tinker:order:<chain>` maps request id -> "<seq> <process>".
+    # A chain's calls in flight over every process: `tinker:order:<chain>` maps request id -> "<seq> <ticket> <process>",
+    # the ticket the order in which they arrived, over every process (one INCR).
     ORDER_KEEP_S = 24 * 3600.0
-    TURN_POLL_S = 0.02
+    TURN_POLL_S = (0.02, 0.2)  # the first wait for an earlier call, and the longest (it doubles meanwhile)
+    REDIS_AWAY_S = 60.0  # how long a call waiting for its turn rides out Redis being unreachable before it fails
 
     async def _take_place(self, chain: str, seq: int, request_id: str) -> None:
         key = f"tinker:order:{chain}"
+        ticket = await self.redis.incr("tinker:order:tickets")
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, request_id, f"{seq} {self.process}")
+        pipe.hset(key, request_id, f"{seq} {ticket} {self.process}")
         pipe.pexpire(key, int(self.ORDER_KEEP_S * 1000))
         await pipe.execute()
 
     async def _wait_turn(self, chain: str, seq: int, request_id: str) -> None:
-        """Until no call of the chain with a lower seq is in flight in a live process. (The SDK sends a call only once
-        the one before it was accepted, so every earlier call is in the order already; one whose process stopped
-        beating is dropped from it: its future fails, naming that.)"""
+        """Until no call of the chain that arrived before this one with a lower seq is unfinished in a live process.
+        (The SDK sends a call only once the one before it was accepted, so every earlier call is in the order already.
+        Waiting only on earlier arrivals, no two calls can wait on each other, whatever a client's retries send where;
+        a call whose process stopped beating, or whose answer is recorded, is not waited on.)"""
         key = f"tinker:order:{chain}"
+        pause, away_since = self.TURN_POLL_S[0], None
         while True:
-            held = {rid: _text(v).split() for rid, v in (await self.redis.hgetall(key)).items()}
-            # (This process's earlier calls of the chain ran before this one, its chain's order: any still here came in
-            # after it, out of turn, and waiting on them would wait forever.)
-            earlier = {_text(rid): process for rid, (s, process) in held.items() if int(s) < seq and process != self.process}
-            if not earlier:
-                return
-            alive = {p: bool(await self.redis.exists(f"tinker:api:{p}")) for p in set(earlier.values())}
-            dead = [rid for rid, p in earlier.items() if not alive[p]]
-            if dead:
-                await self.redis.hdel(key, *dead)
-            if len(dead) == len(earlier):
-                return
-            await asyncio.sleep(self.TURN_POLL_S)
+            try:
+                if await self._turn_is_free(key, seq, request_id):
+                    return
+                away_since = None
+            except (aioredis_errors.ConnectionError, aioredis_errors.TimeoutError):
+                away_since = away_since or time.monotonic()
+                if time.monotonic() - away_since > self.REDIS_AWAY_S:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, self.TURN_POLL_S[1])
+
+    async def _turn_is_free(self, key: str, seq: int, request_id: str) -> bool:
+        held = {_text(rid): _text(v).split() for rid, v in (await self.redis.hgetall(key)).items()}
+        mine = held.get(request_id)
+        if mine is None:  # (dropped as finished by another process's look, which cannot be: it is not answered yet)
+            return True
+        # This process's earlier arrivals ran before this call (its chain's order): only other processes' are waited on.
+        earlier = {rid: process for rid, (s, ticket, process) in held.items()
+                   if int(s) < seq and int(ticket) < int(mine[1]) and process != self.process}
+        if not earlier:
+            return True
+        alive = {p: bool(await self.redis.exists(f"tinker:api:{p}")) for p in set(earlier.values())}
+        done = []
+        for rid, process in earlier.items():
+            record = await self.redis.get(f"tinker:future:{rid}")
+            if not alive[process] or record is None or "answer" in json.loads(record):  # (its own _leave was lost)
+                done.append(rid)
+        if done:
+            await self.redis.hdel(key, *done)
+        return len(done) == len(earlier)
 
     async def _leave(self, chain: str, request_id: str) -> None:
         try:
             await self.redis.hdel(f"tinker:order:{chain}", request_id)
-        except Exception as err:  # noqa: BLE001 - Redis away: the later calls wait until this process stops beating
-            log.warning("could not take %s out of the order of %s: %r", request_id, chain, err)
+        except Exception as err:  # noqa: BLE001 - Redis away: the heartbeat tries again
+            log.warning("could not take %s out of the order of %s (tried again with the heartbeat): %r", request_id, chain, err)
+            self._unleft.add((chain, request_id))
+
+    async def _leave_again(self) -> None:
+        for chain, request_id in list(self._unleft):
+            await self.redis.hdel(f"tinker:order:{chain}", request_id)
+            self._unleft.discard((chain, request_id))
 
     async def retrieve(self, tenant: str, request_id: str, wait_s: float):
         entry = self._tasks.get(request_id)
@@ -375,9 +412,14 @@ redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"""
             await self.redis.set(f"tinker:api:{self.process}", "1", px=int(self.OWNER_TTL_S * 1000))
             self._beating = asyncio.ensure_future(self._beat_forever())
 
+    DRAIN_S = 10.0
+
     async def close(self) -> None:
-        """At the API's shutdown: the heartbeat stops and its key goes, so that the other processes see at once that
-        this one's unfinished calls will not finish (and stop waiting on them)."""
+        """At the API's shutdown: the calls still running get up to DRAIN_S to finish; then the heartbeat stops and its
+        key goes, so that the other processes see at once that this one's unfinished calls will not finish."""
+        running = [task for _, task, _ in self._tasks.values() if not task.done()]
+        if running:  # still beating meanwhile: the other processes wait for these calls, not past them
+            await asyncio.wait(running, timeout=self.DRAIN_S)
         self.stopped = True
         if self._beating is not None:
             self._beating.cancel()
@@ -393,6 +435,7 @@ redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"""
         while not self.stopped:
             try:
                 await self.redis.set(f"tinker:api:{self.process}", "1", px=int(self.OWNER_TTL_S * 1000))
+                await self._leave_again()
             except Exception as err:  # noqa: BLE001 - Redis away for a moment: the next beat tries again
                 log.warning("the Tinker API's heartbeat failed: %r", err)
             await asyncio.sleep(self.OWNER_TTL_S / 3)

@@ -524,7 +524,8 @@ class SampleBatcher:
                     self._waiting[tenant] = queue = collections.deque(x for x in queue if x is not slot)
                     if not queue:
                         del self._waiting[tenant]
-            raise TimeoutError(f"waited {timeout_s:.0f} s for the pool's engine to sample")
+            if not slot["done"].is_set():  # (one that finished meanwhile is answered)
+                raise TimeoutError(f"waited {timeout_s:.0f} s for the pool's engine to sample")
         if "error" in slot:
             raise slot["error"]
         return slot["result"], slot["compute_s"]

@@ -311,12 +311,24 @@ def test_a_record_from_before_the_control_hash_is_adopted_and_its_user_narrowed(
     assert old_user.hget(job_key(job_id), "step") == b"3"  # the password its processes hold still works
 
 
-def test_two_api_processes_admit_each_job_once_and_its_driver_reports_with_its_credentials(redis_url, ray_head, keys, operator):
+def test_two_api_processes_admit_each_job_once_and_its_driver_reports_with_its_credentials(ray_head, keys, operator, tmp_path):
     """Several API processes on one Redis each run an admission round. Both used to submit the same waiting job: the
     second gave its Redis user a new password and rewrote the launch file under the driver the first had started, whose
     reports then failed to authenticate (CI: a job that succeeded showed no checkpoints), and both filled the same room.
     Now one round admits at a time and a submission is claimed first. Two jobs of 3 CPUs on 4, two processes at once:
     one job is submitted, once, and its driver (a spec that fails validation) reports its failure with its own user."""
+    from tests.api.test_reporting_faults import RedisServer
+    from tests.conftest import stop_group
+
+    own = RedisServer(tmp_path)  # a Redis of its own: admission counts every active job of the Redis it admits from
+    own.start()
+    try:
+        two_processes_admit(own.url, ray_head, keys, operator)
+    finally:
+        stop_group(own.proc)
+
+
+def two_processes_admit(redis_url, ray_head, keys, operator) -> None:
     import asyncio
     import uuid
 

@@ -249,18 +249,36 @@ class _Launcher:
     async def submit(self, job_id, tenant, name, launch_spec, redis_user=None):
         self.submitted.append(job_id)
 
+    async def state(self, submission_id):
+        from api.launcher import RayJobMissing
+
+        raise RayJobMissing(submission_id)
+
     async def stop(self, job_id):
         return True
 
 
-def test_the_jobs_admission_queue_counts_the_cpus_the_tinker_pools_hold(api):
+@pytest.fixture
+def own_store(tmp_path):
+    """A JobStore on a Redis of its own: admission counts every active job of the Redis it admits from."""
+    from api.store import JobStore
+    from tests.api.test_reporting_faults import RedisServer
+    from tests.conftest import stop_group
+
+    server = RedisServer(tmp_path)
+    server.start()
+    yield JobStore(server.url)
+    stop_group(server.proc)
+
+
+def test_the_jobs_admission_queue_counts_the_cpus_the_tinker_pools_hold(api, own_store):
     """The admission queue saw the cluster's whole capacity while the adapter pools held CPUs of it, so it admitted jobs
     whose placement groups then could not be placed. Now the pools' CPUs (counted with the capacity) are taken: on 4 CPUs
     with pools holding 2, a job of 3 CPUs waits for 1 more; with none held it is admitted."""
     from api.admission import Capacity
     from api.reconciler import Reconciler
 
-    store, launcher = api.app.state.store, _Launcher()
+    store, launcher = own_store, _Launcher()
     reconciler = Reconciler(store, launcher, api.app.state.settings)
     reconciler._capacity = (time.monotonic() + 1e6, Capacity({"CPU": 4.0, "GPU": 0.0}, {"CPU": 4.0, "GPU": 0.0}))
     job_id = "job-" + uuid.uuid4().hex[:24]
@@ -273,20 +291,21 @@ def test_the_jobs_admission_queue_counts_the_cpus_the_tinker_pools_hold(api):
         waiting = (await store.get(job_id))["queue"]
         reconciler._pool_cpus = 0.0
         await reconciler.admit([job_id])
+        await store.close()
         return waiting
 
-    waiting = api.run(go)
+    waiting = asyncio.run(go())
     assert "waiting for 1 more CPUs" in waiting["reason"] and "2 CPUs and 0 GPUs are free" in waiting["reason"], waiting
     assert launcher.submitted == [job_id]
 
 
-def test_the_admission_queue_counts_the_gpus_the_tinker_pools_hold(api):
+def test_the_admission_queue_counts_the_gpus_the_tinker_pools_hold(api, own_store):
     """With RLHF_API_TINKER_POOL_GPUS a pool holds a GPU: on a cluster of one GPU that a pool holds, a job asking for a GPU
     waits for it; with none held it is admitted."""
     from api.admission import Capacity
     from api.reconciler import Reconciler
 
-    store, launcher = api.app.state.store, _Launcher()
+    store, launcher = own_store, _Launcher()
     reconciler = Reconciler(store, launcher, api.app.state.settings)
     reconciler._capacity = (time.monotonic() + 1e6, Capacity({"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}))
     job_id = "job-" + uuid.uuid4().hex[:24]
@@ -299,9 +318,10 @@ def test_the_admission_queue_counts_the_gpus_the_tinker_pools_hold(api):
         waiting = (await store.get(job_id))["queue"]
         reconciler._pool_cpus, reconciler._pool_gpus = 0.0, 0.0
         await reconciler.admit([job_id])
+        await store.close()
         return waiting
 
-    waiting = api.run(go)
+    waiting = asyncio.run(go())
     assert "GPU" in waiting["reason"] and "0 GPUs are free" in waiting["reason"], waiting
     assert launcher.submitted == [job_id]
 

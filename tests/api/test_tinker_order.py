@@ -93,3 +93,53 @@ def test_calls_arriving_out_of_turn_at_one_process_do_not_wait_on_each_other(red
         return answers
 
     assert run_async(go()) == [{"ok": True}, {"ok": True}]
+
+
+def test_a_late_retry_cannot_make_two_processes_wait_on_each_other(redis_url):
+    """C runs seq 1 (slow); seq 3 reaches B, seq 4 reaches A, then seq 2 reaches A late (a retry of a send that timed
+    out). Waiting on every lower seq, A's 4 would wait on B's 3, B's 3 on A's 2, and A's 2 (behind 4 in A's own order)
+    on A's 4: forever. A call waits only on calls that arrived before it: all four run."""
+
+    async def go():
+        r, a, b = _futures(redis_url)
+        c = Futures(r)
+        first_may_end = asyncio.Event()
+
+        async def slow():
+            await first_may_end.wait()
+            return {"ok": True}
+
+        async def make():
+            return {"ok": True}
+
+        ids = [(c, await c.submit("t", "tm-order4", slow, seq=1)), (b, await b.submit("t", "tm-order4", make, seq=3)),
+               (a, await a.submit("t", "tm-order4", make, seq=4)), (a, await a.submit("t", "tm-order4", make, seq=2))]
+        await asyncio.sleep(0.3)
+        first_may_end.set()
+        answers = [await f.retrieve("t", rid, 10) for f, rid in ids]
+        await r.aclose()
+        return answers
+
+    assert run_async(go()) == [{"ok": True}] * 4
+
+
+def test_an_answered_call_left_in_the_order_is_not_waited_on(redis_url):
+    """A call whose place was not taken back (Redis failed as it finished) but whose answer is recorded, of a process
+    that still beats: the later call runs."""
+
+    async def go():
+        r, a, b = _futures(redis_url)
+
+        async def make():
+            return {"ok": True}
+
+        first = await a.submit("t", "tm-order5", make, seq=1)
+        assert await a.retrieve("t", first, 10) == {"ok": True}
+        ticket = await r.incr("tinker:order:tickets") - 1000  # (an arrival before the next)
+        await r.hset("tinker:order:tm-order5", first, f"1 {ticket} {a.process}")  # its place, as if never taken back
+        rid = await b.submit("t", "tm-order5", make, seq=2)
+        answer = await b.retrieve("t", rid, 10)
+        await r.aclose()
+        return answer
+
+    assert run_async(go()) == {"ok": True}
