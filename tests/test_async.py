@@ -118,8 +118,8 @@ def run_dynamic(tiny_model, arith_file, tmp_path, per_step: int, steps: int, pat
     spec = async_spec(tiny_model, arith_file, tmp_path / "run", 1, per_step=per_step,
                       rewards=[{"function": "regex_match", "kwargs": {"pattern": pattern}}])
     spec["rollout"]["dynamic_sampling"] = True
-    # A policy that learns the pattern makes every group all-ones and dropped (CI saw 42 in a row at lr 1e-3, and the
-    # guard against a reward that never varies failed the job): here it barely moves, keeping the untrained mix.
+    # A policy that learns the pattern would make every group all-ones and dropped: here it barely moves, keeping the
+    # untrained model's mix of groups.
     spec["optim"].update(epochs=None, steps=steps, lr=1e-7)
     return run_entrypoint(write_spec(tmp_path / "job.yaml", spec), timeout=600)
 
@@ -130,8 +130,9 @@ def test_dynamic_sampling_drops_zero_spread_groups_and_keeps_every_step_full(tin
     place. Every step still trains prompts_per_step groups, none of them zero-spread, and every draw up to the last
     one trained was either trained or dropped, once."""
     run_dir = tmp_path / "run"
-    # The untrained model's first token is a digit now and then: some groups are all-or-nothing, some are mixed.
-    out = run_dynamic(tiny_model, arith_file, tmp_path, per_step=4, steps=5, pattern="^\\d")
+    # The untrained model writes a digit in about 28% of its completions: about 7 groups of 4 in 10 are mixed, the rest
+    # all-or-nothing. ("^\\d", 3% of completions, left 12% of the groups mixed: 41 dropped in a row on CI, the guard.)
+    out = run_dynamic(tiny_model, arith_file, tmp_path, per_step=4, steps=5, pattern=".*\\d")
     assert out.returncode == 0, out.stderr[-3000:]
     events = trained(run_dir)
     assert sorted(events) == [1, 2, 3, 4, 5] and all(len(e["prompts"]) == 4 for e in events.values())
