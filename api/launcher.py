@@ -60,6 +60,20 @@ class LiveRayJob:
     started_at: float | None
 
 
+_RAY_IMPORT = threading.Lock()
+
+
+def import_ray() -> None:
+    """Import the parts of Ray the API uses, once, one thread at a time. The API imports Ray lazily (it starts while Ray
+    is down) and mostly in worker threads (asyncio.to_thread): two threads importing it for the first time at once can
+    see it partly initialised (ImportError: cannot import name ... from partially initialized module 'ray.util'), which
+    answered the first POST /v1/jobs of a new API process with a 500 while its reconciler asked Ray about a job."""
+    with _RAY_IMPORT:
+        import ray  # noqa: F401
+        import ray.job_submission  # noqa: F401
+        import ray.util.state  # noqa: F401
+
+
 class RayLauncher:
     TIMEOUT_S = 30.0
 
@@ -73,6 +87,7 @@ class RayLauncher:
         # Created lazily and again after a failure: the API starts even while Ray is down.
         with self._lock:
             if self._client is None:
+                import_ray()
                 from ray.job_submission import JobSubmissionClient
 
                 try:
@@ -203,6 +218,7 @@ class RayLauncher:
         from api.admission import Capacity
 
         def ask():
+            import_ray()
             from ray.util.state import list_nodes
 
             try:

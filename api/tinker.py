@@ -28,6 +28,7 @@ from pydantic import Field
 from redis import exceptions as aioredis_errors
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from api.launcher import import_ray
 from api.tinker_storage import TenantLocks
 
 log = logging.getLogger("api.tinker")
@@ -481,6 +482,7 @@ class Pools:
         self._slots: dict[tuple[str, str], asyncio.Semaphore] = {}
 
     async def _connect(self) -> None:
+        await asyncio.to_thread(import_ray)
         import ray
 
         if not ray.is_initialized():
@@ -512,6 +514,7 @@ class Pools:
 
 
 def _start_pool_task():
+    import_ray()
     import ray
 
     @ray.remote(num_cpus=0)
@@ -599,6 +602,7 @@ class Records:
 def pool_resources(ray_address: str) -> dict[str, float]:
     """The CPUs and GPUs the adapter pools hold on the cluster (every `pool-*` actor of NAMESPACE not dead: a restarting
     one holds them again), asked of Ray's state API at `ray_address`: the jobs' admission queue counts them as taken."""
+    import_ray()
     from ray.util.state import list_actors
 
     actors = list_actors(address=ray_address, filters=[("ray_namespace", "=", NAMESPACE)], limit=10000, timeout=10, detail=True)

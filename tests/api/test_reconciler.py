@@ -181,3 +181,57 @@ def test_chores_come_round_by_time_however_long_the_rounds(monkeypatch):
     clock[0] += 0.01
     assert rec._due("adopt", Reconciler.ADOPT_EVERY)
     assert rec._due("sweep", Reconciler.SWEEP_EVERY)  # chores keep their own clocks
+
+
+def test_the_apis_first_calls_to_ray_from_threads_at_once_all_import_it():
+    """The API imports Ray lazily, in worker threads. Its first POST /v1/jobs asked Ray for the capacity while its
+    reconciler asked about a job: two threads importing Ray for the first time at once, one saw it partly initialised
+    (ImportError: ... partially initialized module 'ray.util') and the request was a 500 (4 of the slow tier's API tests).
+    In a fresh interpreter, the two imports from two threads at once: without `import_ray` first one fails every time
+    here, with it neither does."""
+    import subprocess
+    import sys
+
+    def run(first: str) -> str:
+        code = f"""
+import threading
+from api.launcher import import_ray
+barrier, errors = threading.Barrier(2), []
+def each(line):
+    barrier.wait()
+    try:
+        {first}
+        exec(line)
+    except Exception as err:
+        errors.append(repr(err)[:200])
+threads = [threading.Thread(target=each, args=(line,)) for line in
+           ("from ray.util.state import list_nodes", "from ray.job_submission import JobSubmissionClient")]
+[t.start() for t in threads]
+[t.join(120) for t in threads]
+print("import errors:", errors)
+"""
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180).stdout
+
+    assert "import errors: []" not in run("pass"), "the race did not show (else this test shows nothing)"
+    for _ in range(3):
+        out = run("import_ray()")
+        assert "import errors: []" in out, out[-2000:]
+
+
+def test_every_lazy_import_of_ray_in_the_api_goes_through_import_ray():
+    """Each `import ray` / `from ray...` in api/ (but import_ray's own) follows a use of import_ray in its function (or of
+    Pools._connect, which runs it first)."""
+    import ast
+    from pathlib import Path
+
+    missing = []
+    for path in sorted(Path("api").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name != "import_ray"]:
+            calls = [n.lineno for n in ast.walk(fn) if isinstance(n, (ast.Name, ast.Attribute))
+                     and (getattr(n, "id", None) == "import_ray" or getattr(n, "attr", None) == "_connect")]
+            for node in ast.walk(fn):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                if any(n == "ray" or n.startswith("ray.") for n in names) and not any(line < node.lineno for line in calls):
+                    missing.append(f"{path}:{node.lineno}")
+    assert not missing, missing
