@@ -285,6 +285,7 @@ redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"""
     # the ticket the order in which they arrived, over every process (one INCR).
     ORDER_KEEP_S = 24 * 3600.0
     TURN_POLL_S = (0.02, 0.2)  # the first wait for an earlier call, and the longest (it doubles meanwhile)
+    TURN_DEADLINE_S = 1800.0  # the longest a call waits for its turn; past it the call fails naming the wait
     REDIS_AWAY_S = 60.0  # how long a call waiting for its turn rides out Redis being unreachable before it fails
 
     async def _take_place(self, chain: str, seq: int, request_id: str) -> None:
@@ -301,8 +302,11 @@ redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"""
         Waiting only on earlier arrivals, no two calls can wait on each other, whatever a client's retries send where;
         a call whose process stopped beating, or whose answer is recorded, is not waited on.)"""
         key = f"tinker:order:{chain}"
-        pause, away_since = self.TURN_POLL_S[0], None
+        pause, away_since, deadline = self.TURN_POLL_S[0], None, time.monotonic() + self.TURN_DEADLINE_S
         while True:
+            if time.monotonic() > deadline:
+                raise TinkerError(0, f"call seq_id {seq} of {chain} waited {self.TURN_DEADLINE_S:.0f} s for its run's earlier calls "
+                                  "(in other API processes) to finish; send it again")
             try:
                 if await self._turn_is_free(key, seq, request_id):
                     return

@@ -143,3 +143,27 @@ def test_an_answered_call_left_in_the_order_is_not_waited_on(redis_url):
         return answer
 
     assert run_async(go()) == {"ok": True}
+
+
+def test_a_call_waiting_past_its_deadline_fails_naming_the_wait(redis_url):
+    """An earlier call of the run that never finishes (its process alive): the later call fails naming the wait."""
+
+    async def go():
+        r, a, b = _futures(redis_url)
+        b.TURN_DEADLINE_S = 0.5
+        never = asyncio.Event()
+
+        async def stuck():
+            await never.wait()
+
+        async def quick():
+            return {"ok": True}
+
+        await a.submit("t", "tm-order6", stuck, seq=1)
+        rid = await b.submit("t", "tm-order6", quick, seq=2)
+        answer = await b.retrieve("t", rid, 10)
+        await r.aclose()
+        return answer
+
+    answer = run_async(go())
+    assert answer["category"] == "user" and "waited 0 s for its run's earlier calls" in answer["error"], answer
